@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""dpo-refstream: offline reference log-probs + streaming DPO.
+
+    python pipeline.py precompute [--config FILE.yaml] [--flags ...]
+
+Thin on purpose: parse the config, call a stage, print its summary.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Before transformers is imported: never reach for a hub unless the user asks for a hub name.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _precompute(argv: list[str]) -> int:
+    from stages import precompute
+    from stages.config import PrecomputeConfig, parse_args
+
+    cfg = parse_args(PrecomputeConfig, argv, prog="pipeline.py precompute",
+                     description="Score every preference pair with the frozen reference model; write Parquet shards.")
+    manifest = precompute.run(cfg)
+    print(precompute.summary(manifest, cfg.output))
+    return 0
+
+
+COMMANDS = {"precompute": _precompute}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        print(f"\ncommands: {', '.join(COMMANDS)}")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    from stages.config import ConfigError
+    from stages.data import DataError
+    from stages.precompute import OutputMismatch
+
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (ConfigError, DataError, OutputMismatch) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Parquet schema of a reference shard: one row per preference pair.
+
+Token ids follow TRL's names and conventions. With keep_start truncation (the default),
+prompt_ids + chosen_ids is exactly the scored sequence; with keep_end the collator rule in the
+manifest (max_length, truncation_mode) cuts the prompt's start per completion.
+"""
+
+import pyarrow as pa
+
+
+class SchemaError(ValueError):
+    """A table or manifest that does not match the contract; the message names the column or key."""
+
+
+SHARD_SCHEMA = pa.schema([
+    pa.field("pair_id", pa.string(), nullable=False),          # sha256 of the normalised prompt/chosen/rejected
+    pa.field("source_index", pa.int64(), nullable=False),      # row number in the input (files in name order)
+    pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("chosen_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("rejected_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("ref_chosen_logps", pa.float64(), nullable=False),   # sum of log pi_ref over scored chosen tokens
+    pa.field("ref_rejected_logps", pa.float64(), nullable=False),
+    pa.field("chosen_scored_tokens", pa.int32(), nullable=False),   # how many tokens each sum covers
+    pa.field("rejected_scored_tokens", pa.int32(), nullable=False),
+])
+
+# One row per rejected input row: why it was not scored, and the row itself as JSON.
+REJECT_SCHEMA = pa.schema([
+    pa.field("source_index", pa.int64(), nullable=False),
+    pa.field("reason", pa.string(), nullable=False),
+    pa.field("detail", pa.string()),
+    pa.field("row", pa.string()),
+])
+
+
+def validate_table(table: pa.Table, schema: pa.Schema = SHARD_SCHEMA, name: str = "shard") -> None:
+    """Raise SchemaError naming the first missing or mistyped column."""
+    for field in schema:
+        if field.name not in table.column_names:
+            raise SchemaError(f"{name}: missing column '{field.name}' (has: {', '.join(table.column_names)})")
+        actual = table.schema.field(field.name).type
+        if not actual.equals(field.type):
+            raise SchemaError(f"{name}: column '{field.name}' is {actual}, expected {field.type}")
+        if not field.nullable and table.column(field.name).null_count:
+            raise SchemaError(f"{name}: column '{field.name}' has {table.column(field.name).null_count} nulls")

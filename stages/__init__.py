@@ -1,0 +1,1 @@
+"""Stages of the pipeline: one module per concern (see DESIGN.md)."""

