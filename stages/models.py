@@ -76,6 +76,9 @@ def load_tokenizer(path: str):
 def load_model(path: str, dtype: str = "float32", device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per Ray actor is noise
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     return model.to(device)

@@ -174,12 +174,14 @@ def _score(cfg: PrecomputeConfig, model_path: str, plan: _Plan, on_shard, progre
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    ds = ray.data.from_items(plan.records, override_num_blocks=max(1, min(len(plan.records) // 64, 200)))
+    # Small blocks keep every actor busy and the progress bar moving; shards complete as they arrive.
+    rows_per_block = max(cfg.batch_size, 32)
+    ds = ray.data.from_items(plan.records, override_num_blocks=max(1, -(-len(plan.records) // rows_per_block)))
     ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=64, num_cpus=0.5,
                         fn_kwargs=dict(model_path=model_path, max_length=cfg.max_length,
                                        max_prompt_length=cfg.max_prompt_length, truncation_mode=cfg.truncation_mode))
     ds = ds.map_batches(ReferenceScorer, batch_format="pyarrow", batch_size=cfg.batch_size,
-                        concurrency=cfg.num_workers, num_gpus=1 if use_gpu else 0, num_cpus=1,
+                        compute=ray.data.ActorPoolStrategy(size=cfg.num_workers), num_gpus=1 if use_gpu else 0, num_cpus=1,
                         fn_constructor_kwargs=dict(model_path=model_path, dtype=cfg.dtype, max_length=cfg.max_length,
                                                    truncation_mode=cfg.truncation_mode,
                                                    threads=None if use_gpu else default_threads(cfg.num_workers)))
@@ -264,7 +266,8 @@ def _manifest(cfg: PrecomputeConfig, model_path: str, identity: dict, done: dict
         "reference_model": {"name": cfg.model, "path": model_path, "weights_hash": identity["weights_hash"]},
         "tokenizer_hash": identity["tokenizer_hash"],
         "chat_template_hash": identity["chat_template_hash"],
-        "data_source": resolve_source(cfg.data),
+        "data_source": cfg.data,
+        "data_path": resolve_source(cfg.data),
         "pair_ids_fingerprint": hashlib.sha256("\n".join(sorted(pair_ids)).encode()).hexdigest(),
         "max_length": cfg.max_length,
         "max_prompt_length": cfg.max_prompt_length,

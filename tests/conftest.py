@@ -1,0 +1,84 @@
+"""Shared fixtures: the SmolLM2 tokenizer, tiny random models built from a config, a Ray session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DATA = ROOT / "tests" / "data"
+HH_SAMPLE = ROOT / "data" / "hh_rlhf_helpful_base_sample.jsonl.gz"
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> str:
+    from stages.models import embedded_model_path
+
+    return str(embedded_model_path())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm_path):
+    from stages.models import load_tokenizer
+
+    return load_tokenizer(smollm_path)
+
+
+def make_tiny_model(tokenizer, seed: int = 0, layers: int = 2):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
+    """A randomly initialised 2-layer Llama with SmolLM2's tokenizer, saved like a real checkpoint."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    make_tiny_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def read_jsonl_gz(path, n=None):
+    import gzip
+    import json
+
+    rows = []
+    with gzip.open(path, "rt") as fh:
+        for line in fh:
+            rows.append(json.loads(line))
+            if n is not None and len(rows) >= n:
+                break
+    return rows
