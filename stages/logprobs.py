@@ -20,8 +20,8 @@ _CUSTOM_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling"
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[label] in float32. logits (N, V), labels (N,) -> (N,)."""
-    logits = logits.float()
+    """log softmax(logits)[label] in float64. logits (N, V), labels (N,) -> (N,)."""
+    logits = logits.double()
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -51,7 +51,7 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
     input_ids, attention_mask, completion_mask: (B, T), right padded; completion_mask is 1 on the
     completion tokens to score (position 0 is never scored: nothing predicts it).
-    Returns sums (B,) float32, and with return_token_logps the flat (N,) per-token values with
+    Returns sums (B,) float64, and with return_token_logps the flat (N,) per-token values with
     their row indices.
     """
     rows, cols, labels = _scored_positions(input_ids, completion_mask)
@@ -66,8 +66,8 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         picked = logits[rows, cols]
         parts = [token_logps(picked[i:i + chunk_size], labels[i:i + chunk_size])
                  for i in range(0, picked.size(0), chunk_size)]
-    per_token = torch.cat(parts) if parts else torch.zeros(0, device=input_ids.device)
-    sums = torch.zeros(input_ids.size(0), dtype=torch.float32, device=input_ids.device).index_add(0, rows, per_token)
+    per_token = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=input_ids.device)
+    sums = torch.zeros(input_ids.size(0), dtype=torch.float64, device=input_ids.device).index_add(0, rows, per_token)
     if return_token_logps:
         return sums, per_token, rows
     return sums
@@ -87,9 +87,13 @@ def pad_batch(sequences: list[list[int]], starts: list[int], pad_id: int, device
 
 
 def exact_logps(model, sequence: list[int], start: int) -> float:
-    """The oracle: one unpadded float32 forward of one sequence, full log-softmax, sum from `start`."""
+    """The oracle: one unpadded forward of one sequence, full log-softmax, sum from `start`.
+
+    The logits are the model's (float32 for a float32 model); log-softmax and sum run in float64
+    so the oracle's own rounding stays far below the tolerances it checks.
+    """
     ids = torch.tensor([sequence], dtype=torch.long)
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, :-1].float()  # (T-1, V)
+        logits = model(input_ids=ids).logits[0, :-1].double()  # (T-1, V)
     logps = F.log_softmax(logits, dim=-1).gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)
     return float(logps[max(start, 1) - 1:].sum())

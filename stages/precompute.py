@@ -175,8 +175,8 @@ def _score(cfg: PrecomputeConfig, model_path: str, plan: _Plan, on_shard, progre
     ctx.enable_auto_log_stats = False
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     # Small blocks keep every actor busy and the progress bar moving; shards complete as they arrive.
-    rows_per_block = max(cfg.batch_size, 32)
-    ds = ray.data.from_items(plan.records, override_num_blocks=max(1, -(-len(plan.records) // rows_per_block)))
+    blocks = min(len(plan.records), max(2 * cfg.num_workers, -(-len(plan.records) // 32)))
+    ds = ray.data.from_items(plan.records, override_num_blocks=blocks)
     ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=64, num_cpus=0.5,
                         fn_kwargs=dict(model_path=model_path, max_length=cfg.max_length,
                                        max_prompt_length=cfg.max_prompt_length, truncation_mode=cfg.truncation_mode))
@@ -209,6 +209,8 @@ def run(cfg: PrecomputeConfig) -> dict:
     storage.write_bytes_atomic(storage.join(cfg.output, "_progress", "run.json"), json.dumps(identity, indent=1).encode())
     storage.write_bytes_atomic(storage.join(cfg.output, "config.yaml"), to_yaml(cfg).encode())
 
+    for folder in ("shards", "rejects", "_progress"):
+        storage.remove_partials(storage.join(cfg.output, folder))
     done = _done_shards(cfg)
     plan = _plan(cfg, set(done))
     todo = sorted(set(plan.rows_read) - set(done))
@@ -245,13 +247,12 @@ def run(cfg: PrecomputeConfig) -> dict:
         finally:
             if bar is not None:
                 bar.close()
-    manifest = _manifest(cfg, model_path, identity, done)
-    manifest["run_seconds"] = round(time.time() - started, 3)
-    manifest["scored_this_run"] = {"pairs": stats["pairs"], "tokens": stats["tokens"]}
-    return manifest
+    last_run = {"seconds": round(time.time() - started, 3), "pairs_scored": stats["pairs"],
+                "tokens_scored": stats["tokens"], "shards_skipped": len(done) - len(todo)}
+    return _manifest(cfg, model_path, identity, done, last_run)
 
 
-def _manifest(cfg: PrecomputeConfig, model_path: str, identity: dict, done: dict[int, dict]) -> dict:
+def _manifest(cfg: PrecomputeConfig, model_path: str, identity: dict, done: dict[int, dict], last_run: dict) -> dict:
     shards = [done[k] for k in sorted(done)]
     pair_ids = []
     for s in shards:
@@ -280,6 +281,7 @@ def _manifest(cfg: PrecomputeConfig, model_path: str, identity: dict, done: dict
         "tokens": sum(s["tokens"] for s in shards),
         "shards": shards,
         "config": dataclasses.asdict(cfg),
+        "last_run": last_run,  # what this invocation did: re-runs skip finished shards
     }
     validate_manifest(manifest)
     storage.write_bytes_atomic(storage.join(cfg.output, "manifest.json"), json.dumps(manifest, indent=1).encode())
@@ -287,8 +289,8 @@ def _manifest(cfg: PrecomputeConfig, model_path: str, identity: dict, done: dict
 
 
 def summary(manifest: dict, output: str) -> str:
-    secs = manifest.get("run_seconds", 0) or 1e-9
-    scored = manifest.get("scored_this_run", {})
+    run = manifest["last_run"]
+    secs = run["seconds"] or 1e-9
     lines = [
         f"precompute: {output}",
         f"  rows read {manifest['rows_read']}, written {manifest['rows_written']}, rejected {manifest['rows_rejected']}"
@@ -296,7 +298,7 @@ def summary(manifest: dict, output: str) -> str:
            if manifest['rejects_by_reason'] else ""),
         f"  {len(manifest['shards'])} shards, {manifest['tokens']} tokens, model {manifest['reference_model']['name']}"
         f" ({manifest['dtype']})",
-        f"  scored this run: {scored.get('pairs', 0)} pairs in {secs:.1f}s "
-        f"({scored.get('pairs', 0) / secs:.2f} pairs/s, {scored.get('tokens', 0) / secs:.0f} tokens/s)",
+        f"  this run: {run['pairs_scored']} pairs scored, {run['shards_skipped']} finished shards skipped, "
+        f"{secs:.1f}s ({run['pairs_scored'] / secs:.2f} pairs/s, {run['tokens_scored'] / secs:.0f} tokens/s)",
     ]
     return "\n".join(lines)

@@ -59,7 +59,8 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
     parent = path.rsplit("/", 1)[0]
     if is_local(url):
         os.makedirs(parent, exist_ok=True)
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{os.path.basename(path)}"
+        # A dot name with its own suffix: no reader globbing *.parquet ever sees a half-written file.
+        tmp = f"{parent}/.{os.path.basename(path)}.{uuid.uuid4().hex}.partial"
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data)
@@ -71,6 +72,14 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
                 os.remove(tmp)
     else:
         fs.pipe_file(path, data)
+
+
+def remove_partials(url: str) -> None:
+    """Delete temporary files a killed writer left in a local folder."""
+    if is_local(url) and os.path.isdir(url):
+        for name in os.listdir(url):
+            if name.startswith(".") and name.endswith(".partial"):
+                os.remove(os.path.join(url, name))
 
 
 def remove_tree(url: str, storage_options: dict | None = None) -> None:

@@ -1,0 +1,57 @@
+"""Config precedence (defaults < YAML < flags) and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from stages.config import ConfigError, PrecomputeConfig, parse_args
+
+
+def parse(argv):
+    return parse_args(PrecomputeConfig, argv, prog="test")
+
+
+def test_defaults():
+    cfg = parse([])
+    assert cfg.max_length == 1024 and cfg.truncation_mode == "keep_start" and cfg.dtype == "float32"
+
+
+def test_yaml_then_flags_win(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("max_length: 256\nbatch_size: 4\ndtype: bfloat16\nlimit: null\n")
+    cfg = parse(["--config", str(f), "--batch-size", "9", "--overwrite"])
+    assert (cfg.max_length, cfg.batch_size, cfg.dtype, cfg.overwrite) == (256, 9, "bfloat16", True)
+    assert parse(["--config", str(f), "--max-length", "none"]).max_length is None
+
+
+def test_config_is_frozen():
+    with pytest.raises(Exception):
+        parse([]).batch_size = 3
+
+
+@pytest.mark.parametrize("yaml_text,key", [
+    ("max_lenght: 5\n", "max_lenght"),
+    ("batch_size: many\n", "batch_size"),
+    ("dtype: float16\n", "dtype"),
+    ("overwrite: maybe\n", "overwrite"),
+    ("batch_size: 0\n", "batch_size"),
+    ("max_length: 100\nmax_prompt_length: 100\n", "max_prompt_length"),
+    ("truncation_mode: middle\n", "truncation_mode"),
+])
+def test_bad_yaml_names_the_key(tmp_path, yaml_text, key):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=key):
+        parse(["--config", str(f)])
+
+
+def test_bad_flag_names_the_key():
+    with pytest.raises(ConfigError, match="max_length"):
+        parse(["--max-length", "abc"])
+
+
+def test_yaml_must_be_a_mapping(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        parse(["--config", str(f)])

@@ -1,0 +1,86 @@
+"""The shared log-prob function against the exact oracle, and its independence from batching."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from stages.logprobs import exact_logps, pad_batch, sequence_logps, token_logps
+
+
+def test_token_logps_hand_computed():
+    # logits [0, ln 3] -> softmax [1/4, 3/4]; label 1 -> ln(3/4), label 0 -> ln(1/4)
+    logits = torch.tensor([[0.0, math.log(3.0)], [0.0, math.log(3.0)]])
+    out = token_logps(logits, torch.tensor([1, 0]))
+    assert torch.allclose(out, torch.tensor([math.log(0.75), math.log(0.25)], dtype=torch.float64), atol=1e-7)
+
+
+def test_token_logps_is_float64_for_bf16_logits():
+    logits = torch.randn(3, 11).to(torch.bfloat16)
+    assert token_logps(logits, torch.tensor([0, 5, 10])).dtype == torch.float64
+
+
+def _random_sequences(n, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for _ in range(n):
+        length = int(torch.randint(3, 40, (1,), generator=g))
+        start = int(torch.randint(1, length, (1,), generator=g))
+        seqs.append((torch.randint(0, vocab, (length,), generator=g).tolist(), start))
+    return seqs
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return make_tiny_model(tokenizer, seed=1)
+
+
+def test_matches_exact_unpadded_forward(model, tokenizer):
+    seqs = _random_sequences(12, len(tokenizer))
+    ids, mask, comp = pad_batch([s for s, _ in seqs], [st for _, st in seqs], tokenizer.pad_token_id)
+    with torch.no_grad():
+        got = sequence_logps(model, ids, mask, comp, chunk_size=7)
+    want = torch.tensor([exact_logps(model, s, st) for s, st in seqs], dtype=torch.float64)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+def test_full_forward_path_agrees(model, tokenizer, monkeypatch):
+    """Models with a custom head take the plain logits path; both give the same numbers."""
+    import stages.logprobs as lp
+
+    seqs = _random_sequences(5, len(tokenizer), seed=3)
+    ids, mask, comp = pad_batch([s for s, _ in seqs], [st for _, st in seqs], tokenizer.pad_token_id)
+    with torch.no_grad():
+        fast = sequence_logps(model, ids, mask, comp)
+        monkeypatch.setattr(lp, "_has_plain_head", lambda m: False)
+        slow = sequence_logps(model, ids, mask, comp)
+    assert torch.allclose(fast, slow, atol=1e-5)
+
+
+def test_independent_of_batch_composition(model, tokenizer):
+    seqs = _random_sequences(10, len(tokenizer), seed=5)
+    target = seqs[0]
+    alone = sequence_logps(model, *pad_batch([target[0]], [target[1]], tokenizer.pad_token_id))[0]
+    for others in (seqs[1:3], seqs[3:10]):
+        batch = [target, *others]
+        with torch.no_grad():
+            got = sequence_logps(model, *pad_batch([s for s, _ in batch], [st for _, st in batch],
+                                                   tokenizer.pad_token_id))[0]
+        assert abs(float(got) - float(alone)) < 1e-4
+
+
+def test_gradients_flow_for_training(model, tokenizer):
+    seqs = _random_sequences(2, len(tokenizer), seed=7)
+    m = make_tiny_model(tokenizer, seed=2).train()
+    out = sequence_logps(m, *pad_batch([s for s, _ in seqs], [st for _, st in seqs], tokenizer.pad_token_id))
+    out.sum().backward()
+    assert m.get_output_embeddings().weight.grad is not None
+    assert m.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_no_scored_tokens_gives_zero(model, tokenizer):
+    ids, mask, comp = pad_batch([[1, 2, 3]], [3], tokenizer.pad_token_id)  # start == length: nothing scored
+    assert float(sequence_logps(model, ids, mask, comp)[0]) == 0.0

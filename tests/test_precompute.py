@@ -1,0 +1,159 @@
+"""The precompute stage through real Ray Data with a tiny model: shards, rejects, manifest, re-runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import HH_SAMPLE, ROOT, read_jsonl_gz
+from schemas import SHARD_SCHEMA, validate_manifest, validate_table
+from stages import precompute
+from stages.config import PrecomputeConfig
+from stages.logprobs import exact_logps
+from stages.models import load_model
+from stages.precompute import OutputMismatch
+from stages.tokenize import scored_sequence
+
+
+def write_dirty_input(path: Path, n_good: int = 24) -> dict:
+    """HH rows plus one row for each reject reason; returns the expected reasons."""
+    rows = [r for r in read_jsonl_gz(HH_SAMPLE, 200)
+            if r["chosen"] != r["rejected"] and max(len(r["chosen"]), len(r["rejected"])) < 1500][:n_good]
+    lines = [json.dumps(r) for r in rows]
+    lines.insert(3, "{this is not json")
+    lines.insert(5, json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: same", "rejected": "\n\nHuman: hi\n\nAssistant: same"}))
+    lines.insert(7, json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant:   ", "rejected": "\n\nHuman: hi\n\nAssistant: x"}))
+    lines.insert(9, json.dumps(rows[0]))  # duplicate of source row 0
+    lines.insert(11, json.dumps({"chosen": 12, "rejected": "x"}))
+    lines.insert(13, json.dumps({"prompt": "word " * 700, "chosen": "a", "rejected": "b"}))
+    path.write_text("\n".join(lines) + "\n")
+    return {"malformed_json": 1, "identical_pair": 1, "empty_chosen": 1, "duplicate": 1, "bad_type": 1,
+            "prompt_too_long": 1}
+
+
+def run(tmp_path, model, name="out", **kw):
+    cfg = PrecomputeConfig(data=str(tmp_path / "in.jsonl"), model=model, output=str(tmp_path / name),
+                           rows_per_shard=kw.pop("rows_per_shard", 8), max_length=kw.pop("max_length", 512),
+                           progress=False, **kw)
+    return cfg, precompute.run(cfg)
+
+
+def read_shards(out: Path, manifest: dict):
+    import pyarrow as pa
+
+    return pa.concat_tables([pq.read_table(out / s["path"]) for s in manifest["shards"]]).to_pylist()
+
+
+def test_shards_rejects_and_manifest(tmp_path, tiny_model_dir, ray_session):
+    expected = write_dirty_input(tmp_path / "in.jsonl")
+    cfg, m = run(tmp_path, tiny_model_dir, batch_size=4)
+    out = Path(cfg.output)
+    validate_manifest(m)
+    assert m["rows_read"] == 30 and m["rows_written"] == 24 and m["rows_rejected"] == 6
+    assert m["rejects_by_reason"] == expected
+    assert json.loads((out / "manifest.json").read_text())["pair_ids_fingerprint"] == m["pair_ids_fingerprint"]
+    assert (out / "config.yaml").read_text().startswith("data:")
+    assert len(m["shards"]) == 4
+    for s in m["shards"]:
+        data = (out / s["path"]).read_bytes()
+        import hashlib
+
+        assert hashlib.sha256(data).hexdigest() == s["sha256"]
+        validate_table(pq.read_table(out / s["path"]), SHARD_SCHEMA)
+        assert pq.ParquetFile(out / s["path"]).metadata.num_rows == s["rows"]
+    rejects = [r for s in m["shards"] for r in pq.read_table(out / s["rejects_path"]).to_pylist()]
+    assert sorted(r["reason"] for r in rejects) == sorted(expected)
+    malformed = next(r for r in rejects if r["reason"] == "malformed_json")
+    assert malformed["source_index"] == 3 and "line 4" in malformed["detail"] and malformed["row"] == "{this is not json"
+    dup = next(r for r in rejects if r["reason"] == "duplicate")
+    assert "source_index 0" in dup["detail"]
+
+    rows = read_shards(out, m)
+    assert len({r["pair_id"] for r in rows}) == 24
+    reject_idx = {r["source_index"] for r in rejects}
+    assert sorted({r["source_index"] for r in rows} | reject_idx) == list(range(30))  # no gaps, no overlap
+    model = load_model(tiny_model_dir)
+    for r in rows[:8]:
+        for key, ref in (("chosen_ids", "ref_chosen_logps"), ("rejected_ids", "ref_rejected_logps")):
+            seq, start = scored_sequence(r["prompt_ids"], r[key], cfg.max_length, cfg.truncation_mode)
+            assert abs(exact_logps(model, seq, start) - r[ref]) < 1e-4
+            assert len(r["prompt_ids"]) + len(r[key]) <= cfg.max_length
+
+
+def test_same_logps_for_any_batch_size_and_worker_count(tmp_path, tiny_model_dir, ray_session):
+    write_dirty_input(tmp_path / "in.jsonl")
+    _, m1 = run(tmp_path, tiny_model_dir, name="a", batch_size=1, num_workers=1)
+    _, m2 = run(tmp_path, tiny_model_dir, name="b", batch_size=7, num_workers=2)
+    a = {r["pair_id"]: r for r in read_shards(tmp_path / "a", m1)}
+    b = {r["pair_id"]: r for r in read_shards(tmp_path / "b", m2)}
+    assert a.keys() == b.keys() and m1["pair_ids_fingerprint"] == m2["pair_ids_fingerprint"]
+    for pid in a:
+        assert a[pid]["chosen_ids"] == b[pid]["chosen_ids"]
+        assert abs(a[pid]["ref_chosen_logps"] - b[pid]["ref_chosen_logps"]) < 1e-4
+        assert abs(a[pid]["ref_rejected_logps"] - b[pid]["ref_rejected_logps"]) < 1e-4
+
+
+def test_rerun_skips_and_other_settings_are_refused(tmp_path, tiny_model_dir, ray_session):
+    write_dirty_input(tmp_path / "in.jsonl")
+    cfg, first = run(tmp_path, tiny_model_dir)
+    _, again = run(tmp_path, tiny_model_dir)
+    assert again["last_run"]["pairs_scored"] == 0
+    assert again["pair_ids_fingerprint"] == first["pair_ids_fingerprint"]
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in first["shards"]]
+    with pytest.raises(OutputMismatch, match=r"max_length: 512 -> 128"):
+        run(tmp_path, tiny_model_dir, max_length=128)
+    _, replaced = run(tmp_path, tiny_model_dir, max_length=128, overwrite=True)
+    assert replaced["max_length"] == 128 and replaced["last_run"]["pairs_scored"] > 0
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("user data")
+    with pytest.raises(OutputMismatch, match="not a precompute output"):
+        run(tmp_path, tiny_model_dir, name="other")
+
+
+def _cli(tmp_path, model, out):
+    return [sys.executable, str(ROOT / "pipeline.py"), "precompute", "--data", str(tmp_path / "in.jsonl"),
+            "--model", model, "--output", str(out), "--rows-per-shard", "5", "--batch-size", "1",
+            "--max-length", "256", "--progress", "false"]
+
+
+def test_sigkill_and_rerun_gives_the_same_pairs(tmp_path, tiny_model_dir):
+    rows = [r for r in read_jsonl_gz(HH_SAMPLE, 400) if r["chosen"] != r["rejected"]][:240]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    ref = subprocess.run(_cli(tmp_path, tiny_model_dir, tmp_path / "whole"), env=env, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    whole = json.loads((tmp_path / "whole" / "manifest.json").read_text())
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(tmp_path, tiny_model_dir, out), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    progress = out / "_progress"
+    while time.time() < deadline:
+        done = [p for p in progress.glob("shard-*.json")] if progress.exists() else []
+        if len(done) >= 3:
+            break
+        assert proc.poll() is None, "run ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished_at_kill = len(list(progress.glob("shard-*.json")))
+    assert finished_at_kill < 48 and not (out / "manifest.json").exists()
+
+    again = subprocess.run(_cli(tmp_path, tiny_model_dir, out), env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = json.loads((out / "manifest.json").read_text())
+    assert resumed["last_run"]["pairs_scored"] < 240
+    ids = [r["pair_id"] for r in read_shards(out, resumed)]
+    assert len(ids) == len(set(ids)) == whole["rows_written"]
+    assert resumed["pair_ids_fingerprint"] == whole["pair_ids_fingerprint"]
+    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in whole["shards"]]
+    assert not [p for p in out.rglob("*.partial")]
