@@ -17,7 +17,9 @@ from typing import Any, Iterator
 from stages import storage
 
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
-EMBEDDED_DATA = {"embedded:hh-rlhf-helpful": REPO_DATA / "hh_rlhf_helpful_base_sample.jsonl.gz"}
+# name -> (file, layout used when --format is auto): HH text goes through the chat template,
+# which suits the embedded instruct model.
+EMBEDDED_DATA = {"embedded:hh-rlhf-helpful": (REPO_DATA / "hh_rlhf_helpful_base_sample.jsonl.gz", "hh")}
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
@@ -41,7 +43,11 @@ def _base_suffix(name: str) -> str:
 
 
 def resolve_source(data: str) -> str:
-    return str(EMBEDDED_DATA[data]) if data in EMBEDDED_DATA else data
+    return str(EMBEDDED_DATA[data][0]) if data in EMBEDDED_DATA else data
+
+
+def embedded_layout(data: str) -> str | None:
+    return EMBEDDED_DATA[data][1] if data in EMBEDDED_DATA else None
 
 
 def list_input_files(data: str, storage_options: dict | None = None) -> list[str]:

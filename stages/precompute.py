@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from schemas import FORMAT_VERSION, REJECT_SCHEMA, SHARD_SCHEMA, validate_manifest, validate_table
 from stages import storage
 from stages.config import PrecomputeConfig, to_yaml
-from stages.data import MalformedRow, check_columns, read_rows, resolve_source
+from stages.data import MalformedRow, check_columns, embedded_layout, read_rows, resolve_source
 from stages.formats import RowRejected, detect, normalise
 from stages.models import load_tokenizer, resolve_model, tokenizer_hashes, weights_hash
 from stages.scorer import ReferenceScorer, default_threads, tokenize_batch
@@ -99,7 +99,7 @@ def _plan(cfg: PrecomputeConfig, done: set[int]) -> _Plan:
             if isinstance(raw, MalformedRow):
                 raise RowRejected("malformed_json", f"{raw.file} line {raw.line}: {raw.error}")
             if layout is None:
-                layout = cfg.format if cfg.format != "auto" else detect(raw)
+                layout = cfg.format if cfg.format != "auto" else (embedded_layout(cfg.data) or detect(raw))
                 check_columns(raw, layout, cfg)
             row = normalise(raw, layout, cfg)
             pid = pair_id(row)

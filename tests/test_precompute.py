@@ -125,7 +125,7 @@ def _cli(tmp_path, model, out):
 
 
 def test_sigkill_and_rerun_gives_the_same_pairs(tmp_path, tiny_model_dir):
-    rows = [r for r in read_jsonl_gz(HH_SAMPLE, 400) if r["chosen"] != r["rejected"]][:240]
+    rows = [r for r in read_jsonl_gz(HH_SAMPLE, 400) if r["chosen"] != r["rejected"]][:150]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {**os.environ, "RAY_ADDRESS": ""}
     ref = subprocess.run(_cli(tmp_path, tiny_model_dir, tmp_path / "whole"), env=env, capture_output=True, text=True)
@@ -146,12 +146,12 @@ def test_sigkill_and_rerun_gives_the_same_pairs(tmp_path, tiny_model_dir):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     finished_at_kill = len(list(progress.glob("shard-*.json")))
-    assert finished_at_kill < 48 and not (out / "manifest.json").exists()
+    assert finished_at_kill < 30 and not (out / "manifest.json").exists()
 
     again = subprocess.run(_cli(tmp_path, tiny_model_dir, out), env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = json.loads((out / "manifest.json").read_text())
-    assert resumed["last_run"]["pairs_scored"] < 240
+    assert resumed["last_run"]["pairs_scored"] < 150
     ids = [r["pair_id"] for r in read_shards(out, resumed)]
     assert len(ids) == len(set(ids)) == whole["rows_written"]
     assert resumed["pair_ids_fingerprint"] == whole["pair_ids_fingerprint"]
