@@ -2,6 +2,7 @@
 """dpo-refstream: offline reference log-probs + streaming DPO.
 
     python pipeline.py precompute [--config FILE.yaml] [--flags ...]
+    python pipeline.py train      [--config FILE.yaml] [--flags ...]
 
 Thin on purpose: parse the config, call a stage, print its summary.
 """
@@ -26,7 +27,17 @@ def _precompute(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"precompute": _precompute}
+def _train(argv: list[str]) -> int:
+    from stages import train
+    from stages.config import TrainConfig, parse_args
+
+    cfg = parse_args(TrainConfig, argv, prog="pipeline.py train",
+                     description="Train the policy with DPO (or a variant) from precomputed reference shards.")
+    print(train.summary_text(train.run(cfg)))
+    return 0
+
+
+COMMANDS = {"precompute": _precompute, "train": _train}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,10 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     from stages.config import ConfigError
     from stages.data import DataError
     from stages.precompute import OutputMismatch
+    from stages.shards import ShardError
+    from stages.train import TrainingError
 
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, DataError, OutputMismatch) as e:
+    except (ConfigError, DataError, OutputMismatch, ShardError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

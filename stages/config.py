@@ -52,6 +52,46 @@ class PrecomputeConfig:
     progress: bool = doc("show a progress bar", default=True)
 
 
+@dataclass(frozen=True)
+class TrainConfig:
+    refs: str = doc("precompute output (shards + manifest.json), local or fsspec URL", default="runs/demo")
+    model: str | None = doc("policy initialisation (default: the manifest's reference model)", default=None)
+    output: str | None = doc("run folder: metrics, checkpoints, final/ (default: REFS/policy)", default=None)
+    loss_type: str = doc("loss or comma list: sigmoid, robust, ipo, hinge, exo_pair, nca_pair, bco_pair, sppo_hard, "
+                         "aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, simpo, orpo, sft",
+                         default="sigmoid")
+    loss_weights: str | None = doc("comma list of weights, one per loss (default: all 1)", default=None)
+    beta: float = doc("KL strength beta (IPO tau, ORPO lambda)", default=0.1)
+    label_smoothing: float = doc("assumed label-flip rate for robust / exo_pair / aot / simpo", default=0.0)
+    discopop_tau: float = doc("DiscoPOP temperature", default=0.05)
+    simpo_gamma: float = doc("SimPO target margin gamma", default=0.5)
+    learning_rate: float = doc("peak AdamW learning rate", default=5e-6)
+    weight_decay: float = doc("AdamW weight decay", default=0.0)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = doc("decay after warmup", default="linear")
+    warmup_ratio: float = doc("fraction of steps spent warming up", default=0.1)
+    batch_size: int = doc("pairs per optimizer step (global, over all workers)", default=8)
+    micro_batch_size: int = doc("pairs per forward/backward on one worker", default=2)
+    max_steps: int | None = doc("optimizer steps (wins over epochs)", default=None)
+    epochs: int = doc("passes over the shards when max_steps is unset", default=1)
+    max_grad_norm: float = doc("gradient clipping norm (0: off)", default=1.0)
+    stop_at_step: int | None = doc("end this invocation after this step, with a checkpoint (the schedule still "
+                                   "spans max_steps/epochs): time-sliced or preemptible jobs resume with --resume",
+                                   default=None)
+    save_every: int = doc("write checkpoints/step-N every N steps (0: never)", default=0)
+    keep_checkpoints: int = doc("how many recent checkpoints to keep", default=2)
+    resume: bool = doc("continue from the latest checkpoint in OUTPUT (error if none)", default=False)
+    eval_refs: str | None = doc("precompute output of a held-out set, evaluated every eval_every steps", default=None)
+    eval_every: int = doc("steps between evaluations (0: only at the end, when eval_refs is set)", default=0)
+    num_workers: int = doc("Ray Train workers (DDP: gloo on CPU, NCCL on GPU); 1 runs in-process", default=1)
+    seed: int = doc("seed for shard order, shuffle buffer and torch", default=0)
+    dtype: Literal["float32", "bfloat16"] = doc("compute dtype (bfloat16: autocast over float32 weights)",
+                                                default="float32")
+    gradient_checkpointing: bool = doc("recompute activations in backward to save memory", default=False)
+    shuffle_buffer: int = doc("pairs held for shuffling within the stream", default=256)
+    overwrite: bool = doc("start over in an OUTPUT that already has a run", default=False)
+    progress: bool = doc("show a progress bar", default=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Parsing and validation, generic over any stage's dataclass.
 
@@ -129,10 +169,27 @@ def from_mapping(cls: type, values: dict[str, Any], base: Any = None, source: st
 
 def validate(cfg: Any) -> None:
     """Range checks shared by the stages, naming the key."""
-    for name in ("batch_size", "num_workers", "rows_per_shard", "max_length", "max_prompt_length", "limit"):
+    for name in ("batch_size", "num_workers", "rows_per_shard", "max_length", "max_prompt_length", "limit",
+                 "micro_batch_size", "max_steps", "epochs", "shuffle_buffer", "keep_checkpoints"):
         value = getattr(cfg, name, None)
         if value is not None and value <= 0 and not (name == "limit" and value == 0):
             raise ConfigError(f"config key '{name}': must be positive, got {value}")
+    for name in ("beta", "learning_rate"):
+        value = getattr(cfg, name, None)
+        if value is not None and value <= 0:
+            raise ConfigError(f"config key '{name}': must be positive, got {value}")
+    eps = getattr(cfg, "label_smoothing", None)
+    if eps is not None and not 0 <= eps < 0.5:
+        raise ConfigError(f"config key 'label_smoothing': must be in [0, 0.5), got {eps}")
+    if getattr(cfg, "warmup_ratio", 0) is not None and not 0 <= getattr(cfg, "warmup_ratio", 0) <= 1:
+        raise ConfigError(f"config key 'warmup_ratio': must be in [0, 1], got {cfg.warmup_ratio}")
+    if hasattr(cfg, "loss_type"):
+        from stages.losses import parse_loss_types
+
+        try:
+            parse_loss_types(cfg.loss_type, cfg.loss_weights)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     ml, mpl = getattr(cfg, "max_length", None), getattr(cfg, "max_prompt_length", None)
     if ml is not None and mpl is not None and mpl >= ml:
         raise ConfigError(f"config key 'max_prompt_length': {mpl} leaves no room under max_length {ml}")

@@ -210,12 +210,19 @@ def combined_loss(b: Batch, p: LossParams, terms: list[tuple[str, float]]) -> to
     return sum(weight * LOSSES[name](b, p) for name, weight in terms)
 
 
+# |delta| below this many nats is a tie for rewards/accuracies. The policy's log-probs come from
+# other batch shapes than the shards' (~1e-6 nats apart in float32), and TRL's strict
+# chosen > rejected would count that noise as wins when the policy equals the reference.
+TIE_NATS = 1e-4
+
+
 def rewards(b: Batch, p: LossParams) -> dict[str, torch.Tensor]:
     """Implicit rewards beta * log(pi/pi_ref), per pair, detached; the metrics people watch."""
     chosen = p.beta * b.chosen_logratios.detach()
     rejected = p.beta * b.rejected_logratios.detach()
+    wins = b.delta.detach() > TIE_NATS
     return {"rewards/chosen": chosen, "rewards/rejected": rejected,
-            "rewards/accuracies": (chosen > rejected).to(chosen.dtype), "rewards/margins": chosen - rejected,
+            "rewards/accuracies": wins.to(chosen.dtype), "rewards/margins": chosen - rejected,
             "logps/chosen": b.policy_chosen_logps.detach(), "logps/rejected": b.policy_rejected_logps.detach()}
 
 

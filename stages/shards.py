@@ -1,0 +1,144 @@
+"""Stream reference shards for training: manifest checks, checksums, row groups, a bounded shuffle.
+
+The order of pairs in an epoch depends only on the manifest, the seed and the epoch: shard order
+is shuffled per epoch, then rows pass through a shuffle buffer of bounded size. So a run can be
+resumed from a cursor (epoch, pairs consumed), and every Ray Train worker sees the same global
+order and keeps its own slice of each batch. Memory holds one row group and the buffer, never the
+whole set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+import pyarrow.parquet as pq
+
+from schemas import SHARD_SCHEMA, SchemaError, validate_manifest
+from stages import storage
+
+COLUMNS = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps",
+           "chosen_scored_tokens", "rejected_scored_tokens"]
+
+
+class ShardError(RuntimeError):
+    """A missing, corrupt or mismatched shard or manifest; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Refs:
+    root: str
+    manifest: dict
+
+    @property
+    def num_pairs(self) -> int:
+        return self.manifest["rows_written"]
+
+    def shard_urls(self) -> list[str]:
+        return [storage.join(self.root, s["path"]) for s in self.manifest["shards"]]
+
+
+def load_refs(root: str) -> Refs:
+    url = storage.join(root, "manifest.json")
+    if not storage.exists(url):
+        raise ShardError(f"no manifest.json in {root}: run `python pipeline.py precompute --output {root}` first")
+    try:
+        manifest = json.loads(storage.read_bytes(url))
+        validate_manifest(manifest, url)
+    except (json.JSONDecodeError, SchemaError) as e:
+        raise ShardError(f"{url}: {e}") from None
+    return Refs(root, manifest)
+
+
+def check_tokenizer(refs: Refs, hashes: dict[str, str]) -> None:
+    """The policy's tokenizer and chat template must be the ones that made the token ids."""
+    diff = [f"{k}: shards {refs.manifest[k][:12]}..., policy {hashes[k][:12]}..."
+            for k in ("tokenizer_hash", "chat_template_hash") if refs.manifest[k] != hashes[k]]
+    if diff:
+        raise ShardError(f"the policy's tokenizer differs from the one that scored {refs.root} ({'; '.join(diff)}); "
+                         "train with the reference model's tokenizer or re-run precompute")
+
+
+_verified: set[tuple[str, str]] = set()
+
+
+def verify_shard(url: str, sha256: str) -> None:
+    """Stream-hash the file (no copy kept) and check the schema; once per file per process."""
+    if (url, sha256) in _verified:
+        return
+    h = hashlib.sha256()
+    try:
+        with storage.open_binary(url) as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    except FileNotFoundError:
+        raise ShardError(f"shard missing: {url} (listed in the manifest)") from None
+    if h.hexdigest() != sha256:
+        raise ShardError(f"shard {url}: checksum {h.hexdigest()[:16]}... does not match the manifest's "
+                         f"{sha256[:16]}...: the file changed or is truncated")
+    try:
+        with storage.open_binary(url) as fh:
+            schema = pq.ParquetFile(fh).schema_arrow
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise ShardError(f"shard {url} is not readable Parquet: {e}") from None
+    for field in SHARD_SCHEMA:
+        if field.name in COLUMNS and (field.name not in schema.names or not schema.field(field.name).type.equals(field.type)):
+            raise ShardError(f"shard {url}: column '{field.name}' missing or not {field.type}")
+    _verified.add((url, sha256))
+
+
+def iter_rows(url: str) -> Iterator[dict]:
+    """Rows of one shard, a row group at a time."""
+    try:
+        with storage.open_binary(url) as fh:
+            pf = pq.ParquetFile(fh)
+            for i in range(pf.num_row_groups):
+                yield from pf.read_row_group(i, columns=COLUMNS).to_pylist()
+    except (OSError, ValueError) as e:
+        raise ShardError(f"shard {url} could not be read: {e}") from None
+
+
+def epoch_pairs(refs: Refs, epoch: int, seed: int, buffer_size: int, verify: bool = True) -> Iterator[dict]:
+    """All pairs of the set in this epoch's order."""
+    rng = random.Random(f"{seed}:{epoch}")  # string seeds hash the same in every process
+    shards = list(refs.manifest["shards"])
+    rng.shuffle(shards)
+    buffer: list[dict] = []
+    for shard in shards:
+        url = storage.join(refs.root, shard["path"])
+        if verify:
+            verify_shard(url, shard["sha256"])
+        for row in iter_rows(url):
+            if len(buffer) < buffer_size:
+                buffer.append(row)
+                continue
+            j = rng.randrange(buffer_size)
+            buffer[j], row = row, buffer[j]
+            yield row
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def batches(refs: Refs, batch_size: int, seed: int, buffer_size: int, start_epoch: int = 0, skip: int = 0,
+            verify: bool = True) -> Iterator[tuple[int, int, list[dict]]]:
+    """(epoch, pairs consumed in the epoch after this batch, batch), forever; the last batch of an
+    epoch may be smaller. `skip` pairs of `start_epoch` are passed over (resume)."""
+    epoch = start_epoch
+    while True:
+        consumed, batch = 0, []
+        for row in epoch_pairs(refs, epoch, seed, buffer_size, verify):
+            consumed += 1
+            if consumed <= skip:
+                continue
+            batch.append(row)
+            if len(batch) == batch_size:
+                yield epoch, consumed, batch
+                batch = []
+        if batch:
+            yield epoch, consumed, batch
+        if consumed == 0:
+            raise ShardError(f"{refs.root} holds no pairs")
+        epoch, skip = epoch + 1, 0

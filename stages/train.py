@@ -1,0 +1,288 @@
+"""Streaming DPO trainer: the policy alone in memory, reference log-probs read from the shards.
+
+One `train_loop` serves a single process and each Ray Train worker. Every worker streams the
+same global order of pairs and takes its slice of each optimizer batch (pairs i with
+i % world == rank); gradients are summed over workers, so N workers reproduce one worker's
+updates with the same global `batch_size`. No reference model is ever loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+from stages import checkpoint, shards
+from stages.config import TrainConfig, to_yaml
+from stages.logprobs import pad_batch, sequence_logps
+from stages.losses import Batch, LossParams, combined_loss, parse_loss_types, rewards
+from stages.metrics import MetricsLog, plot, read
+from stages.tokenize import scored_sequence
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on: non-finite loss, nothing to resume, a mismatched output."""
+
+
+def output_dir(cfg: TrainConfig) -> str:
+    return cfg.output or os.path.join(cfg.refs, "policy")
+
+
+def total_steps(cfg: TrainConfig, num_pairs: int) -> int:
+    return cfg.max_steps or cfg.epochs * math.ceil(num_pairs / cfg.batch_size)
+
+
+class _Dist:
+    """rank / world and the two collectives the loop needs; a no-op in a single process."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.on = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.on else 0
+        self.world = dist.get_world_size() if self.on else 1
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.on:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """One flat all-reduce of all gradients (missing ones count as zero)."""
+        if not self.on:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.sum_(torch.cat([g.reshape(-1) for g in grads]))
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[offset:offset + n].view_as(p).clone()
+            offset += n
+
+
+def _forward(model, pairs: list[dict], manifest: dict, pad_id: int, device: str, dtype: str):
+    """Policy log-probs of chosen and rejected in one forward; returns (chosen, rejected) float64 (m,)."""
+    seqs, starts = [], []
+    for key in ("chosen_ids", "rejected_ids"):
+        for p in pairs:
+            seq, start = scored_sequence(p["prompt_ids"], p[key], manifest["max_length"], manifest["truncation_mode"])
+            seqs.append(seq)
+            starts.append(start)
+    ids, mask, comp = pad_batch(seqs, starts, pad_id, device)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        logps = sequence_logps(model, ids, mask, comp)
+    m = len(pairs)
+    return logps[:m], logps[m:], int(mask.sum())
+
+
+def _loss_batch(pairs: list[dict], chosen, rejected, total_chosen_tokens: float) -> Batch:
+    t = lambda key: torch.tensor([p[key] for p in pairs], dtype=torch.float64, device=chosen.device)  # noqa: E731
+    return Batch(chosen, rejected, t("ref_chosen_logps"), t("ref_rejected_logps"), t("chosen_scored_tokens"),
+                 t("rejected_scored_tokens"), total_chosen_tokens)
+
+
+METRIC_KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+               "logps/chosen", "logps/rejected"]
+
+
+def _run_pairs(model, pairs, batch_size_total, ctx, train: bool):
+    """Forward (and backward) this worker's pairs in micro-batches; returns summed metrics (tensor)."""
+    sums = torch.zeros(len(METRIC_KEYS) + 2, dtype=torch.float64)  # + pairs, tokens
+    total_chosen_tokens = ctx["batch_chosen_tokens"]
+    for i in range(0, len(pairs), ctx["micro"]):
+        micro = pairs[i:i + ctx["micro"]]
+        with torch.set_grad_enabled(train):
+            chosen, rejected, tokens = _forward(model, micro, ctx["manifest"], ctx["pad_id"], ctx["device"], ctx["dtype"])
+            b = _loss_batch(micro, chosen, rejected, total_chosen_tokens)
+            per_pair = combined_loss(b, ctx["params"], ctx["terms"])
+            if train:
+                (per_pair.sum() / batch_size_total).backward()
+        r = rewards(b, ctx["params"])
+        sums += torch.tensor([float(per_pair.detach().sum())] + [float(r[k].sum()) for k in METRIC_KEYS[1:]]
+                             + [len(micro), tokens], dtype=torch.float64)
+    return sums
+
+
+def _means(sums: torch.Tensor, prefix: str = "") -> dict:
+    n = max(float(sums[len(METRIC_KEYS)]), 1.0)
+    return {prefix + k: float(sums[i]) / n for i, k in enumerate(METRIC_KEYS)}
+
+
+def evaluate(model, refs: shards.Refs, ctx, dist: _Dist) -> dict:
+    model.eval()
+    sums = torch.zeros(len(METRIC_KEYS) + 2, dtype=torch.float64)
+    pairs = [p for i, p in enumerate(shards.epoch_pairs(refs, 0, 0, 1)) if i % dist.world == dist.rank]
+    ctx = {**ctx, "manifest": refs.manifest, "batch_chosen_tokens": 0.0}
+    with torch.no_grad():
+        for i in range(0, len(pairs), ctx["micro"]):
+            chunk = pairs[i:i + ctx["micro"]]
+            ctx["batch_chosen_tokens"] = float(sum(p["chosen_scored_tokens"] for p in chunk))
+            sums += _run_pairs(model, chunk, len(chunk), ctx, train=False)
+    model.train()
+    return _means(dist.sum_(sums), "eval/")
+
+
+def _setup(cfg: TrainConfig, refs: shards.Refs, device: str):
+    from transformers import get_scheduler
+
+    from stages.models import load_model, load_tokenizer, resolve_model, tokenizer_hashes
+
+    model_path = resolve_model(cfg.model or refs.manifest["reference_model"]["path"])
+    tokenizer = load_tokenizer(model_path)
+    shards.check_tokenizer(refs, tokenizer_hashes(tokenizer))
+    model = load_model(model_path, "float32", device)  # float32 master weights; bf16 is autocast
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    steps = total_steps(cfg, refs.num_pairs)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps),
+                              num_training_steps=steps)
+    return model_path, tokenizer, model, optimizer, scheduler, steps
+
+
+def train_loop(cfg: TrainConfig) -> dict:
+    """Train; returns the summary. Runs as is in one process or inside a Ray Train worker."""
+    dist = _Dist()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and dist.on:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    out = output_dir(cfg)
+    refs = shards.load_refs(cfg.refs)
+    eval_refs = shards.load_refs(cfg.eval_refs) if cfg.eval_refs else None
+    model_path, tokenizer, model, optimizer, scheduler, steps = _setup(cfg, refs, device)
+    reference = refs.manifest["reference_model"]["path"]
+    if dist.rank == 0 and os.path.realpath(model_path) != os.path.realpath(reference):
+        print(f"note: policy starts from {model_path}, the shards' reference is {reference}", file=sys.stderr)
+
+    step, epoch, skip, resume_step = 0, 0, 0, None
+    if cfg.resume:
+        last = checkpoint.latest(out)
+        if last is None:
+            raise TrainingError(f"--resume: no checkpoint under {out}/checkpoints (run with --save-every N first)")
+        state = checkpoint.load(last, model, optimizer, scheduler)
+        step, epoch, skip, resume_step = state["step"], state["epoch"], state["consumed"], state["step"]
+    elif dist.rank == 0 and os.path.exists(os.path.join(out, "metrics.jsonl")) and not cfg.overwrite:
+        raise TrainingError(f"{out} already holds a run: pass --resume to continue it or --overwrite to start over")
+
+    log = MetricsLog(out, resume_step) if dist.rank == 0 else None
+    if dist.rank == 0:
+        with open(os.path.join(out, "train_config.yaml"), "w") as fh:
+            fh.write(to_yaml(cfg))
+    terms = parse_loss_types(cfg.loss_type, cfg.loss_weights)
+    ctx = {"micro": cfg.micro_batch_size, "manifest": refs.manifest, "pad_id": tokenizer.pad_token_id or 0,
+           "device": device, "dtype": cfg.dtype, "terms": terms,
+           "params": LossParams(cfg.beta, cfg.label_smoothing, cfg.discopop_tau, cfg.simpo_gamma)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = None
+    if cfg.progress and dist.rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, initial=step, unit="step", desc="train", file=sys.stderr, dynamic_ncols=True)
+    stream = shards.batches(refs, cfg.batch_size, cfg.seed, cfg.shuffle_buffer, epoch, skip)
+    started = time.time()
+    last_eval: dict = {}
+    end = min(steps, cfg.stop_at_step or steps)
+    while step < end:
+        t0 = time.time()
+        epoch, consumed, batch = next(stream)
+        mine = batch[dist.rank::dist.world]
+        ctx["batch_chosen_tokens"] = float(sum(p["chosen_scored_tokens"] for p in batch))
+        sums = dist.sum_(_run_pairs(model, mine, len(batch), ctx, train=True))
+        dist.sum_grads(params)
+        metrics = _means(sums)
+        if not math.isfinite(metrics["loss"]):
+            ids = ", ".join(p["pair_id"][:12] for p in batch[:8])
+            raise TrainingError(f"non-finite loss {metrics['loss']} at step {step + 1} (epoch {epoch}); "
+                                f"batch pair ids: {ids}{' ...' if len(batch) > 8 else ''}")
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        record = {"step": step, "epoch": round(epoch + consumed / refs.num_pairs, 4), **metrics,
+                  "grad_norm": float(norm), "lr": lr, "tokens/s": float(sums[-1]) / max(time.time() - t0, 1e-9)}
+        if eval_refs is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
+            last_eval = evaluate(model, eval_refs, ctx, dist)
+            record.update(last_eval)
+        if log is not None:
+            log.write(record)
+        if bar is not None:
+            bar.set_postfix_str(f"loss {record['loss']:.4f} acc {record['rewards/accuracies']:.2f} "
+                                f"{record['tokens/s']:.0f} tok/s")
+            bar.update(1)
+        if dist.rank == 0 and ((cfg.save_every and step % cfg.save_every == 0) or (step == end < steps)):
+            checkpoint.save(out, step, model, tokenizer, optimizer, scheduler,
+                            {"epoch": epoch, "consumed": consumed}, cfg.keep_checkpoints)
+    if bar is not None:
+        bar.close()
+    summary = {"steps": step, "seconds": round(time.time() - started, 2), "output": out}
+    if step < steps:  # stopped early on purpose: the checkpoint above is the result
+        if log is not None:
+            log.close()
+        return {**summary, "stopped_at": step, "first": {}, "last": {}, "eval": {}}
+    if dist.rank == 0:
+        model.save_pretrained(os.path.join(out, "final"), safe_serialization=True)
+        tokenizer.save_pretrained(os.path.join(out, "final"))
+        log.close()
+        records = read(log.path)
+        plot(records, os.path.join(out, "curves.png"), f"{cfg.loss_type}, beta {cfg.beta}, lr {cfg.learning_rate}")
+        summary.update(first=records[0] if records else {}, last=records[-1] if records else {}, eval=last_eval)
+    return summary
+
+
+def _ray_worker(config: dict) -> None:
+    cfg = TrainConfig(**config)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.num_workers))
+    train_loop(cfg)
+
+
+def run(cfg: TrainConfig) -> dict:
+    """One worker in-process; several as a Ray Train TorchTrainer (gloo on CPU, NCCL on GPU)."""
+    if cfg.num_workers == 1:
+        return train_loop(cfg)
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(logging_level="WARNING")
+        else:
+            ray.init(num_cpus=max(os.cpu_count() or 1, cfg.num_workers), include_dashboard=False,
+                     logging_level="WARNING")
+    use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.num_workers
+    out = os.path.abspath(output_dir(cfg))
+    config = dataclasses.asdict(dataclasses.replace(cfg, refs=os.path.abspath(cfg.refs), output=out,
+                                                    eval_refs=os.path.abspath(cfg.eval_refs) if cfg.eval_refs else None))
+    trainer = TorchTrainer(_ray_worker, train_loop_config=config,
+                           scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                                        resources_per_worker={"CPU": 1}),
+                           run_config=RunConfig(storage_path=os.path.join(out, "ray"), name="train"))
+    trainer.fit()
+    records = read(os.path.join(out, "metrics.jsonl"))
+    return {"steps": records[-1]["step"] if records else 0, "output": out, "first": records[0] if records else {},
+            "last": records[-1] if records else {},
+            "eval": {k: v for k, v in (records[-1] if records else {}).items() if k.startswith("eval/")}}
+
+
+def summary_text(s: dict) -> str:
+    first, last = s.get("first", {}), s.get("last", {})
+    lines = [f"train: {s['steps']} steps -> {s['output']}/final"]
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+        if key in last:
+            lines.append(f"  {key:<20} {first.get(key, float('nan')):>9.4f} -> {last[key]:>9.4f}")
+    for key, value in (s.get("eval") or {}).items():
+        lines.append(f"  {key:<20} {value:>9.4f}")
+    return "\n".join(lines)

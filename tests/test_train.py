@@ -1,0 +1,179 @@
+"""The streaming trainer on a tiny model: ln 2 at step 0, exact resume, 2 workers == 1, bad inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import HH_SAMPLE, make_tiny_model, read_jsonl_gz
+from stages import precompute, train
+from stages.config import PrecomputeConfig, TrainConfig
+from stages.metrics import TIMING, read
+from stages.shards import ShardError
+from stages.train import TrainingError
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory, tiny_model_dir, ray_session) -> Path:
+    """Precompute with the tiny model M over 20 short HH pairs, 4 shards."""
+    tmp = tmp_path_factory.mktemp("refs")
+    rows = [r for r in read_jsonl_gz(HH_SAMPLE, 120) if r["chosen"] != r["rejected"] and len(r["chosen"]) < 700][:20]
+    (tmp / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = PrecomputeConfig(data=str(tmp / "in.jsonl"), model=tiny_model_dir, output=str(tmp / "refs"),
+                           format="hh", rows_per_shard=5, max_length=256, progress=False)
+    assert precompute.run(cfg)["rows_written"] == 20
+    return tmp / "refs"
+
+
+def cfg_for(refs, out, **kw) -> TrainConfig:
+    base = dict(refs=str(refs), output=str(out), batch_size=4, micro_batch_size=2, learning_rate=1e-3,
+                shuffle_buffer=6, progress=False, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def untimed(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def test_step_zero_with_the_reference_gives_ln2(refs, tmp_path):
+    summary = train.run(cfg_for(refs, tmp_path / "run", max_steps=2))
+    first = read(str(tmp_path / "run" / "metrics.jsonl"))[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert abs(first[key]) < 1e-6
+    assert first["rewards/accuracies"] == 0.0
+    assert summary["last"]["loss"] != first["loss"]
+    for key in ("step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "grad_norm", "lr", "tokens/s"):
+        assert key in first
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    assert list((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_training_learns_the_training_pairs(refs, tmp_path):
+    train.run(cfg_for(refs, tmp_path / "run", epochs=4, learning_rate=3e-3, warmup_ratio=0.0))
+    records = read(str(tmp_path / "run" / "metrics.jsonl"))
+    early = sum(r["rewards/accuracies"] for r in records[:5]) / 5
+    late = sum(r["rewards/accuracies"] for r in records[-5:]) / 5
+    assert late > early and records[-1]["rewards/margins"] > 0
+
+
+def test_resume_is_exact(refs, tmp_path):
+    kw = dict(max_steps=8, save_every=3, lr_scheduler="cosine", warmup_ratio=0.25)
+    train.run(cfg_for(refs, tmp_path / "whole", **kw))
+    stopped = train.run(cfg_for(refs, tmp_path / "parts", stop_at_step=5, **kw))
+    assert stopped["stopped_at"] == 5 and (tmp_path / "parts" / "checkpoints" / "step-5").is_dir()
+    train.run(cfg_for(refs, tmp_path / "parts", resume=True, **kw))
+    a = untimed(read(str(tmp_path / "whole" / "metrics.jsonl")))
+    b = untimed(read(str(tmp_path / "parts" / "metrics.jsonl")))
+    assert [r["step"] for r in b] == list(range(1, 9))
+    assert a == b
+    from safetensors.torch import load_file
+
+    wa = load_file(tmp_path / "whole" / "final" / "model.safetensors")
+    wb = load_file(tmp_path / "parts" / "final" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert sorted(p.name for p in (tmp_path / "parts" / "checkpoints").iterdir()) == ["step-5", "step-6"]
+
+
+def test_two_workers_match_one(refs, tmp_path):
+    kw = dict(max_steps=4, warmup_ratio=0.0)
+    train.run(cfg_for(refs, tmp_path / "one", **kw))
+    train.run(cfg_for(refs, tmp_path / "two", num_workers=2, **kw))
+    a = read(str(tmp_path / "one" / "metrics.jsonl"))
+    b = read(str(tmp_path / "two" / "metrics.jsonl"))
+    assert len(a) == len(b) == 4
+    for ra, rb in zip(a, b):
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), (ra["step"], key)
+
+
+def _copy(refs, tmp_path) -> Path:
+    dst = tmp_path / "refs"
+    shutil.copytree(refs, dst)
+    return dst
+
+
+def _rewrite_shard(root: Path, table) -> None:
+    """Replace shard 0 and record its new checksum in the manifest, as if precompute wrote it."""
+    path = root / "shards" / "shard-00000.parquet"
+    pq.write_table(table, path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_missing_manifest(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShardError, match="run `python pipeline.py precompute"):
+        train.run(cfg_for(tmp_path / "empty", tmp_path / "run", max_steps=1))
+
+
+def test_truncated_shard_is_named(refs, tmp_path):
+    root = _copy(refs, tmp_path)
+    shard = root / "shards" / "shard-00002.parquet"
+    shard.write_bytes(shard.read_bytes()[:200])
+    with pytest.raises(ShardError, match="shard-00002.parquet.*checksum"):
+        train.run(cfg_for(root, tmp_path / "run", max_steps=20))
+
+
+def test_missing_shard_is_named(refs, tmp_path):
+    root = _copy(refs, tmp_path)
+    (root / "shards" / "shard-00001.parquet").unlink()
+    with pytest.raises(ShardError, match="shard missing: .*shard-00001.parquet"):
+        train.run(cfg_for(root, tmp_path / "run", max_steps=20))
+
+
+def test_wrong_schema_is_named(refs, tmp_path):
+    root = _copy(refs, tmp_path)
+    table = pq.read_table(root / "shards" / "shard-00000.parquet").drop_columns(["ref_rejected_logps"])
+    _rewrite_shard(root, table)
+    with pytest.raises(ShardError, match="shard-00000.parquet: column 'ref_rejected_logps'"):
+        train.run(cfg_for(root, tmp_path / "run", max_steps=20))
+
+
+def test_nan_loss_names_step_and_pairs(refs, tmp_path):
+    root = _copy(refs, tmp_path)
+    table = pq.read_table(root / "shards" / "shard-00000.parquet")
+    col = table.schema.get_field_index("ref_chosen_logps")
+    table = table.set_column(col, "ref_chosen_logps", pc.multiply(table.column(col), float("nan")))
+    _rewrite_shard(root, table)
+    with pytest.raises(TrainingError, match=r"non-finite loss nan at step \d+ .*batch pair ids: [0-9a-f]{12}"):
+        train.run(cfg_for(root, tmp_path / "run", max_steps=20))
+
+
+def test_resume_without_checkpoint_is_an_error(refs, tmp_path):
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        train.run(cfg_for(refs, tmp_path / "run", max_steps=2, resume=True))
+
+
+def test_existing_run_needs_resume_or_overwrite(refs, tmp_path):
+    train.run(cfg_for(refs, tmp_path / "run", max_steps=1))
+    with pytest.raises(TrainingError, match="--resume.*--overwrite"):
+        train.run(cfg_for(refs, tmp_path / "run", max_steps=1))
+    train.run(cfg_for(refs, tmp_path / "run", max_steps=1, overwrite=True))
+
+
+def test_other_tokenizer_is_refused_other_policy_allowed(refs, tmp_path, tokenizer, capsys):
+    root = _copy(refs, tmp_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["chat_template_hash"] = "0" * 64
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="chat_template_hash"):
+        train.run(cfg_for(root, tmp_path / "run", max_steps=1))
+    other = tmp_path / "other-policy"
+    make_tiny_model(tokenizer, seed=9).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    train.run(cfg_for(refs, tmp_path / "run2", max_steps=1, model=str(other)))
+    assert "policy starts from" in capsys.readouterr().err
