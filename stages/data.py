@@ -19,7 +19,10 @@ from stages import storage
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
 # name -> (file, layout used when --format is auto): HH text goes through the chat template,
 # which suits the embedded instruct model.
-EMBEDDED_DATA = {"embedded:hh-rlhf-helpful": (REPO_DATA / "hh_rlhf_helpful_base_sample.jsonl.gz", "hh")}
+EMBEDDED_DATA = {
+    "embedded:hh-rlhf-helpful": (REPO_DATA / "hh_rlhf_helpful_base_demo_train.jsonl.gz", "hh"),
+    "embedded:hh-rlhf-helpful-heldout": (REPO_DATA / "hh_rlhf_helpful_base_demo_heldout.jsonl.gz", "hh"),
+}
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 

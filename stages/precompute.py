@@ -175,9 +175,10 @@ def _score(cfg: PrecomputeConfig, model_path: str, plan: _Plan, on_shard, progre
     ctx.enable_auto_log_stats = False
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     # Small blocks keep every actor busy and the progress bar moving; shards complete as they arrive.
-    blocks = min(len(plan.records), max(2 * cfg.num_workers, -(-len(plan.records) // 32)))
+    blocks = min(len(plan.records), max(2 * cfg.num_workers, -(-len(plan.records) // max(cfg.batch_size, 8))))
     ds = ray.data.from_items(plan.records, override_num_blocks=blocks)
-    ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=64, num_cpus=0.5,
+    # batch_size=None: one call per block, so blocks are not merged and every actor gets work.
+    ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=0.5,
                         fn_kwargs=dict(model_path=model_path, max_length=cfg.max_length,
                                        max_prompt_length=cfg.max_prompt_length, truncation_mode=cfg.truncation_mode))
     ds = ds.map_batches(ReferenceScorer, batch_format="pyarrow", batch_size=cfg.batch_size,

@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DATA = ROOT / "tests" / "data"
-HH_SAMPLE = ROOT / "data" / "hh_rlhf_helpful_base_sample.jsonl.gz"
+HH_SAMPLE = ROOT / "tests" / "data" / "hh_rlhf_helpful_base_600.jsonl.gz"
 
 
 def pytest_collection_modifyitems(config, items):
