@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo precompute train test clean
+.PHONY: install demo precompute train test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,12 +25,17 @@ precompute: $(STAMP)
 train: $(STAMP)
 	$(PY) pipeline.py train
 
+# Precompute reference log-probs for the embedded sample, then train the policy from the shards.
+# A second `make demo` skips the finished shards and starts the training over.
 demo: $(STAMP)
 	$(PY) pipeline.py precompute
-	@if $(PY) pipeline.py train --help >/dev/null 2>&1; then $(PY) pipeline.py train; fi
+	$(PY) pipeline.py train --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
+
+bench: $(STAMP)
+	$(PY) bench/train_memory.py
 
 clean:
 	rm -rf runs .pytest_cache
