@@ -177,3 +177,19 @@ def test_other_tokenizer_is_refused_other_policy_allowed(refs, tmp_path, tokeniz
     tokenizer.save_pretrained(other)
     train.run(cfg_for(refs, tmp_path / "run2", max_steps=1, model=str(other)))
     assert "policy starts from" in capsys.readouterr().err
+
+
+def test_eval_refs_logged_under_eval(refs, tmp_path):
+    summary = train.run(cfg_for(refs, tmp_path / "run", max_steps=4, eval_refs=str(refs), eval_every=2))
+    records = read(str(tmp_path / "run" / "metrics.jsonl"))
+    assert [r["step"] for r in records if "eval/loss" in r] == [2, 4]
+    assert records[1]["eval/loss"] > 0 and "eval/rewards/accuracies" in records[1]
+    assert summary["eval"]["eval/loss"] == records[-1]["eval/loss"]
+
+
+def test_bf16_autocast_and_gradient_checkpointing_run(refs, tmp_path):
+    train.run(cfg_for(refs, tmp_path / "run", max_steps=2, dtype="bfloat16", gradient_checkpointing=True))
+    records = read(str(tmp_path / "run" / "metrics.jsonl"))
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in records)
+    # bf16 moves the policy's log-probs, so step 0 is near, not at, ln 2
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=0.05)
