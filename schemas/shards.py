@@ -15,6 +15,7 @@ class SchemaError(ValueError):
 SHARD_SCHEMA = pa.schema([
     pa.field("pair_id", pa.string(), nullable=False),          # sha256 of the normalised prompt/chosen/rejected
     pa.field("source_index", pa.int64(), nullable=False),      # row number in the input (files in name order)
+    pa.field("row_key", pa.string(), nullable=False),          # raw-content hash + copy number: re-runs skip it
     pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),
     pa.field("chosen_ids", pa.list_(pa.int32()), nullable=False),
     pa.field("rejected_ids", pa.list_(pa.int32()), nullable=False),
@@ -27,6 +28,7 @@ SHARD_SCHEMA = pa.schema([
 # One row per rejected input row: why it was not scored, and the row itself as JSON.
 REJECT_SCHEMA = pa.schema([
     pa.field("source_index", pa.int64(), nullable=False),
+    pa.field("row_key", pa.string(), nullable=False),
     pa.field("reason", pa.string(), nullable=False),
     pa.field("detail", pa.string()),
     pa.field("row", pa.string()),

@@ -1,10 +1,14 @@
 """Precompute stage: read -> normalise -> tokenize (Ray tasks) -> score (Ray actor pool) -> Parquet shards.
 
-Shard k holds the usable rows among input rows [k*rows_per_shard, (k+1)*rows_per_shard), so what a
-shard contains depends only on the input and the settings. Per shard the driver writes, in order,
-`rejects/shard-k.parquet`, `shards/shard-k.parquet` and `_progress/shard-k.json`; the last marks it
-finished. A re-run (after a crash, or of the same command) skips finished shards and redoes the
-others, which are deterministic: same pair ids, no duplicates, no gaps. `manifest.json` is last.
+Every input row has a `row_key`: the hash of its raw content plus its occurrence number (the
+k-th copy of the same row). A run skips rows whose key is already in the output (written or
+rejected), and groups the remaining rows, in input order, into new shards of `rows_per_shard`
+input rows. So re-running the same command after a crash finishes the job, re-running it after
+the input grew scores only the new rows, and nothing is scored twice or lost.
+
+Per shard the driver writes, in order, `rejects/shard-k.parquet`, `shards/shard-k.parquet` and
+`_progress/shard-k.json`; the last marks the shard finished, and files without it are removed at
+the next start. `manifest.json`, covering all finished shards, is written last.
 """
 
 from __future__ import annotations
@@ -52,10 +56,18 @@ def shard_name(k: int) -> str:
     return f"shard-{k:05d}"
 
 
+def content_hash(raw) -> str:
+    """Hash of an input row's raw content (a malformed line's text)."""
+    text = raw.text if isinstance(raw, MalformedRow) else json.dumps(raw, sort_keys=True, ensure_ascii=False,
+                                                                     default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
 def _identity(cfg: PrecomputeConfig, model_path: str, tok_hashes: dict, w_hash: str) -> dict:
-    """Everything that changes the bytes of a shard; a re-run must match it to reuse finished shards."""
-    keys = ("data", "format", "prompt_column", "chosen_column", "rejected_column", "split", "max_length",
-            "max_prompt_length", "truncation_mode", "dtype", "rows_per_shard", "limit")
+    """Everything that changes how a row is scored; a re-run must match it to add to an output.
+    The data is not part of it: a re-run over grown data adds the new rows."""
+    keys = ("format", "prompt_column", "chosen_column", "rejected_column", "max_length",
+            "max_prompt_length", "truncation_mode", "dtype")
     ident = {k: getattr(cfg, k) for k in keys}
     ident.update(model=cfg.model, weights_hash=w_hash, **tok_hashes)
     return ident
@@ -81,47 +93,79 @@ def _check_output(cfg: PrecomputeConfig, identity: dict) -> None:
 
 
 class _Plan:
-    """Input rows grouped by shard: pending rows to score, text-level rejects, rows read."""
+    """New input rows grouped into new shards: rows to score, text-level rejects, rows read."""
 
     def __init__(self):
         self.records: list[dict] = []
         self.rejects: dict[int, list[dict]] = defaultdict(list)
         self.rows_read: Counter = Counter()
-        self.expected: Counter = Counter()  # rows each pending shard sends through the scorer
+        self.expected: Counter = Counter()  # rows each new shard sends through the scorer
+        self.already_done = 0               # rows whose key the output already holds
 
 
-def _plan(cfg: PrecomputeConfig, done: set[int]) -> _Plan:
-    plan, seen, layout = _Plan(), {}, None
+def _known(cfg: PrecomputeConfig, done: dict[int, dict]) -> tuple[set[str], dict[str, str]]:
+    """Row keys (written or rejected) and pair ids already in the output."""
+    keys, pairs = set(), {}
+    for entry in done.values():
+        for path, cols in ((entry["path"], ["row_key", "pair_id"]), (entry["rejects_path"], ["row_key"])):
+            with storage.open_binary(storage.join(cfg.output, path)) as fh:
+                table = pq.read_table(fh, columns=cols)
+            keys.update(table.column("row_key").to_pylist())
+            if "pair_id" in cols:
+                pairs.update(dict.fromkeys(table.column("pair_id").to_pylist(), f"a pair already in {entry['path']}"))
+    return keys, pairs
+
+
+def _plan(cfg: PrecomputeConfig, done: dict[int, dict]) -> _Plan:
+    plan, layout, copies = _Plan(), None, Counter()
+    known_keys, seen = _known(cfg, done)
+    first = max(done) + 1 if done else 0
+    new_rows = 0
     for index, raw in read_rows(cfg.data, cfg.split, cfg.limit):
-        k = index // cfg.rows_per_shard
+        if layout is None and not isinstance(raw, MalformedRow):
+            layout = cfg.format if cfg.format != "auto" else (embedded_layout(cfg.data) or detect(raw))
+            check_columns(raw, layout, cfg)
+        # row_key: the content and which copy of it this is, so a new duplicate row is new work
+        # (and becomes a 'duplicate' reject) while the same row read again is not.
+        h = content_hash(raw)
+        key = f"{h}:{copies[h]}"
+        copies[h] += 1
+        if key in known_keys:
+            plan.already_done += 1
+            continue
+        k = first + new_rows // cfg.rows_per_shard
+        new_rows += 1
         plan.rows_read[k] += 1
         try:
             if isinstance(raw, MalformedRow):
                 raise RowRejected("malformed_json", f"{raw.file} line {raw.line}: {raw.error}")
-            if layout is None:
-                layout = cfg.format if cfg.format != "auto" else (embedded_layout(cfg.data) or detect(raw))
-                check_columns(raw, layout, cfg)
             row = normalise(raw, layout, cfg)
             pid = pair_id(row)
             if pid in seen:
-                raise RowRejected("duplicate", f"same prompt/chosen/rejected as source_index {seen[pid]}")
-            seen[pid] = index
+                raise RowRejected("duplicate", f"same prompt/chosen/rejected as {seen[pid]}")
+            seen[pid] = f"source_index {index}"
         except RowRejected as e:
-            if k not in done:
-                text = raw.text if isinstance(raw, MalformedRow) else _json(raw)
-                plan.rejects[k].append({"source_index": index, "reason": e.reason, "detail": e.detail, "row": text})
+            text = raw.text if isinstance(raw, MalformedRow) else _json(raw)
+            plan.rejects[k].append({"source_index": index, "row_key": key, "reason": e.reason, "detail": e.detail,
+                                    "row": text})
             continue
-        if k not in done:
-            plan.records.append({"pair_id": pid, "source_index": index, "shard": k, "row_json": _json(row)})
-            plan.expected[k] += 1
+        plan.records.append({"pair_id": pid, "row_key": key, "source_index": index, "shard": k,
+                             "row_json": _json(row)})
+        plan.expected[k] += 1
     return plan
 
 
 def _done_shards(cfg: PrecomputeConfig) -> dict[int, dict]:
+    """Finished shards by index; shard and reject files a killed run left unfinished are removed."""
     done = {}
     for name in storage.list_names(storage.join(cfg.output, "_progress")):
         if name.startswith("shard-") and name.endswith(".json"):
-            done[int(name[6:11])] = json.loads(storage.read_bytes(storage.join(cfg.output, "_progress", name)))
+            done[int(name[6:-5])] = json.loads(storage.read_bytes(storage.join(cfg.output, "_progress", name)))
+    for folder in ("shards", "rejects"):
+        for name in storage.list_names(storage.join(cfg.output, folder)):
+            stem = name.split(".")[0]
+            if not (stem.startswith("shard-") and stem[6:].isdigit() and int(stem[6:]) in done):
+                storage.remove(storage.join(cfg.output, folder, name))
     return done
 
 
@@ -138,13 +182,14 @@ def _write_shard(cfg: PrecomputeConfig, k: int, rows: list[dict], rejects: list[
     validate_table(table, SHARD_SCHEMA, shard_name(k))
     rej_table = pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)
     data = _parquet_bytes(table)
+    idx = [r["source_index"] for r in rows] + [r["source_index"] for r in rejects]
     storage.write_bytes_atomic(storage.join(cfg.output, "rejects", shard_name(k) + ".parquet"), _parquet_bytes(rej_table))
     storage.write_bytes_atomic(storage.join(cfg.output, "shards", shard_name(k) + ".parquet"), data)
     entry = {"path": f"shards/{shard_name(k)}.parquet", "rows": table.num_rows, "sha256": storage.sha256_bytes(data),
-             "source_start": k * cfg.rows_per_shard, "source_end": k * cfg.rows_per_shard + rows_read,
-             "rows_read": rows_read, "rejects_path": f"rejects/{shard_name(k)}.parquet", "rejects": len(rejects),
+             "source_indices": [min(idx), max(idx)] if idx else None, "data": cfg.data, "rows_read": rows_read, "rejects_path": f"rejects/{shard_name(k)}.parquet", "rejects": len(rejects),
              "rejects_by_reason": dict(Counter(r["reason"] for r in rejects)),
-             "tokens": int(sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows))}
+             "tokens": int(sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)),
+             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     storage.write_bytes_atomic(storage.join(cfg.output, "_progress", shard_name(k) + ".json"), json.dumps(entry).encode())
     return entry
 
@@ -213,15 +258,15 @@ def run(cfg: PrecomputeConfig) -> dict:
     for folder in ("shards", "rejects", "_progress"):
         storage.remove_partials(storage.join(cfg.output, folder))
     done = _done_shards(cfg)
-    plan = _plan(cfg, set(done))
-    todo = sorted(set(plan.rows_read) - set(done))
+    plan = _plan(cfg, done)
+    todo = sorted(plan.rows_read)
     stats = {"pairs": 0, "tokens": 0, "written": 0, "rejected": 0}
 
     def on_shard(k: int, results: list[dict]) -> None:
         rows = [r for r in results if r["reject_reason"] is None]
         rejects = plan.rejects.pop(k, []) + [
-            {"source_index": r["source_index"], "reason": r["reject_reason"], "detail": r["reject_detail"],
-             "row": r["row_json"]} for r in results if r["reject_reason"] is not None]
+            {"source_index": r["source_index"], "row_key": r["row_key"], "reason": r["reject_reason"],
+             "detail": r["reject_detail"], "row": r["row_json"]} for r in results if r["reject_reason"] is not None]
         done[k] = _write_shard(cfg, k, rows, rejects, plan.rows_read[k])
 
     bar = None
@@ -248,8 +293,8 @@ def run(cfg: PrecomputeConfig) -> dict:
         finally:
             if bar is not None:
                 bar.close()
-    last_run = {"seconds": round(time.time() - started, 3), "pairs_scored": stats["pairs"],
-                "tokens_scored": stats["tokens"], "shards_skipped": len(done) - len(todo)}
+    last_run = {"seconds": round(time.time() - started, 3), "data": cfg.data, "pairs_scored": stats["pairs"],
+                "tokens_scored": stats["tokens"], "new_shards": len(todo), "rows_already_done": plan.already_done}
     return _manifest(cfg, model_path, identity, done, last_run)
 
 
@@ -269,6 +314,7 @@ def _manifest(cfg: PrecomputeConfig, model_path: str, identity: dict, done: dict
         "tokenizer_hash": identity["tokenizer_hash"],
         "chat_template_hash": identity["chat_template_hash"],
         "data_source": cfg.data,
+        "data_sources": sorted({s["data"] for s in shards}),
         "data_path": resolve_source(cfg.data),
         "pair_ids_fingerprint": hashlib.sha256("\n".join(sorted(pair_ids)).encode()).hexdigest(),
         "max_length": cfg.max_length,
@@ -299,7 +345,8 @@ def summary(manifest: dict, output: str) -> str:
            if manifest['rejects_by_reason'] else ""),
         f"  {len(manifest['shards'])} shards, {manifest['tokens']} tokens, model {manifest['reference_model']['name']}"
         f" ({manifest['dtype']})",
-        f"  this run: {run['pairs_scored']} pairs scored, {run['shards_skipped']} finished shards skipped, "
+        f"  this run: {run['pairs_scored']} pairs scored into {run['new_shards']} new shards, "
+        f"{run['rows_already_done']} rows already done, "
         f"{secs:.1f}s ({run['pairs_scored'] / secs:.2f} pairs/s, {run['tokens_scored'] / secs:.0f} tokens/s)",
     ]
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from stages.formats import RowRejected
 from stages.tokenize import scored_sequence, tokenize_row, truncate
 
 TOKENIZED_SCHEMA = pa.schema([
-    ("pair_id", pa.string()), ("source_index", pa.int64()), ("shard", pa.int64()),
+    ("pair_id", pa.string()), ("row_key", pa.string()), ("source_index", pa.int64()), ("shard", pa.int64()),
     ("prompt_ids", pa.list_(pa.int32())), ("chosen_ids", pa.list_(pa.int32())), ("rejected_ids", pa.list_(pa.int32())),
     ("reject_reason", pa.string()), ("reject_detail", pa.string()), ("row_json", pa.string()),
 ])
@@ -47,7 +47,7 @@ def tokenize_batch(batch: pa.Table, model_path: str, max_length: int | None, max
         except RowRejected as e:
             ids = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
             reason, detail, row_json = e.reason, e.detail, rec["row_json"]
-        for key in ("pair_id", "source_index", "shard"):
+        for key in ("pair_id", "row_key", "source_index", "shard"):
             out[key].append(rec[key])
         for key, value in ids.items():
             out[key].append(value)

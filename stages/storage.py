@@ -82,6 +82,11 @@ def remove_partials(url: str) -> None:
                 os.remove(os.path.join(url, name))
 
 
+def remove(url: str, storage_options: dict | None = None) -> None:
+    fs, path = filesystem(url, storage_options)
+    fs.rm_file(path)
+
+
 def remove_tree(url: str, storage_options: dict | None = None) -> None:
     fs, path = filesystem(url, storage_options)
     if fs.exists(path):

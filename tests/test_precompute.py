@@ -105,7 +105,7 @@ def test_rerun_skips_and_other_settings_are_refused(tmp_path, tiny_model_dir, ra
     write_dirty_input(tmp_path / "in.jsonl")
     cfg, first = run(tmp_path, tiny_model_dir)
     _, again = run(tmp_path, tiny_model_dir)
-    assert again["last_run"]["pairs_scored"] == 0
+    assert again["last_run"]["pairs_scored"] == 0 and again["last_run"]["rows_already_done"] == 30
     assert again["pair_ids_fingerprint"] == first["pair_ids_fingerprint"]
     assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in first["shards"]]
     with pytest.raises(OutputMismatch, match=r"max_length: 512 -> 128"):
@@ -151,9 +151,36 @@ def test_sigkill_and_rerun_gives_the_same_pairs(tmp_path, tiny_model_dir):
     again = subprocess.run(_cli(tmp_path, tiny_model_dir, out), env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = json.loads((out / "manifest.json").read_text())
-    assert resumed["last_run"]["pairs_scored"] < 150
+    assert 0 < resumed["last_run"]["pairs_scored"] < 150
+    assert resumed["last_run"]["rows_already_done"] == sum(s["rows_read"] for s in resumed["shards"][:finished_at_kill])
     ids = [r["pair_id"] for r in read_shards(out, resumed)]
     assert len(ids) == len(set(ids)) == whole["rows_written"]
     assert resumed["pair_ids_fingerprint"] == whole["pair_ids_fingerprint"]
-    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in whole["shards"]]
+    a = {r["pair_id"]: r for r in read_shards(tmp_path / "whole", whole)}
+    for r in read_shards(out, resumed):
+        assert r["chosen_ids"] == a[r["pair_id"]]["chosen_ids"]
+        assert abs(r["ref_chosen_logps"] - a[r["pair_id"]]["ref_chosen_logps"]) < 1e-4
     assert not [p for p in out.rglob("*.partial")]
+    # Only finished shards remain: every shard file has its completion marker.
+    assert {p.stem for p in (out / "shards").iterdir()} == {p.stem for p in (out / "_progress").glob("shard-*.json")}
+
+
+def test_grown_input_scores_only_new_rows(tmp_path, tiny_model_dir, ray_session):
+    rows = [r for r in read_jsonl_gz(HH_SAMPLE, 100) if r["chosen"] != r["rejected"] and len(r["chosen"]) < 1500]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:10]))
+    cfg = PrecomputeConfig(data=str(folder), model=tiny_model_dir, output=str(tmp_path / "out"), rows_per_shard=4,
+                           max_length=512, progress=False)
+    first = precompute.run(cfg)
+    assert first["rows_written"] == 10 and first["last_run"]["pairs_scored"] == 10
+    # A new file sorting *before* the old one, with 6 new rows and one copy of an old row.
+    (folder / "0-new.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[10:16] + [rows[0]]))
+    second = precompute.run(cfg)
+    assert second["last_run"]["pairs_scored"] == 6 and second["last_run"]["rows_already_done"] == 10
+    assert second["rows_read"] == 17 and second["rows_written"] == 16 and second["rejects_by_reason"] == {"duplicate": 1}
+    ids = [r["pair_id"] for r in read_shards(tmp_path / "out", second)]
+    assert len(ids) == len(set(ids)) == 16
+    assert [s["path"] for s in second["shards"][:3]] == [s["path"] for s in first["shards"]]  # old shards kept
+    third = precompute.run(cfg)
+    assert third["last_run"]["pairs_scored"] == 0 and third["pair_ids_fingerprint"] == second["pair_ids_fingerprint"]

@@ -56,6 +56,8 @@ def test_embedded_default_cli(tmp_path, tokenizer):
     first = pq.read_table(out / manifest["shards"][0]["path"]).to_pylist()[0]
     assert first["ref_chosen_logps"] < 0
     # The HH text went through the chat template: the completion is the last Assistant turn.
-    answer = read_jsonl_gz(HH_SAMPLE, 1)[0]["chosen"].rsplit("\n\nAssistant: ", 1)[1]
+    from stages.data import resolve_source
+
+    answer = read_jsonl_gz(resolve_source("embedded:hh-rlhf-helpful"), 1)[0]["chosen"].rsplit("\n\nAssistant: ", 1)[1]
     assert tokenizer.decode(first["chosen_ids"]) == answer + "<|im_end|>\n"
     assert tokenizer.decode(first["prompt_ids"]).endswith("<|im_start|>assistant\n")
