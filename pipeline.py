@@ -3,6 +3,7 @@
 
     python pipeline.py precompute [--config FILE.yaml] [--flags ...]
     python pipeline.py train      [--config FILE.yaml] [--flags ...]
+    python pipeline.py submit     jobs/precompute.yaml --address http://HEAD:8265 [--wait] [-- extra flags]
 
 Thin on purpose: parse the config, call a stage, print its summary.
 """
@@ -37,7 +38,13 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"precompute": _precompute, "train": _train}
+def _submit(argv: list[str]) -> int:
+    from stages import submit
+
+    return submit.main(argv)
+
+
+COMMANDS = {"precompute": _precompute, "train": _train, "submit": _submit}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,11 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     from stages.data import DataError
     from stages.precompute import OutputMismatch
     from stages.shards import ShardError
+    from stages.storage import StorageError
     from stages.train import TrainingError
 
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, DataError, OutputMismatch, ShardError, TrainingError) as e:
+    except (ConfigError, DataError, OutputMismatch, ShardError, StorageError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -1,9 +1,11 @@
 """Checkpoints that resume exactly: weights, optimizer, scheduler, RNG states and the data cursor.
 
-checkpoints/step-N/ holds the policy as safetensors (`save_pretrained`, loadable by
+OUTPUT/checkpoints/step-N/ holds the policy as safetensors (`save_pretrained`, loadable by
 AutoModelForCausalLM), `trainer_state.pt` (optimizer, scheduler, RNG) and `state.json` (step,
-epoch, cursor). The folder is written under a temporary name and renamed, so a crash never
-leaves a half checkpoint that `--resume` would pick.
+epoch, cursor). `state.json` is written last (renamed into place locally, uploaded last to an
+object store), and only folders that have it count, so a crash never leaves a half checkpoint
+that `--resume` would pick. OUTPUT may be a local folder or an fsspec URL; the files are written
+in a local staging folder first.
 """
 
 from __future__ import annotations
@@ -15,29 +17,28 @@ import shutil
 
 import torch
 
+from stages import storage
+
 CHECKPOINTS = "checkpoints"
+MARKER = "state.json"
 
 
-def _step_dirs(output: str) -> list[tuple[int, str]]:
-    root = os.path.join(output, CHECKPOINTS)
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        if name.startswith("step-") and name[5:].isdigit() and os.path.exists(os.path.join(root, name, "state.json")):
-            found.append((int(name[5:]), os.path.join(root, name)))
-    return sorted(found)
+def _steps(output: str) -> list[int]:
+    root = storage.join(output, CHECKPOINTS)
+    steps = [int(n[5:]) for n in storage.list_names(root) if n.startswith("step-") and n[5:].isdigit()]
+    return sorted(s for s in steps if storage.exists(storage.join(root, f"step-{s}", MARKER)))
 
 
 def latest(output: str) -> str | None:
-    dirs = _step_dirs(output)
-    return dirs[-1][1] if dirs else None
+    steps = _steps(output)
+    return storage.join(output, CHECKPOINTS, f"step-{steps[-1]}") if steps else None
 
 
-def save(output: str, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int) -> str:
-    root = os.path.join(output, CHECKPOINTS)
-    final = os.path.join(root, f"step-{step}")
-    tmp = os.path.join(root, f".step-{step}.partial")
+def save(output: str, stage: str, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int) -> str:
+    """Write step-N in the staging folder, publish it to OUTPUT, drop all but the last `keep`."""
+    local_root = os.path.join(stage, CHECKPOINTS)
+    final = os.path.join(local_root, f"step-{step}")
+    tmp = os.path.join(local_root, f".step-{step}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -45,19 +46,25 @@ def save(output: str, step: int, model, tokenizer, optimizer, scheduler, state: 
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
                os.path.join(tmp, "trainer_state.pt"))
-    with open(os.path.join(tmp, "state.json"), "w") as fh:
+    with open(os.path.join(tmp, MARKER), "w") as fh:
         json.dump({"step": step, **state}, fh, indent=1)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for _, old in _step_dirs(output)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    url = storage.join(output, CHECKPOINTS, f"step-{step}")
+    storage.upload(final, url, last=(MARKER,))
+    old = _steps(output)[:-keep] if keep > 0 else []
+    for s in old:
+        storage.remove_tree(storage.join(output, CHECKPOINTS, f"step-{s}"))
+        shutil.rmtree(os.path.join(local_root, f"step-{s}"), ignore_errors=True)
+    return url
 
 
-def load(path: str, model, optimizer, scheduler) -> dict:
+def load(url: str, stage: str, model, optimizer, scheduler) -> dict:
     """Restore everything saved by `save` into live objects; returns state.json."""
     from safetensors.torch import load_file
 
+    path = os.path.join(stage, CHECKPOINTS, url.rstrip("/").rsplit("/", 1)[-1])
+    storage.download(url, path)
     weights = {}
     for name in os.listdir(path):
         if name.endswith(".safetensors"):
@@ -66,11 +73,11 @@ def load(path: str, model, optimizer, scheduler) -> dict:
     # Tied embeddings are saved once; anything else missing is a broken checkpoint.
     missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(f"checkpoint {url} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     trainer_state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
     optimizer.load_state_dict(trainer_state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])
     torch.set_rng_state(trainer_state["rng"]["torch"])
     random.setstate(trainer_state["rng"]["python"])
-    with open(os.path.join(path, "state.json")) as fh:
+    with open(os.path.join(path, MARKER)) as fh:
         return json.load(fh)

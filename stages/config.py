@@ -49,6 +49,8 @@ class PrecomputeConfig:
     limit: int | None = doc("read only the first N input rows", default=None)
     overwrite: bool = doc("replace an existing output made with other settings", default=False)
     seed: int = doc("seed (used by nothing random in scoring; recorded for provenance)", default=0)
+    storage_options: str | None = doc("JSON of fsspec options (endpoint, profile, ...); secrets are never written",
+                                      default=None)
     progress: bool = doc("show a progress bar", default=True)
 
 
@@ -79,7 +81,9 @@ class TrainConfig:
                                    default=None)
     save_every: int = doc("write checkpoints/step-N every N steps (0: never)", default=0)
     keep_checkpoints: int = doc("how many recent checkpoints to keep", default=2)
-    resume: bool = doc("continue from the latest checkpoint in OUTPUT (error if none)", default=False)
+    resume: Literal["false", "true", "auto"] = doc(
+        "continue from the latest checkpoint in OUTPUT: true (error if none), auto (if one exists: for "
+        "re-submitted or pre-empted jobs), false", default="false")
     eval_refs: str | None = doc("precompute output of a held-out set, evaluated every eval_every steps", default=None)
     eval_every: int = doc("steps between evaluations (0: only at the end, when eval_refs is set)", default=0)
     num_workers: int = doc("Ray Train workers (DDP: gloo on CPU, NCCL on GPU); 1 runs in-process", default=1)
@@ -89,6 +93,8 @@ class TrainConfig:
     gradient_checkpointing: bool = doc("recompute activations in backward to save memory", default=False)
     shuffle_buffer: int = doc("pairs held for shuffling within the stream", default=256)
     overwrite: bool = doc("start over in an OUTPUT that already has a run", default=False)
+    storage_options: str | None = doc("JSON of fsspec options (endpoint, profile, ...); secrets are never written",
+                                      default=None)
     progress: bool = doc("show a progress bar", default=True)
 
 
@@ -115,6 +121,8 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
         raise ConfigError(f"config key '{name}': a value is required, got none")
     if typing.get_origin(base) is Literal:
         choices = typing.get_args(base)
+        if isinstance(value, bool) and "true" in choices:  # YAML `resume: true`
+            value = "true" if value else "false"
         if value not in choices:
             raise ConfigError(f"config key '{name}': {value!r} is not one of {', '.join(map(str, choices))}")
         return value
@@ -190,6 +198,13 @@ def validate(cfg: Any) -> None:
             parse_loss_types(cfg.loss_type, cfg.loss_weights)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    if getattr(cfg, "storage_options", None):
+        from stages.storage import configure
+
+        try:
+            configure(cfg.storage_options)  # validates the JSON; each stage configures again when it runs
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     ml, mpl = getattr(cfg, "max_length", None), getattr(cfg, "max_prompt_length", None)
     if ml is not None and mpl is not None and mpl >= ml:
         raise ConfigError(f"config key 'max_prompt_length': {mpl} leaves no room under max_length {ml}")
@@ -204,7 +219,7 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
         base, _ = _unwrap_optional(hints[f.name])
-        if base is bool:
+        if base is bool or (typing.get_origin(base) is Literal and "true" in typing.get_args(base)):
             parser.add_argument(flag, dest=f.name, nargs="?", const="true", default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, default=None, help=help_text)
@@ -225,5 +240,15 @@ def parse_args(cls: type, argv: list[str], prog: str, description: str = "") -> 
     return from_mapping(cls, flags, base=cfg, source="command line")
 
 
+def public(cfg: Any) -> dict:
+    """The config as a dict fit to write: storage options with their secrets redacted."""
+    from stages.storage import redact_json
+
+    out = dataclasses.asdict(cfg)
+    if out.get("storage_options"):
+        out["storage_options"] = redact_json(out["storage_options"])
+    return out
+
+
 def to_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    return yaml.safe_dump(public(cfg), sort_keys=False)

@@ -13,7 +13,6 @@ the next start. `manifest.json`, covering all finished shards, is written last.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -28,7 +27,7 @@ import pyarrow.parquet as pq
 
 from schemas import FORMAT_VERSION, REJECT_SCHEMA, SHARD_SCHEMA, validate_manifest, validate_table
 from stages import storage
-from stages.config import PrecomputeConfig, to_yaml
+from stages.config import PrecomputeConfig, public, to_yaml
 from stages.data import MalformedRow, check_columns, embedded_layout, read_rows, resolve_source
 from stages.formats import RowRejected, detect, normalise
 from stages.models import load_tokenizer, resolve_model, tokenizer_hashes, weights_hash
@@ -246,6 +245,7 @@ def _score(cfg: PrecomputeConfig, model_path: str, plan: _Plan, on_shard, progre
 def run(cfg: PrecomputeConfig) -> dict:
     """Run the stage; returns the manifest."""
     started = time.time()
+    storage.configure(cfg.storage_options)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     tok_hashes = tokenizer_hashes(tokenizer)
@@ -327,7 +327,7 @@ def _manifest(cfg: PrecomputeConfig, model_path: str, identity: dict, done: dict
         "rejects_by_reason": dict(sorted(reasons.items())),
         "tokens": sum(s["tokens"] for s in shards),
         "shards": shards,
-        "config": dataclasses.asdict(cfg),
+        "config": public(cfg),
         "last_run": last_run,  # what this invocation did: re-runs skip finished shards
     }
     validate_manifest(manifest)

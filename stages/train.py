@@ -9,6 +9,7 @@ updates with the same global `batch_size`. No reference model is ever loaded.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import random
@@ -17,7 +18,7 @@ import time
 
 import torch
 
-from stages import checkpoint, shards
+from stages import checkpoint, shards, storage
 from stages.config import TrainConfig, to_yaml
 from stages.logprobs import pad_batch, sequence_logps
 from stages.losses import Batch, LossParams, combined_loss, parse_loss_types, rewards
@@ -30,7 +31,15 @@ class TrainingError(RuntimeError):
 
 
 def output_dir(cfg: TrainConfig) -> str:
-    return cfg.output or os.path.join(cfg.refs, "policy")
+    return cfg.output or storage.join(cfg.refs, "policy")
+
+
+def _publish(stage: str, out: str, names: tuple[str, ...]) -> None:
+    """Upload run files from the staging folder (a no-op for a local OUTPUT)."""
+    for name in names:
+        local = os.path.join(stage, name)
+        if os.path.exists(local):
+            storage.upload(local, storage.join(out, name))
 
 
 def total_steps(cfg: TrainConfig, num_pairs: int) -> int:
@@ -151,6 +160,7 @@ def _setup(cfg: TrainConfig, refs: shards.Refs, device: str):
 
 def train_loop(cfg: TrainConfig) -> dict:
     """Train; returns the summary. Runs as is in one process or inside a Ray Train worker."""
+    storage.configure(cfg.storage_options)
     dist = _Dist()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and dist.on:
@@ -158,6 +168,7 @@ def train_loop(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out = output_dir(cfg)
+    stage = storage.staging_dir(out)  # local files first; uploaded at checkpoints and at the end
     refs = shards.load_refs(cfg.refs)
     eval_refs = shards.load_refs(cfg.eval_refs) if cfg.eval_refs else None
     model_path, tokenizer, model, optimizer, scheduler, steps = _setup(cfg, refs, device)
@@ -166,19 +177,21 @@ def train_loop(cfg: TrainConfig) -> dict:
         print(f"note: policy starts from {model_path}, the shards' reference is {reference}", file=sys.stderr)
 
     step, epoch, skip, resume_step = 0, 0, 0, None
-    if cfg.resume:
-        last = checkpoint.latest(out)
-        if last is None:
-            raise TrainingError(f"--resume: no checkpoint under {out}/checkpoints (run with --save-every N first)")
-        state = checkpoint.load(last, model, optimizer, scheduler)
+    last = checkpoint.latest(out) if cfg.resume != "false" else None
+    if cfg.resume == "true" and last is None:
+        raise TrainingError(f"--resume: no checkpoint under {out}/checkpoints (run with --save-every N first)")
+    if last is not None:
+        state = checkpoint.load(last, stage, model, optimizer, scheduler)
         step, epoch, skip, resume_step = state["step"], state["epoch"], state["consumed"], state["step"]
-    elif dist.rank == 0 and os.path.exists(os.path.join(out, "metrics.jsonl")) and not cfg.overwrite:
+        if dist.rank == 0 and storage.exists(storage.join(out, "metrics.jsonl")):
+            storage.download(storage.join(out, "metrics.jsonl"), os.path.join(stage, "metrics.jsonl"))
+    elif (dist.rank == 0 and cfg.resume != "auto" and not cfg.overwrite
+          and storage.exists(storage.join(out, "metrics.jsonl"))):
         raise TrainingError(f"{out} already holds a run: pass --resume to continue it or --overwrite to start over")
 
-    log = MetricsLog(out, resume_step) if dist.rank == 0 else None
+    log = MetricsLog(stage, resume_step) if dist.rank == 0 else None
     if dist.rank == 0:
-        with open(os.path.join(out, "train_config.yaml"), "w") as fh:
-            fh.write(to_yaml(cfg))
+        storage.write_bytes_atomic(storage.join(out, "train_config.yaml"), to_yaml(cfg).encode())
     terms = parse_loss_types(cfg.loss_type, cfg.loss_weights)
     ctx = {"micro": cfg.micro_batch_size, "manifest": refs.manifest, "pad_id": tokenizer.pad_token_id or 0,
            "device": device, "dtype": cfg.dtype, "terms": terms,
@@ -223,7 +236,8 @@ def train_loop(cfg: TrainConfig) -> dict:
                                 f"{record['tokens/s']:.0f} tok/s")
             bar.update(1)
         if dist.rank == 0 and ((cfg.save_every and step % cfg.save_every == 0) or (step == end < steps)):
-            checkpoint.save(out, step, model, tokenizer, optimizer, scheduler,
+            _publish(stage, out, ("metrics.jsonl",))  # before the checkpoint: resume reads both
+            checkpoint.save(out, stage, step, model, tokenizer, optimizer, scheduler,
                             {"epoch": epoch, "consumed": consumed}, cfg.keep_checkpoints)
     if bar is not None:
         bar.close()
@@ -231,13 +245,15 @@ def train_loop(cfg: TrainConfig) -> dict:
     if step < steps:  # stopped early on purpose: the checkpoint above is the result
         if log is not None:
             log.close()
+            _publish(stage, out, ("metrics.jsonl", "tensorboard"))
         return {**summary, "stopped_at": step, "first": {}, "last": {}, "eval": {}}
     if dist.rank == 0:
-        model.save_pretrained(os.path.join(out, "final"), safe_serialization=True)
-        tokenizer.save_pretrained(os.path.join(out, "final"))
+        model.save_pretrained(os.path.join(stage, "final"), safe_serialization=True)
+        tokenizer.save_pretrained(os.path.join(stage, "final"))
         log.close()
         records = read(log.path)
-        plot(records, os.path.join(out, "curves.png"), f"{cfg.loss_type}, beta {cfg.beta}, lr {cfg.learning_rate}")
+        plot(records, os.path.join(stage, "curves.png"), f"{cfg.loss_type}, beta {cfg.beta}, lr {cfg.learning_rate}")
+        _publish(stage, out, ("final", "metrics.jsonl", "curves.png", "tensorboard"))
         summary.update(first=records[0] if records else {}, last=records[-1] if records else {}, eval=last_eval)
     return summary
 
@@ -263,15 +279,18 @@ def run(cfg: TrainConfig) -> dict:
             ray.init(num_cpus=max(os.cpu_count() or 1, cfg.num_workers), include_dashboard=False,
                      logging_level="WARNING")
     use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.num_workers
-    out = os.path.abspath(output_dir(cfg))
-    config = dataclasses.asdict(dataclasses.replace(cfg, refs=os.path.abspath(cfg.refs), output=out,
-                                                    eval_refs=os.path.abspath(cfg.eval_refs) if cfg.eval_refs else None))
+    absolute = lambda u: os.path.abspath(u) if u and storage.is_local(u) else u  # noqa: E731  workers' cwd differs
+    out = absolute(output_dir(cfg))
+    config = dataclasses.asdict(dataclasses.replace(cfg, refs=absolute(cfg.refs), output=out,
+                                                    eval_refs=absolute(cfg.eval_refs)))
     trainer = TorchTrainer(_ray_worker, train_loop_config=config,
                            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                                         resources_per_worker={"CPU": 1}),
-                           run_config=RunConfig(storage_path=os.path.join(out, "ray"), name="train"))
+                           run_config=RunConfig(storage_path=os.path.join(storage.staging_dir(out), "ray"),
+                                                name="train"))
     trainer.fit()
-    records = read(os.path.join(out, "metrics.jsonl"))
+    records = [json.loads(line) for line in storage.read_bytes(storage.join(out, "metrics.jsonl")).decode().splitlines()
+               if line.strip()]
     return {"steps": records[-1]["step"] if records else 0, "output": out, "first": records[0] if records else {},
             "last": records[-1] if records else {},
             "eval": {k: v for k, v in (records[-1] if records else {}).items() if k.startswith("eval/")}}

@@ -55,3 +55,28 @@ def test_yaml_must_be_a_mapping(tmp_path):
     f.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         parse(["--config", str(f)])
+
+
+def test_resume_flag_forms(tmp_path):
+    from stages.config import TrainConfig
+
+    parse_train = lambda argv: parse_args(TrainConfig, argv, prog="t")  # noqa: E731
+    assert parse_train([]).resume == "false"
+    assert parse_train(["--resume"]).resume == "true"
+    assert parse_train(["--resume", "auto"]).resume == "auto"
+    f = tmp_path / "t.yaml"
+    f.write_text("resume: true\nloss_type: sigmoid,sft\nloss_weights: 1,0.5\n")
+    assert parse_train(["--config", str(f)]).resume == "true"
+    with pytest.raises(ConfigError, match="loss_type"):
+        parse_train(["--loss-type", "dpo"])
+
+
+def test_storage_options_are_validated_and_redacted():
+    from stages.config import TrainConfig, to_yaml
+
+    with pytest.raises(ConfigError, match="storage_options"):
+        parse_args(TrainConfig, ["--storage-options", "{not json"], prog="t")
+    cfg = parse_args(TrainConfig, ["--storage-options", '{"key": "AKIA1", "secret": "hush", "endpoint_url": "http://x"}'],
+                     prog="t")
+    text = to_yaml(cfg)
+    assert "hush" not in text and "AKIA1" not in text and "http://x" in text

@@ -74,7 +74,7 @@ def test_resume_is_exact(refs, tmp_path):
     train.run(cfg_for(refs, tmp_path / "whole", **kw))
     stopped = train.run(cfg_for(refs, tmp_path / "parts", stop_at_step=5, **kw))
     assert stopped["stopped_at"] == 5 and (tmp_path / "parts" / "checkpoints" / "step-5").is_dir()
-    train.run(cfg_for(refs, tmp_path / "parts", resume=True, **kw))
+    train.run(cfg_for(refs, tmp_path / "parts", resume="true", **kw))
     a = untimed(read(str(tmp_path / "whole" / "metrics.jsonl")))
     b = untimed(read(str(tmp_path / "parts" / "metrics.jsonl")))
     assert [r["step"] for r in b] == list(range(1, 9))
@@ -155,7 +155,7 @@ def test_nan_loss_names_step_and_pairs(refs, tmp_path):
 
 def test_resume_without_checkpoint_is_an_error(refs, tmp_path):
     with pytest.raises(TrainingError, match="no checkpoint"):
-        train.run(cfg_for(refs, tmp_path / "run", max_steps=2, resume=True))
+        train.run(cfg_for(refs, tmp_path / "run", max_steps=2, resume="true"))
 
 
 def test_existing_run_needs_resume_or_overwrite(refs, tmp_path):

@@ -1,0 +1,90 @@
+"""Submit a Ray Jobs spec (jobs/*.yaml) to a cluster through Ray's JobSubmissionClient.
+
+${VAR} in the spec is filled from the submitting environment (credentials stay out of files);
+extra CLI arguments are appended to the entrypoint. With --wait it follows the job to the end
+and exits non-zero unless it SUCCEEDED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+import yaml
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand(value, missing: set[str]):
+    if isinstance(value, str):
+        def sub(m):
+            if m.group(1) not in os.environ:
+                missing.add(m.group(1))
+            return os.environ.get(m.group(1), "")
+        return _VAR.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: expand(v, missing) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand(v, missing) for v in value]
+    return value
+
+
+def load_spec(path: str, extra_args: list[str]) -> dict:
+    """The spec with ${VAR}s filled in: required in the entrypoint, optional in env_vars (unset ones
+    are dropped so the cluster's own defaults apply)."""
+    with open(path) as fh:
+        spec = yaml.safe_load(fh)
+    if not isinstance(spec, dict) or "entrypoint" not in spec:
+        raise ValueError(f"{path}: a Ray Jobs spec needs an 'entrypoint'")
+    runtime_env = dict(spec.get("runtime_env") or {})
+    env = runtime_env.pop("env_vars", {}) or {}
+    missing: set[str] = set()
+    spec = {**expand({k: v for k, v in spec.items() if k != "runtime_env"}, missing),
+            "runtime_env": expand(runtime_env, missing)}
+    if missing:
+        raise ValueError(f"{path}: set {', '.join(sorted(missing))} in the environment before submitting")
+    filled = {k: expand(v, set()) for k, v in env.items()}
+    spec["runtime_env"]["env_vars"] = {k: v for k, v in filled.items() if v != ""}
+    wd = spec["runtime_env"].get("working_dir")
+    if wd and "://" not in wd and not os.path.isabs(wd):  # relative to the repository root
+        spec["runtime_env"]["working_dir"] = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)),
+                                                                           "..", wd))
+    spec["entrypoint"] = " ".join([spec["entrypoint"].strip(), *extra_args])
+    return spec
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="pipeline.py submit", description=__doc__.splitlines()[0])
+    ap.add_argument("spec", help="jobs/precompute.yaml or jobs/train.yaml")
+    ap.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"),
+                    help="Ray dashboard address (default: $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)")
+    ap.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
+    args, extra = ap.parse_known_args(argv)
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    spec = load_spec(args.spec, [a for a in extra if a != "--"])
+    client = JobSubmissionClient(args.address)
+    job_id = client.submit_job(entrypoint=spec["entrypoint"], runtime_env=spec.get("runtime_env"),
+                               entrypoint_num_cpus=spec.get("entrypoint_num_cpus"),
+                               entrypoint_num_gpus=spec.get("entrypoint_num_gpus"),
+                               metadata={k: str(v) for k, v in (spec.get("metadata") or {}).items()})
+    print(f"submitted {job_id} to {args.address}")
+    if not args.wait:
+        return 0
+    deadline = time.time() + args.timeout if args.timeout else None
+    status = client.get_job_status(job_id)
+    while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        if deadline and time.time() > deadline:
+            print(f"{job_id}: still {status} after {args.timeout:.0f}s", file=sys.stderr)
+            return 1
+        time.sleep(2)
+        status = client.get_job_status(job_id)
+    print(f"{job_id}: {status}")
+    if status != JobStatus.SUCCEEDED:
+        print(client.get_job_logs(job_id)[-5000:], file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,252 @@
+"""Both stages on s3:// against a real S3-protocol server (moto) on 127.0.0.1, and Ray job submission.
+
+No traffic leaves loopback: AWS_ENDPOINT_URL points s3fs at the local server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import HH_SAMPLE, ROOT, read_jsonl_gz
+
+moto_server = pytest.importorskip("moto.server")
+SECRET = "s3cr3t-Value-Never-Logged"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 with bucket 'dpo', and the AWS_* variables pointing at it."""
+    import boto3
+
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="dpo")
+    yield {"server": server, "port": port, "env": env}
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def s3_client(s3):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3["env"]["AWS_ENDPOINT_URL"])
+
+
+def keys(s3, prefix):
+    pages = s3_client(s3).get_paginator("list_objects_v2").paginate(Bucket="dpo", Prefix=prefix)
+    return sorted(o["Key"] for p in pages for o in p.get("Contents", []))
+
+
+def put_rows(s3, key, rows):
+    s3_client(s3).put_object(Bucket="dpo", Key=key, Body="".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def cli(*args, env=None, check=True):
+    proc = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), *args, "--progress", "false"],
+                          capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": "", **(env or {})})
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def short_rows(n, start=0):
+    rows = [r for r in read_jsonl_gz(HH_SAMPLE, 400) if r["chosen"] != r["rejected"] and len(r["chosen"]) < 900]
+    return rows[start:start + n]
+
+
+def read_shard_rows(s3, prefix):
+    import pyarrow.parquet as pq
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    manifest = json.loads(fs.cat_file(f"dpo/{prefix}/manifest.json"))
+    rows = []
+    for s in manifest["shards"]:
+        with fs.open(f"dpo/{prefix}/{s['path']}") as fh:
+            rows.extend(pq.read_table(fh).to_pylist())
+    return manifest, rows
+
+
+def test_both_stages_on_s3_match_local_disk(s3, tmp_path, tiny_model_dir):
+    rows = short_rows(12)
+    put_rows(s3, "in/a.jsonl", rows[:7])
+    put_rows(s3, "in/b.jsonl", rows[7:])
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:7]))
+    (tmp_path / "in" / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[7:]))
+    common = ["--model", tiny_model_dir, "--rows-per-shard", "5", "--max-length", "256"]
+    opts = json.dumps({"secret": SECRET, "key": "testing-key-id"})  # also passed explicitly: must stay unwritten
+    p1 = cli("precompute", "--data", "s3://dpo/in/", "--output", "s3://dpo/refs", "--storage-options", opts, *common)
+    cli("precompute", "--data", str(tmp_path / "in"), "--output", str(tmp_path / "refs"), *common)
+    manifest, remote = read_shard_rows(s3, "refs")
+    local_manifest = json.loads((tmp_path / "refs" / "manifest.json").read_text())
+    assert manifest["pair_ids_fingerprint"] == local_manifest["pair_ids_fingerprint"]
+    assert manifest["rows_written"] == 12 and [s["sha256"] for s in manifest["shards"]] == \
+        [s["sha256"] for s in local_manifest["shards"]]
+    assert {"refs/manifest.json", "refs/config.yaml", "refs/rejects/shard-00000.parquet"} <= set(keys(s3, "refs/"))
+
+    # Train from s3 to s3, stopped at step 2 and resumed from the s3 checkpoint; local run for comparison.
+    train = ["--max-steps", "4", "--batch-size", "4", "--micro-batch-size", "2", "--learning-rate", "1e-3",
+             "--save-every", "2"]
+    p2 = cli("train", "--refs", "s3://dpo/refs", "--output", "s3://dpo/run", "--stop-at-step", "2",
+             "--storage-options", opts, *train)
+    assert "run/checkpoints/step-2/state.json" in keys(s3, "run/")
+    p3 = cli("train", "--refs", "s3://dpo/refs", "--output", "s3://dpo/run", "--resume", *train)
+    cli("train", "--refs", str(tmp_path / "refs"), "--output", str(tmp_path / "run"), *train)
+    got = keys(s3, "run/")
+    for k in ("run/final/model.safetensors", "run/final/config.json", "run/metrics.jsonl", "run/curves.png",
+              "run/train_config.yaml", "run/checkpoints/step-4/state.json"):
+        assert k in got, k
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    remote_metrics = [json.loads(x) for x in fs.cat_file("dpo/run/metrics.jsonl").decode().splitlines()]
+    local_metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    drop = lambda r: {k: v for k, v in r.items() if k != "tokens/s"}  # noqa: E731
+    assert [drop(r) for r in remote_metrics] == [drop(r) for r in local_metrics]
+
+    # No secret in any written file or in what the commands printed.
+    for k in got + keys(s3, "refs/"):
+        if k.endswith((".json", ".yaml", ".jsonl")):
+            assert SECRET not in fs.cat_file(f"dpo/{k}").decode(), k
+    for p in (p1, p2, p3):
+        assert SECRET not in p.stdout + p.stderr
+
+
+def test_permanent_errors_name_the_url(s3, tmp_path, tiny_model_dir):
+    put_rows(s3, "err/a.jsonl", short_rows(2))
+    p = cli("precompute", "--data", "s3://dpo/err/", "--output", "s3://no-such-bucket/refs", "--model", tiny_model_dir,
+            check=False)
+    assert p.returncode != 0 and "s3://no-such-bucket/refs" in p.stderr and SECRET not in p.stderr
+    p = cli("precompute", "--data", "s3://dpo/missing/", "--output", str(tmp_path / "o"), "--model", tiny_model_dir,
+            check=False)
+    assert p.returncode == 2 and "input not found: s3://dpo/missing/" in p.stderr
+
+
+def test_incremental_precompute_on_s3(s3, tiny_model_dir):
+    rows = short_rows(10, start=20)
+    put_rows(s3, "grow/1.jsonl", rows[:6])
+    args = ["--data", "s3://dpo/grow/", "--output", "s3://dpo/grow-refs", "--model", tiny_model_dir,
+            "--rows-per-shard", "4", "--max-length", "256"]
+    cli("precompute", *args)
+    put_rows(s3, "grow/0.jsonl", rows[6:])  # sorts first: source indexes shift, row keys do not
+    cli("precompute", *args)
+    manifest, got = read_shard_rows(s3, "grow-refs")
+    assert manifest["last_run"]["pairs_scored"] == 4 and manifest["last_run"]["rows_already_done"] == 6
+    ids = [r["pair_id"] for r in got]
+    assert len(ids) == len(set(ids)) == 10
+
+
+def test_s3_outage_mid_precompute_then_rerun(s3, tiny_model_dir):
+    rows = short_rows(120, start=40)
+    put_rows(s3, "outage/in.jsonl", rows)
+    args = ["--data", "s3://dpo/outage/", "--output", "s3://dpo/outage-refs", "--model", tiny_model_dir,
+            "--rows-per-shard", "3", "--batch-size", "1", "--max-length", "256"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pipeline.py"), "precompute", *args, "--progress", "false"],
+                            env={**os.environ, "RAY_ADDRESS": "", "DPO_STORAGE_RETRIES": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len([k for k in keys(s3, "outage-refs/_progress/") if "shard-" in k]) < 3:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    s3["server"].stop()  # storage goes away mid-run
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    finally:
+        s3["server"].start()  # ... and comes back (moto keeps its state in this process)
+    assert proc.returncode != 0, "the run should fail when storage is gone"
+    assert SECRET not in out + err
+    cli("precompute", *args)
+    manifest, got = read_shard_rows(s3, "outage-refs")
+    ids = [r["pair_id"] for r in got]
+    assert len(ids) == len(set(ids)) == manifest["rows_written"]
+    assert manifest["rows_read"] == 120 == manifest["rows_written"] + manifest["rows_rejected"]
+    import pyarrow.parquet as pq
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    rejected = []
+    for s in manifest["shards"]:
+        with fs.open(f"dpo/outage-refs/{s['rejects_path']}") as fh:
+            rejected.extend(pq.read_table(fh).column("source_index").to_pylist())
+    assert sorted([r["source_index"] for r in got] + rejected) == list(range(120))  # complete, no overlap
+    shard_files = {k.rsplit("/", 1)[1].split(".")[0] for k in keys(s3, "outage-refs/shards/")}
+    markers = {k.rsplit("/", 1)[1].split(".")[0] for k in keys(s3, "outage-refs/_progress/") if "shard-" in k}
+    assert shard_files == markers
+
+
+def test_every_job_yaml_is_valid():
+    import yaml
+
+    from stages.submit import load_spec
+
+    import re
+
+    cron = re.compile(r"^(\S+\s+){4}\S+$")
+    seen = set()
+    for path in sorted((ROOT / "jobs").rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            kind = doc.get("kind")
+            if kind is None:  # a Ray Jobs spec
+                assert "python pipeline.py" in doc["entrypoint"], path
+                assert doc["runtime_env"]["working_dir"] and "AWS_SECRET_ACCESS_KEY" in doc["runtime_env"]["env_vars"]
+                env = {k: "x" for k in ("DATA_URL", "MODEL", "REFS_URL", "RUN_URL", "NUM_WORKERS")}
+                spec = _with_env(env, lambda: load_spec(str(path), ["--limit", "5"]))
+                assert spec["entrypoint"].endswith("--limit 5") and "${" not in spec["entrypoint"]
+                seen.add("spec")
+                continue
+            seen.add(kind)
+            if kind == "Secret":
+                continue
+            assert doc["apiVersion"] == "ray.io/v1", path
+            job = doc["spec"]["jobTemplate"] if kind == "RayCronJob" else doc["spec"]
+            if kind == "RayCronJob":
+                assert cron.match(doc["spec"]["schedule"]), doc["spec"]["schedule"]
+                fields = doc["spec"]["schedule"].split()
+                assert all(f == "*" or f.replace("*/", "").replace(",", "").replace("-", "").isdigit() for f in fields)
+            assert "python pipeline.py" in job["entrypoint"]
+            containers = [c for g in [job["rayClusterSpec"]["headGroupSpec"], *job["rayClusterSpec"]["workerGroupSpecs"]]
+                          for c in g["template"]["spec"]["containers"]]
+            assert all(c["envFrom"][0]["secretRef"]["name"] == "dpo-s3-credentials" for c in containers)
+            assert "s3://" in job["entrypoint"]
+    assert seen == {"spec", "RayJob", "RayCronJob", "Secret"}
+
+
+def _with_env(env, fn):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return fn()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
