@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -250,3 +251,61 @@ def _with_env(env, fn):
                 os.environ.pop(k)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture()
+def ray_head(tmp_path):
+    """A Ray head on 127.0.0.1 (token auth on, as shipped), stopped by its process group at the end."""
+    port, dash = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "token"
+    # Job entrypoints run `python ...`: this interpreter, as in a cluster image with the project installed.
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "3",
+                             "--temp-dir", tempfile.mkdtemp(prefix="ray", dir="/tmp")],  # sockets need a short path
+                            env=env, start_new_session=True, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{dash}"
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # answering (401 without a token): it is up
+            break
+        except OSError:
+            assert head.poll() is None and time.time() < deadline, "ray head did not start"
+            time.sleep(1)
+    yield {"address": address, "env": env}
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(head.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            head.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    Path("/tmp/ray/ray_current_cluster").unlink(missing_ok=True)
+
+
+def test_jobs_submitted_to_a_ray_head(s3, ray_head, tiny_model_dir):
+    put_rows(s3, "jobs-in/a.jsonl", short_rows(8, start=60))
+    env = {**ray_head["env"], "DATA_URL": "s3://dpo/jobs-in/", "MODEL": tiny_model_dir, "NUM_WORKERS": "1",
+           "REFS_URL": "s3://dpo/job-refs", "RUN_URL": "s3://dpo/job-run"}
+    for spec, extra in (("precompute.yaml", ["--max-length", "256"]),
+                        ("train.yaml", ["--max-steps", "2", "--batch-size", "4"])):
+        p = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "submit", str(ROOT / "jobs" / spec),
+                            "--address", ray_head["address"], "--wait", "--timeout", "300", "--", *extra],
+                           capture_output=True, text=True, env=env)
+        assert p.returncode == 0 and "SUCCEEDED" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
+        assert SECRET not in p.stdout + p.stderr
+    manifest, rows = read_shard_rows(s3, "job-refs")
+    assert manifest["rows_written"] == len(rows) == 8 and manifest["dtype"] == "bfloat16"
+    got = keys(s3, "job-run/")
+    assert "job-run/final/model.safetensors" in got and "job-run/metrics.jsonl" in got
