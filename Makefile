@@ -29,7 +29,9 @@ train: $(STAMP)
 # A second `make demo` skips the finished shards and starts the training over.
 demo: $(STAMP)
 	$(PY) pipeline.py precompute
+	$(PY) pipeline.py precompute --data embedded:hh-rlhf-helpful-heldout --output runs/demo-heldout
 	$(PY) pipeline.py train --overwrite
+	$(PY) pipeline.py eval --refs runs/demo-heldout --model runs/demo/policy/final --samples 3
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests

@@ -3,6 +3,9 @@
 
     python pipeline.py precompute [--config FILE.yaml] [--flags ...]
     python pipeline.py train      [--config FILE.yaml] [--flags ...]
+    python pipeline.py eval       --refs HELDOUT_REFS --model RUN/final [--samples N]
+    python pipeline.py sweep      --refs REFS --eval-refs HELDOUT_REFS --beta 0.01,0.05,0.1,0.5
+    python pipeline.py inspect    REFS
     python pipeline.py submit     jobs/precompute.yaml --address http://HEAD:8265 [--wait] [-- extra flags]
 
 Thin on purpose: parse the config, call a stage, print its summary.
@@ -38,13 +41,40 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+def _eval(argv: list[str]) -> int:
+    from stages import evaluate
+    from stages.config import EvalConfig, parse_args
+
+    cfg = parse_args(EvalConfig, argv, prog="pipeline.py eval",
+                     description="Score held-out pairs with a policy: accuracy, margins, rewards, KL to the reference.")
+    print(evaluate.summary_text(evaluate.run(cfg)))
+    return 0
+
+
+def _sweep(argv: list[str]) -> int:
+    from stages import sweep
+    from stages.config import SweepConfig, parse_args
+
+    cfg = parse_args(SweepConfig, argv, prog="pipeline.py sweep",
+                     description="Short training runs over several betas on shared shards; accuracy/margin vs KL.")
+    rows = sweep.run(cfg)
+    print(sweep.table(rows) + f"-> {cfg.output}/sweep.png, sweep.md, sweep.json")
+    return 0
+
+
+def _inspect(argv: list[str]) -> int:
+    from stages import inspect
+
+    return inspect.main(argv)
+
+
 def _submit(argv: list[str]) -> int:
     from stages import submit
 
     return submit.main(argv)
 
 
-COMMANDS = {"precompute": _precompute, "train": _train, "submit": _submit}
+COMMANDS = {"precompute": _precompute, "train": _train, "eval": _eval, "inspect": _inspect, "sweep": _sweep, "submit": _submit}
 
 
 def main(argv: list[str] | None = None) -> int:

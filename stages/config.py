@@ -86,6 +86,10 @@ class TrainConfig:
         "re-submitted or pre-empted jobs), false", default="false")
     eval_refs: str | None = doc("precompute output of a held-out set, evaluated every eval_every steps", default=None)
     eval_every: int = doc("steps between evaluations (0: only at the end, when eval_refs is set)", default=0)
+    early_stopping_patience: int = doc("stop after this many evaluations without improvement (0: off); "
+                                       "the best weights are kept in OUTPUT/best", default=0)
+    early_stopping_metric: Literal["eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"] = doc(
+        "what early stopping watches (loss: lower is better; the others: higher)", default="eval/loss")
     num_workers: int = doc("Ray Train workers (DDP: gloo on CPU, NCCL on GPU); 1 runs in-process", default=1)
     seed: int = doc("seed for shard order, shuffle buffer and torch", default=0)
     dtype: Literal["float32", "bfloat16"] = doc("compute dtype (bfloat16: autocast over float32 weights)",
@@ -96,6 +100,44 @@ class TrainConfig:
     storage_options: str | None = doc("JSON of fsspec options (endpoint, profile, ...); secrets are never written",
                                       default=None)
     progress: bool = doc("show a progress bar", default=True)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    refs: str = doc("precompute output of a held-out set", default="runs/demo-heldout")
+    model: str | None = doc("policy to score: a final/, best/ or checkpoints/step-N folder "
+                            "(default: the reference itself)", default=None)
+    output: str | None = doc("where eval.json and samples go (default: MODEL/eval, or runs/eval)", default=None)
+    beta: float = doc("beta of the implicit reward beta * log(pi/pi_ref)", default=0.1)
+    loss_type: str = doc("loss reported as eval/loss", default="sigmoid")
+    micro_batch_size: int = doc("pairs per forward", default=4)
+    dtype: Literal["float32", "bfloat16"] = doc("compute dtype", default="float32")
+    samples: int = doc("side-by-side generations from reference and policy for N held-out prompts", default=0)
+    max_new_tokens: int = doc("generation length for samples", default=128)
+    temperature: float = doc("sampling temperature for samples (0: greedy)", default=0.7)
+    top_p: float = doc("nucleus sampling for samples", default=0.9)
+    seed: int = doc("seed for sampling (the same for both models)", default=0)
+    storage_options: str | None = doc("JSON of fsspec options; secrets are never written", default=None)
+    progress: bool = doc("show a progress bar", default=True)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    refs: str = doc("precompute output to train on (scored once, shared by every run)", default="runs/demo")
+    eval_refs: str = doc("precompute output of a held-out set", default="runs/demo-heldout")
+    beta: str = doc("comma list of betas, one short training run each", default="0.01,0.05,0.1,0.5")
+    output: str = doc("sweep folder: one run per beta, sweep.png, sweep.md, sweep.json", default="runs/sweep")
+    model: str | None = doc("policy initialisation (default: the manifest's reference model)", default=None)
+    loss_type: str = doc("loss (see train)", default="sigmoid")
+    learning_rate: float = doc("peak AdamW learning rate", default=5e-6)
+    batch_size: int = doc("pairs per optimizer step", default=8)
+    micro_batch_size: int = doc("pairs per forward", default=2)
+    max_steps: int | None = doc("steps per run (default: one epoch)", default=None)
+    epochs: int = doc("epochs per run when max_steps is unset", default=1)
+    seed: int = doc("seed, the same for every run", default=0)
+    dtype: Literal["float32", "bfloat16"] = doc("compute dtype", default="float32")
+    storage_options: str | None = doc("JSON of fsspec options; secrets are never written", default=None)
+    progress: bool = doc("show progress bars", default=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,6 +233,10 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"config key 'label_smoothing': must be in [0, 0.5), got {eps}")
     if getattr(cfg, "warmup_ratio", 0) is not None and not 0 <= getattr(cfg, "warmup_ratio", 0) <= 1:
         raise ConfigError(f"config key 'warmup_ratio': must be in [0, 1], got {cfg.warmup_ratio}")
+    if getattr(cfg, "early_stopping_patience", 0) and not getattr(cfg, "eval_refs", None):
+        raise ConfigError("config key 'early_stopping_patience': needs eval_refs (a held-out set to watch)")
+    if getattr(cfg, "early_stopping_patience", 0) < 0:
+        raise ConfigError("config key 'early_stopping_patience': must be 0 (off) or positive")
     if hasattr(cfg, "loss_type"):
         from stages.losses import parse_loss_types
 

@@ -20,10 +20,9 @@ import torch
 
 from stages import checkpoint, shards, storage
 from stages.config import TrainConfig, to_yaml
-from stages.logprobs import pad_batch, sequence_logps
-from stages.losses import Batch, LossParams, combined_loss, parse_loss_types, rewards
+from stages.losses import LossParams, parse_loss_types
 from stages.metrics import MetricsLog, plot, read
-from stages.tokenize import scored_sequence
+from stages.policy_pass import SUM_KEYS, evaluate, means, run_pairs
 
 
 class TrainingError(RuntimeError):
@@ -76,68 +75,6 @@ class _Dist:
             offset += n
 
 
-def _forward(model, pairs: list[dict], manifest: dict, pad_id: int, device: str, dtype: str):
-    """Policy log-probs of chosen and rejected in one forward; returns (chosen, rejected) float64 (m,)."""
-    seqs, starts = [], []
-    for key in ("chosen_ids", "rejected_ids"):
-        for p in pairs:
-            seq, start = scored_sequence(p["prompt_ids"], p[key], manifest["max_length"], manifest["truncation_mode"])
-            seqs.append(seq)
-            starts.append(start)
-    ids, mask, comp = pad_batch(seqs, starts, pad_id, device)
-    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-        logps = sequence_logps(model, ids, mask, comp)
-    m = len(pairs)
-    return logps[:m], logps[m:], int(mask.sum())
-
-
-def _loss_batch(pairs: list[dict], chosen, rejected, total_chosen_tokens: float) -> Batch:
-    t = lambda key: torch.tensor([p[key] for p in pairs], dtype=torch.float64, device=chosen.device)  # noqa: E731
-    return Batch(chosen, rejected, t("ref_chosen_logps"), t("ref_rejected_logps"), t("chosen_scored_tokens"),
-                 t("rejected_scored_tokens"), total_chosen_tokens)
-
-
-METRIC_KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-               "logps/chosen", "logps/rejected"]
-
-
-def _run_pairs(model, pairs, batch_size_total, ctx, train: bool):
-    """Forward (and backward) this worker's pairs in micro-batches; returns summed metrics (tensor)."""
-    sums = torch.zeros(len(METRIC_KEYS) + 2, dtype=torch.float64)  # + pairs, tokens
-    total_chosen_tokens = ctx["batch_chosen_tokens"]
-    for i in range(0, len(pairs), ctx["micro"]):
-        micro = pairs[i:i + ctx["micro"]]
-        with torch.set_grad_enabled(train):
-            chosen, rejected, tokens = _forward(model, micro, ctx["manifest"], ctx["pad_id"], ctx["device"], ctx["dtype"])
-            b = _loss_batch(micro, chosen, rejected, total_chosen_tokens)
-            per_pair = combined_loss(b, ctx["params"], ctx["terms"])
-            if train:
-                (per_pair.sum() / batch_size_total).backward()
-        r = rewards(b, ctx["params"])
-        sums += torch.tensor([float(per_pair.detach().sum())] + [float(r[k].sum()) for k in METRIC_KEYS[1:]]
-                             + [len(micro), tokens], dtype=torch.float64)
-    return sums
-
-
-def _means(sums: torch.Tensor, prefix: str = "") -> dict:
-    n = max(float(sums[len(METRIC_KEYS)]), 1.0)
-    return {prefix + k: float(sums[i]) / n for i, k in enumerate(METRIC_KEYS)}
-
-
-def evaluate(model, refs: shards.Refs, ctx, dist: _Dist) -> dict:
-    model.eval()
-    sums = torch.zeros(len(METRIC_KEYS) + 2, dtype=torch.float64)
-    pairs = [p for i, p in enumerate(shards.epoch_pairs(refs, 0, 0, 1)) if i % dist.world == dist.rank]
-    ctx = {**ctx, "manifest": refs.manifest, "batch_chosen_tokens": 0.0}
-    with torch.no_grad():
-        for i in range(0, len(pairs), ctx["micro"]):
-            chunk = pairs[i:i + ctx["micro"]]
-            ctx["batch_chosen_tokens"] = float(sum(p["chosen_scored_tokens"] for p in chunk))
-            sums += _run_pairs(model, chunk, len(chunk), ctx, train=False)
-    model.train()
-    return _means(dist.sum_(sums), "eval/")
-
-
 def _setup(cfg: TrainConfig, refs: shards.Refs, device: str):
     from transformers import get_scheduler
 
@@ -177,12 +114,14 @@ def train_loop(cfg: TrainConfig) -> dict:
         print(f"note: policy starts from {model_path}, the shards' reference is {reference}", file=sys.stderr)
 
     step, epoch, skip, resume_step = 0, 0, 0, None
+    stopper = EarlyStopping(cfg.early_stopping_metric, cfg.early_stopping_patience)
     last = checkpoint.latest(out) if cfg.resume != "false" else None
     if cfg.resume == "true" and last is None:
         raise TrainingError(f"--resume: no checkpoint under {out}/checkpoints (run with --save-every N first)")
     if last is not None:
         state = checkpoint.load(last, stage, model, optimizer, scheduler)
         step, epoch, skip, resume_step = state["step"], state["epoch"], state["consumed"], state["step"]
+        stopper.restore(state.get("early_stopping"))
         if dist.rank == 0 and storage.exists(storage.join(out, "metrics.jsonl")):
             storage.download(storage.join(out, "metrics.jsonl"), os.path.join(stage, "metrics.jsonl"))
     elif (dist.rank == 0 and cfg.resume != "auto" and not cfg.overwrite
@@ -211,9 +150,9 @@ def train_loop(cfg: TrainConfig) -> dict:
         epoch, consumed, batch = next(stream)
         mine = batch[dist.rank::dist.world]
         ctx["batch_chosen_tokens"] = float(sum(p["chosen_scored_tokens"] for p in batch))
-        sums = dist.sum_(_run_pairs(model, mine, len(batch), ctx, train=True))
+        sums = dist.sum_(run_pairs(model, mine, len(batch), ctx, train=True))
         dist.sum_grads(params)
-        metrics = _means(sums)
+        metrics = means(sums)
         if not math.isfinite(metrics["loss"]):
             ids = ", ".join(p["pair_id"][:12] for p in batch[:8])
             raise TrainingError(f"non-finite loss {metrics['loss']} at step {step + 1} (epoch {epoch}); "
@@ -225,10 +164,16 @@ def train_loop(cfg: TrainConfig) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         record = {"step": step, "epoch": round(epoch + consumed / refs.num_pairs, 4), **metrics,
-                  "grad_norm": float(norm), "lr": lr, "tokens/s": float(sums[-1]) / max(time.time() - t0, 1e-9)}
+                  "grad_norm": float(norm), "lr": lr, "tokens/s": float(sums[SUM_KEYS.index("tokens")]) / max(time.time() - t0, 1e-9)}
         if eval_refs is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
-            last_eval = evaluate(model, eval_refs, ctx, dist)
+            last_eval = evaluate(model, eval_refs, ctx, dist.rank, dist.world, dist.sum_)
             record.update(last_eval)
+            if stopper.on and stopper.update(step, last_eval) and dist.rank == 0:
+                model.save_pretrained(os.path.join(stage, "best"), safe_serialization=True)
+                tokenizer.save_pretrained(os.path.join(stage, "best"))
+                with open(os.path.join(stage, "best", "best.json"), "w") as fh:
+                    json.dump({"step": step, cfg.early_stopping_metric: stopper.best}, fh)
+                _publish(stage, out, ("best",))
         if log is not None:
             log.write(record)
         if bar is not None:
@@ -238,11 +183,20 @@ def train_loop(cfg: TrainConfig) -> dict:
         if dist.rank == 0 and ((cfg.save_every and step % cfg.save_every == 0) or (step == end < steps)):
             _publish(stage, out, ("metrics.jsonl",))  # before the checkpoint: resume reads both
             checkpoint.save(out, stage, step, model, tokenizer, optimizer, scheduler,
-                            {"epoch": epoch, "consumed": consumed}, cfg.keep_checkpoints)
+                            {"epoch": epoch, "consumed": consumed, "early_stopping": stopper.state()},
+                            cfg.keep_checkpoints)
+        if stopper.should_stop:
+            if dist.rank == 0:
+                print(f"early stopping at step {step}: {cfg.early_stopping_metric} has not improved for "
+                      f"{stopper.patience} evaluations (best {stopper.best:.4f} at step {stopper.best_step})",
+                      file=sys.stderr)
+            break
     if bar is not None:
         bar.close()
     summary = {"steps": step, "seconds": round(time.time() - started, 2), "output": out}
-    if step < steps:  # stopped early on purpose: the checkpoint above is the result
+    if stopper.on:
+        summary["best_step"] = stopper.best_step
+    if step < steps and not stopper.should_stop:  # stopped early on purpose: the checkpoint above is the result
         if log is not None:
             log.close()
             _publish(stage, out, ("metrics.jsonl", "tensorboard"))
@@ -256,6 +210,37 @@ def train_loop(cfg: TrainConfig) -> dict:
         _publish(stage, out, ("final", "metrics.jsonl", "curves.png", "tensorboard"))
         summary.update(first=records[0] if records else {}, last=records[-1] if records else {}, eval=last_eval)
     return summary
+
+
+class EarlyStopping:
+    """Counts evaluations without improvement of one eval metric (loss: lower is better)."""
+
+    def __init__(self, metric: str, patience: int):
+        self.metric, self.patience, self.on = metric, patience, patience > 0
+        self.lower_is_better = metric.endswith("loss")
+        self.best: float | None = None
+        self.best_step, self.bad = 0, 0
+
+    def update(self, step: int, evals: dict) -> bool:
+        """Record an evaluation; True when it is the best so far."""
+        value = evals[self.metric]
+        better = self.best is None or (value < self.best if self.lower_is_better else value > self.best)
+        if better:
+            self.best, self.best_step, self.bad = value, step, 0
+        else:
+            self.bad += 1
+        return better
+
+    @property
+    def should_stop(self) -> bool:
+        return self.on and self.bad >= self.patience
+
+    def state(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "bad": self.bad}
+
+    def restore(self, state: dict | None) -> None:
+        if state:
+            self.best, self.best_step, self.bad = state["best"], state["best_step"], state["bad"]
 
 
 def _ray_worker(config: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -82,3 +83,18 @@ def read_jsonl_gz(path, n=None):
             if n is not None and len(rows) >= n:
                 break
     return rows
+
+
+@pytest.fixture(scope="session")
+def refs(tmp_path_factory, tiny_model_dir, ray_session) -> Path:
+    """Precompute with the tiny model M over 20 short HH pairs, 4 shards."""
+    tmp = tmp_path_factory.mktemp("refs")
+    rows = [r for r in read_jsonl_gz(HH_SAMPLE, 120) if r["chosen"] != r["rejected"] and len(r["chosen"]) < 700][:20]
+    (tmp / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from stages import precompute
+    from stages.config import PrecomputeConfig
+
+    cfg = PrecomputeConfig(data=str(tmp / "in.jsonl"), model=tiny_model_dir, output=str(tmp / "refs"),
+                           format="hh", rows_per_shard=5, max_length=256, progress=False)
+    assert precompute.run(cfg)["rows_written"] == 20
+    return tmp / "refs"

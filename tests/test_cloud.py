@@ -137,6 +137,15 @@ def test_both_stages_on_s3_match_local_disk(s3, tmp_path, tiny_model_dir):
     for p in (p1, p2, p3):
         assert SECRET not in p.stdout + p.stderr
 
+    # The folder grows by a file that sorts first: only its rows are scored, into new shards.
+    extra = short_rows(4, start=12)
+    put_rows(s3, "in/0-new.jsonl", extra)
+    cli("precompute", "--data", "s3://dpo/in/", "--output", "s3://dpo/refs", *common)
+    grown, grown_rows = read_shard_rows(s3, "refs")
+    assert grown["last_run"]["pairs_scored"] == 4 and grown["last_run"]["rows_already_done"] == 12
+    assert len({r["pair_id"] for r in grown_rows}) == len(grown_rows) == 16
+    assert [s["sha256"] for s in grown["shards"][:len(manifest["shards"])]] == [s["sha256"] for s in manifest["shards"]]
+
 
 def test_permanent_errors_name_the_url(s3, tmp_path, tiny_model_dir):
     put_rows(s3, "err/a.jsonl", short_rows(2))
@@ -148,22 +157,8 @@ def test_permanent_errors_name_the_url(s3, tmp_path, tiny_model_dir):
     assert p.returncode == 2 and "input not found: s3://dpo/missing/" in p.stderr
 
 
-def test_incremental_precompute_on_s3(s3, tiny_model_dir):
-    rows = short_rows(10, start=20)
-    put_rows(s3, "grow/1.jsonl", rows[:6])
-    args = ["--data", "s3://dpo/grow/", "--output", "s3://dpo/grow-refs", "--model", tiny_model_dir,
-            "--rows-per-shard", "4", "--max-length", "256"]
-    cli("precompute", *args)
-    put_rows(s3, "grow/0.jsonl", rows[6:])  # sorts first: source indexes shift, row keys do not
-    cli("precompute", *args)
-    manifest, got = read_shard_rows(s3, "grow-refs")
-    assert manifest["last_run"]["pairs_scored"] == 4 and manifest["last_run"]["rows_already_done"] == 6
-    ids = [r["pair_id"] for r in got]
-    assert len(ids) == len(set(ids)) == 10
-
-
 def test_s3_outage_mid_precompute_then_rerun(s3, tiny_model_dir):
-    rows = short_rows(120, start=40)
+    rows = short_rows(45, start=40)
     put_rows(s3, "outage/in.jsonl", rows)
     args = ["--data", "s3://dpo/outage/", "--output", "s3://dpo/outage-refs", "--model", tiny_model_dir,
             "--rows-per-shard", "3", "--batch-size", "1", "--max-length", "256"]
@@ -188,7 +183,7 @@ def test_s3_outage_mid_precompute_then_rerun(s3, tiny_model_dir):
     manifest, got = read_shard_rows(s3, "outage-refs")
     ids = [r["pair_id"] for r in got]
     assert len(ids) == len(set(ids)) == manifest["rows_written"]
-    assert manifest["rows_read"] == 120 == manifest["rows_written"] + manifest["rows_rejected"]
+    assert manifest["rows_read"] == 45 == manifest["rows_written"] + manifest["rows_rejected"]
     import pyarrow.parquet as pq
     import s3fs
 
@@ -197,7 +192,7 @@ def test_s3_outage_mid_precompute_then_rerun(s3, tiny_model_dir):
     for s in manifest["shards"]:
         with fs.open(f"dpo/outage-refs/{s['rejects_path']}") as fh:
             rejected.extend(pq.read_table(fh).column("source_index").to_pylist())
-    assert sorted([r["source_index"] for r in got] + rejected) == list(range(120))  # complete, no overlap
+    assert sorted([r["source_index"] for r in got] + rejected) == list(range(45))  # complete, no overlap
     shard_files = {k.rsplit("/", 1)[1].split(".")[0] for k in keys(s3, "outage-refs/shards/")}
     markers = {k.rsplit("/", 1)[1].split(".")[0] for k in keys(s3, "outage-refs/_progress/") if "shard-" in k}
     assert shard_files == markers

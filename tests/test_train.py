@@ -13,24 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import HH_SAMPLE, make_tiny_model, read_jsonl_gz
-from stages import precompute, train
-from stages.config import PrecomputeConfig, TrainConfig
+from conftest import make_tiny_model
+from stages import train
+from stages.config import TrainConfig
 from stages.metrics import TIMING, read
 from stages.shards import ShardError
 from stages.train import TrainingError
-
-
-@pytest.fixture(scope="module")
-def refs(tmp_path_factory, tiny_model_dir, ray_session) -> Path:
-    """Precompute with the tiny model M over 20 short HH pairs, 4 shards."""
-    tmp = tmp_path_factory.mktemp("refs")
-    rows = [r for r in read_jsonl_gz(HH_SAMPLE, 120) if r["chosen"] != r["rejected"] and len(r["chosen"]) < 700][:20]
-    (tmp / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = PrecomputeConfig(data=str(tmp / "in.jsonl"), model=tiny_model_dir, output=str(tmp / "refs"),
-                           format="hh", rows_per_shard=5, max_length=256, progress=False)
-    assert precompute.run(cfg)["rows_written"] == 20
-    return tmp / "refs"
 
 
 def cfg_for(refs, out, **kw) -> TrainConfig:

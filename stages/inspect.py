@@ -1,0 +1,128 @@
+"""`pipeline.py inspect REFS`: what a precompute output holds, before GPU hours go into training.
+
+Prints the manifest summary (model, rows, rejects by reason), token-length and reference-margin
+statistics and a few decoded pairs, and draws a histogram of reference log-prob margins
+(ref_chosen_logps - ref_rejected_logps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stages import shards, storage
+
+
+def _stats(values: list[float]) -> dict:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"mean": statistics.fmean(values), "p50": pick(0.5), "p95": pick(0.95), "min": ordered[0],
+            "max": ordered[-1]}
+
+
+def collect(refs: shards.Refs) -> dict:
+    """Lengths and reference margins over all shards (only the small columns are read)."""
+    cols = ["prompt_ids", "chosen_scored_tokens", "rejected_scored_tokens", "ref_chosen_logps", "ref_rejected_logps"]
+    tables = []
+    for url in refs.shard_urls():
+        with storage.open_binary(url) as fh:
+            tables.append(pq.read_table(fh, columns=cols))
+    t = pa.concat_tables(tables) if tables else None
+    if t is None or t.num_rows == 0:
+        return {"rows": 0}
+    prompt = [len(x) for x in t.column("prompt_ids").to_pylist()]
+    chosen = t.column("chosen_scored_tokens").to_pylist()
+    rejected = t.column("rejected_scored_tokens").to_pylist()
+    margins = [c - r for c, r in zip(t.column("ref_chosen_logps").to_pylist(), t.column("ref_rejected_logps").to_pylist())]
+    return {"rows": t.num_rows, "prompt_tokens": _stats(prompt), "chosen_tokens": _stats(chosen),
+            "rejected_tokens": _stats(rejected), "ref_margin": _stats(margins),
+            "ref_prefers_chosen": sum(m > 0 for m in margins) / len(margins), "margins": margins}
+
+
+def histogram(margins: list[float], path: str, title: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.hist(margins, bins=min(60, max(10, len(margins) // 5)), color="#4c72b0", alpha=0.85)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel("ref_chosen_logps - ref_rejected_logps (nats)")
+    ax.set_ylabel("pairs")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report(refs: shards.Refs, examples: int = 2) -> tuple[str, dict]:
+    m = refs.manifest
+    info = collect(refs)
+    lines = [f"refs: {refs.root}",
+             f"  reference model: {m['reference_model']['name']} (weights {m['reference_model']['weights_hash'][:12]}), "
+             f"dtype {m['dtype']}",
+             f"  data: {', '.join(m.get('data_sources') or [m['data_source']])}",
+             f"  max_length {m['max_length']}, max_prompt_length {m['max_prompt_length']}, {m['truncation_mode']}",
+             f"  rows read {m['rows_read']}, written {m['rows_written']}, rejected {m['rows_rejected']}, "
+             f"{len(m['shards'])} shards",
+             ]
+    for reason, n in sorted(m["rejects_by_reason"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"    rejected {reason}: {n}")
+    for key in ("prompt_tokens", "chosen_tokens", "rejected_tokens", "ref_margin"):
+        s = info.get(key)
+        if s:
+            lines.append(f"  {key:<16} mean {s['mean']:9.2f}  p50 {s['p50']:9.2f}  p95 {s['p95']:9.2f}  "
+                         f"min {s['min']:9.2f}  max {s['max']:9.2f}")
+    if info.get("rows"):
+        lines.append(f"  the reference already prefers chosen in {info['ref_prefers_chosen']:.1%} of pairs")
+    if examples:
+        lines += _examples(refs, examples)
+    return "\n".join(lines), info
+
+
+def _examples(refs: shards.Refs, n: int) -> list[str]:
+    from stages.models import load_tokenizer, resolve_model
+
+    try:
+        tok = load_tokenizer(resolve_model(refs.manifest["reference_model"]["path"]))
+    except Exception as e:  # the model folder may live elsewhere (another machine, a hub name offline)
+        return [f"  (no decoded pairs: tokenizer not available here: {type(e).__name__})"]
+    out, shown = [], 0
+    for p in shards.iter_rows(refs.shard_urls()[0]) if refs.shard_urls() else []:
+        cut = lambda ids: tok.decode(ids, skip_special_tokens=False)[-300:].replace("\n", "\\n")  # noqa: E731
+        out += [f"  --- pair {p['pair_id'][:12]} (ref margin {p['ref_chosen_logps'] - p['ref_rejected_logps']:+.2f})",
+                f"    prompt  ...{cut(p['prompt_ids'])}", f"    chosen   {cut(p['chosen_ids'])[:300]}",
+                f"    rejected {cut(p['rejected_ids'])[:300]}"]
+        shown += 1
+        if shown == n:
+            break
+    return out
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="pipeline.py inspect", description=__doc__.splitlines()[0])
+    ap.add_argument("refs", help="precompute output folder or URL")
+    ap.add_argument("--output", help="folder for ref_margins.png (default: REFS when local)")
+    ap.add_argument("--examples", type=int, default=2, help="decoded pairs to show")
+    args = ap.parse_args(argv)
+    refs = shards.load_refs(args.refs)
+    text, info = report(refs, args.examples)
+    print(text)
+    out = args.output or (args.refs if storage.is_local(args.refs) else None)
+    if out and info.get("margins"):
+        os.makedirs(out, exist_ok=True)
+        path = histogram(info["margins"], os.path.join(out, "ref_margins.png"),
+                         f"reference margins, {info['rows']} pairs ({refs.manifest['reference_model']['name']})")
+        if path:
+            print(f"  histogram: {path}")
+    return 0

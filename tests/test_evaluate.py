@@ -1,0 +1,88 @@
+"""Evaluation, side-by-side samples, early stopping, the beta sweep and `inspect`, on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from stages import evaluate, sweep, train
+from stages.config import ConfigError, EvalConfig, SweepConfig, TrainConfig, parse_args
+from stages.metrics import read
+
+
+def test_eval_of_the_reference_is_zero(refs, tmp_path):
+    res = evaluate.run(EvalConfig(refs=str(refs), output=str(tmp_path / "ev"), progress=False))
+    for key in ("eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margins", "eval/kl/chosen",
+                "eval/kl/rejected", "eval/kl_per_token/chosen"):
+        assert abs(res[key]) < 1e-5, key
+    assert res["eval/rewards/accuracies"] == 0.0  # strict chosen > rejected: ties are not wins
+    assert res["eval/loss"] == pytest.approx(0.693147, abs=1e-5)
+    saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert saved["pairs"] == 20 and saved["eval/rewards/accuracies"] == 0.0
+    assert "| preference accuracy |" in evaluate.table(res)
+
+
+def test_eval_after_training_rises_and_kl_is_positive(refs, tmp_path, tiny_model_dir):
+    train.run(TrainConfig(refs=str(refs), output=str(tmp_path / "run"), epochs=3, batch_size=4, micro_batch_size=4,
+                          learning_rate=3e-3, warmup_ratio=0.0, progress=False))
+    res = evaluate.run(EvalConfig(refs=str(refs), model=str(tmp_path / "run" / "final"), progress=False, samples=2,
+                                  max_new_tokens=8))
+    assert res["eval/rewards/accuracies"] > 0.6 and res["eval/rewards/margins"] > 0
+    assert res["eval/kl/chosen"] > 0 and res["eval/kl_per_token/chosen"] > 0
+    out = tmp_path / "run" / "final" / "eval"
+    rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all({"prompt", "chosen", "reference", "policy"} <= r.keys() for r in rows)
+    md = (out / "samples.md").read_text()
+    assert md.count("**Reference**") == 2 and md.count("**Policy**") == 2
+
+
+def test_early_stopping_keeps_the_best(refs, tmp_path, monkeypatch):
+    crafted = iter([0.70, 0.60, 0.65, 0.64, 0.50, 0.40])  # best at step 2, then 2 evals without improvement
+
+    def fake_evaluate(model, refs_, ctx, rank=0, world=1, reduce=None):
+        return {"eval/loss": next(crafted), "eval/rewards/accuracies": 0.5}
+
+    monkeypatch.setattr(train, "evaluate", fake_evaluate)
+    cfg = TrainConfig(refs=str(refs), output=str(tmp_path / "run"), max_steps=6, batch_size=4, micro_batch_size=2,
+                      learning_rate=1e-3, eval_refs=str(refs), eval_every=1, early_stopping_patience=2,
+                      save_every=1, keep_checkpoints=10, progress=False)
+    summary = train.run(cfg)
+    assert summary["steps"] == 4 and summary["best_step"] == 2
+    assert [r["step"] for r in read(str(tmp_path / "run" / "metrics.jsonl"))] == [1, 2, 3, 4]
+    from safetensors.torch import load_file
+
+    best = load_file(tmp_path / "run" / "best" / "model.safetensors")
+    at2 = load_file(tmp_path / "run" / "checkpoints" / "step-2" / "model.safetensors")
+    at4 = load_file(tmp_path / "run" / "checkpoints" / "step-4" / "model.safetensors")
+    assert all(torch.equal(best[k], at2[k]) for k in best)
+    assert not all(torch.equal(best[k], at4[k]) for k in best)
+    assert json.loads((tmp_path / "run" / "best" / "best.json").read_text())["step"] == 2
+    with pytest.raises(ConfigError, match="early_stopping_patience.*eval_refs"):
+        parse_args(TrainConfig, ["--early-stopping-patience", "2"], prog="t")
+
+
+def test_sweep_two_betas(refs, tmp_path):
+    rows = sweep.run(SweepConfig(refs=str(refs), eval_refs=str(refs), beta="0.1,0.5", output=str(tmp_path / "sw"),
+                                 max_steps=2, batch_size=4, learning_rate=1e-3, progress=False))
+    assert [r["beta"] for r in rows] == [0.1, 0.5]
+    assert (tmp_path / "sw" / "sweep.png").stat().st_size > 1000
+    table = (tmp_path / "sw" / "sweep.md").read_text()
+    assert table.count("\n") == 4 and "| 0.5 |" in table
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())[1]["beta"] == 0.5
+    assert (tmp_path / "sw" / "beta-0.1" / "final" / "model.safetensors").exists()
+
+
+def test_inspect_counts_match_the_manifest(refs, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "inspect", str(refs), "--output", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((refs / "manifest.json").read_text())
+    assert (f"rows read {manifest['rows_read']}, written {manifest['rows_written']}, "
+            f"rejected {manifest['rows_rejected']}, {len(manifest['shards'])} shards") in proc.stdout
+    assert "ref_margin" in proc.stdout and "--- pair" in proc.stdout
+    assert (tmp_path / "ref_margins.png").stat().st_size > 1000
