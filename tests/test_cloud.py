@@ -163,7 +163,8 @@ def test_s3_outage_mid_precompute_then_rerun(s3, tiny_model_dir):
     args = ["--data", "s3://dpo/outage/", "--output", "s3://dpo/outage-refs", "--model", tiny_model_dir,
             "--rows-per-shard", "3", "--batch-size", "1", "--max-length", "256"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "pipeline.py"), "precompute", *args, "--progress", "false"],
-                            env={**os.environ, "RAY_ADDRESS": "", "DPO_STORAGE_RETRIES": "1"},
+                            env={**os.environ, "RAY_ADDRESS": "", "DPO_STORAGE_RETRIES": "1",
+                                 "AWS_MAX_ATTEMPTS": "2"},  # fail fast once the server is gone
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and len([k for k in keys(s3, "outage-refs/_progress/") if "shard-" in k]) < 3:
