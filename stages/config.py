@@ -45,6 +45,7 @@ class PrecomputeConfig:
     batch_size: int = doc("pairs per scorer call", default=16)
     num_workers: int = doc("scorer actors (one GPU each where CUDA exists)", default=1)
     dtype: Literal["float32", "bfloat16"] = doc("reference model dtype", default="float32")
+    pack_prompts: bool = doc("score each prompt once for both answers (packed rows, 4D mask)", default=True)
     rows_per_shard: int = doc("input rows per output shard (shard k holds input rows [k*n, (k+1)*n))", default=1000)
     limit: int | None = doc("read only the first N input rows", default=None)
     overwrite: bool = doc("replace an existing output made with other settings", default=False)

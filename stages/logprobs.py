@@ -45,32 +45,74 @@ def _scored_positions(input_ids: torch.Tensor, completion_mask: torch.Tensor):
     return rows, cols, labels
 
 
-def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
-                   chunk_size: int = DEFAULT_CHUNK, return_token_logps: bool = False):
-    """Summed completion log-probs per sequence.
+def scored_logps(model, inputs: dict, rows: torch.Tensor, cols: torch.Tensor, labels: torch.Tensor,
+                 seq_ids: torch.Tensor, n_seqs: int, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """The core: one forward of `inputs`, then label k scored from the output at (rows[k], cols[k])
+    and summed into sequence seq_ids[k]. Returns sums (n_seqs,) float64.
 
-    input_ids, attention_mask, completion_mask: (B, T), right padded; completion_mask is 1 on the
-    completion tokens to score (position 0 is never scored: nothing predicts it).
-    Returns sums (B,) float64, and with return_token_logps the flat (N,) per-token values with
-    their row indices.
+    Layout-agnostic: right-padded batches and packed prompt/chosen/rejected rows both reduce to
+    these index triplets.
     """
-    rows, cols, labels = _scored_positions(input_ids, completion_mask)
     if _has_plain_head(model):
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
         picked = hidden[rows, cols]  # (N, H): only the scored positions reach the LM head
         head = model.get_output_embeddings()
         parts = [token_logps(head(picked[i:i + chunk_size]), labels[i:i + chunk_size])
                  for i in range(0, picked.size(0), chunk_size)]
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = model(**inputs, use_cache=False).logits
         picked = logits[rows, cols]
         parts = [token_logps(picked[i:i + chunk_size], labels[i:i + chunk_size])
                  for i in range(0, picked.size(0), chunk_size)]
-    per_token = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=input_ids.device)
-    sums = torch.zeros(input_ids.size(0), dtype=torch.float64, device=input_ids.device).index_add(0, rows, per_token)
-    if return_token_logps:
-        return sums, per_token, rows
-    return sums
+    per_token = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=labels.device)
+    return torch.zeros(n_seqs, dtype=torch.float64, device=labels.device).index_add(0, seq_ids, per_token)
+
+
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+                   chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Summed completion log-probs per sequence of a right-padded batch.
+
+    input_ids, attention_mask, completion_mask: (B, T); completion_mask is 1 on the completion
+    tokens to score (position 0 is never scored: nothing predicts it). Returns sums (B,) float64.
+    """
+    rows, cols, labels = _scored_positions(input_ids, completion_mask)
+    return scored_logps(model, {"input_ids": input_ids, "attention_mask": attention_mask}, rows, cols, labels, rows,
+                        input_ids.size(0), chunk_size)
+
+
+def pack_pairs(pairs: list[tuple[list[int], list[int], list[int]]], pad_id: int, dtype: torch.dtype, device=None):
+    """Prompt scored once per pair: each row is prompt + chosen + rejected, the rejected tokens
+    masked from the chosen ones and positioned right after the prompt, so the row computes exactly
+    what two separate sequences would (a 4D additive mask; padding rows attend to themselves).
+
+    Returns (inputs, rows, cols, labels, seq_ids) for `scored_logps`; sequence 2j is pair j's chosen
+    answer and 2j+1 its rejected one. Every prompt must be non-empty.
+    """
+    width = max(len(p) + len(c) + len(r) for p, c, r in pairs)
+    n = len(pairs)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    pos = torch.zeros((n, width), dtype=torch.long)
+    allow = torch.zeros((n, width, width), dtype=torch.bool)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    rows, cols, labels, seq_ids = [], [], [], []
+    for j, (p, c, r) in enumerate(pairs):
+        lp, lc, lr = len(p), len(c), len(r)
+        length = lp + lc + lr
+        ids[j, :length] = torch.tensor(p + c + r, dtype=torch.long)
+        pos[j, :length] = torch.cat([torch.arange(lp + lc), torch.arange(lp, lp + lr)])
+        allow[j, :length, :length] = causal[:length, :length]
+        allow[j, lp + lc:length, lp:lp + lc] = False  # rejected never sees chosen
+        idx = torch.arange(length, width)
+        allow[j, idx, idx] = True  # padding rows: one key each, so no NaN (their outputs are unused)
+        for k, tok in enumerate(c):  # chosen token k at lp + k, predicted from lp + k - 1
+            rows.append(j), cols.append(lp + k - 1), labels.append(tok), seq_ids.append(2 * j)
+        for k, tok in enumerate(r):  # rejected token k: the first from the prompt's last position
+            rows.append(j), cols.append(lp - 1 if k == 0 else lp + lc + k - 1), labels.append(tok)
+            seq_ids.append(2 * j + 1)
+    mask = torch.zeros((n, 1, width, width), dtype=dtype).masked_fill(~allow.unsqueeze(1), torch.finfo(dtype).min)
+    t = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
+    return inputs, t(rows), t(cols), t(labels), t(seq_ids)
 
 
 def pad_batch(sequences: list[list[int]], starts: list[int], pad_id: int, device=None):

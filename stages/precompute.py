@@ -228,7 +228,7 @@ def _score(cfg: PrecomputeConfig, model_path: str, plan: _Plan, on_shard, progre
     ds = ds.map_batches(ReferenceScorer, batch_format="pyarrow", batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=cfg.num_workers), num_gpus=1 if use_gpu else 0, num_cpus=1,
                         fn_constructor_kwargs=dict(model_path=model_path, dtype=cfg.dtype, max_length=cfg.max_length,
-                                                   truncation_mode=cfg.truncation_mode,
+                                                   truncation_mode=cfg.truncation_mode, pack_prompts=cfg.pack_prompts,
                                                    threads=None if use_gpu else default_threads(cfg.num_workers)))
     pending: dict[int, list[dict]] = defaultdict(list)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

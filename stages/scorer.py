@@ -24,6 +24,8 @@ TOKENIZED_SCHEMA = pa.schema([
 # Padded tokens per forward pass: sequences are sorted by length and grouped under this budget,
 # so short sequences are not padded to the longest of the whole batch.
 TOKENS_PER_FORWARD = 8192
+# Packed rows carry a (T, T) additive mask each: at most this many mask entries per forward (128 MB fp32).
+MASK_ELEMENTS = 2 ** 25
 
 
 @functools.lru_cache(maxsize=4)
@@ -61,7 +63,7 @@ class ReferenceScorer:
     """Loads the frozen reference model once; each call scores one batch of tokenized pairs."""
 
     def __init__(self, model_path: str, dtype: str, max_length: int | None, truncation_mode: str,
-                 threads: int | None = None, tokens_per_forward: int = TOKENS_PER_FORWARD):
+                 threads: int | None = None, tokens_per_forward: int = TOKENS_PER_FORWARD, pack_prompts: bool = True):
         import torch
 
         from stages.models import load_model
@@ -75,52 +77,78 @@ class ReferenceScorer:
         self.max_length = max_length
         self.truncation_mode = truncation_mode
         self.tokens_per_forward = tokens_per_forward
+        # Flash-attention kernels take no 4D masks: such models score the two sequences separately.
+        self.pack = pack_prompts and getattr(self.model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+
+    def _groups(self, widths: list[int], square: bool) -> list[list[int]]:
+        """Indices sorted by width, cut into forwards under the padded-token budget (and, for packed
+        rows, a budget on the (T, T) masks)."""
+        order = sorted(range(len(widths)), key=lambda i: widths[i])
+        groups, group = [], []
+        for i in order:
+            w = widths[i]  # ascending: this is the group's padded width
+            if group and ((len(group) + 1) * w > self.tokens_per_forward
+                          or (square and (len(group) + 1) * w * w > MASK_ELEMENTS)):
+                groups.append(group)
+                group = []
+            group.append(i)
+        return groups + ([group] if group else [])
 
     def score_sequences(self, sequences: list[tuple[list[int], int]]) -> list[float]:
-        """Exact summed log-probs of each (input_ids, completion_start), grouped by length."""
+        """Exact summed log-probs of each (input_ids, completion_start), right-padded, grouped by length."""
         import torch
 
         from stages.logprobs import pad_batch, sequence_logps
 
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
         result = [0.0] * len(sequences)
-        group: list[int] = []
-
-        def flush():
+        for group in self._groups([len(s) for s, _ in sequences], square=False):
             ids, mask, comp = pad_batch([sequences[i][0] for i in group], [sequences[i][1] for i in group],
                                         self.pad_id, self.device)
             with torch.inference_mode():
                 sums = sequence_logps(self.model, ids, mask, comp).tolist()
             for i, s in zip(group, sums):
                 result[i] = s
+        return result
 
-        for i in order:
-            width = len(sequences[i][0])  # sorted ascending: this is the group's padded width
-            if group and (len(group) + 1) * width > self.tokens_per_forward:
-                flush()
-                group = []
-            group.append(i)
-        if group:
-            flush()
+    def score_packed(self, packs: list[tuple[list[int], list[int], list[int]]]) -> list[tuple[float, float]]:
+        """(chosen, rejected) sums per (prompt, chosen, rejected), the prompt run once per pair."""
+        import torch
+
+        from stages.logprobs import pack_pairs, scored_logps
+
+        result = [(0.0, 0.0)] * len(packs)
+        for group in self._groups([sum(map(len, p)) for p in packs], square=True):
+            inputs, rows, cols, labels, seq_ids = pack_pairs([packs[i] for i in group], self.pad_id,
+                                                             self.model.dtype, self.device)
+            with torch.inference_mode():
+                sums = scored_logps(self.model, inputs, rows, cols, labels, seq_ids, 2 * len(group)).tolist()
+            for j, i in enumerate(group):
+                result[i] = (sums[2 * j], sums[2 * j + 1])
         return result
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         recs = batch.to_pylist()
-        live = [i for i, r in enumerate(recs) if r["reject_reason"] is None]
-        seqs, counts = [], []
-        for i in live:
-            r = recs[i]
-            for key in ("chosen_ids", "rejected_ids"):
-                seq, start = scored_sequence(r["prompt_ids"], r[key], self.max_length, self.truncation_mode)
-                seqs.append((seq, start))
-                counts.append(len(seq) - max(start, 1))
-        sums = self.score_sequences(seqs)
         nan = float("nan")
         chosen, rejected = [nan] * len(recs), [nan] * len(recs)
         n_chosen, n_rejected = [0] * len(recs), [0] * len(recs)
-        for j, i in enumerate(live):
+        packed, single, seqs = [], [], []
+        for i, r in enumerate(recs):
+            if r["reject_reason"] is not None:
+                continue
+            c_seq, c_start = scored_sequence(r["prompt_ids"], r["chosen_ids"], self.max_length, self.truncation_mode)
+            r_seq, r_start = scored_sequence(r["prompt_ids"], r["rejected_ids"], self.max_length, self.truncation_mode)
+            n_chosen[i], n_rejected[i] = len(c_seq) - max(c_start, 1), len(r_seq) - max(r_start, 1)
+            p = len(r["prompt_ids"])
+            if self.pack and p > 0 and c_start == r_start == p:  # both keep the whole prompt: share it
+                packed.append((i, (r["prompt_ids"], c_seq[p:], r_seq[p:])))
+            else:  # keep_end cut the prompt differently for each answer: two separate sequences
+                single.append(i)
+                seqs += [(c_seq, c_start), (r_seq, r_start)]
+        for (i, _), (c, rj) in zip(packed, self.score_packed([pk for _, pk in packed])):
+            chosen[i], rejected[i] = c, rj
+        sums = self.score_sequences(seqs)
+        for j, i in enumerate(single):
             chosen[i], rejected[i] = sums[2 * j], sums[2 * j + 1]
-            n_chosen[i], n_rejected[i] = counts[2 * j], counts[2 * j + 1]
         return (batch.append_column("ref_chosen_logps", pa.array(chosen, pa.float64()))
                 .append_column("ref_rejected_logps", pa.array(rejected, pa.float64()))
                 .append_column("chosen_scored_tokens", pa.array(n_chosen, pa.int32()))

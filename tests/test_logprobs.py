@@ -84,3 +84,18 @@ def test_gradients_flow_for_training(model, tokenizer):
 def test_no_scored_tokens_gives_zero(model, tokenizer):
     ids, mask, comp = pad_batch([[1, 2, 3]], [3], tokenizer.pad_token_id)  # start == length: nothing scored
     assert float(sequence_logps(model, ids, mask, comp)[0]) == 0.0
+
+
+def test_packed_prompt_sharing_matches_separate_sequences(model, tokenizer):
+    from stages.logprobs import pack_pairs, scored_logps
+
+    g = torch.Generator().manual_seed(11)
+    r = lambda lo, hi: torch.randint(0, len(tokenizer), (int(torch.randint(lo, hi, (1,), generator=g)),),  # noqa: E731
+                                     generator=g).tolist()
+    pairs = [(r(1, 30), r(1, 20), r(1, 25)) for _ in range(7)]
+    inputs, rows, cols, labels, seq_ids = pack_pairs(pairs, tokenizer.pad_token_id, torch.float32)
+    with torch.no_grad():
+        packed = scored_logps(model, inputs, rows, cols, labels, seq_ids, 2 * len(pairs))
+    for j, (p, c, rj) in enumerate(pairs):
+        assert abs(float(packed[2 * j]) - exact_logps(model, p + c, len(p))) < 1e-4
+        assert abs(float(packed[2 * j + 1]) - exact_logps(model, p + rj, len(p))) < 1e-4

@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""This project vs trl 1.16.0's DPOTrainer, side by side on one machine, in one run.
+
+    .venv/bin/python bench/compare_trl.py [--pairs 32] [--steps 4] [--dtype float32]
+
+Same model (SmolLM2-135M-Instruct), same pairs (the bundled HH-RLHF sample through the chat
+template), same dtype, same max_length. Each measurement runs in its own process, TRL and ours
+alternating; peak memory is that process's max RSS (CPU) or torch.cuda.max_memory_allocated (GPU).
+Prints a markdown table; ratios are the headline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def rows(n: int) -> list[dict]:
+    """The first n embedded pairs as TRL rows (our hh adapter's output: the same tokens for both)."""
+    from stages.config import PrecomputeConfig
+    from stages.data import read_rows
+    from stages.formats import normalise
+
+    cfg = PrecomputeConfig()
+    out = []
+    for _, raw in read_rows("embedded:hh-rlhf-helpful", limit=n):
+        out.append({k: v for k, v in normalise(raw, "hh", cfg).items() if k in ("prompt", "chosen", "rejected")})
+    return out
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_peak(dtype: str) -> float:
+    """GFLOP/s of a large square matmul: the machine's practical peak for this dtype."""
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    n = 8192 if dev == "cuda" else 2048
+    a = torch.randn(n, n, dtype=getattr(torch, dtype), device=dev)
+    b = torch.randn(n, n, dtype=getattr(torch, dtype), device=dev)
+    for _ in range(3):
+        a @ b
+    reps, best = 10, 0.0
+    for _ in range(reps):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def _trl_args(tmp: str, a, **kw):
+    from trl import DPOConfig
+
+    return DPOConfig(output_dir=tmp, report_to=[], max_length=a.max_length, use_cpu=not _cuda(),
+                     bf16=a.dtype == "bfloat16", per_device_train_batch_size=a.micro, logging_steps=1,
+                     gradient_accumulation_steps=a.batch // a.micro, learning_rate=5e-6, save_strategy="no",
+                     dataloader_num_workers=0, **kw)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def work(mode: str, a) -> dict:
+    """One measurement, in this (fresh) process."""
+    import torch
+    from datasets import Dataset
+
+    from stages.models import embedded_model_path, load_tokenizer
+
+    model_path = str(embedded_model_path())
+    tok = load_tokenizer(model_path)
+    data = rows(a.pairs)
+    tmp = tempfile.mkdtemp()
+    dtype = getattr(torch, a.dtype)
+    if mode == "ours_precompute":
+        from stages import precompute
+        from stages.config import PrecomputeConfig
+
+        t = time.perf_counter()
+        m = precompute.run(PrecomputeConfig(model=model_path, output=f"{tmp}/refs", limit=a.pairs,
+                                            max_length=a.max_length, dtype=a.dtype, batch_size=16, progress=False))
+        return {"seconds": time.perf_counter() - t, "pairs": m["rows_written"], "tokens": m["tokens"]}
+    if mode == "trl_precompute":
+        from transformers import AutoModelForCausalLM
+        from trl import DPOTrainer
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        ds = Dataset.from_list(data)
+        t = time.perf_counter()
+        DPOTrainer(model=model, args=_trl_args(tmp, a, precompute_ref_log_probs=True, precompute_ref_batch_size=16),
+                   train_dataset=ds, processing_class=tok)
+        with_pre = time.perf_counter() - t
+        t = time.perf_counter()
+        DPOTrainer(model=model, args=_trl_args(tmp, a, precompute_ref_log_probs=False), train_dataset=ds,
+                   processing_class=tok, ref_model=model)
+        return {"seconds": with_pre - (time.perf_counter() - t), "pairs": len(data)}
+    if mode == "ours_train":
+        from stages import precompute, train
+        from stages.config import PrecomputeConfig, TrainConfig
+
+        precompute.run(PrecomputeConfig(model=model_path, output=f"{tmp}/refs", limit=a.pairs, max_length=a.max_length,
+                                        dtype=a.dtype, progress=False))
+        import ray
+
+        ray.shutdown()  # the scorer actors are gone: measure the trainer alone
+        t = time.perf_counter()
+        s = train.run(TrainConfig(refs=f"{tmp}/refs", output=f"{tmp}/run", max_steps=a.steps, batch_size=a.batch,
+                                  micro_batch_size=a.micro, dtype=a.dtype, progress=False, warmup_ratio=0.0))
+        return {"seconds_per_step": (time.perf_counter() - t) / s["steps"], "peak_mb": peak_memory_mb()}
+    if mode in ("trl_train_ref", "trl_train_precomputed"):
+        from transformers import AutoModelForCausalLM
+        from trl import DPOTrainer
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        pre = mode == "trl_train_precomputed"
+        trainer = DPOTrainer(model=model, args=_trl_args(tmp, a, max_steps=a.steps, precompute_ref_log_probs=pre,
+                                                         warmup_ratio=0.0),
+                             train_dataset=Dataset.from_list(data), processing_class=tok,
+                             ref_model=None if pre else AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype))
+        out = trainer.train()
+        return {"seconds_per_step": out.metrics["train_runtime"] / a.steps, "peak_mb": peak_memory_mb()}
+    raise ValueError(mode)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
+    ap.add_argument("--micro", type=int, default=2, help="pairs per forward")
+    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        print("RESULT " + json.dumps(work(a.worker, a)))
+        return
+    order = ["trl_precompute", "ours_precompute", "trl_train_ref", "ours_train", "trl_train_precomputed"]
+    res = {}
+    for mode in order:  # alternating TRL / ours, each in a fresh process
+        argv = [sys.executable, __file__, "--worker", mode, "--pairs", str(a.pairs), "--steps", str(a.steps),
+                "--batch", str(a.batch), "--micro", str(a.micro), "--max-length", str(a.max_length), "--dtype", a.dtype]
+        proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ""})
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not line:
+            sys.exit(f"{mode} failed:\n{proc.stderr[-4000:]}")
+        res[mode] = json.loads(line[-1][7:])
+        print(f"{mode}: {res[mode]}", file=sys.stderr)
+    peak = matmul_peak(a.dtype)
+    import torch
+
+    from stages.models import embedded_model_path, load_model
+
+    params = sum(p.numel() for p in load_model(str(embedded_model_path())).parameters())
+    ours, trl = res["ours_precompute"], res["trl_precompute"]
+    flops = 2 * params * ours["tokens"]  # the plain forward's work over every scored token
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    print(f"\n{device}, {a.dtype}, {a.pairs} HH-RLHF pairs (SmolLM2-135M-Instruct, chat template), "
+          f"max_length {a.max_length}; matmul peak {peak:.0f} GFLOP/s\n")
+    print("| precompute | pairs/s | tokens/s | MFU | vs TRL |\n|---|---:|---:|---:|---:|")
+    for name, r in (("TRL `precompute_ref_log_probs=True`", trl), ("this project", ours)):
+        print(f"| {name} | {r['pairs'] / r['seconds']:.2f} | {ours['tokens'] / r['seconds']:.0f} | "
+              f"{flops / r['seconds'] / 1e9 / peak:.1%} | {trl['seconds'] / r['seconds']:.2f}x |")
+    print("\n| training (same global batch) | s / step | peak memory (MB) | time vs this | memory vs this |")
+    print("|---|---:|---:|---:|---:|")
+    me = res["ours_train"]
+    for name, key in (("TRL, reference model in memory", "trl_train_ref"),
+                      ("TRL, precomputed log-probs", "trl_train_precomputed"), ("this project", "ours_train")):
+        r = res[key]
+        print(f"| {name} | {r['seconds_per_step']:.2f} | {r['peak_mb']:.0f} | "
+              f"{r['seconds_per_step'] / me['seconds_per_step']:.2f}x | {r['peak_mb'] / me['peak_mb']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
