@@ -227,7 +227,7 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"config key '{name}': must be positive, got {value}")
     for name in ("beta", "learning_rate"):
         value = getattr(cfg, name, None)
-        if value is not None and value <= 0:
+        if isinstance(value, (int, float)) and value <= 0:  # the sweep's beta is a list, checked there
             raise ConfigError(f"config key '{name}': must be positive, got {value}")
     eps = getattr(cfg, "label_smoothing", None)
     if eps is not None and not 0 <= eps < 0.5:
@@ -242,7 +242,7 @@ def validate(cfg: Any) -> None:
         from stages.losses import parse_loss_types
 
         try:
-            parse_loss_types(cfg.loss_type, cfg.loss_weights)
+            parse_loss_types(cfg.loss_type, getattr(cfg, "loss_weights", None))
         except ValueError as e:
             raise ConfigError(str(e)) from None
     if getattr(cfg, "storage_options", None):

@@ -80,3 +80,13 @@ def test_storage_options_are_validated_and_redacted():
                      prog="t")
     text = to_yaml(cfg)
     assert "hush" not in text and "AKIA1" not in text and "http://x" in text
+
+
+def test_every_stage_config_parses_its_defaults_and_flags():
+    from stages.config import EvalConfig, SweepConfig, TrainConfig
+
+    for cls, argv in ((EvalConfig, ["--samples", "2", "--beta", "0.2"]), (SweepConfig, ["--beta", "0.1,0.2"]),
+                      (TrainConfig, ["--loss-type", "sigmoid,sft", "--loss-weights", "1,0.2"]),
+                      (PrecomputeConfig, ["--no-such-flag-ever"][:0])):
+        assert parse_args(cls, argv, prog="t") is not None
+        assert parse_args(cls, [], prog="t") == cls()
