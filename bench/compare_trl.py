@@ -71,7 +71,7 @@ def matmul_peak(dtype: str) -> float:
 def _trl_args(tmp: str, a, **kw):
     from trl import DPOConfig
 
-    return DPOConfig(output_dir=tmp, report_to=[], max_length=a.max_length, use_cpu=not _cuda(),
+    return DPOConfig(output_dir=tmp, report_to=[], max_length=a.max_length, use_cpu=not _cuda(), warmup_steps=0,
                      bf16=a.dtype == "bfloat16", per_device_train_batch_size=a.micro, logging_steps=1,
                      gradient_accumulation_steps=a.batch // a.micro, learning_rate=5e-6, save_strategy="no",
                      dataloader_num_workers=0, **kw)
@@ -96,13 +96,30 @@ def work(mode: str, a) -> dict:
     tmp = tempfile.mkdtemp()
     dtype = getattr(torch, a.dtype)
     if mode == "ours_precompute":
+        import pyarrow as pa
+
         from stages import precompute
         from stages.config import PrecomputeConfig
+        from stages.scorer import ReferenceScorer, tokenize_batch
 
+        # Compute only, like TRL's number: the scorer class on tokenized pairs, model already loaded.
+        recs = [{"pair_id": str(i), "row_key": str(i), "source_index": i, "shard": 0, "row_json": json.dumps(r)}
+                for i, r in enumerate(data)]
+        tokenized = tokenize_batch(pa.Table.from_pylist(recs), model_path, a.max_length, None, "keep_start")
+        ids = tokenized.to_pylist()
+        unique = sum(len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in ids)
+        scorer = ReferenceScorer(model_path, a.dtype, a.max_length, "keep_start", threads=os.cpu_count())
+        t = time.perf_counter()
+        for i in range(0, tokenized.num_rows, 16):
+            scorer(tokenized.slice(i, 16))
+        compute = time.perf_counter() - t
+        del scorer
+        # End to end: the whole stage (Ray start, actor model load, tokenizing, Parquet, manifest).
         t = time.perf_counter()
         m = precompute.run(PrecomputeConfig(model=model_path, output=f"{tmp}/refs", limit=a.pairs,
                                             max_length=a.max_length, dtype=a.dtype, batch_size=16, progress=False))
-        return {"seconds": time.perf_counter() - t, "pairs": m["rows_written"], "tokens": m["tokens"]}
+        return {"seconds": compute, "end_to_end_seconds": time.perf_counter() - t, "pairs": m["rows_written"],
+                "tokens": m["tokens"], "unique_tokens": unique}
     if mode == "trl_precompute":
         from transformers import AutoModelForCausalLM
         from trl import DPOTrainer
@@ -113,19 +130,21 @@ def work(mode: str, a) -> dict:
         DPOTrainer(model=model, args=_trl_args(tmp, a, precompute_ref_log_probs=True, precompute_ref_batch_size=16),
                    train_dataset=ds, processing_class=tok)
         with_pre = time.perf_counter() - t
+        import copy
+
+        ref = copy.deepcopy(model)  # set-up without the precompute, to subtract (tokenizing, wrapping)
         t = time.perf_counter()
         DPOTrainer(model=model, args=_trl_args(tmp, a, precompute_ref_log_probs=False), train_dataset=ds,
-                   processing_class=tok, ref_model=model)
+                   processing_class=tok, ref_model=ref)
         return {"seconds": with_pre - (time.perf_counter() - t), "pairs": len(data)}
     if mode == "ours_train":
-        from stages import precompute, train
-        from stages.config import PrecomputeConfig, TrainConfig
+        from stages import train
+        from stages.config import TrainConfig
 
-        precompute.run(PrecomputeConfig(model=model_path, output=f"{tmp}/refs", limit=a.pairs, max_length=a.max_length,
-                                        dtype=a.dtype, progress=False))
-        import ray
-
-        ray.shutdown()  # the scorer actors are gone: measure the trainer alone
+        # The shards come from a separate precompute process: this process only trains, as in production.
+        subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "precompute", "--output", f"{tmp}/refs",
+                        "--limit", str(a.pairs), "--max-length", str(a.max_length), "--dtype", a.dtype,
+                        "--progress", "false"], check=True, capture_output=True)
         t = time.perf_counter()
         s = train.run(TrainConfig(refs=f"{tmp}/refs", output=f"{tmp}/run", max_steps=a.steps, batch_size=a.batch,
                                   micro_batch_size=a.micro, dtype=a.dtype, progress=False, warmup_ratio=0.0))
@@ -136,8 +155,7 @@ def work(mode: str, a) -> dict:
 
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         pre = mode == "trl_train_precomputed"
-        trainer = DPOTrainer(model=model, args=_trl_args(tmp, a, max_steps=a.steps, precompute_ref_log_probs=pre,
-                                                         warmup_ratio=0.0),
+        trainer = DPOTrainer(model=model, args=_trl_args(tmp, a, max_steps=a.steps, precompute_ref_log_probs=pre),
                              train_dataset=Dataset.from_list(data), processing_class=tok,
                              ref_model=None if pre else AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype))
         out = trainer.train()
@@ -176,14 +194,19 @@ def main() -> None:
 
     params = sum(p.numel() for p in load_model(str(embedded_model_path())).parameters())
     ours, trl = res["ours_precompute"], res["trl_precompute"]
-    flops = 2 * params * ours["tokens"]  # the plain forward's work over every scored token
+    # The work the task needs: one forward over every distinct token (prompt once). MFU does not
+    # credit prompt sharing; the tokens/s column counts the prompt twice, as a plain scorer runs it.
+    flops = 2 * params * ours["unique_tokens"]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     print(f"\n{device}, {a.dtype}, {a.pairs} HH-RLHF pairs (SmolLM2-135M-Instruct, chat template), "
           f"max_length {a.max_length}; matmul peak {peak:.0f} GFLOP/s\n")
-    print("| precompute | pairs/s | tokens/s | MFU | vs TRL |\n|---|---:|---:|---:|---:|")
-    for name, r in (("TRL `precompute_ref_log_probs=True`", trl), ("this project", ours)):
+    print("| precompute (scoring, model loaded) | pairs/s | tokens/s | MFU | vs TRL |\n|---|---:|---:|---:|---:|")
+    for name, r in (("TRL `precompute_ref_log_probs=True`", trl), ("this project (scorer)", ours)):
         print(f"| {name} | {r['pairs'] / r['seconds']:.2f} | {ours['tokens'] / r['seconds']:.0f} | "
               f"{flops / r['seconds'] / 1e9 / peak:.1%} | {trl['seconds'] / r['seconds']:.2f}x |")
+    e2e = ours["end_to_end_seconds"]
+    print(f"| this project, whole stage (Ray start, model load, Parquet) | {ours['pairs'] / e2e:.2f} | "
+          f"{ours['tokens'] / e2e:.0f} | {flops / e2e / 1e9 / peak:.1%} | {trl['seconds'] / e2e:.2f}x |")
     print("\n| training (same global batch) | s / step | peak memory (MB) | time vs this | memory vs this |")
     print("|---|---:|---:|---:|---:|")
     me = res["ours_train"]

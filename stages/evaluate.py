@@ -57,7 +57,7 @@ def samples(cfg: EvalConfig, refs: shards.Refs, policy, tokenizer, reference_pat
         pairs.append(p)
         if len(pairs) == cfg.samples:
             break
-    reference = load_model(reference_path, cfg.dtype, str(policy.device)).eval()
+    reference = load_model(reference_path, str(policy.dtype).replace("torch.", ""), str(policy.device)).eval()
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     out = []
     with torch.no_grad():

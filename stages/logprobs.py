@@ -57,7 +57,14 @@ def scored_logps(model, inputs: dict, rows: torch.Tensor, cols: torch.Tensor, la
         hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
         picked = hidden[rows, cols]  # (N, H): only the scored positions reach the LM head
         head = model.get_output_embeddings()
-        parts = [token_logps(head(picked[i:i + chunk_size]), labels[i:i + chunk_size])
+        score = lambda h, y: token_logps(head(h), y)  # noqa: E731
+        if torch.is_grad_enabled() and picked.requires_grad:
+            # Training: recompute each chunk's logits in backward instead of keeping them all,
+            # so at most one (chunk, vocab) block is alive at a time.
+            from torch.utils.checkpoint import checkpoint
+
+            score = lambda h, y, f=score: checkpoint(f, h, y, use_reentrant=False)  # noqa: E731
+        parts = [score(picked[i:i + chunk_size], labels[i:i + chunk_size])
                  for i in range(0, picked.size(0), chunk_size)]
     else:
         logits = model(**inputs, use_cache=False).logits
