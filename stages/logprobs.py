@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 # Rows of hidden states sent through the LM head at once: 512 x 49k vocab x 4 B = 100 MB of logits.
 DEFAULT_CHUNK = 512
+TRAIN_CHUNK = 256  # with gradients: 256 x 49k x (4 + 8 + 8 + 4) B ~ 300 MB transient per chunk
 
 # Config attributes of models whose logits are not a plain `lm_head(hidden)`; they take the
 # full-forward path so the model's own post-processing (softcapping, scaling) applies.
@@ -59,11 +60,12 @@ def scored_logps(model, inputs: dict, rows: torch.Tensor, cols: torch.Tensor, la
         head = model.get_output_embeddings()
         score = lambda h, y: token_logps(head(h), y)  # noqa: E731
         if torch.is_grad_enabled() and picked.requires_grad:
-            # Training: recompute each chunk's logits in backward instead of keeping them all,
-            # so at most one (chunk, vocab) block is alive at a time.
+            # Training: recompute each chunk's logits in backward instead of keeping them all, and
+            # use small chunks: backward of one holds its logits, their float64 copy and gradients.
             from torch.utils.checkpoint import checkpoint
 
             score = lambda h, y, f=score: checkpoint(f, h, y, use_reentrant=False)  # noqa: E731
+            chunk_size = min(chunk_size, TRAIN_CHUNK)
         parts = [score(picked[i:i + chunk_size], labels[i:i + chunk_size])
                  for i in range(0, picked.size(0), chunk_size)]
     else:

@@ -99,3 +99,19 @@ def test_packed_prompt_sharing_matches_separate_sequences(model, tokenizer):
     for j, (p, c, rj) in enumerate(pairs):
         assert abs(float(packed[2 * j]) - exact_logps(model, p + c, len(p))) < 1e-4
         assert abs(float(packed[2 * j + 1]) - exact_logps(model, p + rj, len(p))) < 1e-4
+
+
+def test_training_path_same_values_and_gradients_as_plain_logits(tokenizer):
+    """The chunked, recomputed LM head gives the plain full-logits values and gradients."""
+    seqs = _random_sequences(3, len(tokenizer), seed=13)
+    ids, mask, comp = pad_batch([s for s, _ in seqs], [st for _, st in seqs], tokenizer.pad_token_id)
+    fast_model, plain_model = make_tiny_model(tokenizer, seed=5).train(), make_tiny_model(tokenizer, seed=5).train()
+    fast = sequence_logps(fast_model, ids, mask, comp, chunk_size=5)
+    logits = plain_model(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
+    per_token = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    plain = (per_token * comp[:, 1:]).sum(1)
+    assert torch.allclose(fast, plain, atol=1e-4)
+    fast.sum().backward()
+    plain.sum().backward()
+    for (name, a), (_, b) in zip(fast_model.named_parameters(), plain_model.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
