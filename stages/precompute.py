@@ -260,7 +260,7 @@ def run(cfg: PrecomputeConfig) -> dict:
     done = _done_shards(cfg)
     plan = _plan(cfg, done)
     todo = sorted(plan.rows_read)
-    stats = {"pairs": 0, "tokens": 0, "written": 0, "rejected": 0}
+    stats = {"pairs": 0, "tokens": 0}  # rows through the scorer this run (token-level rejects included)
 
     def on_shard(k: int, results: list[dict]) -> None:
         rows = [r for r in results if r["reject_reason"] is None]
