@@ -46,12 +46,10 @@ def collect(refs: shards.Refs) -> dict:
 
 
 def histogram(margins: list[float], path: str, title: str) -> str | None:
-    try:
-        import matplotlib
+    from stages.metrics import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.4))
     ax.hist(margins, bins=min(60, max(10, len(margins) // 5)), color="#4c72b0", alpha=0.85)

@@ -51,14 +51,22 @@ def read(path: str) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def plot(records: list[dict], path: str, title: str = "") -> str | None:
-    """Loss, reward accuracy, margins and chosen/rejected rewards against step (eval points too)."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display here or on a cluster), or None."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot(records: list[dict], path: str, title: str = "") -> str | None:
+    """Loss, reward accuracy, margins and chosen/rejected rewards against step (eval points too)."""
+    plt = pyplot()
+    if plt is None:
         return None
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval/loss" in r]

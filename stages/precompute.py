@@ -31,6 +31,7 @@ from stages.config import PrecomputeConfig, public, to_yaml
 from stages.data import MalformedRow, check_columns, embedded_layout, read_rows, resolve_source
 from stages.formats import RowRejected, detect, normalise
 from stages.models import load_tokenizer, resolve_model, tokenizer_hashes, weights_hash
+from stages.ray_runtime import init_ray
 from stages.scorer import ReferenceScorer, default_threads, tokenize_batch
 
 ROW_GROUP_SIZE = 256  # rows per Parquet row group: the trainer's unit of streaming
@@ -49,6 +50,11 @@ def pair_id(row: dict) -> str:
 
 def _json(value) -> str:
     return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def pair_tokens(r: dict) -> int:
+    """Tokens a plain scorer runs for a pair: the prompt once per answer."""
+    return len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"])
 
 
 def shard_name(k: int) -> str:
@@ -115,9 +121,9 @@ def _known(cfg: PrecomputeConfig, done: dict[int, dict]) -> tuple[set[str], dict
     return keys, pairs
 
 
-def _plan(cfg: PrecomputeConfig, done: dict[int, dict]) -> _Plan:
+def _plan(cfg: PrecomputeConfig, done: dict[int, dict], known_keys: set[str], known_pairs: dict[str, str]) -> _Plan:
     plan, layout, copies = _Plan(), None, Counter()
-    known_keys, seen = _known(cfg, done)
+    seen = dict(known_pairs)
     first = max(done) + 1 if done else 0
     new_rows = 0
     for index, raw in read_rows(cfg.data, cfg.split, cfg.limit):
@@ -187,24 +193,10 @@ def _write_shard(cfg: PrecomputeConfig, k: int, rows: list[dict], rejects: list[
     entry = {"path": f"shards/{shard_name(k)}.parquet", "rows": table.num_rows, "sha256": storage.sha256_bytes(data),
              "source_indices": [min(idx), max(idx)] if idx else None, "data": cfg.data, "rows_read": rows_read, "rejects_path": f"rejects/{shard_name(k)}.parquet", "rejects": len(rejects),
              "rejects_by_reason": dict(Counter(r["reason"] for r in rejects)),
-             "tokens": int(sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)),
+             "tokens": sum(pair_tokens(r) for r in rows),
              "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     storage.write_bytes_atomic(storage.join(cfg.output, "_progress", shard_name(k) + ".json"), json.dumps(entry).encode())
     return entry
-
-
-def _init_ray(num_workers: int) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level="WARNING")  # inside a Ray job: join its cluster
-    else:
-        # Actors take one logical CPU each; leave one for the read/tokenize tasks so they never
-        # starve behind the scorers (Ray Data otherwise stalls on a 2-core machine).
-        cpus = max(os.cpu_count() or 1, num_workers + 1)
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
 
 
 def _score(cfg: PrecomputeConfig, model_path: str, plan: _Plan, on_shard, progress) -> None:
@@ -212,7 +204,9 @@ def _score(cfg: PrecomputeConfig, model_path: str, plan: _Plan, on_shard, progre
     import ray
     import ray.data
 
-    _init_ray(cfg.num_workers)
+    # Actors take one logical CPU each; one more for the read/tokenize tasks so they never starve
+    # behind the scorers (Ray Data otherwise stalls on a 2-core machine).
+    init_ray(cfg.num_workers + 1)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -258,7 +252,9 @@ def run(cfg: PrecomputeConfig) -> dict:
     for folder in ("shards", "rejects", "_progress"):
         storage.remove_partials(storage.join(cfg.output, folder))
     done = _done_shards(cfg)
-    plan = _plan(cfg, done)
+    known_keys, known_pairs = _known(cfg, done)
+    plan = _plan(cfg, done, known_keys, known_pairs)
+    pair_ids = list(known_pairs)  # the manifest's fingerprint: old shards' ids plus each new shard's
     todo = sorted(plan.rows_read)
     stats = {"pairs": 0, "tokens": 0}  # rows through the scorer this run (token-level rejects included)
 
@@ -268,6 +264,7 @@ def run(cfg: PrecomputeConfig) -> dict:
             {"source_index": r["source_index"], "row_key": r["row_key"], "reason": r["reject_reason"],
              "detail": r["reject_detail"], "row": r["row_json"]} for r in results if r["reject_reason"] is not None]
         done[k] = _write_shard(cfg, k, rows, rejects, plan.rows_read[k])
+        pair_ids.extend(r["pair_id"] for r in rows)
 
     bar = None
     if cfg.progress and plan.records:
@@ -277,7 +274,7 @@ def run(cfg: PrecomputeConfig) -> dict:
 
     def progress(recs: list[dict]) -> None:
         stats["pairs"] += len(recs)
-        stats["tokens"] += sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in recs)
+        stats["tokens"] += sum(pair_tokens(r) for r in recs)
         if bar is not None:
             elapsed = max(time.time() - started, 1e-9)
             bar.set_postfix_str(f"{stats['pairs'] / elapsed:.1f} pairs/s, {stats['tokens'] / elapsed:.0f} tok/s")
@@ -295,15 +292,12 @@ def run(cfg: PrecomputeConfig) -> dict:
                 bar.close()
     last_run = {"seconds": round(time.time() - started, 3), "data": cfg.data, "pairs_scored": stats["pairs"],
                 "tokens_scored": stats["tokens"], "new_shards": len(todo), "rows_already_done": plan.already_done}
-    return _manifest(cfg, model_path, identity, done, last_run)
+    return _manifest(cfg, model_path, identity, done, pair_ids, last_run)
 
 
-def _manifest(cfg: PrecomputeConfig, model_path: str, identity: dict, done: dict[int, dict], last_run: dict) -> dict:
+def _manifest(cfg: PrecomputeConfig, model_path: str, identity: dict, done: dict[int, dict], pair_ids: list[str],
+              last_run: dict) -> dict:
     shards = [done[k] for k in sorted(done)]
-    pair_ids = []
-    for s in shards:
-        with storage.open_binary(storage.join(cfg.output, s["path"])) as fh:
-            pair_ids.extend(pq.read_table(fh, columns=["pair_id"]).column("pair_id").to_pylist())
     reasons: Counter = Counter()
     for s in shards:
         reasons.update(s["rejects_by_reason"])

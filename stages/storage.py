@@ -176,7 +176,7 @@ def list_names(url: str, storage_options: dict | None = None) -> list[str]:
     """File names directly under a folder (empty when it does not exist)."""
     fs, path = filesystem(url, storage_options)
     try:
-        names = retrying(url, fs.ls, path, detail=False, refresh=True) if not is_local(url) else fs.ls(path, detail=False)
+        names = retrying(url, fs.ls, path, detail=False, refresh=True)  # refresh: see objects just written
         return sorted(os.path.basename(p.rstrip("/")) for p in names)
     except FileNotFoundError:
         return []

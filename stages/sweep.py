@@ -56,12 +56,10 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str) -> str | None:
-    try:
-        import matplotlib
+    from stages.metrics import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     kl = [r["eval/kl/chosen"] for r in rows]

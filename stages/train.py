@@ -23,6 +23,7 @@ from stages.config import TrainConfig, to_yaml
 from stages.losses import LossParams, parse_loss_types
 from stages.metrics import MetricsLog, plot, read
 from stages.policy_pass import SUM_KEYS, evaluate, means, run_pairs
+from stages.ray_runtime import init_ray
 
 
 class TrainingError(RuntimeError):
@@ -258,12 +259,7 @@ def run(cfg: TrainConfig) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(logging_level="WARNING")
-        else:
-            ray.init(num_cpus=max(os.cpu_count() or 1, cfg.num_workers), include_dashboard=False,
-                     logging_level="WARNING")
+    init_ray(cfg.num_workers)
     use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.num_workers
     absolute = lambda u: os.path.abspath(u) if u and storage.is_local(u) else u  # noqa: E731  workers' cwd differs
     out = absolute(output_dir(cfg))
