@@ -36,7 +36,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
 
+# This project vs TRL 1.16.0 side by side (a markdown table), then memory against data size.
 bench: $(STAMP)
+	$(PY) bench/compare_trl.py
 	$(PY) bench/train_memory.py
 
 clean:

@@ -38,6 +38,20 @@ def rows(n: int) -> list[dict]:
     return out
 
 
+def stream_order(refs: str) -> list[int]:
+    """Source rows in the order our trainer streams them with a shuffle buffer of 1 (epoch 0, seed 0)."""
+    import pyarrow.parquet as pq
+
+    from stages import shards
+
+    loaded = shards.load_refs(refs)
+    index = {}
+    for shard in loaded.manifest["shards"]:
+        t = pq.read_table(os.path.join(refs, shard["path"]), columns=["pair_id", "source_index"])
+        index.update(zip(t.column("pair_id").to_pylist(), t.column("source_index").to_pylist()))
+    return [index[p["pair_id"]] for p in shards.epoch_pairs(loaded, 0, 0, 1)]
+
+
 def peak_memory_mb() -> float:
     import torch
 
@@ -141,23 +155,28 @@ def work(mode: str, a) -> dict:
         from stages import train
         from stages.config import TrainConfig
 
-        # The shards come from a separate precompute process: this process only trains, as in production.
-        subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "precompute", "--output", f"{tmp}/refs",
-                        "--limit", str(a.pairs), "--max-length", str(a.max_length), "--dtype", a.dtype,
-                        "--progress", "false"], check=True, capture_output=True)
+        # Shards from the separate precompute process (this process only trains, as in production),
+        # read in stored order (shuffle buffer 1): the same micro-batches TRL gets below.
         t = time.perf_counter()
-        s = train.run(TrainConfig(refs=f"{tmp}/refs", output=f"{tmp}/run", max_steps=a.steps, batch_size=a.batch,
-                                  micro_batch_size=a.micro, dtype=a.dtype, progress=False, warmup_ratio=0.0))
+        s = train.run(TrainConfig(refs=a.refs, output=f"{tmp}/run", max_steps=a.steps, batch_size=a.batch,
+                                  micro_batch_size=a.micro, dtype=a.dtype, progress=False, warmup_ratio=0.0,
+                                  shuffle_buffer=1))
         return {"seconds_per_step": (time.perf_counter() - t) / s["steps"], "peak_mb": peak_memory_mb()}
     if mode in ("trl_train_ref", "trl_train_precomputed"):
+        from torch.utils.data import SequentialSampler
         from transformers import AutoModelForCausalLM
         from trl import DPOTrainer
 
+        class InOrder(DPOTrainer):  # TRL's random sampler would give it other micro-batches than ours
+            def _get_train_sampler(self, *args, **kwargs):
+                return SequentialSampler(self.train_dataset)
+
+        order = json.loads(Path(a.order).read_text())
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         pre = mode == "trl_train_precomputed"
-        trainer = DPOTrainer(model=model, args=_trl_args(tmp, a, max_steps=a.steps, precompute_ref_log_probs=pre),
-                             train_dataset=Dataset.from_list(data), processing_class=tok,
-                             ref_model=None if pre else AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype))
+        trainer = InOrder(model=model, args=_trl_args(tmp, a, max_steps=a.steps, precompute_ref_log_probs=pre),
+                          train_dataset=Dataset.from_list([data[i] for i in order]), processing_class=tok,
+                          ref_model=None if pre else AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype))
         out = trainer.train()
         return {"seconds_per_step": out.metrics["train_runtime"] / a.steps, "peak_mb": peak_memory_mb()}
     raise ValueError(mode)
@@ -165,21 +184,31 @@ def work(mode: str, a) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pairs", type=int, default=32)
+    ap.add_argument("--pairs", type=int, default=128, help="the bundled training sample has 128")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
     ap.add_argument("--micro", type=int, default=2, help="pairs per forward")
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--refs", help=argparse.SUPPRESS)
+    ap.add_argument("--order", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         print("RESULT " + json.dumps(work(a.worker, a)))
         return
+    # One precompute for our training runs, and the order its shards stream in, which TRL gets too.
+    shared = tempfile.mkdtemp()
+    a.refs, a.order = f"{shared}/refs", f"{shared}/order.json"
+    subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "precompute", "--output", a.refs, "--limit",
+                    str(a.pairs), "--max-length", str(a.max_length), "--dtype", a.dtype, "--progress", "false"],
+                   check=True, capture_output=True, env={**os.environ, "RAY_ADDRESS": ""})
+    Path(a.order).write_text(json.dumps(stream_order(a.refs)))
     order = ["trl_precompute", "ours_precompute", "trl_train_ref", "ours_train", "trl_train_precomputed"]
     res = {}
     for mode in order:  # alternating TRL / ours, each in a fresh process
-        argv = [sys.executable, __file__, "--worker", mode, "--pairs", str(a.pairs), "--steps", str(a.steps),
+        argv = [sys.executable, __file__, "--worker", mode, "--refs", a.refs, "--order", a.order,
+                "--pairs", str(a.pairs), "--steps", str(a.steps),
                 "--batch", str(a.batch), "--micro", str(a.micro), "--max-length", str(a.max_length), "--dtype", a.dtype]
         proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ""})
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]

@@ -96,6 +96,8 @@ class TrainConfig:
     dtype: Literal["float32", "bfloat16"] = doc("compute dtype (bfloat16: autocast over float32 weights)",
                                                 default="float32")
     gradient_checkpointing: bool = doc("recompute activations in backward to save memory", default=False)
+    pack_prompts: bool = doc("run each prompt once for both answers (packed rows, 4D mask): fewer tokens, "
+                             "less activation memory, same values", default=True)
     shuffle_buffer: int = doc("pairs held for shuffling within the stream", default=256)
     overwrite: bool = doc("start over in an OUTPUT that already has a run", default=False)
     storage_options: str | None = doc("JSON of fsspec options (endpoint, profile, ...); secrets are never written",

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from stages.tokenize import scored_sequence
+
 # Rows of hidden states sent through the LM head at once: 512 x 49k vocab x 4 B = 100 MB of logits.
 DEFAULT_CHUNK = 512
 TRAIN_CHUNK = 256  # with gradients: 256 x 49k x (4 + 8 + 8 + 4) B ~ 300 MB transient per chunk
@@ -89,39 +91,69 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         input_ids.size(0), chunk_size)
 
 
-def pack_pairs(pairs: list[tuple[list[int], list[int], list[int]]], pad_id: int, dtype: torch.dtype, device=None):
-    """Prompt scored once per pair: each row is prompt + chosen + rejected, the rejected tokens
-    masked from the chosen ones and positioned right after the prompt, so the row computes exactly
-    what two separate sequences would (a 4D additive mask; padding rows attend to themselves).
+def supports_4d_mask(model) -> bool:
+    """Whether the model's attention takes an arbitrary 4D mask (sdpa, eager; not flash kernels)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") in ("sdpa", "eager")
 
-    Returns (inputs, rows, cols, labels, seq_ids) for `scored_logps`; sequence 2j is pair j's chosen
-    answer and 2j+1 its rejected one. Every prompt must be non-empty.
+
+def pair_rows(j: int, prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int],
+              max_length: int | None, truncation_mode: str) -> list[tuple]:
+    """Pair j as rows for `pack_rows`: (prefix, first, second, seq of first, seq of second).
+
+    Sequence 2j is the chosen answer, 2j+1 the rejected one. When truncation keeps the whole prompt
+    for both answers, one row holds prompt + chosen + rejected and the prompt is run once; otherwise
+    (keep_end cut the prompt differently for each answer) each answer is a row of its own.
     """
-    width = max(len(p) + len(c) + len(r) for p, c, r in pairs)
-    n = len(pairs)
+    c_seq, c_start = scored_sequence(prompt_ids, chosen_ids, max_length, truncation_mode)
+    r_seq, r_start = scored_sequence(prompt_ids, rejected_ids, max_length, truncation_mode)
+    p = len(prompt_ids)
+    if p > 0 and c_start == r_start == p:
+        return [(list(prompt_ids), c_seq[p:], r_seq[p:], 2 * j, 2 * j + 1)]
+    rows = []
+    for seq, start, sid in ((c_seq, c_start, 2 * j), (r_seq, r_start, 2 * j + 1)):
+        cut = max(start, 1)  # the first token has no context: never scored
+        rows.append((seq[:cut], seq[cut:], [], sid, sid))
+    return rows
+
+
+def row_width(row: tuple) -> int:
+    return len(row[0]) + len(row[1]) + len(row[2])
+
+
+def pack_rows(rows: list[tuple], pad_id: int, dtype: torch.dtype, device=None):
+    """Rows (prefix, first, second, seq_first, seq_second) -> one right-padded forward in which the
+    prefix is run once for both continuations: `second` is masked from `first` and positioned right
+    after the prefix, so each row computes exactly what two separate sequences would (a 4D additive
+    mask; padding positions attend to themselves). `second` may be empty.
+
+    Returns (inputs, rows, cols, labels, seq_ids) for `scored_logps`. Every prefix must be non-empty.
+    """
+    width = max(row_width(r) for r in rows)
+    n = len(rows)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     pos = torch.zeros((n, width), dtype=torch.long)
     allow = torch.zeros((n, width, width), dtype=torch.bool)
     causal = torch.ones((width, width), dtype=torch.bool).tril()
-    rows, cols, labels, seq_ids = [], [], [], []
-    for j, (p, c, r) in enumerate(pairs):
+    rows_, cols, labels, seq_ids = [], [], [], []
+    for j, (p, c, r, sc, sr) in enumerate(rows):
         lp, lc, lr = len(p), len(c), len(r)
         length = lp + lc + lr
-        ids[j, :length] = torch.tensor(p + c + r, dtype=torch.long)
+        ids[j, :length] = torch.tensor(list(p) + list(c) + list(r), dtype=torch.long)
         pos[j, :length] = torch.cat([torch.arange(lp + lc), torch.arange(lp, lp + lr)])
         allow[j, :length, :length] = causal[:length, :length]
-        allow[j, lp + lc:length, lp:lp + lc] = False  # rejected never sees chosen
+        allow[j, lp + lc:length, lp:lp + lc] = False  # second never sees first
         idx = torch.arange(length, width)
-        allow[j, idx, idx] = True  # padding rows: one key each, so no NaN (their outputs are unused)
-        for k, tok in enumerate(c):  # chosen token k at lp + k, predicted from lp + k - 1
-            rows.append(j), cols.append(lp + k - 1), labels.append(tok), seq_ids.append(2 * j)
-        for k, tok in enumerate(r):  # rejected token k: the first from the prompt's last position
-            rows.append(j), cols.append(lp - 1 if k == 0 else lp + lc + k - 1), labels.append(tok)
-            seq_ids.append(2 * j + 1)
+        allow[j, idx, idx] = True  # padding positions: one key each, so no NaN (their outputs are unused)
+        rows_ += [j] * (lc + lr)
+        labels += list(c) + list(r)
+        cols += range(lp - 1, lp + lc - 1)  # first's token k at lp + k, predicted from lp + k - 1
+        if lr:  # second's first token is predicted from the prefix's last position
+            cols += [lp - 1, *range(lp + lc, lp + lc + lr - 1)]
+        seq_ids += [sc] * lc + [sr] * lr
     mask = torch.zeros((n, 1, width, width), dtype=dtype).masked_fill(~allow.unsqueeze(1), torch.finfo(dtype).min)
     t = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
     inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
-    return inputs, t(rows), t(cols), t(labels), t(seq_ids)
+    return inputs, t(rows_), t(cols), t(labels), t(seq_ids)
 
 
 def pad_batch(sequences: list[list[int]], starts: list[int], pad_id: int, device=None):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from stages.logprobs import pad_batch, sequence_logps
+from stages.logprobs import (pack_rows, pad_batch, pair_rows, row_width, scored_logps, sequence_logps,
+                             supports_4d_mask)
 from stages.losses import Batch, combined_loss, rewards
 from stages.tokenize import scored_sequence
 
@@ -21,18 +22,31 @@ COUNTS = ["pairs", "tokens", "chosen_tokens", "rejected_tokens"]
 SUM_KEYS = PAIR_MEANS + COUNTS
 
 
-def forward(model, pairs: list[dict], manifest: dict, pad_id: int, device: str, dtype: str):
-    """Policy log-probs of chosen and rejected in one padded forward -> (chosen (m,), rejected (m,), tokens)."""
+def forward(model, pairs: list[dict], ctx: dict):
+    """Policy log-probs of chosen and rejected in one forward -> (chosen (m,), rejected (m,), tokens run).
+
+    Packed (the default where attention takes a 4D mask): each pair is one row, prompt + chosen +
+    rejected, the prompt run once; otherwise chosen and rejected as right-padded sequences.
+    """
+    manifest, device, m = ctx["manifest"], ctx["device"], len(pairs)
+    max_length, mode = manifest["max_length"], manifest["truncation_mode"]
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=ctx["dtype"] == "bfloat16")
+    if ctx.get("pack_prompts", True) and supports_4d_mask(model):
+        rows = [row for j, p in enumerate(pairs)
+                for row in pair_rows(j, p["prompt_ids"], p["chosen_ids"], p["rejected_ids"], max_length, mode)]
+        inputs, r, c, labels, seq_ids = pack_rows(rows, ctx["pad_id"], torch.float32, device)
+        with autocast:
+            logps = scored_logps(model, inputs, r, c, labels, seq_ids, 2 * m)
+        return logps[0::2], logps[1::2], sum(row_width(row) for row in rows)
     seqs, starts = [], []
     for key in ("chosen_ids", "rejected_ids"):
         for p in pairs:
-            seq, start = scored_sequence(p["prompt_ids"], p[key], manifest["max_length"], manifest["truncation_mode"])
+            seq, start = scored_sequence(p["prompt_ids"], p[key], max_length, mode)
             seqs.append(seq)
             starts.append(start)
-    ids, mask, comp = pad_batch(seqs, starts, pad_id, device)
-    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+    ids, mask, comp = pad_batch(seqs, starts, ctx["pad_id"], device)
+    with autocast:
         logps = sequence_logps(model, ids, mask, comp)
-    m = len(pairs)
     return logps[:m], logps[m:], int(mask.sum())
 
 
@@ -48,7 +62,7 @@ def run_pairs(model, pairs: list[dict], batch_size_total: int, ctx: dict, train:
     for i in range(0, len(pairs), ctx["micro"]):
         micro = pairs[i:i + ctx["micro"]]
         with torch.set_grad_enabled(train):
-            chosen, rejected, tokens = forward(model, micro, ctx["manifest"], ctx["pad_id"], ctx["device"], ctx["dtype"])
+            chosen, rejected, tokens = forward(model, micro, ctx)
             b = loss_batch(micro, chosen, rejected, ctx["batch_chosen_tokens"])
             per_pair = combined_loss(b, ctx["params"], ctx["terms"])
             if train:

@@ -66,6 +66,7 @@ class ReferenceScorer:
                  threads: int | None = None, tokens_per_forward: int = TOKENS_PER_FORWARD, pack_prompts: bool = True):
         import torch
 
+        from stages.logprobs import supports_4d_mask
         from stages.models import load_model
 
         if threads:
@@ -78,7 +79,7 @@ class ReferenceScorer:
         self.truncation_mode = truncation_mode
         self.tokens_per_forward = tokens_per_forward
         # Flash-attention kernels take no 4D masks: such models score the two sequences separately.
-        self.pack = pack_prompts and getattr(self.model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+        self.pack = pack_prompts and supports_4d_mask(self.model)
 
     def _groups(self, widths: list[int], square: bool) -> list[list[int]]:
         """Indices sorted by width, cut into forwards under the padded-token budget (and, for packed
@@ -110,44 +111,42 @@ class ReferenceScorer:
                 result[i] = s
         return result
 
-    def score_packed(self, packs: list[tuple[list[int], list[int], list[int]]]) -> list[tuple[float, float]]:
-        """(chosen, rejected) sums per (prompt, chosen, rejected), the prompt run once per pair."""
+    def score_packed(self, rows: list[tuple], n_seqs: int) -> list[float]:
+        """Summed log-probs of sequences 0..n_seqs-1 laid out as `pair_rows` rows, prefixes run once."""
         import torch
 
-        from stages.logprobs import pack_pairs, scored_logps
+        from stages.logprobs import pack_rows, row_width, scored_logps
 
-        result = [(0.0, 0.0)] * len(packs)
-        for group in self._groups([sum(map(len, p)) for p in packs], square=True):
-            inputs, rows, cols, labels, seq_ids = pack_pairs([packs[i] for i in group], self.pad_id,
-                                                             self.model.dtype, self.device)
+        total = torch.zeros(n_seqs, dtype=torch.float64)
+        for group in self._groups([row_width(r) for r in rows], square=True):
+            inputs, r, c, labels, seq_ids = pack_rows([rows[i] for i in group], self.pad_id, self.model.dtype,
+                                                      self.device)
             with torch.inference_mode():
-                sums = scored_logps(self.model, inputs, rows, cols, labels, seq_ids, 2 * len(group)).tolist()
-            for j, i in enumerate(group):
-                result[i] = (sums[2 * j], sums[2 * j + 1])
-        return result
+                total += scored_logps(self.model, inputs, r, c, labels, seq_ids, n_seqs).cpu()
+        return total.tolist()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from stages.logprobs import pair_rows
+
         recs = batch.to_pylist()
         nan = float("nan")
         chosen, rejected = [nan] * len(recs), [nan] * len(recs)
         n_chosen, n_rejected = [0] * len(recs), [0] * len(recs)
-        packed, single, seqs = [], [], []
+        scored, rows, seqs = [], [], []
         for i, r in enumerate(recs):
             if r["reject_reason"] is not None:
                 continue
             c_seq, c_start = scored_sequence(r["prompt_ids"], r["chosen_ids"], self.max_length, self.truncation_mode)
             r_seq, r_start = scored_sequence(r["prompt_ids"], r["rejected_ids"], self.max_length, self.truncation_mode)
             n_chosen[i], n_rejected[i] = len(c_seq) - max(c_start, 1), len(r_seq) - max(r_start, 1)
-            p = len(r["prompt_ids"])
-            if self.pack and p > 0 and c_start == r_start == p:  # both keep the whole prompt: share it
-                packed.append((i, (r["prompt_ids"], c_seq[p:], r_seq[p:])))
-            else:  # keep_end cut the prompt differently for each answer: two separate sequences
-                single.append(i)
+            if self.pack:
+                rows += pair_rows(len(scored), r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], self.max_length,
+                                  self.truncation_mode)
+            else:
                 seqs += [(c_seq, c_start), (r_seq, r_start)]
-        for (i, _), (c, rj) in zip(packed, self.score_packed([pk for _, pk in packed])):
-            chosen[i], rejected[i] = c, rj
-        sums = self.score_sequences(seqs)
-        for j, i in enumerate(single):
+            scored.append(i)
+        sums = self.score_packed(rows, 2 * len(scored)) if self.pack else self.score_sequences(seqs)
+        for j, i in enumerate(scored):
             chosen[i], rejected[i] = sums[2 * j], sums[2 * j + 1]
         return (batch.append_column("ref_chosen_logps", pa.array(chosen, pa.float64()))
                 .append_column("ref_rejected_logps", pa.array(rejected, pa.float64()))

@@ -135,7 +135,7 @@ def train_loop(cfg: TrainConfig) -> dict:
         storage.write_bytes_atomic(storage.join(out, "train_config.yaml"), to_yaml(cfg).encode())
     terms = parse_loss_types(cfg.loss_type, cfg.loss_weights)
     ctx = {"micro": cfg.micro_batch_size, "manifest": refs.manifest, "pad_id": tokenizer.pad_token_id or 0,
-           "device": device, "dtype": cfg.dtype, "terms": terms,
+           "device": device, "dtype": cfg.dtype, "terms": terms, "pack_prompts": cfg.pack_prompts,
            "params": LossParams(cfg.beta, cfg.label_smoothing, cfg.discopop_tau, cfg.simpo_gamma)}
     params = [p for p in model.parameters() if p.requires_grad]
     bar = None

@@ -86,19 +86,53 @@ def test_no_scored_tokens_gives_zero(model, tokenizer):
     assert float(sequence_logps(model, ids, mask, comp)[0]) == 0.0
 
 
-def test_packed_prompt_sharing_matches_separate_sequences(model, tokenizer):
-    from stages.logprobs import pack_pairs, scored_logps
-
-    g = torch.Generator().manual_seed(11)
+def _random_pairs(tokenizer, n, seed):
+    g = torch.Generator().manual_seed(seed)
     r = lambda lo, hi: torch.randint(0, len(tokenizer), (int(torch.randint(lo, hi, (1,), generator=g)),),  # noqa: E731
                                      generator=g).tolist()
-    pairs = [(r(1, 30), r(1, 20), r(1, 25)) for _ in range(7)]
-    inputs, rows, cols, labels, seq_ids = pack_pairs(pairs, tokenizer.pad_token_id, torch.float32)
+    return [(r(1, 30), r(1, 20), r(1, 25)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("max_length,mode", [(None, "keep_start"), (24, "keep_start"), (24, "keep_end")])
+def test_packed_prompt_sharing_matches_separate_sequences(model, tokenizer, max_length, mode):
+    """Every pair laid out by pair_rows (shared prompt, or two rows where keep_end cut the prompt
+    differently) scores what the unpadded oracle gives for TRL's truncated sequences."""
+    from stages.logprobs import pack_rows, pair_rows, scored_logps
+    from stages.tokenize import scored_sequence
+
+    pairs = _random_pairs(tokenizer, 7, seed=11)
+    rows = [row for j, (p, c, rj) in enumerate(pairs) for row in pair_rows(j, p, c, rj, max_length, mode)]
+    if max_length is None:
+        assert len(rows) == len(pairs)  # one row per pair: the prompt runs once
+    if mode == "keep_end":
+        assert len(rows) > len(pairs)  # some prompts were cut differently for the two answers
+    inputs, r, c, labels, seq_ids = pack_rows(rows, tokenizer.pad_token_id, torch.float32)
     with torch.no_grad():
-        packed = scored_logps(model, inputs, rows, cols, labels, seq_ids, 2 * len(pairs))
-    for j, (p, c, rj) in enumerate(pairs):
-        assert abs(float(packed[2 * j]) - exact_logps(model, p + c, len(p))) < 1e-4
-        assert abs(float(packed[2 * j + 1]) - exact_logps(model, p + rj, len(p))) < 1e-4
+        packed = scored_logps(model, inputs, r, c, labels, seq_ids, 2 * len(pairs))
+    for j, (p, ch, rj) in enumerate(pairs):
+        for k, answer in enumerate((ch, rj)):
+            seq, start = scored_sequence(p, answer, max_length, mode)
+            assert abs(float(packed[2 * j + k]) - exact_logps(model, seq, start)) < 1e-4, (j, k)
+
+
+def test_packed_training_forward_same_loss_and_gradients_as_padded(tokenizer):
+    """Training with the prompt run once per pair gives the padded path's log-probs and gradients."""
+    from stages.policy_pass import forward
+
+    pairs = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in _random_pairs(tokenizer, 3, 17)]
+    ctx = {"manifest": {"max_length": None, "truncation_mode": "keep_start"}, "device": "cpu", "dtype": "float32",
+           "pad_id": tokenizer.pad_token_id}
+    packed_model, padded_model = make_tiny_model(tokenizer, seed=6).train(), make_tiny_model(tokenizer, seed=6).train()
+    pc, pr, packed_tokens = forward(packed_model, pairs, {**ctx, "pack_prompts": True})
+    qc, qr, padded_tokens = forward(padded_model, pairs, {**ctx, "pack_prompts": False})
+    assert torch.allclose(pc, qc, atol=1e-4) and torch.allclose(pr, qr, atol=1e-4)
+    assert packed_tokens == sum(len(p) + len(c) + len(r) for p, c, r in
+                                ((x["prompt_ids"], x["chosen_ids"], x["rejected_ids"]) for x in pairs))
+    assert packed_tokens < padded_tokens
+    (pc - pr).sigmoid().log().sum().backward()
+    (qc - qr).sigmoid().log().sum().backward()
+    for (name, a), (_, b) in zip(packed_model.named_parameters(), padded_model.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
 
 
 def test_training_path_same_values_and_gradients_as_plain_logits(tokenizer):
