@@ -160,7 +160,7 @@ def work(mode: str, a) -> dict:
         t = time.perf_counter()
         s = train.run(TrainConfig(refs=a.refs, output=f"{tmp}/run", max_steps=a.steps, batch_size=a.batch,
                                   micro_batch_size=a.micro, dtype=a.dtype, progress=False, warmup_ratio=0.0,
-                                  shuffle_buffer=1))
+                                  shuffle_buffer=1, gradient_checkpointing=a.gc == "on"))
         return {"seconds_per_step": (time.perf_counter() - t) / s["steps"], "peak_mb": peak_memory_mb()}
     if mode in ("trl_train_ref", "trl_train_precomputed"):
         from torch.utils.data import SequentialSampler
@@ -171,10 +171,11 @@ def work(mode: str, a) -> dict:
             def _get_train_sampler(self, *args, **kwargs):
                 return SequentialSampler(self.train_dataset)
 
-        order = json.loads(Path(a.order).read_text())
+        order = json.loads(Path(a.order).read_text())[:a.steps * a.batch]  # the pairs the steps use
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         pre = mode == "trl_train_precomputed"
-        trainer = InOrder(model=model, args=_trl_args(tmp, a, max_steps=a.steps, precompute_ref_log_probs=pre),
+        args = _trl_args(tmp, a, max_steps=a.steps, precompute_ref_log_probs=pre, gradient_checkpointing=a.gc == "on")
+        trainer = InOrder(model=model, args=args,
                           train_dataset=Dataset.from_list([data[i] for i in order]), processing_class=tok,
                           ref_model=None if pre else AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype))
         out = trainer.train()
@@ -190,9 +191,13 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=2, help="pairs per forward")
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--checkpointing", default="on,off",
+                    help="gradient checkpointing settings to train with, both tools alike (TRL's default is on)")
+    ap.add_argument("--parts", default="precompute,train")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--refs", help=argparse.SUPPRESS)
     ap.add_argument("--order", help=argparse.SUPPRESS)
+    ap.add_argument("--gc", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         print("RESULT " + json.dumps(work(a.worker, a)))
@@ -200,35 +205,56 @@ def main() -> None:
     # One precompute for our training runs, and the order its shards stream in, which TRL gets too.
     shared = tempfile.mkdtemp()
     a.refs, a.order = f"{shared}/refs", f"{shared}/order.json"
-    subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "precompute", "--output", a.refs, "--limit",
-                    str(a.pairs), "--max-length", str(a.max_length), "--dtype", a.dtype, "--progress", "false"],
-                   check=True, capture_output=True, env={**os.environ, "RAY_ADDRESS": ""})
-    Path(a.order).write_text(json.dumps(stream_order(a.refs)))
-    order = ["trl_precompute", "ours_precompute", "trl_train_ref", "ours_train", "trl_train_precomputed"]
+    runs = []  # (mode, gradient checkpointing), alternating TRL / ours
+    if "precompute" in a.parts:
+        runs += [("trl_precompute", "off"), ("ours_precompute", "off")]
+    if "train" in a.parts:
+        subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "precompute", "--output", a.refs, "--limit",
+                        str(a.pairs), "--max-length", str(a.max_length), "--dtype", a.dtype, "--progress", "false"],
+                       check=True, capture_output=True, env={**os.environ, "RAY_ADDRESS": ""})
+        Path(a.order).write_text(json.dumps(stream_order(a.refs)))
+        for gc in a.checkpointing.split(","):
+            runs += [("trl_train_ref", gc), ("ours_train", gc), ("trl_train_precomputed", gc)]
     res = {}
-    for mode in order:  # alternating TRL / ours, each in a fresh process
-        argv = [sys.executable, __file__, "--worker", mode, "--refs", a.refs, "--order", a.order,
+    for mode, gc in runs:  # each in a fresh process
+        argv = [sys.executable, __file__, "--worker", mode, "--refs", a.refs, "--order", a.order, "--gc", gc,
                 "--pairs", str(a.pairs), "--steps", str(a.steps),
                 "--batch", str(a.batch), "--micro", str(a.micro), "--max-length", str(a.max_length), "--dtype", a.dtype]
         proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ""})
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
             sys.exit(f"{mode} failed:\n{proc.stderr[-4000:]}")
-        res[mode] = json.loads(line[-1][7:])
-        print(f"{mode}: {res[mode]}", file=sys.stderr)
-    peak = matmul_peak(a.dtype)
+        res[mode, gc] = json.loads(line[-1][7:])
+        print(f"{mode} (checkpointing {gc}): {res[mode, gc]}", file=sys.stderr)
     import torch
 
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    print(f"\n{device}, {a.dtype}, {a.pairs} HH-RLHF pairs (SmolLM2-135M-Instruct, chat template), "
+          f"max_length {a.max_length}")
+    if "precompute" in a.parts:
+        precompute_table(a, res[("ours_precompute", "off")], res[("trl_precompute", "off")])
+    if "train" in a.parts:
+        print(f"\n| training ({a.steps} steps of {a.batch} pairs, micro-batch {a.micro}, the same pairs in the same "
+              "order) | gradient checkpointing | s / step | peak memory (MB) | time vs this | memory vs this |")
+        print("|---|---|---:|---:|---:|---:|")
+        for gc in a.checkpointing.split(","):
+            me = res["ours_train", gc]
+            for name, key in (("TRL, reference model in memory", "trl_train_ref"),
+                              ("TRL, precomputed log-probs", "trl_train_precomputed"), ("this project", "ours_train")):
+                r = res[key, gc]
+                print(f"| {name} | {gc} | {r['seconds_per_step']:.2f} | {r['peak_mb']:.0f} | "
+                      f"{r['seconds_per_step'] / me['seconds_per_step']:.2f}x | {r['peak_mb'] / me['peak_mb']:.2f}x |")
+
+
+def precompute_table(a, ours: dict, trl: dict) -> None:
+    peak = matmul_peak(a.dtype)
     from stages.models import embedded_model_path, load_model
 
     params = sum(p.numel() for p in load_model(str(embedded_model_path())).parameters())
-    ours, trl = res["ours_precompute"], res["trl_precompute"]
     # The work the task needs: one forward over every distinct token (prompt once). MFU does not
     # credit prompt sharing; the tokens/s column counts the prompt twice, as a plain scorer runs it.
     flops = 2 * params * ours["unique_tokens"]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
-    print(f"\n{device}, {a.dtype}, {a.pairs} HH-RLHF pairs (SmolLM2-135M-Instruct, chat template), "
-          f"max_length {a.max_length}; matmul peak {peak:.0f} GFLOP/s\n")
+    print(f"\nmatmul peak {peak:.0f} GFLOP/s\n")
     print("| precompute (scoring, model loaded) | pairs/s | tokens/s | MFU | vs TRL |\n|---|---:|---:|---:|---:|")
     for name, r in (("TRL `precompute_ref_log_probs=True`", trl), ("this project (scorer)", ours)):
         print(f"| {name} | {r['pairs'] / r['seconds']:.2f} | {ours['tokens'] / r['seconds']:.0f} | "
@@ -236,14 +262,6 @@ def main() -> None:
     e2e = ours["end_to_end_seconds"]
     print(f"| this project, whole stage (Ray start, model load, Parquet) | {ours['pairs'] / e2e:.2f} | "
           f"{ours['tokens'] / e2e:.0f} | {flops / e2e / 1e9 / peak:.1%} | {trl['seconds'] / e2e:.2f}x |")
-    print("\n| training (same global batch) | s / step | peak memory (MB) | time vs this | memory vs this |")
-    print("|---|---:|---:|---:|---:|")
-    me = res["ours_train"]
-    for name, key in (("TRL, reference model in memory", "trl_train_ref"),
-                      ("TRL, precomputed log-probs", "trl_train_precomputed"), ("this project", "ours_train")):
-        r = res[key]
-        print(f"| {name} | {r['seconds_per_step']:.2f} | {r['peak_mb']:.0f} | "
-              f"{r['seconds_per_step'] / me['seconds_per_step']:.2f}x | {r['peak_mb'] / me['peak_mb']:.2f}x |")
 
 
 if __name__ == "__main__":

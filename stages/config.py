@@ -42,7 +42,7 @@ class PrecomputeConfig:
     max_length: int | None = doc("max tokens of prompt+completion, TRL's max_length (None: no limit)", default=1024)
     max_prompt_length: int | None = doc("max prompt tokens before max_length applies (None: no limit)", default=None)
     truncation_mode: Literal["keep_start", "keep_end"] = doc("which end of a too-long sequence to keep", default="keep_start")
-    batch_size: int = doc("pairs per scorer call", default=16)
+    batch_size: int = doc("pairs per scorer call (bucketed by length into forwards inside the call)", default=64)
     num_workers: int = doc("scorer actors (one GPU each where CUDA exists)", default=1)
     dtype: Literal["float32", "bfloat16"] = doc("reference model dtype", default="float32")
     pack_prompts: bool = doc("score each prompt once for both answers (packed rows, 4D mask)", default=True)

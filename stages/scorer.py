@@ -28,6 +28,37 @@ TOKENS_PER_FORWARD = 8192
 MASK_ELEMENTS = 2 ** 25
 
 
+# What one more forward costs, in padded tokens: per-call overhead and small-matmul inefficiency.
+# Small on CPU; a GPU wants few, large forwards.
+FORWARD_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 2048}
+
+
+def plan_forwards(widths: list[int], tokens_per_forward: int, mask_elements: int | None,
+                  overhead_tokens: int) -> list[list[int]]:
+    """Sort rows by width and cut them into forwards of contiguous widths that minimise padded
+    tokens + `overhead_tokens` per forward (exact, by dynamic programming over the cut points),
+    each forward under the padded-token budget and, for packed rows, the (T, T) mask budget.
+    """
+    order = sorted(range(len(widths)), key=lambda i: widths[i])
+    w = [widths[i] for i in order]
+    n = len(w)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for j in range(1, n + 1):  # rows order[:j] planned; the last forward is order[i:j], padded to w[j-1]
+        for i in range(j - 1, -1, -1):
+            k = j - i
+            if k > 1 and (k * w[j - 1] > tokens_per_forward
+                          or (mask_elements is not None and k * w[j - 1] ** 2 > mask_elements)):
+                break
+            cost = best[i] + k * w[j - 1] + overhead_tokens
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
 @functools.lru_cache(maxsize=4)
 def _tokenizer(model_path: str):
     from stages.models import load_tokenizer
@@ -82,18 +113,9 @@ class ReferenceScorer:
         self.pack = pack_prompts and supports_4d_mask(self.model)
 
     def _groups(self, widths: list[int], square: bool) -> list[list[int]]:
-        """Indices sorted by width, cut into forwards under the padded-token budget (and, for packed
-        rows, a budget on the (T, T) masks)."""
-        order = sorted(range(len(widths)), key=lambda i: widths[i])
-        groups, group = [], []
-        for i in order:
-            w = widths[i]  # ascending: this is the group's padded width
-            if group and ((len(group) + 1) * w > self.tokens_per_forward
-                          or (square and (len(group) + 1) * w * w > MASK_ELEMENTS)):
-                groups.append(group)
-                group = []
-            group.append(i)
-        return groups + ([group] if group else [])
+        """Indices sorted by width, cut into forwards (see `plan_forwards`)."""
+        return plan_forwards(widths, self.tokens_per_forward, MASK_ELEMENTS if square else None,
+                             FORWARD_OVERHEAD_TOKENS[self.device])
 
     def score_sequences(self, sequences: list[tuple[list[int], int]]) -> list[float]:
         """Exact summed log-probs of each (input_ids, completion_start), right-padded, grouped by length."""

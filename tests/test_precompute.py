@@ -184,3 +184,15 @@ def test_grown_input_scores_only_new_rows(tmp_path, tiny_model_dir, ray_session)
     assert [s["path"] for s in second["shards"][:3]] == [s["path"] for s in first["shards"]]  # old shards kept
     third = precompute.run(cfg)
     assert third["last_run"]["pairs_scored"] == 0 and third["pair_ids_fingerprint"] == second["pair_ids_fingerprint"]
+
+
+def test_plan_forwards_minimises_padding_plus_overhead():
+    from stages.scorer import plan_forwards
+
+    # one forward: 4 x 101 + 5 = 409; two by width: 2 x 11 + 2 x 101 + 10 = 234; four: 222 + 20 = 242
+    assert plan_forwards([100, 10, 101, 11], 10_000, None, 5) == [[1, 3], [0, 2]]
+    groups = plan_forwards([50] * 5, 100, None, 1)  # budget: at most 2 rows of 50 per forward
+    assert sorted(len(g) for g in groups) == [1, 2, 2] and sorted(i for g in groups for i in g) == list(range(5))
+    # the (T, T) mask budget: 3 rows of 10 need 300 mask elements
+    assert [len(g) for g in plan_forwards([10, 10, 10], 10_000, 200, 1000)] in ([2, 1], [1, 2])
+    assert plan_forwards([], 100, None, 1) == []
