@@ -124,14 +124,15 @@ def work(mode: str, a) -> dict:
         unique = sum(len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in ids)
         scorer = ReferenceScorer(model_path, a.dtype, a.max_length, "keep_start", threads=os.cpu_count())
         t = time.perf_counter()
-        for i in range(0, tokenized.num_rows, 16):
-            scorer(tokenized.slice(i, 16))
+        batch = PrecomputeConfig().batch_size  # the stage's default scorer call
+        for i in range(0, tokenized.num_rows, batch):
+            scorer(tokenized.slice(i, batch))
         compute = time.perf_counter() - t
         del scorer
         # End to end: the whole stage (Ray start, actor model load, tokenizing, Parquet, manifest).
         t = time.perf_counter()
         m = precompute.run(PrecomputeConfig(model=model_path, output=f"{tmp}/refs", limit=a.pairs,
-                                            max_length=a.max_length, dtype=a.dtype, batch_size=16, progress=False))
+                                            max_length=a.max_length, dtype=a.dtype, progress=False))
         return {"seconds": compute, "end_to_end_seconds": time.perf_counter() - t, "pairs": m["rows_written"],
                 "tokens": m["tokens"], "unique_tokens": unique}
     if mode == "trl_precompute":
@@ -225,7 +226,7 @@ def main() -> None:
         if proc.returncode or not line:
             sys.exit(f"{mode} failed:\n{proc.stderr[-4000:]}")
         res[mode, gc] = json.loads(line[-1][7:])
-        print(f"{mode} (checkpointing {gc}): {res[mode, gc]}", file=sys.stderr)
+        print(f"{mode}{' (checkpointing ' + gc + ')' if 'train' in mode else ''}: {res[mode, gc]}", file=sys.stderr)
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
