@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """This project vs trl 1.16.0's DPOTrainer, side by side on one machine, in one run.
 
-    .venv/bin/python bench/compare_trl.py [--pairs 32] [--steps 4] [--dtype float32]
+    .venv/bin/python bench/compare_trl.py [--pairs 128] [--steps 4] [--dtype float32] [--checkpointing on,off]
 
 Same model (SmolLM2-135M-Instruct), same pairs (the bundled HH-RLHF sample through the chat
 template), same dtype, same max_length. Each measurement runs in its own process, TRL and ours
-alternating; peak memory is that process's max RSS (CPU) or torch.cuda.max_memory_allocated (GPU).
+alternating; peak memory is the RSS of the process and its children (CPU) or
+torch.cuda.max_memory_allocated (GPU). Training runs with the same gradient-checkpointing setting
+on both sides (TRL defaults to on), on the same pairs in the same micro-batches.
 Prints a markdown table; ratios are the headline.
 """
 
@@ -52,12 +54,39 @@ def stream_order(refs: str) -> list[int]:
     return [index[p["pair_id"]] for p in shards.epoch_pairs(loaded, 0, 0, 1)]
 
 
+_TREE_PEAK = [0.0]
+
+
+def watch_process_tree(interval: float = 0.02) -> None:
+    """Sample the RSS of this process plus all its descendants (Ray workers, data loaders) in a thread."""
+    import threading
+
+    import psutil
+
+    me = psutil.Process()
+
+    def loop():
+        while True:
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:  # exited between listing and reading
+                    pass
+            _TREE_PEAK[0] = max(_TREE_PEAK[0], total / 2**20)
+            time.sleep(interval)
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
 def peak_memory_mb() -> float:
+    """GPU: torch.cuda.max_memory_allocated. CPU: peak RSS of the process tree (the sampled sum, or
+    this process's exact kernel-recorded peak when that is higher: sampling can miss a short peak)."""
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return max(_TREE_PEAK[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def matmul_peak(dtype: str) -> float:
@@ -201,6 +230,7 @@ def main() -> None:
     ap.add_argument("--gc", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
+        watch_process_tree()
         print("RESULT " + json.dumps(work(a.worker, a)))
         return
     # One precompute for our training runs, and the order its shards stream in, which TRL gets too.

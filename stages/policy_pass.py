@@ -59,6 +59,9 @@ def loss_batch(pairs: list[dict], chosen, rejected, total_chosen_tokens: float) 
 def run_pairs(model, pairs: list[dict], batch_size_total: int, ctx: dict, train: bool) -> torch.Tensor:
     """Forward (and backward, scaled for the whole optimizer batch) in micro-batches -> sums (SUM_KEYS,)."""
     sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
+    # Micro-batches of similar lengths pad less. Every loss is per pair and the step's gradient a
+    # sum over pairs, so how pairs are grouped into micro-batches does not change it.
+    pairs = sorted(pairs, key=lambda p: len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]))
     for i in range(0, len(pairs), ctx["micro"]):
         micro = pairs[i:i + ctx["micro"]]
         with torch.set_grad_enabled(train):
