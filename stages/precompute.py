@@ -191,7 +191,8 @@ def _write_shard(cfg: PrecomputeConfig, k: int, rows: list[dict], rejects: list[
     storage.write_bytes_atomic(storage.join(cfg.output, "rejects", shard_name(k) + ".parquet"), _parquet_bytes(rej_table))
     storage.write_bytes_atomic(storage.join(cfg.output, "shards", shard_name(k) + ".parquet"), data)
     entry = {"path": f"shards/{shard_name(k)}.parquet", "rows": table.num_rows, "sha256": storage.sha256_bytes(data),
-             "source_indices": [min(idx), max(idx)] if idx else None, "data": cfg.data, "rows_read": rows_read, "rejects_path": f"rejects/{shard_name(k)}.parquet", "rejects": len(rejects),
+             "source_indices": [min(idx), max(idx)] if idx else None, "data": cfg.data, "rows_read": rows_read,
+             "rejects_path": f"rejects/{shard_name(k)}.parquet", "rejects": len(rejects),
              "rejects_by_reason": dict(Counter(r["reason"] for r in rejects)),
              "tokens": sum(pair_tokens(r) for r in rows),
              "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
