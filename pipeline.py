@@ -22,7 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def _precompute(argv: list[str]) -> int:
     from stages import precompute
-    from stages.config import PrecomputeConfig, parse_args
+    from stages.core.config import PrecomputeConfig, parse_args
 
     cfg = parse_args(PrecomputeConfig, argv, prog="pipeline.py precompute",
                      description="Score every preference pair with the frozen reference model; write Parquet shards.")
@@ -33,7 +33,7 @@ def _precompute(argv: list[str]) -> int:
 
 def _train(argv: list[str]) -> int:
     from stages import train
-    from stages.config import TrainConfig, parse_args
+    from stages.core.config import TrainConfig, parse_args
 
     cfg = parse_args(TrainConfig, argv, prog="pipeline.py train",
                      description="Train the policy with DPO (or a variant) from precomputed reference shards.")
@@ -43,7 +43,7 @@ def _train(argv: list[str]) -> int:
 
 def _eval(argv: list[str]) -> int:
     from stages import evaluate
-    from stages.config import EvalConfig, parse_args
+    from stages.core.config import EvalConfig, parse_args
 
     cfg = parse_args(EvalConfig, argv, prog="pipeline.py eval",
                      description="Score held-out pairs with a policy: accuracy, margins, rewards, KL to the reference.")
@@ -53,7 +53,7 @@ def _eval(argv: list[str]) -> int:
 
 def _sweep(argv: list[str]) -> int:
     from stages import sweep
-    from stages.config import SweepConfig, parse_args
+    from stages.core.config import SweepConfig, parse_args
 
     cfg = parse_args(SweepConfig, argv, prog="pipeline.py sweep",
                      description="Short training runs over several betas on shared shards; accuracy/margin vs KL.")
@@ -63,9 +63,9 @@ def _sweep(argv: list[str]) -> int:
 
 
 def _inspect(argv: list[str]) -> int:
-    from stages import inspect
+    from stages import inspect_refs
 
-    return inspect.main(argv)
+    return inspect_refs.main(argv)
 
 
 def _submit(argv: list[str]) -> int:
@@ -83,16 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip())
         print(f"\ncommands: {', '.join(COMMANDS)}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    from stages.config import ConfigError
-    from stages.data import DataError
-    from stages.precompute import OutputMismatch
-    from stages.shards import ShardError
-    from stages.storage import StorageError
-    from stages.train import TrainingError
+    from stages.core.errors import PipelineError
 
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, DataError, OutputMismatch, ShardError, StorageError, TrainingError) as e:
+    except PipelineError as e:  # every user-facing error; anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

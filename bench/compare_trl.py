@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 def rows(n: int) -> list[dict]:
     """The first n embedded pairs as TRL rows (our hh adapter's output: the same tokens for both)."""
-    from stages.config import PrecomputeConfig
-    from stages.data import read_rows
-    from stages.formats import normalise
+    from stages.core.config import PrecomputeConfig
+    from stages.core.data import read_rows
+    from stages.core.formats import normalise
 
     cfg = PrecomputeConfig()
     out = []
@@ -131,7 +131,7 @@ def work(mode: str, a) -> dict:
     import torch
     from datasets import Dataset
 
-    from stages.models import embedded_model_path, load_tokenizer
+    from stages.core.models import embedded_model_path, load_tokenizer
 
     model_path = str(embedded_model_path())
     tok = load_tokenizer(model_path)
@@ -142,8 +142,8 @@ def work(mode: str, a) -> dict:
         import pyarrow as pa
 
         from stages import precompute
-        from stages.config import PrecomputeConfig
-        from stages.scorer import ReferenceScorer, tokenize_batch
+        from stages.core.config import PrecomputeConfig
+        from stages.core.scorer import ReferenceScorer, tokenize_batch
 
         # Compute only, like TRL's number: the scorer class on tokenized pairs, model already loaded.
         recs = [{"pair_id": str(i), "row_key": str(i), "source_index": i, "shard": 0, "row_json": json.dumps(r)}
@@ -183,7 +183,7 @@ def work(mode: str, a) -> dict:
         return {"seconds": with_pre - (time.perf_counter() - t), "pairs": len(data)}
     if mode == "ours_train":
         from stages import train
-        from stages.config import TrainConfig
+        from stages.core.config import TrainConfig
 
         # Shards from the separate precompute process (this process only trains, as in production),
         # read in stored order (shuffle buffer 1): the same micro-batches TRL gets below.
@@ -279,7 +279,7 @@ def main() -> None:
 
 def precompute_table(a, ours: dict, trl: dict) -> None:
     peak = matmul_peak(a.dtype)
-    from stages.models import embedded_model_path, load_model
+    from stages.core.models import embedded_model_path, load_model
 
     params = sum(p.numel() for p in load_model(str(embedded_model_path())).parameters())
     # The work the task needs: one forward over every distinct token (prompt once). MFU does not

@@ -37,7 +37,7 @@ def make_model(path: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from stages.models import embedded_model_path, load_tokenizer
+    from stages.core.models import embedded_model_path, load_tokenizer
 
     tok = load_tokenizer(str(embedded_model_path()))
     torch.manual_seed(0)
@@ -52,7 +52,7 @@ TRAIN = """
 import resource, sys, json
 sys.path.insert(0, {root!r})
 from stages import train
-from stages.config import TrainConfig
+from stages.core.config import TrainConfig
 train.run(TrainConfig(refs={refs!r}, output={out!r}, max_steps={steps}, batch_size=8, micro_batch_size=4,
                       progress=False, overwrite=True))
 print(json.dumps({{"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--pairs", default="64,2048")
     args = ap.parse_args()
     from stages import precompute
-    from stages.config import PrecomputeConfig
+    from stages.core.config import PrecomputeConfig
 
     sizes = [int(x) for x in args.pairs.split(",")]
     with tempfile.TemporaryDirectory() as tmp:

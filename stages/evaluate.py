@@ -4,7 +4,8 @@ Reports preference accuracy of the implicit reward, mean margin, chosen / reject
 estimate of KL(policy || reference) on the data's chosen and rejected completions (mean
 per-sequence log-ratio, and per token), as eval.json and a small table. With --samples N it also
 generates answers from the reference and the policy for N held-out prompts, with the same seeded
-decoding, next to the data's chosen answer (samples.md, samples.jsonl).
+decoding, next to the data's chosen answer (samples.md, samples.jsonl). The held-out set is
+streamed from its shards: one micro-batch of pairs is in memory at a time, whatever its size.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import os
 
 import torch
 
-from stages import shards, storage
-from stages.config import EvalConfig, public
-from stages.losses import LossParams, parse_loss_types
-from stages.policy_pass import evaluate
+from stages.core import storage
+from stages.core.config import EvalConfig, public
+from stages.core.devices import pick_device
+from stages.core.models import load_model, resolve_model
+from stages.core.policy_pass import heldout_metrics, load_policy, pass_context
+from stages.core.shard_stream import Refs, epoch_pairs, load_refs
 
 ROWS = [("preference accuracy", "eval/rewards/accuracies"), ("mean margin", "eval/rewards/margins"),
         ("reward chosen", "eval/rewards/chosen"), ("reward rejected", "eval/rewards/rejected"),
@@ -48,12 +51,10 @@ def _generate(model, prompt_ids: list[int], cfg: EvalConfig, seed: int, eos_id: 
     return out[0, len(prompt_ids):].tolist()
 
 
-def samples(cfg: EvalConfig, refs: shards.Refs, policy, tokenizer, reference_path: str) -> list[dict]:
+def samples(cfg: EvalConfig, refs: Refs, policy, tokenizer, reference_path: str) -> list[dict]:
     """Answers from the reference and the policy for the first N held-out prompts (fixed order)."""
-    from stages.models import load_model
-
     pairs = []
-    for p in shards.epoch_pairs(refs, 0, 0, 1):
+    for p in epoch_pairs(refs, 0, 0, 1):
         pairs.append(p)
         if len(pairs) == cfg.samples:
             break
@@ -82,22 +83,17 @@ def samples_markdown(rows: list[dict], cfg: EvalConfig) -> str:
 
 
 def run(cfg: EvalConfig) -> dict:
-    from stages.models import load_model, load_tokenizer, resolve_model, tokenizer_hashes
-
-    storage.configure(cfg.storage_options)
-    refs = shards.load_refs(cfg.refs)
+    storage.configure(cfg.storage_options_dict)
+    refs = load_refs(cfg.refs)
     reference_path = refs.manifest["reference_model"]["path"]
-    model_path = resolve_model(cfg.model or reference_path)
-    tokenizer = load_tokenizer(model_path)
-    shards.check_tokenizer(refs, tokenizer_hashes(tokenizer))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(model_path, "float32", device).eval()
-    ctx = {"micro": cfg.micro_batch_size, "pad_id": tokenizer.pad_token_id or 0, "device": device,
-           "dtype": cfg.dtype, "terms": parse_loss_types(cfg.loss_type, None), "params": LossParams(beta=cfg.beta)}
+    device = pick_device()
+    tokenizer, model = load_policy(resolve_model(cfg.model or reference_path), refs, device)
+    model.eval()
+    ctx = pass_context(cfg, refs.manifest, tokenizer.pad_token_id or 0, device)
     results = {"model": cfg.model or reference_path, "refs": cfg.refs, "pairs": refs.num_pairs,
-               **evaluate(model, refs, ctx), "config": public(cfg)}
+               **heldout_metrics(model, refs, ctx), "config": public(cfg)}
     out = output_dir(cfg)
-    storage.write_bytes_atomic(storage.join(out, "eval.json"), json.dumps(results, indent=1).encode())
+    storage.write_json(storage.join(out, "eval.json"), results)
     if cfg.samples > 0:
         rows = samples(cfg, refs, model, tokenizer, resolve_model(reference_path))
         storage.write_bytes_atomic(storage.join(out, "samples.jsonl"),

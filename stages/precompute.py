@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import sys
 import time
 from collections import Counter, defaultdict
@@ -26,18 +25,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas import FORMAT_VERSION, REJECT_SCHEMA, SHARD_SCHEMA, validate_manifest, validate_table
-from stages import storage
-from stages.config import PrecomputeConfig, public, to_yaml
-from stages.data import MalformedRow, check_columns, embedded_layout, read_rows, resolve_source
-from stages.formats import RowRejected, detect, normalise
-from stages.models import load_tokenizer, resolve_model, tokenizer_hashes, weights_hash
-from stages.ray_runtime import init_ray
-from stages.scorer import ReferenceScorer, default_threads, tokenize_batch
+from stages.core import storage
+from stages.core.config import PrecomputeConfig, public, to_yaml
+from stages.core.data import MalformedRow, check_columns, embedded_layout, read_rows, resolve_source
+from stages.core.devices import threads_per_worker
+from stages.core.errors import PipelineError
+from stages.core.formats import RowRejected, detect, normalise
+from stages.core.models import load_tokenizer, resolve_model, tokenizer_hashes, weights_hash
+from stages.core.ray_runtime import init_ray
+from stages.core.scorer import ReferenceScorer, tokenize_batch
 
 ROW_GROUP_SIZE = 256  # rows per Parquet row group: the trainer's unit of streaming
 
 
-class OutputMismatch(RuntimeError):
+class OutputMismatch(PipelineError):
     """The output folder holds work made with other settings."""
 
 
@@ -59,6 +60,13 @@ def pair_tokens(r: dict) -> int:
 
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}"
+
+
+def shard_index(file_name: str) -> int | None:
+    """'shard-00012.parquet' or 'shard-00012.json' -> 12; None for any other name."""
+    prefix, _, rest = file_name.partition("-")
+    number = rest.split(".", 1)[0]
+    return int(number) if prefix == "shard" and number.isdigit() else None
 
 
 def content_hash(raw) -> str:
@@ -89,7 +97,7 @@ def _check_output(cfg: PrecomputeConfig, identity: dict) -> None:
     if not storage.exists(run_file):
         raise OutputMismatch(f"{cfg.output} exists and is not a precompute output (has: {', '.join(names[:10])}); "
                              "pass --overwrite to replace it")
-    previous = json.loads(storage.read_bytes(run_file))
+    previous = storage.read_json(run_file)
     diff = {k: (previous.get(k), identity[k]) for k in identity if previous.get(k) != identity[k]}
     if diff:
         lines = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
@@ -164,12 +172,12 @@ def _done_shards(cfg: PrecomputeConfig) -> dict[int, dict]:
     """Finished shards by index; shard and reject files a killed run left unfinished are removed."""
     done = {}
     for name in storage.list_names(storage.join(cfg.output, "_progress")):
-        if name.startswith("shard-") and name.endswith(".json"):
-            done[int(name[6:-5])] = json.loads(storage.read_bytes(storage.join(cfg.output, "_progress", name)))
+        k = shard_index(name)
+        if k is not None and name.endswith(".json"):
+            done[k] = storage.read_json(storage.join(cfg.output, "_progress", name))
     for folder in ("shards", "rejects"):
         for name in storage.list_names(storage.join(cfg.output, folder)):
-            stem = name.split(".")[0]
-            if not (stem.startswith("shard-") and stem[6:].isdigit() and int(stem[6:]) in done):
+            if shard_index(name) not in done:
                 storage.remove(storage.join(cfg.output, folder, name))
     return done
 
@@ -196,7 +204,7 @@ def _write_shard(cfg: PrecomputeConfig, k: int, rows: list[dict], rejects: list[
              "rejects_by_reason": dict(Counter(r["reason"] for r in rejects)),
              "tokens": sum(pair_tokens(r) for r in rows),
              "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    storage.write_bytes_atomic(storage.join(cfg.output, "_progress", shard_name(k) + ".json"), json.dumps(entry).encode())
+    storage.write_json(storage.join(cfg.output, "_progress", shard_name(k) + ".json"), entry, indent=None)
     return entry
 
 
@@ -224,7 +232,7 @@ def _score(cfg: PrecomputeConfig, model_path: str, plan: _Plan, on_shard, progre
                         compute=ray.data.ActorPoolStrategy(size=cfg.num_workers), num_gpus=1 if use_gpu else 0, num_cpus=1,
                         fn_constructor_kwargs=dict(model_path=model_path, dtype=cfg.dtype, max_length=cfg.max_length,
                                                    truncation_mode=cfg.truncation_mode, pack_prompts=cfg.pack_prompts,
-                                                   threads=None if use_gpu else default_threads(cfg.num_workers)))
+                                                   threads=None if use_gpu else threads_per_worker(cfg.num_workers)))
     pending: dict[int, list[dict]] = defaultdict(list)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         recs = batch.to_pylist()
@@ -240,14 +248,14 @@ def _score(cfg: PrecomputeConfig, model_path: str, plan: _Plan, on_shard, progre
 def run(cfg: PrecomputeConfig) -> dict:
     """Run the stage; returns the manifest."""
     started = time.time()
-    storage.configure(cfg.storage_options)
+    storage.configure(cfg.storage_options_dict)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     tok_hashes = tokenizer_hashes(tokenizer)
     w_hash = weights_hash(model_path)
     identity = _identity(cfg, model_path, tok_hashes, w_hash)
     _check_output(cfg, identity)
-    storage.write_bytes_atomic(storage.join(cfg.output, "_progress", "run.json"), json.dumps(identity, indent=1).encode())
+    storage.write_json(storage.join(cfg.output, "_progress", "run.json"), identity)
     storage.write_bytes_atomic(storage.join(cfg.output, "config.yaml"), to_yaml(cfg).encode())
 
     for folder in ("shards", "rejects", "_progress"):
@@ -326,7 +334,7 @@ def _manifest(cfg: PrecomputeConfig, model_path: str, identity: dict, done: dict
         "last_run": last_run,  # what this invocation did: re-runs skip finished shards
     }
     validate_manifest(manifest)
-    storage.write_bytes_atomic(storage.join(cfg.output, "manifest.json"), json.dumps(manifest, indent=1).encode())
+    storage.write_json(storage.join(cfg.output, "manifest.json"), manifest)
     return manifest
 
 

@@ -15,7 +15,13 @@ import time
 
 import yaml
 
+from stages.core.errors import PipelineError
+
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class SubmitError(PipelineError):
+    """A job spec that cannot be submitted as it is; the message names the file and what is missing."""
 
 
 def expand(value, missing: set[str]):
@@ -35,17 +41,20 @@ def expand(value, missing: set[str]):
 def load_spec(path: str, extra_args: list[str]) -> dict:
     """The spec with ${VAR}s filled in: required in the entrypoint, optional in env_vars (unset ones
     are dropped so the cluster's own defaults apply)."""
-    with open(path) as fh:
-        spec = yaml.safe_load(fh)
+    try:
+        with open(path) as fh:
+            spec = yaml.safe_load(fh)
+    except (OSError, yaml.YAMLError) as e:
+        raise SubmitError(f"{path}: cannot read the job spec ({e})") from None
     if not isinstance(spec, dict) or "entrypoint" not in spec:
-        raise ValueError(f"{path}: a Ray Jobs spec needs an 'entrypoint'")
+        raise SubmitError(f"{path}: a Ray Jobs spec needs an 'entrypoint'")
     runtime_env = dict(spec.get("runtime_env") or {})
     env = runtime_env.pop("env_vars", {}) or {}
     missing: set[str] = set()
     spec = {**expand({k: v for k, v in spec.items() if k != "runtime_env"}, missing),
             "runtime_env": expand(runtime_env, missing)}
     if missing:
-        raise ValueError(f"{path}: set {', '.join(sorted(missing))} in the environment before submitting")
+        raise SubmitError(f"{path}: set {', '.join(sorted(missing))} in the environment before submitting")
     filled = {k: expand(v, set()) for k, v in env.items()}
     spec["runtime_env"]["env_vars"] = {k: v for k, v in filled.items() if v != ""}
     wd = spec["runtime_env"].get("working_dir")
@@ -67,7 +76,10 @@ def main(argv: list[str]) -> int:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     spec = load_spec(args.spec, [a for a in extra if a != "--"])
-    client = JobSubmissionClient(args.address)
+    try:
+        client = JobSubmissionClient(args.address)
+    except ConnectionError as e:
+        raise SubmitError(f"cannot reach the Ray dashboard at {args.address}: {e}") from None
     job_id = client.submit_job(entrypoint=spec["entrypoint"], runtime_env=spec.get("runtime_env"),
                                entrypoint_num_cpus=spec.get("entrypoint_num_cpus"),
                                entrypoint_num_gpus=spec.get("entrypoint_num_gpus"),

@@ -29,14 +29,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def smollm_path() -> str:
-    from stages.models import embedded_model_path
+    from stages.core.models import embedded_model_path
 
     return str(embedded_model_path())
 
 
 @pytest.fixture(scope="session")
 def tokenizer(smollm_path):
-    from stages.models import load_tokenizer
+    from stages.core.models import load_tokenizer
 
     return load_tokenizer(smollm_path)
 
@@ -92,7 +92,7 @@ def refs(tmp_path_factory, tiny_model_dir, ray_session) -> Path:
     rows = [r for r in read_jsonl_gz(HH_SAMPLE, 120) if r["chosen"] != r["rejected"] and len(r["chosen"]) < 700][:20]
     (tmp / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     from stages import precompute
-    from stages.config import PrecomputeConfig
+    from stages.core.config import PrecomputeConfig
 
     cfg = PrecomputeConfig(data=str(tmp / "in.jsonl"), model=tiny_model_dir, output=str(tmp / "refs"),
                            format="hh", rows_per_shard=5, max_length=256, progress=False)

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import HH_SAMPLE, ROOT, read_jsonl_gz
 
 moto_server = pytest.importorskip("moto.server")
@@ -200,11 +199,11 @@ def test_s3_outage_mid_precompute_then_rerun(s3, tiny_model_dir):
 
 
 def test_every_job_yaml_is_valid():
+    import re
+
     import yaml
 
     from stages.submit import load_spec
-
-    import re
 
     cron = re.compile(r"^(\S+\s+){4}\S+$")
     seen = set()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from stages.config import ConfigError, PrecomputeConfig, parse_args
+from stages.core.config import ConfigError, PrecomputeConfig, parse_args
 
 
 def parse(argv):
@@ -25,7 +27,7 @@ def test_yaml_then_flags_win(tmp_path):
 
 
 def test_config_is_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         parse([]).batch_size = 3
 
 
@@ -58,7 +60,7 @@ def test_yaml_must_be_a_mapping(tmp_path):
 
 
 def test_resume_flag_forms(tmp_path):
-    from stages.config import TrainConfig
+    from stages.core.config import TrainConfig
 
     parse_train = lambda argv: parse_args(TrainConfig, argv, prog="t")  # noqa: E731
     assert parse_train([]).resume == "false"
@@ -72,7 +74,7 @@ def test_resume_flag_forms(tmp_path):
 
 
 def test_storage_options_are_validated_and_redacted():
-    from stages.config import TrainConfig, to_yaml
+    from stages.core.config import TrainConfig, to_yaml
 
     with pytest.raises(ConfigError, match="storage_options"):
         parse_args(TrainConfig, ["--storage-options", "{not json"], prog="t")
@@ -83,10 +85,36 @@ def test_storage_options_are_validated_and_redacted():
 
 
 def test_every_stage_config_parses_its_defaults_and_flags():
-    from stages.config import EvalConfig, SweepConfig, TrainConfig
+    from stages.core.config import EvalConfig, SweepConfig, TrainConfig
 
-    for cls, argv in ((EvalConfig, ["--samples", "2", "--beta", "0.2"]), (SweepConfig, ["--beta", "0.1,0.2"]),
-                      (TrainConfig, ["--loss-type", "sigmoid,sft", "--loss-weights", "1,0.2"]),
-                      (PrecomputeConfig, ["--no-such-flag-ever"][:0])):
-        assert parse_args(cls, argv, prog="t") is not None
+    assert parse_args(EvalConfig, ["--samples", "2", "--beta", "0.2"], prog="t") == EvalConfig(samples=2, beta=0.2)
+    assert parse_args(SweepConfig, ["--beta", "0.1,0.2"], prog="t").betas == [0.1, 0.2]
+    assert parse_args(TrainConfig, ["--loss-type", "sigmoid,sft", "--loss-weights", "1,0.2"],
+                      prog="t").loss_terms == [("sigmoid", 1.0), ("sft", 0.2)]
+    for cls in (PrecomputeConfig, TrainConfig, EvalConfig, SweepConfig):
         assert parse_args(cls, [], prog="t") == cls()
+
+
+def test_sweep_passes_every_training_key_to_each_run():
+    from stages.core.config import SweepConfig, TrainConfig
+
+    cfg = parse_args(SweepConfig, ["--beta", "0.1,0.5", "--label-smoothing", "0.2", "--warmup-ratio", "0.3",
+                                   "--gradient-checkpointing", "false", "--output", "out"], prog="t")
+    run = cfg.run_config(0.5)
+    assert type(run) is TrainConfig and run.beta == 0.5 and run.output == "out/beta-0.5"
+    assert (run.label_smoothing, run.warmup_ratio, run.gradient_checkpointing) == (0.2, 0.3, False)
+    with pytest.raises(ConfigError, match="beta"):
+        parse_args(SweepConfig, ["--beta", "0.1,x"], prog="t")
+
+
+def test_each_class_checks_its_own_keys():
+    from stages.core.config import EvalConfig, TrainConfig
+
+    with pytest.raises(ConfigError, match="warmup_ratio"):
+        TrainConfig(warmup_ratio=2.0)
+    with pytest.raises(ConfigError, match="top_p"):
+        EvalConfig(top_p=0.0)
+    with pytest.raises(ConfigError, match="rows_per_shard"):
+        PrecomputeConfig(rows_per_shard=0)
+    with pytest.raises(ConfigError, match="limit"):
+        PrecomputeConfig(limit=-1)

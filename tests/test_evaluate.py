@@ -8,11 +8,12 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from stages import evaluate, sweep, train
-from stages.config import ConfigError, EvalConfig, SweepConfig, TrainConfig, parse_args
-from stages.metrics import read
+from stages.core import trainer
+from stages.core.config import ConfigError, EvalConfig, SweepConfig, TrainConfig, parse_args
+from stages.core.metrics import read
 
 
 def test_eval_of_the_reference_is_zero(refs, tmp_path):
@@ -47,12 +48,15 @@ def test_early_stopping_keeps_the_best(refs, tmp_path, monkeypatch):
     def fake_evaluate(model, refs_, ctx, rank=0, world=1, reduce=None):
         return {"eval/loss": next(crafted), "eval/rewards/accuracies": 0.5}
 
-    monkeypatch.setattr(train, "evaluate", fake_evaluate)
+    monkeypatch.setattr(trainer, "heldout_metrics", fake_evaluate)
     cfg = TrainConfig(refs=str(refs), output=str(tmp_path / "run"), max_steps=6, batch_size=4, micro_batch_size=2,
                       learning_rate=1e-3, eval_refs=str(refs), eval_every=1, early_stopping_patience=2,
                       save_every=1, keep_checkpoints=10, progress=False)
     summary = train.run(cfg)
-    assert summary["steps"] == 4 and summary["best_step"] == 2
+    assert summary["steps"] == 4 and summary["best_step"] == 2 and summary["outcome"] == "early_stopped"
+    assert summary["weights"] == str(tmp_path / "run" / "best")
+    text = train.summary_text(summary)
+    assert text.startswith("train: early stop at step 4") and f"-> {tmp_path / 'run' / 'best'}," in text
     assert [r["step"] for r in read(str(tmp_path / "run" / "metrics.jsonl"))] == [1, 2, 3, 4]
     from safetensors.torch import load_file
 

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_tiny_model
-from stages.logprobs import exact_logps, pack_rows, pair_rows, scored_logps
+from oracle import exact_logps
+
+from stages.core.config import TrainConfig
+from stages.core.layout import pack_rows, pair_rows
+from stages.core.logprobs import scored_logps
+from stages.core.policy_pass import forward, pass_context
 
 pytestmark = pytest.mark.gpu
 
@@ -37,13 +41,11 @@ def test_packed_scoring_on_cuda_matches_cpu_oracle(tokenizer, dtype, tol):
 
 
 def test_training_forward_backward_bf16_autocast_on_cuda(tokenizer):
-    from stages.policy_pass import forward
-
     model = make_tiny_model(tokenizer, seed=4).to("cuda").train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pairs = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in _pairs(tokenizer, 4, 9)]
-    ctx = {"manifest": {"max_length": None, "truncation_mode": "keep_start"}, "device": "cuda",
-           "dtype": "bfloat16", "pad_id": tokenizer.pad_token_id}
+    ctx = pass_context(TrainConfig(dtype="bfloat16"), {"max_length": None, "truncation_mode": "keep_start"},
+                       tokenizer.pad_token_id, "cuda")
     chosen, rejected, _ = forward(model, pairs, ctx)
     (chosen - rejected).sigmoid().log().sum().backward()
     assert torch.isfinite(chosen).all() and torch.isfinite(rejected).all()

@@ -8,11 +8,11 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import DATA
-from stages.config import PrecomputeConfig
-from stages.data import DataError, MalformedRow, check_columns, read_rows
-from stages.formats import RowRejected, detect, extract_prompt, normalise
+
+from stages.core.config import PrecomputeConfig
+from stages.core.data import DataError, MalformedRow, check_columns, read_rows
+from stages.core.formats import RowRejected, detect, extract_prompt, normalise
 
 CFG = PrecomputeConfig()
 ROWS = [{"prompt": f"Q{i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)]
@@ -122,7 +122,7 @@ def test_reject_reasons(layout, row, reason):
 
 
 def test_token_level_rejects():
-    from stages.tokenize import truncate
+    from stages.core.tokenization import truncate
 
     ok = {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5, 6], "rejected_ids": [7]}
     assert truncate(ok, 5, None, "keep_start") == {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [7]}

@@ -6,9 +6,16 @@ import math
 
 import pytest
 import torch
-
 from conftest import make_tiny_model
-from stages.logprobs import exact_logps, pad_batch, sequence_logps, token_logps
+from oracle import exact_logps
+
+from stages.core.config import TrainConfig
+from stages.core.layout import pack_rows, pad_batch, pair_rows
+from stages.core.logprobs import scored_logps, sequence_logps, token_logps
+from stages.core.policy_pass import forward, pass_context
+from stages.core.tokenization import scored_sequence
+
+NO_TRUNCATION = {"max_length": None, "truncation_mode": "keep_start"}
 
 
 def test_token_logps_hand_computed():
@@ -49,7 +56,7 @@ def test_matches_exact_unpadded_forward(model, tokenizer):
 
 def test_full_forward_path_agrees(model, tokenizer, monkeypatch):
     """Models with a custom head take the plain logits path; both give the same numbers."""
-    import stages.logprobs as lp
+    import stages.core.logprobs as lp
 
     seqs = _random_sequences(5, len(tokenizer), seed=3)
     ids, mask, comp = pad_batch([s for s, _ in seqs], [st for _, st in seqs], tokenizer.pad_token_id)
@@ -97,9 +104,6 @@ def _random_pairs(tokenizer, n, seed):
 def test_packed_prompt_sharing_matches_separate_sequences(model, tokenizer, max_length, mode):
     """Every pair laid out by pair_rows (shared prompt, or two rows where keep_end cut the prompt
     differently) scores what the unpadded oracle gives for TRL's truncated sequences."""
-    from stages.logprobs import pack_rows, pair_rows, scored_logps
-    from stages.tokenize import scored_sequence
-
     pairs = _random_pairs(tokenizer, 7, seed=11)
     rows = [row for j, (p, c, rj) in enumerate(pairs) for row in pair_rows(j, p, c, rj, max_length, mode)]
     if max_length is None:
@@ -117,14 +121,12 @@ def test_packed_prompt_sharing_matches_separate_sequences(model, tokenizer, max_
 
 def test_packed_training_forward_same_loss_and_gradients_as_padded(tokenizer):
     """Training with the prompt run once per pair gives the padded path's log-probs and gradients."""
-    from stages.policy_pass import forward
-
     pairs = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in _random_pairs(tokenizer, 3, 17)]
-    ctx = {"manifest": {"max_length": None, "truncation_mode": "keep_start"}, "device": "cpu", "dtype": "float32",
-           "pad_id": tokenizer.pad_token_id}
+    packed, padded = (pass_context(TrainConfig(pack_prompts=pack), NO_TRUNCATION, tokenizer.pad_token_id, "cpu")
+                      for pack in (True, False))
     packed_model, padded_model = make_tiny_model(tokenizer, seed=6).train(), make_tiny_model(tokenizer, seed=6).train()
-    pc, pr, packed_tokens = forward(packed_model, pairs, {**ctx, "pack_prompts": True})
-    qc, qr, padded_tokens = forward(padded_model, pairs, {**ctx, "pack_prompts": False})
+    pc, pr, packed_tokens = forward(packed_model, pairs, packed)
+    qc, qr, padded_tokens = forward(padded_model, pairs, padded)
     assert torch.allclose(pc, qc, atol=1e-4) and torch.allclose(pr, qr, atol=1e-4)
     assert packed_tokens == sum(len(p) + len(c) + len(r) for p, c, r in
                                 ((x["prompt_ids"], x["chosen_ids"], x["rejected_ids"]) for x in pairs))

@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from stages.losses import LN2, LOSSES, Batch, LossParams, combined_loss, parse_loss_types, rewards
+from stages.core.config import LOSS_NAMES, ConfigError, parse_loss_types
+from stages.core.losses import LN2, LOSSES, TIE_NATS, Batch, LossParams, combined_loss, rewards
 
 E = math.exp
 ls = lambda x: -math.log1p(E(-x))  # noqa: E731  log sigmoid
@@ -92,10 +93,21 @@ def test_weighted_mix_and_parsing():
     b = batch()
     mix = combined_loss(b, P, terms)
     assert torch.allclose(mix, LOSSES["sigmoid"](b, P) + 0.2 * LOSSES["sft"](b, P))
-    with pytest.raises(ValueError, match="loss_type.*bogus"):
+    with pytest.raises(ConfigError, match="loss_type.*bogus"):
         parse_loss_types("sigmoid,bogus", None)
-    with pytest.raises(ValueError, match="loss_weights"):
+    with pytest.raises(ConfigError, match="loss_weights"):
         parse_loss_types("sigmoid,sft", "1")
+
+
+def test_the_config_offers_exactly_the_implemented_losses():
+    assert tuple(LOSSES) == LOSS_NAMES
+
+
+def test_accuracy_tie_boundary_is_exact():
+    """delta exactly at TIE_NATS is a tie (not a win); just above it is a win; below zero a loss."""
+    pc = (TIE_NATS, TIE_NATS + 1e-9, TIE_NATS / 2, -TIE_NATS)
+    b = batch(pc=pc, pr=(0.0,) * 4, rc=(0.0,) * 4, rr=(0.0,) * 4, nc=(1,) * 4, nr=(1,) * 4)
+    assert rewards(b, P)["rewards/accuracies"].tolist() == [0.0, 1.0, 0.0, 0.0]
 
 
 def test_sft_is_token_mean_over_the_batch():
@@ -113,11 +125,10 @@ TRL_SHARED = ["sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_
 @pytest.fixture(scope="module")
 def trl_setup(tokenizer):
     pytest.importorskip("trl")
+    from conftest import HH_SAMPLE, make_tiny_model, read_jsonl_gz
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
-
-    from conftest import HH_SAMPLE, make_tiny_model, read_jsonl_gz
 
     model = make_tiny_model(tokenizer, seed=4)
     rows = [r for r in read_jsonl_gz(HH_SAMPLE, 20) if r["chosen"] != r["rejected"]][:6]
@@ -139,7 +150,7 @@ def trl_setup(tokenizer):
 
 @pytest.mark.parametrize("name", TRL_SHARED)
 def test_matches_trl_loss(trl_setup, name):
-    from stages.logprobs import sequence_logps
+    from stages.core.logprobs import sequence_logps
 
     trainer, model, inputs = trl_setup
     beta, eps = 0.01, 0.1 if name in ("robust", "exo_pair", "aot", "aot_unpaired") else 0.0

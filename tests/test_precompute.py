@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import HH_SAMPLE, ROOT, read_jsonl_gz
+from oracle import exact_logps
+
 from schemas import SHARD_SCHEMA, validate_manifest, validate_table
 from stages import precompute
-from stages.config import PrecomputeConfig
-from stages.logprobs import exact_logps
-from stages.models import load_model
+from stages.core.config import PrecomputeConfig
+from stages.core.models import load_model
+from stages.core.tokenization import scored_sequence
 from stages.precompute import OutputMismatch
-from stages.tokenize import scored_sequence
 
 
 def write_dirty_input(path: Path, n_good: int = 24) -> dict:
@@ -187,7 +187,7 @@ def test_grown_input_scores_only_new_rows(tmp_path, tiny_model_dir, ray_session)
 
 
 def test_plan_forwards_minimises_padding_plus_overhead():
-    from stages.scorer import plan_forwards
+    from stages.core.layout import plan_forwards
 
     # one forward: 4 x 101 + 5 = 409; two by width: 2 x 11 + 2 x 101 + 10 = 234; four: 222 + 20 = 242
     assert plan_forwards([100, 10, 101, 11], 10_000, None, 5) == [[1, 3], [0, 2]]

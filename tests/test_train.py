@@ -12,13 +12,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import make_tiny_model
+
 from stages import train
-from stages.config import TrainConfig
-from stages.metrics import TIMING, read
-from stages.shards import ShardError
-from stages.train import TrainingError
+from stages.core.config import TrainConfig
+from stages.core.metrics import TIMING, read
+from stages.core.shard_stream import ShardError
+from stages.core.trainer import TrainingError
 
 
 def cfg_for(refs, out, **kw) -> TrainConfig:
@@ -61,7 +61,10 @@ def test_resume_is_exact(refs, tmp_path):
     kw = dict(max_steps=8, save_every=3, lr_scheduler="cosine", warmup_ratio=0.25)
     train.run(cfg_for(refs, tmp_path / "whole", **kw))
     stopped = train.run(cfg_for(refs, tmp_path / "parts", stop_at_step=5, **kw))
-    assert stopped["stopped_at"] == 5 and (tmp_path / "parts" / "checkpoints" / "step-5").is_dir()
+    assert (stopped["outcome"], stopped["steps"], stopped["total_steps"]) == ("stopped", 5, 8)
+    assert stopped["weights"] == str(tmp_path / "parts" / "checkpoints" / "step-5")
+    assert (tmp_path / "parts" / "checkpoints" / "step-5").is_dir() and not (tmp_path / "parts" / "final").exists()
+    assert train.summary_text(stopped).startswith("train: stopped at step 5 of 8")
     train.run(cfg_for(refs, tmp_path / "parts", resume="true", **kw))
     a = untimed(read(str(tmp_path / "whole" / "metrics.jsonl")))
     b = untimed(read(str(tmp_path / "parts" / "metrics.jsonl")))
@@ -77,8 +80,9 @@ def test_resume_is_exact(refs, tmp_path):
 
 def test_two_workers_match_one(refs, tmp_path):
     kw = dict(max_steps=4, warmup_ratio=0.0)
-    train.run(cfg_for(refs, tmp_path / "one", **kw))
-    train.run(cfg_for(refs, tmp_path / "two", num_workers=2, **kw))
+    one = train.run(cfg_for(refs, tmp_path / "one", **kw))
+    two = train.run(cfg_for(refs, tmp_path / "two", num_workers=2, **kw))
+    assert one.keys() == two.keys() and two["outcome"] == "finished"  # one summary shape for both paths
     a = read(str(tmp_path / "one" / "metrics.jsonl"))
     b = read(str(tmp_path / "two" / "metrics.jsonl"))
     assert len(a) == len(b) == 4
@@ -151,6 +155,20 @@ def test_existing_run_needs_resume_or_overwrite(refs, tmp_path):
     with pytest.raises(TrainingError, match="--resume.*--overwrite"):
         train.run(cfg_for(refs, tmp_path / "run", max_steps=1))
     train.run(cfg_for(refs, tmp_path / "run", max_steps=1, overwrite=True))
+
+
+def test_overwrite_starts_clean(refs, tmp_path):
+    """An old run's checkpoints must not outrank the new run's, nor be what a later --resume finds."""
+    out = tmp_path / "run"
+    train.run(cfg_for(refs, out, max_steps=6, save_every=2, keep_checkpoints=5))
+    kw = dict(max_steps=4, save_every=1, keep_checkpoints=2)
+    train.run(cfg_for(refs, out, stop_at_step=2, overwrite=True, **kw))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    assert not (out / "final").exists() and [r["step"] for r in read(str(out / "metrics.jsonl"))] == [1, 2]
+    train.run(cfg_for(refs, out, resume="true", **kw))
+    assert [r["step"] for r in read(str(out / "metrics.jsonl"))] == [1, 2, 3, 4]
+    train.run(cfg_for(refs, tmp_path / "whole", **kw))
+    assert untimed(read(str(out / "metrics.jsonl"))) == untimed(read(str(tmp_path / "whole" / "metrics.jsonl")))
 
 
 def test_other_tokenizer_is_refused_other_policy_allowed(refs, tmp_path, tokenizer, capsys):

@@ -7,15 +7,14 @@ compared, id for id, with ours. Truncation is compared with TRL's DataCollatorFo
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
-
 from conftest import DATA, HH_SAMPLE, make_tiny_model, read_jsonl_gz
-from stages.config import PrecomputeConfig
-from stages.data import read_file
-from stages.formats import RowRejected, normalise
-from stages.tokenize import scored_sequence, tokenize_row, truncate
+
+from stages.core.config import PrecomputeConfig
+from stages.core.data import read_file
+from stages.core.formats import RowRejected, normalise
+from stages.core.tokenization import scored_sequence, tokenize_row, truncate
 
 trl = pytest.importorskip("trl")
 CFG = PrecomputeConfig()

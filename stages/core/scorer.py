@@ -8,12 +8,26 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 
 import pyarrow as pa
+import torch
 
-from stages.formats import RowRejected
-from stages.tokenize import scored_sequence, tokenize_row, truncate
+from stages.core.devices import pick_device
+from stages.core.formats import RowRejected
+from stages.core.layout import (
+    FORWARD_OVERHEAD_TOKENS,
+    MASK_ELEMENTS,
+    TOKENS_PER_FORWARD,
+    pack_rows,
+    pad_batch,
+    pair_rows,
+    plan_forwards,
+    row_width,
+    supports_4d_mask,
+)
+from stages.core.logprobs import scored_logps, sequence_logps
+from stages.core.models import load_model, load_tokenizer
+from stages.core.tokenization import scored_sequence, tokenize_row, truncate
 
 TOKENIZED_SCHEMA = pa.schema([
     ("pair_id", pa.string()), ("row_key", pa.string()), ("source_index", pa.int64()), ("shard", pa.int64()),
@@ -21,48 +35,9 @@ TOKENIZED_SCHEMA = pa.schema([
     ("reject_reason", pa.string()), ("reject_detail", pa.string()), ("row_json", pa.string()),
 ])
 
-# Padded tokens per forward pass: sequences are sorted by length and grouped under this budget,
-# so short sequences are not padded to the longest of the whole batch.
-TOKENS_PER_FORWARD = 8192
-# Packed rows carry a (T, T) additive mask each: at most this many mask entries per forward (128 MB fp32).
-MASK_ELEMENTS = 2 ** 25
-
-
-# What one more forward costs, in padded tokens: per-call overhead and small-matmul inefficiency.
-# Small on CPU; a GPU wants few, large forwards.
-FORWARD_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 2048}
-
-
-def plan_forwards(widths: list[int], tokens_per_forward: int, mask_elements: int | None,
-                  overhead_tokens: int) -> list[list[int]]:
-    """Sort rows by width and cut them into forwards of contiguous widths that minimise padded
-    tokens + `overhead_tokens` per forward (exact, by dynamic programming over the cut points),
-    each forward under the padded-token budget and, for packed rows, the (T, T) mask budget.
-    """
-    order = sorted(range(len(widths)), key=lambda i: widths[i])
-    w = [widths[i] for i in order]
-    n = len(w)
-    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
-    for j in range(1, n + 1):  # rows order[:j] planned; the last forward is order[i:j], padded to w[j-1]
-        for i in range(j - 1, -1, -1):
-            k = j - i
-            if k > 1 and (k * w[j - 1] > tokens_per_forward
-                          or (mask_elements is not None and k * w[j - 1] ** 2 > mask_elements)):
-                break
-            cost = best[i] + k * w[j - 1] + overhead_tokens
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], n
-    while j > 0:
-        groups.append(order[cut[j]:j])
-        j = cut[j]
-    return groups[::-1]
-
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(model_path: str):
-    from stages.models import load_tokenizer
-
     return load_tokenizer(model_path)
 
 
@@ -95,14 +70,9 @@ class ReferenceScorer:
 
     def __init__(self, model_path: str, dtype: str, max_length: int | None, truncation_mode: str,
                  threads: int | None = None, tokens_per_forward: int = TOKENS_PER_FORWARD, pack_prompts: bool = True):
-        import torch
-
-        from stages.logprobs import supports_4d_mask
-        from stages.models import load_model
-
         if threads:
             torch.set_num_threads(threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = pick_device()
         self.model = load_model(model_path, dtype, self.device).eval()
         self.model.requires_grad_(False)
         self.pad_id = _tokenizer(model_path).pad_token_id or 0
@@ -119,10 +89,6 @@ class ReferenceScorer:
 
     def score_sequences(self, sequences: list[tuple[list[int], int]]) -> list[float]:
         """Exact summed log-probs of each (input_ids, completion_start), right-padded, grouped by length."""
-        import torch
-
-        from stages.logprobs import pad_batch, sequence_logps
-
         result = [0.0] * len(sequences)
         for group in self._groups([len(s) for s, _ in sequences], square=False):
             ids, mask, comp = pad_batch([sequences[i][0] for i in group], [sequences[i][1] for i in group],
@@ -135,10 +101,6 @@ class ReferenceScorer:
 
     def score_packed(self, rows: list[tuple], n_seqs: int) -> list[float]:
         """Summed log-probs of sequences 0..n_seqs-1 laid out as `pair_rows` rows, prefixes run once."""
-        import torch
-
-        from stages.logprobs import pack_rows, row_width, scored_logps
-
         total = torch.zeros(n_seqs, dtype=torch.float64)
         for group in self._groups([row_width(r) for r in rows], square=True):
             inputs, r, c, labels, seq_ids = pack_rows([rows[i] for i in group], self.pad_id, self.model.dtype,
@@ -148,8 +110,6 @@ class ReferenceScorer:
         return total.tolist()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from stages.logprobs import pair_rows
-
         recs = batch.to_pylist()
         nan = float("nan")
         chosen, rejected = [nan] * len(recs), [nan] * len(recs)
@@ -174,7 +134,3 @@ class ReferenceScorer:
                 .append_column("ref_rejected_logps", pa.array(rejected, pa.float64()))
                 .append_column("chosen_scored_tokens", pa.array(n_chosen, pa.int32()))
                 .append_column("rejected_scored_tokens", pa.array(n_rejected, pa.int32())))
-
-
-def default_threads(num_workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, num_workers))

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from stages import storage
+from stages.core import storage
+from stages.core.errors import PipelineError
 
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
 # name -> (file, layout used when --format is auto): HH text goes through the chat template,
@@ -26,7 +27,7 @@ EMBEDDED_DATA = {
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
-class DataError(ValueError):
+class DataError(PipelineError, ValueError):
     """The input cannot be read at all (missing file, missing column, unknown format)."""
 
 

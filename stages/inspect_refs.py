@@ -14,7 +14,9 @@ import statistics
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages import shards, storage
+from stages.core import storage
+from stages.core.plots import margin_histogram
+from stages.core.shard_stream import Refs, iter_rows, load_refs
 
 
 def _stats(values: list[float]) -> dict:
@@ -26,7 +28,7 @@ def _stats(values: list[float]) -> dict:
             "max": ordered[-1]}
 
 
-def collect(refs: shards.Refs) -> dict:
+def collect(refs: Refs) -> dict:
     """Lengths and reference margins over all shards (only the small columns are read)."""
     cols = ["prompt_ids", "chosen_scored_tokens", "rejected_scored_tokens", "ref_chosen_logps", "ref_rejected_logps"]
     tables = []
@@ -45,25 +47,7 @@ def collect(refs: shards.Refs) -> dict:
             "ref_prefers_chosen": sum(m > 0 for m in margins) / len(margins), "margins": margins}
 
 
-def histogram(margins: list[float], path: str, title: str) -> str | None:
-    from stages.metrics import pyplot
-
-    plt = pyplot()
-    if plt is None:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    ax.hist(margins, bins=min(60, max(10, len(margins) // 5)), color="#4c72b0", alpha=0.85)
-    ax.axvline(0, color="black", lw=0.8)
-    ax.set_xlabel("ref_chosen_logps - ref_rejected_logps (nats)")
-    ax.set_ylabel("pairs")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def report(refs: shards.Refs, examples: int = 2) -> tuple[str, dict]:
+def report(refs: Refs, examples: int = 2) -> tuple[str, dict]:
     m = refs.manifest
     info = collect(refs)
     lines = [f"refs: {refs.root}",
@@ -88,15 +72,15 @@ def report(refs: shards.Refs, examples: int = 2) -> tuple[str, dict]:
     return "\n".join(lines), info
 
 
-def _examples(refs: shards.Refs, n: int) -> list[str]:
-    from stages.models import load_tokenizer, resolve_model
+def _examples(refs: Refs, n: int) -> list[str]:
+    from stages.core.models import load_tokenizer, resolve_model
 
     try:
         tok = load_tokenizer(resolve_model(refs.manifest["reference_model"]["path"]))
     except Exception as e:  # the model folder may live elsewhere (another machine, a hub name offline)
         return [f"  (no decoded pairs: tokenizer not available here: {type(e).__name__})"]
     out, shown = [], 0
-    for p in shards.iter_rows(refs.shard_urls()[0]) if refs.shard_urls() else []:
+    for p in iter_rows(refs.shard_urls()[0]) if refs.shard_urls() else []:
         cut = lambda ids: tok.decode(ids, skip_special_tokens=False)[-300:].replace("\n", "\\n")  # noqa: E731
         out += [f"  --- pair {p['pair_id'][:12]} (ref margin {p['ref_chosen_logps'] - p['ref_rejected_logps']:+.2f})",
                 f"    prompt  ...{cut(p['prompt_ids'])}", f"    chosen   {cut(p['chosen_ids'])[:300]}",
@@ -113,14 +97,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--output", help="folder for ref_margins.png (default: REFS when local)")
     ap.add_argument("--examples", type=int, default=2, help="decoded pairs to show")
     args = ap.parse_args(argv)
-    refs = shards.load_refs(args.refs)
+    refs = load_refs(args.refs)
     text, info = report(refs, args.examples)
     print(text)
     out = args.output or (args.refs if storage.is_local(args.refs) else None)
     if out and info.get("margins"):
         os.makedirs(out, exist_ok=True)
-        path = histogram(info["margins"], os.path.join(out, "ref_margins.png"),
-                         f"reference margins, {info['rows']} pairs ({refs.manifest['reference_model']['name']})")
-        if path:
-            print(f"  histogram: {path}")
+        path = margin_histogram(info["margins"], os.path.join(out, "ref_margins.png"),
+                                f"reference margins, {info['rows']} pairs ({refs.manifest['reference_model']['name']})")
+        print(f"  histogram: {path}")
     return 0

@@ -45,7 +45,7 @@ class LossParams:
     beta: float = 0.1             # KL strength (IPO's tau; ORPO's lambda; SimPO's beta)
     label_smoothing: float = 0.0  # assumed label-flip rate (robust, exo_pair, aot)
     discopop_tau: float = 0.05    # DiscoPOP mixing temperature
-    simpo_gamma: float = 0.5      # SimPO target reward margin (gamma / beta in the paper's notation)
+    simpo_gamma: float = 0.5      # SimPO target reward margin gamma (the paper's gamma, not gamma / beta)
 
 
 def sigmoid(b: Batch, p: LossParams) -> torch.Tensor:
@@ -182,27 +182,7 @@ LOSSES: dict[str, Callable[[Batch, LossParams], torch.Tensor]] = {
     "bco_pair": bco_pair, "sppo_hard": sppo_hard, "aot": aot, "aot_unpaired": aot_unpaired, "apo_zero": apo_zero,
     "apo_down": apo_down, "discopop": discopop, "sigmoid_norm": sigmoid_norm, "sft": sft, "simpo": simpo,
     "orpo": orpo,
-}
-REFERENCE_FREE = {"sft", "simpo", "orpo"}
-
-
-def parse_loss_types(loss_type: str, loss_weights: str | None) -> list[tuple[str, float]]:
-    """'sigmoid,sft' + '1,0.2' -> [('sigmoid', 1.0), ('sft', 0.2)]; errors name the bad entry."""
-    names = [n.strip() for n in loss_type.split(",") if n.strip()]
-    unknown = [n for n in names if n not in LOSSES]
-    if not names or unknown:
-        raise ValueError(f"config key 'loss_type': unknown loss {', '.join(unknown) or repr(loss_type)}; "
-                         f"choose from {', '.join(LOSSES)}")
-    if loss_weights in (None, ""):
-        weights = [1.0] * len(names)
-    else:
-        try:
-            weights = [float(w) for w in str(loss_weights).split(",")]
-        except ValueError:
-            raise ValueError(f"config key 'loss_weights': {loss_weights!r} is not a list of numbers") from None
-        if len(weights) != len(names):
-            raise ValueError(f"config key 'loss_weights': {len(weights)} weights for {len(names)} losses")
-    return list(zip(names, weights))
+}  # the names are `stages.core.config.LOSS_NAMES`, which the config checks `--loss-type` against
 
 
 def combined_loss(b: Batch, p: LossParams, terms: list[tuple[str, float]]) -> torch.Tensor:

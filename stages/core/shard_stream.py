@@ -9,7 +9,6 @@ whole set.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -18,13 +17,14 @@ from typing import Iterator
 import pyarrow.parquet as pq
 
 from schemas import SHARD_SCHEMA, SchemaError, validate_manifest
-from stages import storage
+from stages.core import storage
+from stages.core.errors import PipelineError
 
 COLUMNS = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps",
            "chosen_scored_tokens", "rejected_scored_tokens"]
 
 
-class ShardError(RuntimeError):
+class ShardError(PipelineError):
     """A missing, corrupt or mismatched shard or manifest; the message names the file."""
 
 
@@ -69,11 +69,9 @@ def verify_shard(url: str, sha256: str) -> None:
     """Stream-hash the file (no copy kept) and check the schema; once per file per process."""
     if (url, sha256) in _verified:
         return
-    h = hashlib.sha256()
     try:
         with storage.open_binary(url) as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
+            h = storage.hash_stream(fh)
     except FileNotFoundError:
         raise ShardError(f"shard missing: {url} (listed in the manifest)") from None
     if h.hexdigest() != sha256:

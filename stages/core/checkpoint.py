@@ -17,15 +17,26 @@ import shutil
 
 import torch
 
-from stages import storage
+from stages.core import storage
+from stages.core.errors import PipelineError
 
 CHECKPOINTS = "checkpoints"
 MARKER = "state.json"
 
 
+class CheckpointError(PipelineError):
+    """A checkpoint that does not fit the model being trained."""
+
+
+def step_of(name: str) -> int | None:
+    """'step-12' -> 12; None for any other name."""
+    prefix, _, number = name.partition("-")
+    return int(number) if prefix == "step" and number.isdigit() else None
+
+
 def _steps(output: str) -> list[int]:
     root = storage.join(output, CHECKPOINTS)
-    steps = [int(n[5:]) for n in storage.list_names(root) if n.startswith("step-") and n[5:].isdigit()]
+    steps = [s for s in map(step_of, storage.list_names(root)) if s is not None]
     return sorted(s for s in steps if storage.exists(storage.join(root, f"step-{s}", MARKER)))
 
 
@@ -34,9 +45,9 @@ def latest(output: str) -> str | None:
     return storage.join(output, CHECKPOINTS, f"step-{steps[-1]}") if steps else None
 
 
-def save(output: str, stage: str, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int) -> str:
+def save(output: str, staging: str, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int) -> str:
     """Write step-N in the staging folder, publish it to OUTPUT, drop all but the last `keep`."""
-    local_root = os.path.join(stage, CHECKPOINTS)
+    local_root = os.path.join(staging, CHECKPOINTS)
     final = os.path.join(local_root, f"step-{step}")
     tmp = os.path.join(local_root, f".step-{step}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -59,11 +70,11 @@ def save(output: str, stage: str, step: int, model, tokenizer, optimizer, schedu
     return url
 
 
-def load(url: str, stage: str, model, optimizer, scheduler) -> dict:
+def load(url: str, staging: str, model, optimizer, scheduler) -> dict:
     """Restore everything saved by `save` into live objects; returns state.json."""
     from safetensors.torch import load_file
 
-    path = os.path.join(stage, CHECKPOINTS, url.rstrip("/").rsplit("/", 1)[-1])
+    path = os.path.join(staging, CHECKPOINTS, url.rstrip("/").rsplit("/", 1)[-1])
     storage.download(url, path)
     weights = {}
     for name in os.listdir(path):
@@ -73,7 +84,7 @@ def load(url: str, stage: str, model, optimizer, scheduler) -> dict:
     # Tied embeddings are saved once; anything else missing is a broken checkpoint.
     missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {url} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(f"checkpoint {url} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     trainer_state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
     optimizer.load_state_dict(trainer_state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])

@@ -1,0 +1,404 @@
+"""Typed stage configs: frozen dataclasses, a YAML file, CLI flags that win over it.
+
+Precedence is defaults < YAML (`--config FILE.yaml`) < CLI flags. Every field becomes a flag
+(`max_length` -> `--max-length`) whose help is the field's one-line doc. Unknown keys and values
+of the wrong type are errors that name the key, raised in the driver before any Ray worker starts.
+Each class checks its own ranges in `check()`, run on construction.
+
+This module is the bottom of the import graph: it imports no other module of the project, so
+the loss names and the storage-option rules it checks are declared here and the modules that
+implement them are tested against these declarations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from stages.core.errors import PipelineError
+
+
+class ConfigError(PipelineError, ValueError):
+    """A bad config key or value; the message names the key."""
+
+
+def doc(help_text: str, **kwargs: Any) -> Any:
+    """A dataclass field with its one-line help."""
+    return field(metadata={"help": help_text}, **kwargs)
+
+
+# The loss family by name; `stages.core.losses.LOSSES` implements exactly these (a test holds them equal).
+LOSS_NAMES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "simpo", "orpo")
+Dtype = Literal["float32", "bfloat16"]
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
+
+
+def parse_loss_types(loss_type: str, loss_weights: str | None) -> list[tuple[str, float]]:
+    """'sigmoid,sft' + '1,0.2' -> [('sigmoid', 1.0), ('sft', 0.2)]; errors name the bad entry."""
+    names = [n.strip() for n in loss_type.split(",") if n.strip()]
+    unknown = [n for n in names if n not in LOSS_NAMES]
+    if not names or unknown:
+        raise ConfigError(f"config key 'loss_type': unknown loss {', '.join(unknown) or repr(loss_type)}; "
+                          f"choose from {', '.join(LOSS_NAMES)}")
+    if loss_weights in (None, ""):
+        return [(n, 1.0) for n in names]
+    try:
+        weights = [float(w) for w in str(loss_weights).split(",")]
+    except ValueError:
+        raise ConfigError(f"config key 'loss_weights': {loss_weights!r} is not a list of numbers") from None
+    if len(weights) != len(names):
+        raise ConfigError(f"config key 'loss_weights': {len(weights)} weights for {len(names)} losses")
+    return list(zip(names, weights))
+
+
+def parse_storage_options(options_json: str | None) -> dict:
+    """The `--storage-options` JSON as a dict ({} when unset)."""
+    if not options_json:
+        return {}
+    try:
+        options = json.loads(options_json)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config key 'storage_options': not valid JSON ({e.msg})") from None
+    if not isinstance(options, dict):
+        raise ConfigError("config key 'storage_options': expected a JSON object")
+    return options
+
+
+def redact(value: Any) -> Any:
+    """A copy with every value under a secret-looking key replaced, for logs and written configs."""
+    if isinstance(value, dict):
+        return {k: "<redacted>" if any(w in str(k).lower() for w in _SECRET_WORDS) else redact(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def _positive(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"config key '{name}': must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class Common:
+    """Fields every stage has."""
+
+    storage_options: str | None = doc("JSON of fsspec options (endpoint, profile, ...); secrets are never written",
+                                      default=None)
+    progress: bool = doc("show a progress bar", default=True)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        parse_storage_options(self.storage_options)
+
+    @property
+    def storage_options_dict(self) -> dict:
+        return parse_storage_options(self.storage_options)
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig(Common):
+    data: str = doc("input: file, directory, save_to_disk dir, fsspec URL, or hub name", default="embedded:hh-rlhf-helpful")
+    model: str = doc("reference model: local dir, hub name, or 'embedded:smollm2-135m-instruct'",
+                     default="embedded:smollm2-135m-instruct")
+    output: str = doc("output directory or fsspec URL for shards, rejects and manifest.json", default="runs/demo")
+    format: Literal["auto", "standard", "hh", "ultrafeedback", "helpsteer3", "openai", "sharegpt"] = doc(
+        "input layout; auto detects openai/sharegpt/helpsteer3 and otherwise reads TRL's standard or "
+        "conversational rows as-is (hh text is only parsed into turns with --format hh)", default="auto")
+    prompt_column: str = doc("column holding the prompt (optional: implicit prompts are extracted)", default="prompt")
+    chosen_column: str = doc("column holding the chosen answer", default="chosen")
+    rejected_column: str = doc("column holding the rejected answer", default="rejected")
+    split: str = doc("split to read from a DatasetDict / hub dataset", default="train")
+    max_length: int | None = doc("max tokens of prompt+completion, TRL's max_length (None: no limit)", default=1024)
+    max_prompt_length: int | None = doc("max prompt tokens before max_length applies (None: no limit)", default=None)
+    truncation_mode: Literal["keep_start", "keep_end"] = doc("which end of a too-long sequence to keep", default="keep_start")
+    batch_size: int = doc("pairs per scorer call (cut by length into forwards inside the call)", default=64)
+    num_workers: int = doc("scorer actors (one GPU each where CUDA exists)", default=1)
+    dtype: Dtype = doc("reference model dtype", default="float32")
+    pack_prompts: bool = doc("score each prompt once for both answers (packed rows, 4D mask)", default=True)
+    rows_per_shard: int = doc("new input rows per output shard: each run groups the rows it has not seen "
+                              "before, in input order, into shards of this many", default=1000)
+    limit: int | None = doc("read only the first N input rows", default=None)
+    overwrite: bool = doc("replace an existing output made with other settings", default=False)
+
+    def check(self) -> None:
+        super().check()
+        _positive(self, "batch_size", "num_workers", "rows_per_shard", "max_length", "max_prompt_length")
+        if self.limit is not None and self.limit < 0:
+            raise ConfigError(f"config key 'limit': must be 0 or more, got {self.limit}")
+        ml, mpl = self.max_length, self.max_prompt_length
+        if ml is not None and mpl is not None and mpl >= ml:
+            raise ConfigError(f"config key 'max_prompt_length': {mpl} leaves no room under max_length {ml}")
+
+
+@dataclass(frozen=True)
+class PolicyPass(Common):
+    """What a pass of the policy over shard pairs needs: the loss, its parameters, batching, dtype."""
+
+    loss_type: str = doc("loss or comma list: " + ", ".join(LOSS_NAMES), default="sigmoid")
+    loss_weights: str | None = doc("comma list of weights, one per loss (default: all 1)", default=None)
+    beta: float = doc("KL strength beta (IPO tau, ORPO lambda)", default=0.1)
+    label_smoothing: float = doc("assumed label-flip rate for robust / exo_pair / aot / simpo", default=0.0)
+    discopop_tau: float = doc("DiscoPOP temperature", default=0.05)
+    simpo_gamma: float = doc("SimPO target reward margin gamma, in the units of beta * average log-prob",
+                             default=0.5)
+    micro_batch_size: int = doc("pairs per forward/backward on one worker", default=2)
+    dtype: Dtype = doc("compute dtype (bfloat16: autocast over float32 weights)", default="float32")
+    pack_prompts: bool = doc("run each prompt once for both answers (packed rows, 4D mask): fewer tokens, "
+                             "less activation memory, same values", default=True)
+
+    def check(self) -> None:
+        super().check()
+        _positive(self, "micro_batch_size", "discopop_tau")
+        if isinstance(self.beta, float) and self.beta <= 0:  # the sweep's beta is a list, checked there
+            raise ConfigError(f"config key 'beta': must be positive, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"config key 'label_smoothing': must be in [0, 0.5), got {self.label_smoothing}")
+        parse_loss_types(self.loss_type, self.loss_weights)
+
+    @property
+    def loss_terms(self) -> list[tuple[str, float]]:
+        return parse_loss_types(self.loss_type, self.loss_weights)
+
+
+@dataclass(frozen=True)
+class TrainConfig(PolicyPass):
+    refs: str = doc("precompute output (shards + manifest.json), local or fsspec URL", default="runs/demo")
+    model: str | None = doc("policy initialisation (default: the manifest's reference model)", default=None)
+    output: str | None = doc("run folder: metrics, checkpoints, final/ (default: REFS/policy)", default=None)
+    learning_rate: float = doc("peak AdamW learning rate", default=5e-6)
+    weight_decay: float = doc("AdamW weight decay", default=0.0)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = doc("decay after warmup", default="linear")
+    warmup_ratio: float = doc("fraction of steps spent warming up", default=0.1)
+    batch_size: int = doc("pairs per optimizer step (global, over all workers)", default=8)
+    max_steps: int | None = doc("optimizer steps (wins over epochs)", default=None)
+    epochs: int = doc("passes over the shards when max_steps is unset", default=1)
+    max_grad_norm: float = doc("gradient clipping norm (0: off)", default=1.0)
+    stop_at_step: int | None = doc("end this invocation after this step, with a checkpoint (the schedule still "
+                                   "spans max_steps/epochs): time-sliced or preemptible jobs resume with --resume",
+                                   default=None)
+    save_every: int = doc("write checkpoints/step-N every N steps (0: never)", default=0)
+    keep_checkpoints: int = doc("how many recent checkpoints to keep", default=2)
+    resume: Literal["false", "true", "auto"] = doc(
+        "continue from the latest checkpoint in OUTPUT: true (error if none), auto (if one exists: for "
+        "re-submitted or pre-empted jobs), false", default="false")
+    eval_refs: str | None = doc("precompute output of a held-out set, evaluated every eval_every steps", default=None)
+    eval_every: int = doc("steps between evaluations (0: only at the end, when eval_refs is set)", default=0)
+    early_stopping_patience: int = doc("stop after this many evaluations without improvement (0: off); "
+                                       "the best weights are kept in OUTPUT/best", default=0)
+    early_stopping_metric: Literal["eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"] = doc(
+        "what early stopping watches (loss: lower is better; the others: higher)", default="eval/loss")
+    num_workers: int = doc("Ray Train workers (DDP: gloo on CPU, NCCL on GPU); 1 runs in-process", default=1)
+    seed: int = doc("seed for shard order, shuffle buffer and torch", default=0)
+    gradient_checkpointing: bool = doc("recompute activations in backward: much less memory for a few per cent more "
+                                       "time (on, as in TRL; false for the fastest steps)", default=True)
+    shuffle_buffer: int = doc("pairs held for shuffling within the stream", default=256)
+    overwrite: bool = doc("start over in an OUTPUT that already has a run (its old files are removed)",
+                          default=False)
+
+    def check(self) -> None:
+        super().check()
+        _positive(self, "learning_rate", "batch_size", "max_steps", "epochs", "keep_checkpoints", "num_workers",
+                  "shuffle_buffer", "stop_at_step")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ConfigError(f"config key 'warmup_ratio': must be in [0, 1], got {self.warmup_ratio}")
+        for name in ("save_every", "eval_every", "early_stopping_patience"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"config key '{name}': must be 0 (off) or positive, got {getattr(self, name)}")
+        if self.early_stopping_patience and not self.eval_refs:
+            raise ConfigError("config key 'early_stopping_patience': needs eval_refs (a held-out set to watch)")
+
+
+@dataclass(frozen=True)
+class EvalConfig(PolicyPass):
+    refs: str = doc("precompute output of a held-out set", default="runs/demo-heldout")
+    model: str | None = doc("policy to score: a final/, best/ or checkpoints/step-N folder "
+                            "(default: the reference itself)", default=None)
+    output: str | None = doc("where eval.json and samples go (default: MODEL/eval, or runs/eval)", default=None)
+    loss_type: str = doc("loss reported as eval/loss: " + ", ".join(LOSS_NAMES), default="sigmoid")
+    micro_batch_size: int = doc("pairs per forward", default=4)
+    samples: int = doc("side-by-side generations from reference and policy for N held-out prompts", default=0)
+    max_new_tokens: int = doc("generation length for samples", default=128)
+    temperature: float = doc("sampling temperature for samples (0: greedy)", default=0.7)
+    top_p: float = doc("nucleus sampling for samples", default=0.9)
+    seed: int = doc("seed for sampling (the same for both models)", default=0)
+
+    def check(self) -> None:
+        super().check()
+        _positive(self, "max_new_tokens")
+        if self.samples < 0 or self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("config keys 'samples', 'temperature', 'top_p': need samples >= 0, temperature >= 0, "
+                              f"0 < top_p <= 1 (got {self.samples}, {self.temperature}, {self.top_p})")
+
+
+@dataclass(frozen=True)
+class SweepConfig(TrainConfig):
+    """Every training key, with `beta` a list: one training run per beta."""
+
+    beta: str = doc("comma list of betas, one short training run each", default="0.01,0.05,0.1,0.5")
+    eval_refs: str = doc("precompute output of a held-out set", default="runs/demo-heldout")
+    output: str = doc("sweep folder: one run per beta (OUTPUT/beta-B), sweep.png, sweep.md, sweep.json",
+                      default="runs/sweep")
+    overwrite: bool = doc("start each beta's run over when its folder holds one", default=True)
+
+    @property
+    def betas(self) -> list[float]:
+        try:
+            values = [float(b) for b in self.beta.split(",") if b.strip()]
+        except ValueError:
+            raise ConfigError(f"config key 'beta': {self.beta!r} is not a comma list of numbers") from None
+        if not values or any(b <= 0 for b in values):
+            raise ConfigError(f"config key 'beta': need positive betas, got {self.beta!r}")
+        return values
+
+    def check(self) -> None:
+        super().check()
+        self.betas  # noqa: B018  raises on a bad list
+
+    def run_config(self, beta: float) -> TrainConfig:
+        """The training run of one beta: every other key as given."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)}
+        return TrainConfig(**{**values, "beta": beta, "output": f"{self.output.rstrip('/')}/beta-{beta:g}"})
+
+
+STAGE_CONFIGS = {"precompute": PrecomputeConfig, "train": TrainConfig, "eval": EvalConfig, "sweep": SweepConfig}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing, generic over any stage's dataclass.
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """`int | None` -> (int, True)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _coerce_number(name: str, base: type, value: Any) -> Any:
+    kind = "an integer" if base is int else "a number"
+    if isinstance(value, bool):
+        raise ConfigError(f"config key '{name}': expected {kind}, got {value!r}")
+    try:
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return base(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{name}': expected {kind}, got {value!r}") from None
+
+
+def coerce(name: str, tp: Any, value: Any) -> Any:
+    """Convert a YAML or CLI value to the field's type, or raise ConfigError naming the key."""
+    base, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise ConfigError(f"config key '{name}': a value is required, got none")
+    if typing.get_origin(base) is Literal:
+        choices = typing.get_args(base)
+        if isinstance(value, bool) and "true" in choices:  # YAML `resume: true`
+            value = "true" if value else "false"
+        if value not in choices:
+            raise ConfigError(f"config key '{name}': {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"config key '{name}': expected true or false, got {value!r}")
+    if base in (int, float):
+        return _coerce_number(name, base, value)
+    if isinstance(value, (dict, list)):
+        raise ConfigError(f"config key '{name}': expected a string, got {type(value).__name__}")
+    return str(value)
+
+
+def from_mapping(cls: type, values: dict[str, Any], base: Any = None, source: str = "config") -> Any:
+    """Build `cls` from a mapping over `base` (or the defaults); unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in values if k.replace("-", "_") not in names]
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(sorted(names))}")
+    kwargs = dataclasses.asdict(base) if base is not None else {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        kwargs[name] = coerce(name, hints[name], value)
+    return cls(**kwargs)
+
+
+def ordered_fields(cls: type) -> list[dataclasses.Field]:
+    """Fields for help and docs, the class's own first (`refs` before the shared `storage_options`)."""
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    order: list[str] = []
+    for klass in cls.__mro__:
+        order += [n for n in getattr(klass, "__annotations__", {}) if n in by_name and n not in order]
+    return [by_name[n] for n in order]
+
+
+def field_help(cls: type) -> list[tuple[str, str, Any]]:
+    """(flag, help, default) per field: the CLI help, and the option tables in docs/options.md."""
+    return [("--" + f.name.replace("_", "-"), f.metadata.get("help", ""), f.default) for f in ordered_fields(cls)]
+
+
+def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    """One flag per field; values stay strings here and are coerced with the field's type."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help="YAML file of config keys (CLI flags win over it)")
+    hints = typing.get_type_hints(cls)
+    for f, (flag, help_text, default) in zip(ordered_fields(cls), field_help(cls)):
+        base, _ = _unwrap_optional(hints[f.name])
+        text = f"{help_text} (default: {default!r})"
+        if base is bool or (typing.get_origin(base) is Literal and "true" in typing.get_args(base)):
+            parser.add_argument(flag, dest=f.name, nargs="?", const="true", default=None, help=text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, help=text)
+    return parser
+
+
+def parse_args(cls: type, argv: list[str], prog: str, description: str = "") -> Any:
+    """defaults < YAML file < CLI flags."""
+    args = build_parser(cls, prog, description).parse_args(argv)
+    cfg = cls()
+    if args.config:
+        try:
+            with open(args.config) as fh:
+                loaded = yaml.safe_load(fh) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{args.config}: cannot read the config file ({e})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{args.config}: expected a mapping of config keys, got {type(loaded).__name__}")
+        cfg = from_mapping(cls, loaded, source=args.config)
+    flags = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    return from_mapping(cls, flags, base=cfg, source="command line")
+
+
+def public(cfg: Any) -> dict:
+    """The config as a dict fit to write: storage options with their secrets redacted."""
+    out = dataclasses.asdict(cfg)
+    if out.get("storage_options"):
+        try:
+            out["storage_options"] = json.dumps(redact(json.loads(out["storage_options"])))
+        except json.JSONDecodeError:
+            out["storage_options"] = "<redacted>"
+    return out
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(public(cfg), sort_keys=False)

@@ -1,0 +1,76 @@
+"""The three pictures the commands draw: training curves, reference margins, the beta sweep.
+
+matplotlib runs on its file-only Agg backend: there is no display here or on a cluster.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+
+@contextmanager
+def figure(path: str, panels: int, panel_size: tuple[float, float], title: str = "") -> Iterator[list]:
+    """Axes for `panels` side-by-side plots, saved to `path` (PNG) when the block ends."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, panels, figsize=(panel_size[0] * panels, panel_size[1]), squeeze=False)
+    try:
+        yield list(axes[0])
+        if title:
+            fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def training_curves(records: list[dict], path: str, title: str = "") -> str:
+    """Loss, reward accuracy, margins and chosen/rejected rewards against step (eval points too)."""
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval/loss" in r]
+    panels = [("loss", ["loss"]), ("reward accuracy", ["rewards/accuracies"]), ("reward margin", ["rewards/margins"]),
+              ("rewards", ["rewards/chosen", "rewards/rejected"])]
+    with figure(path, len(panels), (4.2, 3.4), title) as axes:
+        for ax, (name, keys) in zip(axes, panels):
+            for key in keys:
+                ax.plot([r["step"] for r in train if key in r], [r[key] for r in train if key in r],
+                        label=f"train {key.split('/')[-1]}", alpha=0.85)
+                points = [(r["step"], r[f"eval/{key}"]) for r in evals if f"eval/{key}" in r]
+                if points:
+                    ax.plot(*zip(*points), "o--", label=f"eval {key.split('/')[-1]}")
+            ax.set_title(name)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    return path
+
+
+def margin_histogram(margins: list[float], path: str, title: str) -> str:
+    """Histogram of ref_chosen_logps - ref_rejected_logps over a precompute output."""
+    with figure(path, 1, (6, 3.4)) as (ax,):
+        ax.hist(margins, bins=min(60, max(10, len(margins) // 5)), color="#4c72b0", alpha=0.85)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_xlabel("ref_chosen_logps - ref_rejected_logps (nats)")
+        ax.set_ylabel("pairs")
+        ax.set_title(title, fontsize=9)
+    return path
+
+
+def sweep_tradeoff(rows: list[dict], path: str) -> str:
+    """Held-out reward accuracy and margin against KL to the reference, one point per beta."""
+    kl = [r["eval/kl/chosen"] for r in rows]
+    with figure(path, 2, (4.5, 3.6)) as axes:
+        for ax, key, name in ((axes[0], "eval/rewards/accuracies", "held-out reward accuracy"),
+                              (axes[1], "eval/rewards/margins", "held-out reward margin")):
+            ys = [r[key] for r in rows]
+            ax.plot(kl, ys, "o-", color="#4c72b0")
+            for x, y, r in zip(kl, ys, rows):
+                ax.annotate(f"beta {r['beta']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.set_xlabel("KL(policy || reference) on chosen, nats per sequence")
+            ax.set_title(name, fontsize=10)
+            ax.grid(alpha=0.3)
+    return path

@@ -1,0 +1,170 @@
+"""One pass of the policy over shard pairs: log-probs, loss, and the metrics people watch.
+
+Shared by training (with backward), in-training evaluation and `pipeline.py eval`. Sums are kept
+per metric so workers can add them with one all-reduce before dividing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from stages.core.config import PolicyPass
+from stages.core.layout import pack_rows, pad_batch, pair_rows, row_width, supports_4d_mask
+from stages.core.logprobs import scored_logps, sequence_logps
+from stages.core.losses import Batch, LossParams, combined_loss, rewards
+from stages.core.models import load_model, load_tokenizer, tokenizer_hashes
+from stages.core.shard_stream import Refs, check_tokenizer, epoch_pairs
+from stages.core.tokenization import scored_sequence
+
+# Per-pair means reported as metrics; kl/* are mean log(pi/pi_ref) over the data's completions,
+# an estimate of KL(pi || pi_ref) on chosen and rejected answers.
+PAIR_MEANS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+              "logps/chosen", "logps/rejected", "kl/chosen", "kl/rejected"]
+# Extra sums: pairs, tokens in the forward, completion tokens and log-ratio sums (per-token KL).
+COUNTS = ["pairs", "tokens", "chosen_tokens", "rejected_tokens"]
+SUM_KEYS = PAIR_MEANS + COUNTS
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """Everything a pass needs besides the model and the pairs; built once by `pass_context`."""
+
+    micro_batch_size: int                  # pairs per forward
+    max_length: int | None                 # the shards' truncation rule (manifest), applied as precompute did
+    truncation_mode: str
+    pad_id: int
+    device: str
+    dtype: str                             # "bfloat16": autocast over float32 weights
+    terms: tuple[tuple[str, float], ...]   # (loss name, weight)
+    params: LossParams
+    pack_prompts: bool = True
+
+    def for_refs(self, refs: Refs) -> PassContext:
+        """The same pass over another precompute output (its own truncation rule)."""
+        return dataclasses.replace(self, max_length=refs.manifest["max_length"],
+                                   truncation_mode=refs.manifest["truncation_mode"])
+
+
+def pass_context(cfg: PolicyPass, manifest: dict, pad_id: int, device: str) -> PassContext:
+    """The one way to build a PassContext: from a train or eval config and the shards' manifest
+    (its `max_length` and `truncation_mode`: the pass cuts sequences as the precompute did)."""
+    params = LossParams(cfg.beta, cfg.label_smoothing, cfg.discopop_tau, cfg.simpo_gamma)
+    return PassContext(cfg.micro_batch_size, manifest["max_length"], manifest["truncation_mode"], pad_id,
+                       device, cfg.dtype, tuple(cfg.loss_terms), params, cfg.pack_prompts)
+
+
+def load_policy(model_path: str, refs: Refs, device: str):
+    """(tokenizer, float32 model) of a policy whose tokenizer is the one that made the shards."""
+    tokenizer = load_tokenizer(model_path)
+    check_tokenizer(refs, tokenizer_hashes(tokenizer))
+    return tokenizer, load_model(model_path, "float32", device)
+
+
+def forward(model, pairs: list[dict], ctx: PassContext) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Policy log-probs of chosen and rejected in one forward -> (chosen (m,), rejected (m,), tokens run).
+
+    Packed (the default where attention takes a 4D mask): each pair is one row, prompt + chosen +
+    rejected, the prompt run once; otherwise chosen and rejected as right-padded sequences.
+    """
+    m = len(pairs)
+    autocast = torch.autocast(device_type=ctx.device, dtype=torch.bfloat16, enabled=ctx.dtype == "bfloat16")
+    if ctx.pack_prompts and supports_4d_mask(model):
+        rows = [row for j, p in enumerate(pairs) for row in
+                pair_rows(j, p["prompt_ids"], p["chosen_ids"], p["rejected_ids"], ctx.max_length, ctx.truncation_mode)]
+        inputs, r, c, labels, seq_ids = pack_rows(rows, ctx.pad_id, torch.float32, ctx.device)
+        with autocast:
+            logps = scored_logps(model, inputs, r, c, labels, seq_ids, 2 * m)
+        return logps[0::2], logps[1::2], sum(row_width(row) for row in rows)
+    seqs, starts = [], []
+    for key in ("chosen_ids", "rejected_ids"):
+        for p in pairs:
+            seq, start = scored_sequence(p["prompt_ids"], p[key], ctx.max_length, ctx.truncation_mode)
+            seqs.append(seq)
+            starts.append(start)
+    ids, mask, comp = pad_batch(seqs, starts, ctx.pad_id, ctx.device)
+    with autocast:
+        logps = sequence_logps(model, ids, mask, comp)
+    return logps[:m], logps[m:], int(mask.sum())
+
+
+def loss_batch(pairs: list[dict], chosen: torch.Tensor, rejected: torch.Tensor, total_chosen_tokens: float) -> Batch:
+    t = lambda key: torch.tensor([p[key] for p in pairs], dtype=torch.float64, device=chosen.device)  # noqa: E731
+    return Batch(chosen, rejected, t("ref_chosen_logps"), t("ref_rejected_logps"), t("chosen_scored_tokens"),
+                 t("rejected_scored_tokens"), total_chosen_tokens)
+
+
+def _micro_sums(b: Batch, per_pair: torch.Tensor, ctx: PassContext, tokens: int) -> torch.Tensor:
+    """One micro-batch's contribution to SUM_KEYS."""
+    r = rewards(b, ctx.params)
+    values = {"loss": per_pair.detach().sum(), "kl/chosen": b.chosen_logratios.detach().sum(),
+              "kl/rejected": b.rejected_logratios.detach().sum(), "pairs": per_pair.numel(), "tokens": tokens,
+              "chosen_tokens": b.chosen_tokens.sum(), "rejected_tokens": b.rejected_tokens.sum(),
+              **{k: r[k].sum() for k in PAIR_MEANS if k in r}}
+    return torch.tensor([float(values[k]) for k in SUM_KEYS], dtype=torch.float64)
+
+
+def run_pairs(model, pairs: list[dict], ctx: PassContext, batch_size_total: int, batch_chosen_tokens: float,
+              train: bool) -> torch.Tensor:
+    """Forward (and backward, scaled for the whole optimizer batch) in micro-batches -> sums (SUM_KEYS,).
+
+    `batch_size_total` and `batch_chosen_tokens` describe the whole optimizer batch over all
+    workers: gradients are scaled by them so that summing over workers gives the batch mean.
+    """
+    sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
+    # Micro-batches of similar lengths pad less. Every loss is per pair and the step's gradient a
+    # sum over pairs, so how pairs are grouped into micro-batches does not change it.
+    pairs = sorted(pairs, key=lambda p: len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]))
+    for i in range(0, len(pairs), ctx.micro_batch_size):
+        micro = pairs[i:i + ctx.micro_batch_size]
+        with torch.set_grad_enabled(train):
+            chosen, rejected, tokens = forward(model, micro, ctx)
+            b = loss_batch(micro, chosen, rejected, batch_chosen_tokens)
+            per_pair = combined_loss(b, ctx.params, list(ctx.terms))
+            if train:
+                (per_pair.sum() / batch_size_total).backward()
+        sums += _micro_sums(b, per_pair, ctx, tokens)
+    return sums
+
+
+def means(sums: torch.Tensor, prefix: str = "") -> dict:
+    """Metric means from summed values; per-token KL divides by completion tokens."""
+    s = dict(zip(SUM_KEYS, sums.tolist()))
+    n = max(s["pairs"], 1.0)
+    out = {prefix + k: s[k] / n for k in PAIR_MEANS}
+    out[prefix + "kl_per_token/chosen"] = s["kl/chosen"] / max(s["chosen_tokens"], 1.0)
+    out[prefix + "kl_per_token/rejected"] = s["kl/rejected"] / max(s["rejected_tokens"], 1.0)
+    return out
+
+
+def _chunks(pairs: Iterable[dict], size: int, rank: int, world: int) -> Iterator[list[dict]]:
+    """This worker's pairs (every world-th, from rank), `size` at a time, streamed."""
+    chunk: list[dict] = []
+    for i, p in enumerate(pairs):
+        if i % world == rank:
+            chunk.append(p)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def heldout_metrics(model, refs: Refs, ctx: PassContext, rank: int = 0, world: int = 1,
+                    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict:
+    """eval/* metrics over every pair of a held-out set, streamed in a fixed order (one micro-batch
+    in memory at a time); `reduce` sums the per-worker sums across workers."""
+    was_training = model.training
+    model.eval()
+    ctx = ctx.for_refs(refs)
+    sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
+    with torch.no_grad():
+        for chunk in _chunks(epoch_pairs(refs, 0, 0, 1), ctx.micro_batch_size, rank, world):
+            chosen_tokens = float(sum(p["chosen_scored_tokens"] for p in chunk))
+            sums += run_pairs(model, chunk, ctx, len(chunk), chosen_tokens, train=False)
+    if was_training:
+        model.train()
+    return means(reduce(sums), "eval/")

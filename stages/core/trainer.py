@@ -1,0 +1,286 @@
+"""The training loop: the policy alone in memory, reference log-probs read from the shards.
+
+One `train_loop` serves a single process and each Ray Train worker. Every worker streams the
+same global order of pairs and takes its slice of each optimizer batch (pairs i with
+i % world == rank); gradients are summed over workers, so N workers reproduce one worker's
+updates with the same global `batch_size`. No reference model is ever loaded.
+
+The loop reads top to bottom: `start` (load, restore), then per step `train_step`,
+`evaluate_step`, `log_step`, `checkpoint_step`, then `finish`. Every run ends with the same
+summary (`summary`), written by rank 0 to OUTPUT/summary.json.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from stages.core import checkpoint, storage
+from stages.core.config import TrainConfig, to_yaml
+from stages.core.devices import pick_device, threads_per_worker
+from stages.core.distributed import Dist
+from stages.core.early_stopping import EarlyStopping
+from stages.core.errors import PipelineError
+from stages.core.metrics import MetricsLog, read
+from stages.core.plots import training_curves
+from stages.core.policy_pass import SUM_KEYS, PassContext, heldout_metrics, load_policy, means, pass_context, run_pairs
+from stages.core.shard_stream import Refs, batches, load_refs
+
+# What a run writes in OUTPUT; `--overwrite` removes exactly these before starting over.
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "final", "best", "curves.png", "train_config.yaml",
+             "summary.json")
+
+
+class TrainingError(PipelineError):
+    """A run that cannot go on: non-finite loss, nothing to resume, a mismatched output."""
+
+
+def output_dir(cfg: TrainConfig) -> str:
+    return cfg.output or storage.join(cfg.refs, "policy")
+
+
+def total_steps(cfg: TrainConfig, num_pairs: int) -> int:
+    return cfg.max_steps or cfg.epochs * math.ceil(num_pairs / cfg.batch_size)
+
+
+def prepare_output(cfg: TrainConfig) -> str | None:
+    """Decide, before any worker starts, whether the run resumes or starts over; returns the
+    checkpoint to resume from. Starting over removes the old run's files, so no stale checkpoint
+    can outrank the new run's or be picked up by a later --resume."""
+    out = output_dir(cfg)
+    last = checkpoint.latest(out) if cfg.resume != "false" else None
+    if cfg.resume == "true" and last is None:
+        raise TrainingError(f"--resume: no checkpoint under {out}/checkpoints (run with --save-every N first)")
+    if last is not None:
+        return last
+    has_run = any(storage.exists(storage.join(out, name)) for name in ("metrics.jsonl", "checkpoints"))
+    if has_run and not cfg.overwrite and cfg.resume != "auto":
+        raise TrainingError(f"{out} already holds a run: pass --resume to continue it or --overwrite to start over")
+    staging = storage.staging_dir(out)
+    for name in RUN_FILES:
+        storage.remove_tree(storage.join(out, name))
+        if staging != out:
+            storage.remove_tree(os.path.join(staging, name))
+    return None
+
+
+@dataclass
+class Run:
+    """The live state of one training run; the loop's steps advance it."""
+
+    cfg: TrainConfig
+    dist: Dist
+    out: str                  # OUTPUT: local folder or URL
+    staging: str              # local folder written first, uploaded at checkpoints and at the end
+    refs: Refs
+    eval_refs: Refs | None
+    tokenizer: Any
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    steps: int                # optimizer steps of the whole schedule
+    ctx: PassContext
+    stopper: EarlyStopping
+    log: MetricsLog | None    # rank 0 only
+    step: int = 0
+    epoch: int = 0
+    consumed: int = 0         # pairs of `epoch` already trained on
+    last_eval: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def publish(self, *names: str) -> None:
+        """Upload run files from the staging folder (a no-op for a local OUTPUT)."""
+        for name in names:
+            local = os.path.join(self.staging, name)
+            if os.path.exists(local):
+                storage.upload(local, storage.join(self.out, name))
+
+
+def _optimizer(cfg: TrainConfig, model, steps: int):
+    from transformers import get_scheduler
+
+    # fused: one kernel over all parameters, without the foreach path's temporary copies of them
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps),
+                              num_training_steps=steps)
+    return optimizer, scheduler
+
+
+def _load_policy(cfg: TrainConfig, refs: Refs, device: str, dist: Dist):
+    from stages.core.models import resolve_model
+
+    reference = refs.manifest["reference_model"]["path"]
+    model_path = resolve_model(cfg.model or reference)
+    tokenizer, model = load_policy(model_path, refs, device)  # float32 master weights; bf16 is autocast
+    if dist.is_main and os.path.realpath(model_path) != os.path.realpath(reference):
+        print(f"note: policy starts from {model_path}, the shards' reference is {reference}", file=sys.stderr)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()
+    return tokenizer, model
+
+
+def start(cfg: TrainConfig, resume_from: str | None) -> Run:
+    """Load shards, policy and optimizer; restore `resume_from` when given."""
+    storage.configure(cfg.storage_options_dict)
+    dist, device = Dist(), pick_device()
+    if device == "cuda" and dist.on:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    out = output_dir(cfg)
+    refs = load_refs(cfg.refs)
+    tokenizer, model = _load_policy(cfg, refs, device, dist)
+    steps = total_steps(cfg, refs.num_pairs)
+    optimizer, scheduler = _optimizer(cfg, model, steps)
+    ctx = pass_context(cfg, refs.manifest, tokenizer.pad_token_id or 0, device)
+    run = Run(cfg, dist, out, storage.staging_dir(out), refs, load_refs(cfg.eval_refs) if cfg.eval_refs else None,
+              tokenizer, model, optimizer, scheduler, steps, ctx,
+              EarlyStopping(cfg.early_stopping_metric, cfg.early_stopping_patience), None)
+    if resume_from is not None:
+        state = checkpoint.load(resume_from, run.staging, model, optimizer, scheduler)
+        run.step, run.epoch, run.consumed = state["step"], state["epoch"], state["consumed"]
+        run.stopper.restore(state.get("early_stopping"))
+        if dist.is_main and storage.exists(storage.join(out, "metrics.jsonl")):
+            storage.download(storage.join(out, "metrics.jsonl"), os.path.join(run.staging, "metrics.jsonl"))
+    if dist.is_main:
+        run.log = MetricsLog(run.staging, run.step if resume_from is not None else None)
+        storage.write_bytes_atomic(storage.join(out, "train_config.yaml"), to_yaml(cfg).encode())
+    return run
+
+
+def train_step(run: Run, epoch: int, consumed: int, batch: list[dict]) -> dict:
+    """One optimizer step on this worker's slice of the global batch; returns the step's record."""
+    t0 = time.time()
+    mine = batch[run.dist.rank::run.dist.world]
+    chosen_tokens = float(sum(p["chosen_scored_tokens"] for p in batch))
+    sums = run.dist.sum_(run_pairs(run.model, mine, run.ctx, len(batch), chosen_tokens, train=True))
+    run.dist.sum_grads(run.params)
+    metrics = means(sums)
+    if not math.isfinite(metrics["loss"]):
+        ids = ", ".join(p["pair_id"][:12] for p in batch[:8])
+        raise TrainingError(f"non-finite loss {metrics['loss']} at step {run.step + 1} (epoch {epoch}); "
+                            f"batch pair ids: {ids}{' ...' if len(batch) > 8 else ''}")
+    clip = run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(run.params, clip)
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step, run.epoch, run.consumed = run.step + 1, epoch, consumed
+    tokens_per_s = float(sums[SUM_KEYS.index("tokens")]) / max(time.time() - t0, 1e-9)
+    return {"step": run.step, "epoch": round(epoch + consumed / run.refs.num_pairs, 4), **metrics,
+            "grad_norm": float(norm), "lr": lr, "tokens/s": tokens_per_s}
+
+
+def evaluate_step(run: Run) -> dict:
+    """eval/* metrics when this step is an evaluation step; keeps the best weights for early stopping."""
+    cfg = run.cfg
+    if run.eval_refs is None or not ((cfg.eval_every and run.step % cfg.eval_every == 0) or run.step == run.steps):
+        return {}
+    run.last_eval = heldout_metrics(run.model, run.eval_refs, run.ctx, run.dist.rank, run.dist.world, run.dist.sum_)
+    if run.stopper.on and run.stopper.update(run.step, run.last_eval) and run.dist.is_main:
+        best = os.path.join(run.staging, "best")
+        run.model.save_pretrained(best, safe_serialization=True)
+        run.tokenizer.save_pretrained(best)
+        storage.write_json(os.path.join(best, "best.json"), {"step": run.step, cfg.early_stopping_metric: run.stopper.best})
+        run.publish("best")
+    return run.last_eval
+
+
+def checkpoint_step(run: Run, end: int) -> None:
+    """Save every `save_every` steps, and at a --stop-at-step end (the run goes on from there)."""
+    cfg = run.cfg
+    if not run.dist.is_main or not ((cfg.save_every and run.step % cfg.save_every == 0) or run.step == end < run.steps):
+        return
+    run.publish("metrics.jsonl")  # before the checkpoint: resume reads both
+    checkpoint.save(run.out, run.staging, run.step, run.model, run.tokenizer, run.optimizer, run.scheduler,
+                    {"epoch": run.epoch, "consumed": run.consumed, "early_stopping": run.stopper.state()},
+                    cfg.keep_checkpoints)
+
+
+def summary(run: Run, outcome: str, weights: str) -> dict:
+    """The one summary shape of every run (also OUTPUT/summary.json)."""
+    records = read(run.log.path) if run.log is not None else []
+    return {"outcome": outcome, "steps": run.step, "total_steps": run.steps, "output": run.out, "weights": weights,
+            "best_step": run.stopper.best_step if run.stopper.on else None,
+            "seconds": round(time.time() - run.started, 2), "first": records[0] if records else {},
+            "last": records[-1] if records else {}, "eval": run.last_eval}
+
+
+def finish(run: Run) -> dict:
+    """Save final/ (unless stopped on purpose before the end), plot, upload; return the summary."""
+    early = run.stopper.should_stop
+    if run.step < run.steps and not early:  # --stop-at-step: the checkpoint is the result
+        outcome, weights = "stopped", storage.join(run.out, checkpoint.CHECKPOINTS, f"step-{run.step}")
+    else:
+        outcome, weights = ("early_stopped", storage.join(run.out, "best")) if early else \
+            ("finished", storage.join(run.out, "final"))
+        if run.dist.is_main:
+            run.model.save_pretrained(os.path.join(run.staging, "final"), safe_serialization=True)
+            run.tokenizer.save_pretrained(os.path.join(run.staging, "final"))
+    if not run.dist.is_main:
+        return summary(run, outcome, weights)
+    run.log.close()
+    cfg = run.cfg
+    if outcome != "stopped":
+        training_curves(read(run.log.path), os.path.join(run.staging, "curves.png"),
+                        f"{cfg.loss_type}, beta {cfg.beta}, lr {cfg.learning_rate}")
+    result = summary(run, outcome, weights)
+    storage.write_json(os.path.join(run.staging, "summary.json"), result)
+    run.publish("final", "metrics.jsonl", "curves.png", "tensorboard", "summary.json")
+    return result
+
+
+def _progress_bar(run: Run):
+    if not (run.cfg.progress and run.dist.is_main):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=run.steps, initial=run.step, unit="step", desc="train", file=sys.stderr, dynamic_ncols=True)
+
+
+def train_loop(cfg: TrainConfig, resume_from: str | None = None) -> dict:
+    """Train; returns the summary. Runs as is in one process or inside a Ray Train worker."""
+    run = start(cfg, resume_from)
+    stream = batches(run.refs, cfg.batch_size, cfg.seed, cfg.shuffle_buffer, run.epoch, run.consumed)
+    end = min(run.steps, cfg.stop_at_step or run.steps)
+    bar = _progress_bar(run)
+    while run.step < end and not run.stopper.should_stop:
+        record = train_step(run, *next(stream))
+        record.update(evaluate_step(run))
+        if run.log is not None:
+            run.log.write(record)
+        if bar is not None:
+            bar.set_postfix_str(f"loss {record['loss']:.4f} acc {record['rewards/accuracies']:.2f} "
+                                f"{record['tokens/s']:.0f} tok/s")
+            bar.update(1)
+        checkpoint_step(run, end)
+    if bar is not None:
+        bar.close()
+    if run.stopper.should_stop and run.dist.is_main:
+        print(f"early stopping at step {run.step}: {cfg.early_stopping_metric} has not improved for "
+              f"{run.stopper.patience} evaluations (best {run.stopper.best:.4f} at step {run.stopper.best_step})",
+              file=sys.stderr)
+    return finish(run)
+
+
+def ray_worker(config: dict) -> None:
+    """Ray Train's train_loop_per_worker: the same loop, this worker's share of the CPU threads."""
+    config = dict(config)
+    resume_from = config.pop("_resume_from")
+    cfg = TrainConfig(**config)
+    torch.set_num_threads(threads_per_worker(cfg.num_workers))
+    train_loop(cfg, resume_from)
