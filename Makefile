@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo precompute train test bench clean
+.PHONY: install demo precompute train test test-fast lint docs bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,21 @@ demo: $(STAMP)
 	$(PY) pipeline.py train --overwrite
 	$(PY) pipeline.py eval --refs runs/demo-heldout --model runs/demo/policy/final --samples 3
 
-test: $(STAMP)
+# Everything, the lint step included (CI runs this).
+test: lint
 	$(PY) -m pytest -q -ra tests
+
+# The tests not marked slow (no real model, subprocess, Ray head or S3): under two minutes.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -m "not slow" tests
+
+# ruff with the settings in pyproject.toml (120 columns).
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+# docs/options.md from the config classes (a test fails when it is stale).
+docs: $(STAMP)
+	$(PY) -m stages.core.config > docs/options.md
 
 # This project vs TRL 1.16.0 side by side (a markdown table), then memory against data size.
 bench: $(STAMP)

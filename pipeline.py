@@ -74,7 +74,8 @@ def _submit(argv: list[str]) -> int:
     return submit.main(argv)
 
 
-COMMANDS = {"precompute": _precompute, "train": _train, "eval": _eval, "inspect": _inspect, "sweep": _sweep, "submit": _submit}
+COMMANDS = {"precompute": _precompute, "train": _train, "eval": _eval, "inspect": _inspect, "sweep": _sweep,
+            "submit": _submit}
 
 
 def main(argv: list[str] | None = None) -> int:

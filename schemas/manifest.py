@@ -4,7 +4,9 @@ from schemas.shards import SchemaError
 
 FORMAT_VERSION = 1
 
-# key -> expected JSON type(s)
+# Required keys -> expected JSON type(s). The precompute also writes data_sources (every --data an
+# output was grown from), data_path (the resolved input), tokens and last_run (what the last
+# invocation did: seconds, pairs_scored, tokens_scored, new_shards, rows_already_done).
 MANIFEST_KEYS = {
     "format_version": int,
     "created_at": str,
@@ -21,10 +23,13 @@ MANIFEST_KEYS = {
     "rows_written": int,
     "rows_rejected": int,
     "rejects_by_reason": dict,
-    "shards": list,               # [{"path", "rows", "sha256", "source_start", "source_end", "rejects"}]
+    "shards": list,               # one entry per shard: SHARD_ENTRY_KEYS below, and more (see below)
     "config": dict,
 }
 
+# Required in every shard entry. The precompute also writes, per shard: source_indices ([first, last]
+# input row, or null), data (the --data it came from), rows_read, rejects_path, rejects,
+# rejects_by_reason, tokens (prompt counted once per answer) and finished_at (UTC, ISO 8601).
 SHARD_ENTRY_KEYS = {"path": str, "rows": int, "sha256": str}
 
 
@@ -36,7 +41,8 @@ def validate_manifest(manifest: dict, name: str = "manifest.json") -> None:
         if not isinstance(manifest[key], kind) or (kind is int and isinstance(manifest[key], bool)):
             raise SchemaError(f"{name}: key '{key}' has type {type(manifest[key]).__name__}")
     if manifest["format_version"] > FORMAT_VERSION:
-        raise SchemaError(f"{name}: format_version {manifest['format_version']} is newer than this code ({FORMAT_VERSION})")
+        raise SchemaError(f"{name}: format_version {manifest['format_version']} is newer than this code "
+                          f"({FORMAT_VERSION})")
     for i, shard in enumerate(manifest["shards"]):
         for key, kind in SHARD_ENTRY_KEYS.items():
             if not isinstance(shard.get(key), kind):

@@ -25,7 +25,8 @@ from stages.core.shard_stream import Refs, epoch_pairs, load_refs
 ROWS = [("preference accuracy", "eval/rewards/accuracies"), ("mean margin", "eval/rewards/margins"),
         ("reward chosen", "eval/rewards/chosen"), ("reward rejected", "eval/rewards/rejected"),
         ("KL chosen (per seq)", "eval/kl/chosen"), ("KL rejected (per seq)", "eval/kl/rejected"),
-        ("KL chosen (per token)", "eval/kl_per_token/chosen"), ("KL rejected (per token)", "eval/kl_per_token/rejected"),
+        ("KL chosen (per token)", "eval/kl_per_token/chosen"),
+        ("KL rejected (per token)", "eval/kl_per_token/rejected"),
         ("loss", "eval/loss")]
 
 

@@ -41,7 +41,8 @@ def collect(refs: Refs) -> dict:
     prompt = [len(x) for x in t.column("prompt_ids").to_pylist()]
     chosen = t.column("chosen_scored_tokens").to_pylist()
     rejected = t.column("rejected_scored_tokens").to_pylist()
-    margins = [c - r for c, r in zip(t.column("ref_chosen_logps").to_pylist(), t.column("ref_rejected_logps").to_pylist())]
+    ref_chosen, ref_rejected = t.column("ref_chosen_logps").to_pylist(), t.column("ref_rejected_logps").to_pylist()
+    margins = [c - r for c, r in zip(ref_chosen, ref_rejected)]
     return {"rows": t.num_rows, "prompt_tokens": _stats(prompt), "chosen_tokens": _stats(chosen),
             "rejected_tokens": _stats(rejected), "ref_margin": _stats(margins),
             "ref_prefers_chosen": sum(m > 0 for m in margins) / len(margins), "margins": margins}
@@ -51,7 +52,8 @@ def report(refs: Refs, examples: int = 2) -> tuple[str, dict]:
     m = refs.manifest
     info = collect(refs)
     lines = [f"refs: {refs.root}",
-             f"  reference model: {m['reference_model']['name']} (weights {m['reference_model']['weights_hash'][:12]}), "
+             f"  reference model: {m['reference_model']['name']} "
+             f"(weights {m['reference_model']['weights_hash'][:12]}), "
              f"dtype {m['dtype']}",
              f"  data: {', '.join(m.get('data_sources') or [m['data_source']])}",
              f"  max_length {m['max_length']}, max_prompt_length {m['max_prompt_length']}, {m['truncation_mode']}",

@@ -196,7 +196,8 @@ def _write_shard(cfg: PrecomputeConfig, k: int, rows: list[dict], rejects: list[
     rej_table = pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)
     data = _parquet_bytes(table)
     idx = [r["source_index"] for r in rows] + [r["source_index"] for r in rejects]
-    storage.write_bytes_atomic(storage.join(cfg.output, "rejects", shard_name(k) + ".parquet"), _parquet_bytes(rej_table))
+    storage.write_bytes_atomic(storage.join(cfg.output, "rejects", shard_name(k) + ".parquet"),
+                               _parquet_bytes(rej_table))
     storage.write_bytes_atomic(storage.join(cfg.output, "shards", shard_name(k) + ".parquet"), data)
     entry = {"path": f"shards/{shard_name(k)}.parquet", "rows": table.num_rows, "sha256": storage.sha256_bytes(data),
              "source_indices": [min(idx), max(idx)] if idx else None, "data": cfg.data, "rows_read": rows_read,
@@ -229,7 +230,8 @@ def _score(cfg: PrecomputeConfig, model_path: str, plan: _Plan, on_shard, progre
                         fn_kwargs=dict(model_path=model_path, max_length=cfg.max_length,
                                        max_prompt_length=cfg.max_prompt_length, truncation_mode=cfg.truncation_mode))
     ds = ds.map_batches(ReferenceScorer, batch_format="pyarrow", batch_size=cfg.batch_size,
-                        compute=ray.data.ActorPoolStrategy(size=cfg.num_workers), num_gpus=1 if use_gpu else 0, num_cpus=1,
+                        compute=ray.data.ActorPoolStrategy(size=cfg.num_workers), num_gpus=1 if use_gpu else 0,
+                        num_cpus=1,
                         fn_constructor_kwargs=dict(model_path=model_path, dtype=cfg.dtype, max_length=cfg.max_length,
                                                    truncation_mode=cfg.truncation_mode, pack_prompts=cfg.pack_prompts,
                                                    threads=None if use_gpu else threads_per_worker(cfg.num_workers)))
@@ -279,7 +281,8 @@ def run(cfg: PrecomputeConfig) -> dict:
     if cfg.progress and plan.records:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(plan.records), unit="pair", desc="reference log-probs", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=len(plan.records), unit="pair", desc="reference log-probs", file=sys.stderr,
+                   dynamic_ncols=True)
 
     def progress(recs: list[dict]) -> None:
         stats["pairs"] += len(recs)

@@ -19,6 +19,7 @@ import pytest
 from conftest import HH_SAMPLE, ROOT, read_jsonl_gz
 
 moto_server = pytest.importorskip("moto.server")
+pytestmark = pytest.mark.slow  # an S3 server, subprocesses and a Ray head
 SECRET = "s3cr3t-Value-Never-Logged"
 
 
@@ -38,16 +39,12 @@ def s3(tmp_path_factory):
     server.start()
     env = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="dpo")
-    yield {"server": server, "port": port, "env": env}
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:  # module-scoped: the variables are restored when the module ends
+        for k, v in env.items():
+            mp.setenv(k, v)
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="dpo")
+        yield {"server": server, "port": port, "env": env}
+        server.stop()
 
 
 def s3_client(s3):
@@ -198,7 +195,7 @@ def test_s3_outage_mid_precompute_then_rerun(s3, tiny_model_dir):
     assert shard_files == markers
 
 
-def test_every_job_yaml_is_valid():
+def test_every_job_yaml_is_valid(monkeypatch):
     import re
 
     import yaml
@@ -213,8 +210,9 @@ def test_every_job_yaml_is_valid():
             if kind is None:  # a Ray Jobs spec
                 assert "python pipeline.py" in doc["entrypoint"], path
                 assert doc["runtime_env"]["working_dir"] and "AWS_SECRET_ACCESS_KEY" in doc["runtime_env"]["env_vars"]
-                env = {k: "x" for k in ("DATA_URL", "MODEL", "REFS_URL", "RUN_URL", "NUM_WORKERS")}
-                spec = _with_env(env, lambda: load_spec(str(path), ["--limit", "5"]))
+                for k in ("DATA_URL", "MODEL", "REFS_URL", "RUN_URL", "NUM_WORKERS"):
+                    monkeypatch.setenv(k, "x")
+                spec = load_spec(str(path), ["--limit", "5"])
                 assert spec["entrypoint"].endswith("--limit 5") and "${" not in spec["entrypoint"]
                 seen.add("spec")
                 continue
@@ -228,24 +226,12 @@ def test_every_job_yaml_is_valid():
                 fields = doc["spec"]["schedule"].split()
                 assert all(f == "*" or f.replace("*/", "").replace(",", "").replace("-", "").isdigit() for f in fields)
             assert "python pipeline.py" in job["entrypoint"]
-            containers = [c for g in [job["rayClusterSpec"]["headGroupSpec"], *job["rayClusterSpec"]["workerGroupSpecs"]]
+            cluster = job["rayClusterSpec"]
+            containers = [c for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
                           for c in g["template"]["spec"]["containers"]]
             assert all(c["envFrom"][0]["secretRef"]["name"] == "dpo-s3-credentials" for c in containers)
             assert "s3://" in job["entrypoint"]
     assert seen == {"spec", "RayJob", "RayCronJob", "Secret"}
-
-
-def _with_env(env, fn):
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return fn()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture()
@@ -257,10 +243,11 @@ def ray_head(tmp_path):
     # Job entrypoints run `python ...`: this interpreter, as in a cluster image with the project installed.
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     ray_bin = str(Path(sys.executable).parent / "ray")
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "3",
-                             "--temp-dir", tempfile.mkdtemp(prefix="ray", dir="/tmp")],  # sockets need a short path
-                            env=env, start_new_session=True, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT)
+    command = [ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "3",
+               "--temp-dir", tempfile.mkdtemp(prefix="ray", dir="/tmp")]  # sockets need a short path
+    head = subprocess.Popen(command, env=env, start_new_session=True, stdout=open(tmp_path / "head.log", "w"),
+                            stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dash}"
     import urllib.error
     import urllib.request

@@ -28,6 +28,7 @@ def test_eval_of_the_reference_is_zero(refs, tmp_path):
     assert "| preference accuracy |" in evaluate.table(res)
 
 
+@pytest.mark.slow
 def test_eval_after_training_rises_and_kl_is_positive(refs, tmp_path, tiny_model_dir):
     train.run(TrainConfig(refs=str(refs), output=str(tmp_path / "run"), epochs=3, batch_size=4, micro_batch_size=4,
                           learning_rate=3e-3, warmup_ratio=0.0, progress=False))
@@ -81,6 +82,7 @@ def test_sweep_two_betas(refs, tmp_path):
     assert (tmp_path / "sw" / "beta-0.1" / "final" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_inspect_counts_match_the_manifest(refs, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "inspect", str(refs), "--output", str(tmp_path)],
                           capture_output=True, text=True)
@@ -90,3 +92,25 @@ def test_inspect_counts_match_the_manifest(refs, tmp_path):
             f"rejected {manifest['rows_rejected']}, {len(manifest['shards'])} shards") in proc.stdout
     assert "ref_margin" in proc.stdout and "--- pair" in proc.stdout
     assert (tmp_path / "ref_margins.png").stat().st_size > 1000
+
+
+def test_eval_streams_the_heldout_set(refs, tmp_path, monkeypatch):
+    """One micro-batch of pairs is read ahead of the forward that uses it, never the whole set."""
+    from stages.core import policy_pass
+
+    pulled, seen = [0], []
+    real_pairs, real_run = policy_pass.epoch_pairs, policy_pass.run_pairs
+
+    def counting_pairs(*args, **kwargs):
+        for p in real_pairs(*args, **kwargs):
+            pulled[0] += 1
+            yield p
+
+    def spying_run(model, pairs, *args, **kwargs):
+        seen.append(pulled[0])
+        return real_run(model, pairs, *args, **kwargs)
+
+    monkeypatch.setattr(policy_pass, "epoch_pairs", counting_pairs)
+    monkeypatch.setattr(policy_pass, "run_pairs", spying_run)
+    res = evaluate.run(EvalConfig(refs=str(refs), output=str(tmp_path / "ev"), micro_batch_size=4, progress=False))
+    assert seen == [4, 8, 12, 16, 20] and res["pairs"] == 20

@@ -13,6 +13,7 @@ from oracle import exact_logps
 from stages.core.config import TrainConfig
 from stages.core.layout import pack_rows, pair_rows
 from stages.core.logprobs import scored_logps
+from stages.core.models import enable_activation_checkpointing
 from stages.core.policy_pass import forward, pass_context
 
 pytestmark = pytest.mark.gpu
@@ -42,7 +43,7 @@ def test_packed_scoring_on_cuda_matches_cpu_oracle(tokenizer, dtype, tol):
 
 def test_training_forward_backward_bf16_autocast_on_cuda(tokenizer):
     model = make_tiny_model(tokenizer, seed=4).to("cuda").train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     pairs = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in _pairs(tokenizer, 4, 9)]
     ctx = pass_context(TrainConfig(dtype="bfloat16"), {"max_length": None, "truncation_mode": "keep_start"},
                        tokenizer.pad_token_id, "cuda")

@@ -54,17 +54,34 @@ def test_matches_exact_unpadded_forward(model, tokenizer):
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
 
 
-def test_full_forward_path_agrees(model, tokenizer, monkeypatch):
-    """Models with a custom head take the plain logits path; both give the same numbers."""
+def _softcapped_model(tokenizer):
+    """A tiny Gemma2: its logits are tanh-softcapped after the LM head, so a plain head is wrong."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(7)
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=0.1,
+                          pad_token_id=tokenizer.pad_token_id, attn_implementation="eager")
+    return Gemma2ForCausalLM(config).eval()
+
+
+def test_custom_lm_head_takes_the_full_logits_path(tokenizer):
+    """A model whose logits are post-processed (softcapping) is detected and scored through its
+    own full forward: the oracle's numbers, not those of a plain lm_head(hidden)."""
     import stages.core.logprobs as lp
 
+    model = _softcapped_model(tokenizer)
+    assert not lp._has_plain_head(model) and lp._has_plain_head(make_tiny_model(tokenizer))
     seqs = _random_sequences(5, len(tokenizer), seed=3)
     ids, mask, comp = pad_batch([s for s, _ in seqs], [st for _, st in seqs], tokenizer.pad_token_id)
     with torch.no_grad():
-        fast = sequence_logps(model, ids, mask, comp)
-        monkeypatch.setattr(lp, "_has_plain_head", lambda m: False)
-        slow = sequence_logps(model, ids, mask, comp)
-    assert torch.allclose(fast, slow, atol=1e-5)
+        got = sequence_logps(model, ids, mask, comp)
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        plain = torch.log_softmax(model.lm_head(hidden)[:, :-1].double(), -1)
+        plain = (plain.gather(-1, ids[:, 1:, None]).squeeze(-1) * comp[:, 1:]).sum(1)
+    want = torch.tensor([exact_logps(model, s, st) for s, st in seqs], dtype=torch.float64)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    assert (plain - want).abs().max() > 0.1  # without the softcap the numbers would be far off
 
 
 def test_independent_of_batch_composition(model, tokenizer):

@@ -20,7 +20,8 @@ ls = lambda x: -math.log1p(E(-x))  # noqa: E731  log sigmoid
 sg = lambda x: 1 / (1 + E(-x))  # noqa: E731  sigmoid
 
 
-def batch(pc=(0.0, 5.0, 10.0), pr=(0.0, -5.0, -10.0), rc=(0.0, 0.0, 0.0), rr=(0.0, 0.0, 0.0), nc=(1, 1, 1), nr=(1, 1, 1)):
+def batch(pc=(0.0, 5.0, 10.0), pr=(0.0, -5.0, -10.0), rc=(0.0, 0.0, 0.0), rr=(0.0, 0.0, 0.0), nc=(1, 1, 1),
+          nr=(1, 1, 1)):
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     return Batch(t(pc), t(pr), t(rc), t(rr), t(nc), t(nr))
 

@@ -29,8 +29,10 @@ def write_dirty_input(path: Path, n_good: int = 24) -> dict:
             if r["chosen"] != r["rejected"] and max(len(r["chosen"]), len(r["rejected"])) < 1500][:n_good]
     lines = [json.dumps(r) for r in rows]
     lines.insert(3, "{this is not json")
-    lines.insert(5, json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: same", "rejected": "\n\nHuman: hi\n\nAssistant: same"}))
-    lines.insert(7, json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant:   ", "rejected": "\n\nHuman: hi\n\nAssistant: x"}))
+    same = "\n\nHuman: hi\n\nAssistant: same"
+    lines.insert(5, json.dumps({"chosen": same, "rejected": same}))
+    lines.insert(7, json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant:   ",
+                                "rejected": "\n\nHuman: hi\n\nAssistant: x"}))
     lines.insert(9, json.dumps(rows[0]))  # duplicate of source row 0
     lines.insert(11, json.dumps({"chosen": 12, "rejected": "x"}))
     lines.insert(13, json.dumps({"prompt": "word " * 700, "chosen": "a", "rejected": "b"}))
@@ -72,7 +74,8 @@ def test_shards_rejects_and_manifest(tmp_path, tiny_model_dir, ray_session):
     rejects = [r for s in m["shards"] for r in pq.read_table(out / s["rejects_path"]).to_pylist()]
     assert sorted(r["reason"] for r in rejects) == sorted(expected)
     malformed = next(r for r in rejects if r["reason"] == "malformed_json")
-    assert malformed["source_index"] == 3 and "line 4" in malformed["detail"] and malformed["row"] == "{this is not json"
+    assert malformed["source_index"] == 3 and "line 4" in malformed["detail"]
+    assert malformed["row"] == "{this is not json"
     dup = next(r for r in rejects if r["reason"] == "duplicate")
     assert "source_index 0" in dup["detail"]
 
@@ -88,6 +91,7 @@ def test_shards_rejects_and_manifest(tmp_path, tiny_model_dir, ray_session):
             assert len(r["prompt_ids"]) + len(r[key]) <= cfg.max_length
 
 
+@pytest.mark.slow
 def test_same_logps_for_any_batch_size_and_worker_count(tmp_path, tiny_model_dir, ray_session):
     write_dirty_input(tmp_path / "in.jsonl")
     _, m1 = run(tmp_path, tiny_model_dir, name="a", batch_size=1, num_workers=1)
@@ -101,6 +105,7 @@ def test_same_logps_for_any_batch_size_and_worker_count(tmp_path, tiny_model_dir
         assert abs(a[pid]["ref_rejected_logps"] - b[pid]["ref_rejected_logps"]) < 1e-4
 
 
+@pytest.mark.slow
 def test_rerun_skips_and_other_settings_are_refused(tmp_path, tiny_model_dir, ray_session):
     write_dirty_input(tmp_path / "in.jsonl")
     cfg, first = run(tmp_path, tiny_model_dir)
@@ -124,6 +129,7 @@ def _cli(tmp_path, model, out):
             "--max-length", "256", "--progress", "false"]
 
 
+@pytest.mark.slow
 def test_sigkill_and_rerun_gives_the_same_pairs(tmp_path, tiny_model_dir):
     rows = [r for r in read_jsonl_gz(HH_SAMPLE, 400) if r["chosen"] != r["rejected"]][:60]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -178,7 +184,7 @@ def test_grown_input_scores_only_new_rows(tmp_path, tiny_model_dir, ray_session)
     (folder / "0-new.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[10:16] + [rows[0]]))
     second = precompute.run(cfg)
     assert second["last_run"]["pairs_scored"] == 6 and second["last_run"]["rows_already_done"] == 10
-    assert second["rows_read"] == 17 and second["rows_written"] == 16 and second["rejects_by_reason"] == {"duplicate": 1}
+    assert (second["rows_read"], second["rows_written"], second["rejects_by_reason"]) == (17, 16, {"duplicate": 1})
     ids = [r["pair_id"] for r in read_shards(tmp_path / "out", second)]
     assert len(ids) == len(set(ids)) == 16
     assert [s["path"] for s in second["shards"][:3]] == [s["path"] for s in first["shards"]]  # old shards kept

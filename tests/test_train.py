@@ -49,6 +49,7 @@ def test_step_zero_with_the_reference_gives_ln2(refs, tmp_path):
     assert list((tmp_path / "run" / "tensorboard").iterdir())
 
 
+@pytest.mark.slow
 def test_training_learns_the_training_pairs(refs, tmp_path):
     train.run(cfg_for(refs, tmp_path / "run", epochs=4, learning_rate=3e-3, warmup_ratio=0.0))
     records = read(str(tmp_path / "run" / "metrics.jsonl"))
@@ -78,6 +79,7 @@ def test_resume_is_exact(refs, tmp_path):
     assert sorted(p.name for p in (tmp_path / "parts" / "checkpoints").iterdir()) == ["step-5", "step-6"]
 
 
+@pytest.mark.slow
 def test_two_workers_match_one(refs, tmp_path):
     kw = dict(max_steps=4, warmup_ratio=0.0)
     one = train.run(cfg_for(refs, tmp_path / "one", **kw))

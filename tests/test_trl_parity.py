@@ -103,7 +103,8 @@ def test_helpsteer3_adapter(tokenizer):
         {"domain": "code", "language": "english",
          "context": [{"role": "user", "content": "Say hi in Python."}, {"role": "assistant", "content": "print('hi')"},
                      {"role": "user", "content": "Now in C."}],
-         "response1": "puts(\"hi\")", "response2": "#include <stdio.h>\nint main(){puts(\"hi\");}", "overall_preference": 3},
+         "response1": "puts(\"hi\")", "response2": "#include <stdio.h>\nint main(){puts(\"hi\");}",
+         "overall_preference": 3},
     ]
     norm, ours = adapted(raw, "helpsteer3", tokenizer)
     assert norm[0]["chosen"][0]["content"] == "7 is prime." and norm[1]["chosen"][0]["content"].startswith("#include")

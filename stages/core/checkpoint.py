@@ -84,7 +84,8 @@ def load(url: str, staging: str, model, optimizer, scheduler) -> dict:
     # Tied embeddings are saved once; anything else missing is a broken checkpoint.
     missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint {url} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(f"checkpoint {url} does not fit the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
     trainer_state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
     optimizer.load_state_dict(trainer_state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])

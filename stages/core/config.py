@@ -110,7 +110,8 @@ class Common:
 
 @dataclass(frozen=True)
 class PrecomputeConfig(Common):
-    data: str = doc("input: file, directory, save_to_disk dir, fsspec URL, or hub name", default="embedded:hh-rlhf-helpful")
+    data: str = doc("input: file, directory, save_to_disk dir, fsspec URL, or hub name",
+                    default="embedded:hh-rlhf-helpful")
     model: str = doc("reference model: local dir, hub name, or 'embedded:smollm2-135m-instruct'",
                      default="embedded:smollm2-135m-instruct")
     output: str = doc("output directory or fsspec URL for shards, rejects and manifest.json", default="runs/demo")
@@ -123,7 +124,8 @@ class PrecomputeConfig(Common):
     split: str = doc("split to read from a DatasetDict / hub dataset", default="train")
     max_length: int | None = doc("max tokens of prompt+completion, TRL's max_length (None: no limit)", default=1024)
     max_prompt_length: int | None = doc("max prompt tokens before max_length applies (None: no limit)", default=None)
-    truncation_mode: Literal["keep_start", "keep_end"] = doc("which end of a too-long sequence to keep", default="keep_start")
+    truncation_mode: Literal["keep_start", "keep_end"] = doc("which end of a too-long sequence to keep",
+                                                             default="keep_start")
     batch_size: int = doc("pairs per scorer call (cut by length into forwards inside the call)", default=64)
     num_workers: int = doc("scorer actors (one GPU each where CUDA exists)", default=1)
     dtype: Dtype = doc("reference model dtype", default="float32")
@@ -335,7 +337,8 @@ def from_mapping(cls: type, values: dict[str, Any], base: Any = None, source: st
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = [k for k in values if k.replace("-", "_") not in names]
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(sorted(names))}")
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                          f"known keys: {', '.join(sorted(names))}")
     kwargs = dataclasses.asdict(base) if base is not None else {}
     for key, value in values.items():
         name = key.replace("-", "_")
@@ -402,3 +405,21 @@ def public(cfg: Any) -> dict:
 
 def to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(public(cfg), sort_keys=False)
+
+
+def options_markdown() -> str:
+    """docs/options.md: one table per command, made from the dataclasses' help (a test keeps it current)."""
+    parts = ["# Options\n", "Every key can be set in a YAML file (`--config FILE.yaml`) and overridden by its flag;",
+             "precedence is defaults < YAML < flags. Made by `python -m stages.core.config > docs/options.md`",
+             "from the config classes in `stages/core/config.py`; a test fails when this file and the code differ.\n"]
+    for command, cls in STAGE_CONFIGS.items():
+        parts += [f"## `pipeline.py {command}`\n", "| flag / YAML key | default | meaning |", "|---|---|---|"]
+        for flag, help_text, default in field_help(cls):
+            key = flag[2:].replace("-", "_")
+            parts.append(f"| `{flag}` / `{key}` | `{default!r}` | {help_text.replace('|', '/')} |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(options_markdown(), end="")

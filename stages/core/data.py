@@ -78,7 +78,8 @@ def list_input_files(data: str, storage_options: dict | None = None) -> list[str
 
 def _is_saved_dataset(data: str, storage_options: dict | None) -> bool:
     fs, path = storage.filesystem(data, storage_options)
-    return fs.isdir(path) and any(fs.exists(f"{path}/{m}") for m in ("dataset_info.json", "dataset_dict.json", "state.json"))
+    markers = ("dataset_info.json", "dataset_dict.json", "state.json")
+    return fs.isdir(path) and any(fs.exists(f"{path}/{m}") for m in markers)
 
 
 def _looks_like_hub_name(data: str) -> bool:

@@ -167,7 +167,8 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def orpo(b: Batch, p: LossParams) -> torch.Tensor:
-    """ORPO (Hong et al. 2024, arXiv:2403.07691, Eq. 6-7), reference-free: NLL(y_w) - lambda * log sigma(log odds ratio).
+    """ORPO (Hong et al. 2024, arXiv:2403.07691, Eq. 6-7), reference-free:
+    NLL(y_w) - lambda * log sigma(log odds ratio).
 
     beta is lambda; log odds(y) = avg log p(y) - log(1 - exp(avg log p(y))), as TRL's ORPOTrainer.
     """

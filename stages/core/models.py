@@ -107,8 +107,20 @@ def tokenizer_hashes(tokenizer) -> dict[str, str]:
         body = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     specials = json.dumps({"eos": tokenizer.eos_token, "bos": tokenizer.bos_token,
                            "specials": tokenizer.all_special_tokens}, sort_keys=True)
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else json.dumps(tokenizer.chat_template)
+    template = tokenizer.chat_template
+    template = template if isinstance(template, str) else json.dumps(template)
     return {
         "tokenizer_hash": hashlib.sha256((body + specials).encode()).hexdigest(),
         "chat_template_hash": hashlib.sha256((template or "").encode()).hexdigest(),
     }
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant: works with frozen
+    inputs and LoRA); transformers >= 5 names it activation checkpointing, older ones gradient."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False

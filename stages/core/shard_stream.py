@@ -83,7 +83,8 @@ def verify_shard(url: str, sha256: str) -> None:
     except Exception as e:  # pyarrow raises several types for a damaged file
         raise ShardError(f"shard {url} is not readable Parquet: {e}") from None
     for field in SHARD_SCHEMA:
-        if field.name in COLUMNS and (field.name not in schema.names or not schema.field(field.name).type.equals(field.type)):
+        found = schema.field(field.name).type if field.name in schema.names else None
+        if field.name in COLUMNS and (found is None or not found.equals(field.type)):
             raise ShardError(f"shard {url}: column '{field.name}' missing or not {field.type}")
     _verified.add((url, sha256))
 

@@ -118,7 +118,7 @@ def _optimizer(cfg: TrainConfig, model, steps: int):
 
 
 def _load_policy(cfg: TrainConfig, refs: Refs, device: str, dist: Dist):
-    from stages.core.models import resolve_model
+    from stages.core.models import enable_activation_checkpointing, resolve_model
 
     reference = refs.manifest["reference_model"]["path"]
     model_path = resolve_model(cfg.model or reference)
@@ -126,8 +126,7 @@ def _load_policy(cfg: TrainConfig, refs: Refs, device: str, dist: Dist):
     if dist.is_main and os.path.realpath(model_path) != os.path.realpath(reference):
         print(f"note: policy starts from {model_path}, the shards' reference is {reference}", file=sys.stderr)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_activation_checkpointing(model)
     model.train()
     return tokenizer, model
 
@@ -195,7 +194,8 @@ def evaluate_step(run: Run) -> dict:
         best = os.path.join(run.staging, "best")
         run.model.save_pretrained(best, safe_serialization=True)
         run.tokenizer.save_pretrained(best)
-        storage.write_json(os.path.join(best, "best.json"), {"step": run.step, cfg.early_stopping_metric: run.stopper.best})
+        storage.write_json(os.path.join(best, "best.json"),
+                           {"step": run.step, cfg.early_stopping_metric: run.stopper.best})
         run.publish("best")
     return run.last_eval
 
