@@ -1,1 +1,11 @@
-"""Stages of the pipeline: one module per concern (see DESIGN.md)."""
+"""The pipeline's commands, one module each; the library they share is `stages.core`.
+
+    precompute.py    pipeline.py precompute   reference log-probs -> Parquet shards + manifest.json
+    train.py         pipeline.py train        the policy from the shards (one process or Ray Train)
+    evaluate.py      pipeline.py eval         held-out accuracy, margins, KL; side-by-side samples
+    sweep.py         pipeline.py sweep        one training run per beta on shared shards
+    inspect_refs.py  pipeline.py inspect      what a precompute output holds
+    submit.py        pipeline.py submit       a jobs/*.yaml spec to a Ray cluster
+
+A command parses nothing (pipeline.py does), runs its stage and returns what it did.
+"""

@@ -67,7 +67,10 @@ def resolve_model(name: str) -> str:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # a missing folder, or a hub name with no network
+        raise ModelError(f"cannot load a tokenizer from {path!r}: {str(e).splitlines()[0]}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -80,7 +83,10 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu"):
 
     hf_logging.disable_progress_bar()  # one bar per Ray actor is noise
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load a causal LM from {path!r}: {str(e).splitlines()[0]}") from None
     return model.to(device)
 
 
