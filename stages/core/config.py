@@ -204,8 +204,8 @@ class TrainConfig(PolicyPass):
         "what early stopping watches (loss: lower is better; the others: higher)", default="eval/loss")
     num_workers: int = doc("Ray Train workers (DDP: gloo on CPU, NCCL on GPU); 1 runs in-process", default=1)
     seed: int = doc("seed for shard order, shuffle buffer and torch", default=0)
-    gradient_checkpointing: bool = doc("recompute activations in backward: much less memory for a few per cent more "
-                                       "time (on, as in TRL; false for the fastest steps)", default=True)
+    gradient_checkpointing: bool = doc("recompute activations in backward: less memory for more time per step "
+                                       "(on, as in TRL; false for the fastest steps)", default=True)
     shuffle_buffer: int = doc("pairs held for shuffling within the stream", default=256)
     overwrite: bool = doc("start over in an OUTPUT that already has a run (its old files are removed)",
                           default=False)
@@ -393,8 +393,8 @@ def parse_args(cls: type, argv: list[str], prog: str, description: str = "") -> 
 
 
 def public(cfg: Any) -> dict:
-    """The config as a dict fit to write: storage options with their secrets redacted."""
-    out = dataclasses.asdict(cfg)
+    """The config as a dict fit to write, its own keys first: storage options with their secrets redacted."""
+    out = {f.name: getattr(cfg, f.name) for f in ordered_fields(type(cfg))}
     if out.get("storage_options"):
         try:
             out["storage_options"] = json.dumps(redact(json.loads(out["storage_options"])))
