@@ -11,7 +11,7 @@ import argparse
 import os
 import statistics
 
-import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stages.core import storage
@@ -29,21 +29,20 @@ def _stats(values: list[float]) -> dict:
 
 
 def collect(refs: Refs) -> dict:
-    """Lengths and reference margins over all shards (only the small columns are read)."""
-    cols = ["prompt_ids", "chosen_scored_tokens", "rejected_scored_tokens", "ref_chosen_logps", "ref_rejected_logps"]
-    tables = []
+    """Lengths and reference margins over all shards, a shard at a time: per pair only four numbers
+    are kept (the prompt's token ids are reduced to their count as they are read)."""
+    prompt, chosen, rejected, margins = [], [], [], []
     for url in refs.shard_urls():
         with storage.open_binary(url) as fh:
-            tables.append(pq.read_table(fh, columns=cols))
-    t = pa.concat_tables(tables) if tables else None
-    if t is None or t.num_rows == 0:
+            t = pq.read_table(fh, columns=["prompt_ids", "chosen_scored_tokens", "rejected_scored_tokens",
+                                           "ref_chosen_logps", "ref_rejected_logps"])
+        prompt += pc.list_value_length(t.column("prompt_ids")).to_pylist()
+        chosen += t.column("chosen_scored_tokens").to_pylist()
+        rejected += t.column("rejected_scored_tokens").to_pylist()
+        margins += pc.subtract(t.column("ref_chosen_logps"), t.column("ref_rejected_logps")).to_pylist()
+    if not margins:
         return {"rows": 0}
-    prompt = [len(x) for x in t.column("prompt_ids").to_pylist()]
-    chosen = t.column("chosen_scored_tokens").to_pylist()
-    rejected = t.column("rejected_scored_tokens").to_pylist()
-    ref_chosen, ref_rejected = t.column("ref_chosen_logps").to_pylist(), t.column("ref_rejected_logps").to_pylist()
-    margins = [c - r for c, r in zip(ref_chosen, ref_rejected)]
-    return {"rows": t.num_rows, "prompt_tokens": _stats(prompt), "chosen_tokens": _stats(chosen),
+    return {"rows": len(margins), "prompt_tokens": _stats(prompt), "chosen_tokens": _stats(chosen),
             "rejected_tokens": _stats(rejected), "ref_margin": _stats(margins),
             "ref_prefers_chosen": sum(m > 0 for m in margins) / len(margins), "margins": margins}
 
