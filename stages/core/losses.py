@@ -170,7 +170,9 @@ def orpo(b: Batch, p: LossParams) -> torch.Tensor:
     """ORPO (Hong et al. 2024, arXiv:2403.07691, Eq. 6-7), reference-free:
     NLL(y_w) - lambda * log sigma(log odds ratio).
 
-    beta is lambda; log odds(y) = avg log p(y) - log(1 - exp(avg log p(y))), as TRL's ORPOTrainer.
+    beta is lambda; log odds(y) = avg log p(y) - log(1 - exp(avg log p(y))): the odds-ratio term is
+    TRL's ORPOTrainer's (a test compares them). The NLL term is the paper's, over the chosen
+    completion's tokens; TRL's also counts the prompt's tokens, so the totals differ by design.
     """
     avg_w = b.policy_chosen_logps / b.chosen_tokens.clamp(min=1)
     avg_l = b.policy_rejected_logps / b.rejected_tokens.clamp(min=1)
