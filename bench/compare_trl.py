@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from process_memory import peak_rss_mb, watch_process_tree  # noqa: E402  (bench/, beside this script)
+
+# The bundled HH-RLHF sample (`embedded:hh-rlhf-helpful`), named by its file, read with the hh layout.
+DATA = str(ROOT / "data" / "hh_rlhf_helpful_base_demo_train.jsonl.gz")
 
 
 def rows(n: int) -> list[dict]:
@@ -35,7 +39,7 @@ def rows(n: int) -> list[dict]:
 
     cfg = PrecomputeConfig()
     out = []
-    for _, raw in read_rows("embedded:hh-rlhf-helpful", limit=n):
+    for _, raw in read_rows(DATA, limit=n):
         out.append({k: v for k, v in normalise(raw, "hh", cfg).items() if k in ("prompt", "chosen", "rejected")})
     return out
 
@@ -44,39 +48,14 @@ def stream_order(refs: str) -> list[int]:
     """Source rows in the order our trainer streams them with a shuffle buffer of 1 (epoch 0, seed 0)."""
     import pyarrow.parquet as pq
 
-    from stages import shards
+    from stages.core import shard_stream
 
-    loaded = shards.load_refs(refs)
+    loaded = shard_stream.load_refs(refs)
     index = {}
     for shard in loaded.manifest["shards"]:
         t = pq.read_table(os.path.join(refs, shard["path"]), columns=["pair_id", "source_index"])
         index.update(zip(t.column("pair_id").to_pylist(), t.column("source_index").to_pylist()))
-    return [index[p["pair_id"]] for p in shards.epoch_pairs(loaded, 0, 0, 1)]
-
-
-_TREE_PEAK = [0.0]
-
-
-def watch_process_tree(interval: float = 0.02) -> None:
-    """Sample the RSS of this process plus all its descendants (Ray workers, data loaders) in a thread."""
-    import threading
-
-    import psutil
-
-    me = psutil.Process()
-
-    def loop():
-        while True:
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    total += proc.memory_info().rss
-                except psutil.Error:  # exited between listing and reading
-                    pass
-            _TREE_PEAK[0] = max(_TREE_PEAK[0], total / 2**20)
-            time.sleep(interval)
-
-    threading.Thread(target=loop, daemon=True).start()
+    return [index[p["pair_id"]] for p in shard_stream.epoch_pairs(loaded, 0, 0, 1)]
 
 
 def peak_memory_mb() -> float:
@@ -86,7 +65,7 @@ def peak_memory_mb() -> float:
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return max(_TREE_PEAK[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return peak_rss_mb()
 
 
 def matmul_peak(dtype: str) -> float:
@@ -160,8 +139,8 @@ def work(mode: str, a) -> dict:
         del scorer
         # End to end: the whole stage (Ray start, actor model load, tokenizing, Parquet, manifest).
         t = time.perf_counter()
-        m = precompute.run(PrecomputeConfig(model=model_path, output=f"{tmp}/refs", limit=a.pairs,
-                                            max_length=a.max_length, dtype=a.dtype, progress=False))
+        m = precompute.run(PrecomputeConfig(data=DATA, format="hh", model=model_path, output=f"{tmp}/refs",
+                                            limit=a.pairs, max_length=a.max_length, dtype=a.dtype, progress=False))
         return {"seconds": compute, "end_to_end_seconds": time.perf_counter() - t, "pairs": m["rows_written"],
                 "tokens": m["tokens"], "unique_tokens": unique}
     if mode == "trl_precompute":
@@ -240,9 +219,12 @@ def main() -> None:
     if "precompute" in a.parts:
         runs += [("trl_precompute", "off"), ("ours_precompute", "off")]
     if "train" in a.parts:
-        subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "precompute", "--output", a.refs, "--limit",
-                        str(a.pairs), "--max-length", str(a.max_length), "--dtype", a.dtype, "--progress", "false"],
-                       check=True, capture_output=True, env={**os.environ, "RAY_ADDRESS": ""})
+        argv = ["precompute", "--data", DATA, "--format", "hh", "--output", a.refs, "--limit", str(a.pairs),
+                "--max-length", str(a.max_length), "--dtype", a.dtype, "--progress", "false"]
+        proc = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), *argv],
+                              capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ""})
+        if proc.returncode:
+            sys.exit(f"precompute for the training runs failed:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
         Path(a.order).write_text(json.dumps(stream_order(a.refs)))
         for gc in a.checkpointing.split(","):
             runs += [("trl_train_ref", gc), ("ours_train", gc), ("trl_train_precomputed", gc)]

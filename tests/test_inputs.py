@@ -135,3 +135,12 @@ def test_token_level_rejects():
         with pytest.raises(RowRejected) as e:
             truncate(ids, max_length, None, "keep_start")
         assert e.value.reason == reason
+
+
+def test_the_embedded_data_sets_are_found():
+    """The bundled samples (data/ at the repository root) resolve by name, whatever the module layout."""
+    from stages.core.data import EMBEDDED_DATA
+
+    for name in EMBEDDED_DATA:
+        rows = list(read_rows(name, limit=2))
+        assert [i for i, _ in rows] == [0, 1] and all("chosen" in r for _, r in rows), name

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 from stages.core import storage
 from stages.core.errors import PipelineError
 
-REPO_DATA = Path(__file__).resolve().parent.parent / "data"
+REPO_DATA = Path(__file__).resolve().parents[2] / "data"  # the repository's data/ folder
 # name -> (file, layout used when --format is auto): HH text goes through the chat template,
 # which suits the embedded instruct model.
 EMBEDDED_DATA = {
