@@ -51,3 +51,50 @@ def test_submit_spec_without_entrypoint(tmp_path, capsys):
     spec.write_text("runtime_env: {}\n")
     assert pipeline.main(["submit", str(spec)]) == 2
     assert f"{spec}: a Ray Jobs spec needs an 'entrypoint'" in capsys.readouterr().err
+
+
+def test_model_paths_are_checked_before_transformers_guesses(tmp_path, tiny_model_dir):
+    """A wrong --model is named with what is missing, not with transformers' guesses about repo ids
+    or sentencepiece."""
+    import shutil
+
+    from stages.core.models import ModelError, resolve_model
+
+    assert resolve_model(tiny_model_dir) == tiny_model_dir
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"  # a hub id
+    with pytest.raises(ModelError, match="model not found: .*runs/x/final is not a model folder here"):
+        resolve_model(str(tmp_path / "runs" / "x" / "final"))
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_model_dir, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*",
+                                                                                "chat_template*"))
+    with pytest.raises(ModelError, match="no-tokenizer has no tokenizer files"):
+        resolve_model(str(no_tokenizer))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="empty is not a model folder: no config.json"):
+        resolve_model(str(tmp_path / "empty"))
+
+
+def test_missing_model_on_the_command_line_is_one_line(tmp_path, capsys):
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    assert pipeline.main(["precompute", "--data", str(data), "--model", str(tmp_path / "nope"),
+                          "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model not found") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag,value", [("--learning-rate", "nan"), ("--beta", "inf"), ("--max-grad-norm", "-inf"),
+                                        ("--warmup-ratio", "nan")])
+def test_non_finite_numbers_are_config_errors(flag, value, capsys):
+    assert pipeline.main(["train", f"{flag}={value}"]) == 2
+    assert "expected a finite number" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(pipeline.COMMANDS, "train", interrupted)
+    assert pipeline.main(["train"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err and err.count("\n") <= 2

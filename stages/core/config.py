@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -299,9 +300,12 @@ def _coerce_number(name: str, base: type, value: Any) -> Any:
     try:
         if base is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
-        return base(value)
-    except (TypeError, ValueError):
+        number = base(value)
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"config key '{name}': expected {kind}, got {value!r}") from None
+    if not math.isfinite(number):  # nan compares false with every bound, and would pass the range checks
+        raise ConfigError(f"config key '{name}': expected a finite number, got {value!r}")
+    return number
 
 
 def coerce(name: str, tp: Any, value: Any) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -60,8 +61,36 @@ def embedded_model_path() -> Path:
     return target
 
 
+# A hub model id: "name" or "owner/name"; anything else that is not a folder here is a wrong path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
 def resolve_model(name: str) -> str:
-    return str(embedded_model_path()) if name == EMBEDDED_MODEL else name
+    """The embedded model's cache folder, a local folder (checked: it must hold a model), or a hub id."""
+    if name == EMBEDDED_MODEL:
+        return str(embedded_model_path())
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        names = sorted(p.name for p in folder.iterdir())
+        if "config.json" not in names:
+            raise ModelError(f"{name} is not a model folder: no config.json "
+                             f"(has: {', '.join(names[:12]) or 'nothing'})")
+        if not any(n in names for n in TOKENIZER_FILES):
+            raise ModelError(f"{name} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                             f"has: {', '.join(names[:12])}")
+        return str(folder)
+    if folder.exists() or not _HUB_ID.match(name):
+        raise ModelError(f"model not found: {name} is not a model folder here, nor a hub id (owner/name)")
+    return name
+
+
+def _one_line(path: str, what: str, error: Exception) -> ModelError:
+    """transformers' errors run to many lines and guess at causes; say what failed, for which path."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    where = "the folder" if Path(path).expanduser().is_dir() else "the Hugging Face hub (is the network reachable?)"
+    return ModelError(f"cannot load {what} {path!r} from {where}: {first}")
 
 
 def load_tokenizer(path: str):
@@ -69,8 +98,8 @@ def load_tokenizer(path: str):
 
     try:
         tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:  # a missing folder, or a hub name with no network
-        raise ModelError(f"cannot load a tokenizer from {path!r}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError) as e:  # a hub id with no network, files that do not parse
+        raise _one_line(path, "a tokenizer from", e) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -86,7 +115,7 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu"):
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load a causal LM from {path!r}: {str(e).splitlines()[0]}") from None
+        raise _one_line(path, "a causal LM from", e) from None
     return model.to(device)
 
 
