@@ -1,15 +1,20 @@
 """`pipeline.py eval`: score a held-out set with a policy against the shards' reference log-probs.
 
-Reports preference accuracy of the implicit reward, mean margin, chosen / rejected rewards and an
-estimate of KL(policy || reference) on the data's chosen and rejected completions (mean
-per-sequence log-ratio, and per token), as eval.json and a small table. With --samples N it also
-generates answers from the reference and the policy for N held-out prompts, with the same seeded
-decoding, next to the data's chosen answer (samples.md, samples.jsonl). The held-out set is
+Reports preference accuracy of the implicit reward, mean margin, chosen / rejected rewards and the
+mean log-ratio log(pi/pi_ref) of the data's chosen and rejected answers (per sequence and per
+token), beside the same figures for the reference itself (the baseline: accuracy 0, margin 0), as
+eval.json and a table. The loss and beta are the run's own (its train_config.yaml) unless given.
+With --samples N it also generates answers from the reference and the policy for N held-out
+prompts, with the same seeded decoding, next to the data's chosen answer (samples.md,
+samples.jsonl), and estimates KL(policy || reference) from one pure sample of the policy per
+prompt (temperature 1, no top-p: the estimator needs samples of the policy itself). The held-out set is
 streamed from its shards: one micro-batch of pairs is in memory at a time, whatever its size.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import os
 
@@ -18,16 +23,23 @@ import torch
 from stages.core import storage
 from stages.core.config import EvalConfig, public
 from stages.core.devices import pick_device
+from stages.core.layout import pad_batch
+from stages.core.logprobs import sequence_logps
 from stages.core.models import load_model, resolve_model
-from stages.core.policy_pass import heldout_metrics, load_policy, pass_context
+from stages.core.policy_pass import heldout_metrics, load_policy, pass_context, reference_metrics
 from stages.core.shard_stream import Refs, epoch_pairs, load_refs
 
 ROWS = [("preference accuracy", "eval/rewards/accuracies"), ("mean margin", "eval/rewards/margins"),
         ("reward chosen", "eval/rewards/chosen"), ("reward rejected", "eval/rewards/rejected"),
-        ("KL chosen (per seq)", "eval/kl/chosen"), ("KL rejected (per seq)", "eval/kl/rejected"),
-        ("KL chosen (per token)", "eval/kl_per_token/chosen"),
-        ("KL rejected (per token)", "eval/kl_per_token/rejected"),
+        ("log-ratio chosen (per seq)", "eval/logratio/chosen"),
+        ("log-ratio rejected (per seq)", "eval/logratio/rejected"),
+        ("log-ratio chosen (per token)", "eval/logratio_per_token/chosen"),
+        ("log-ratio rejected (per token)", "eval/logratio_per_token/rejected"),
+        ("KL(policy || reference), sampled (per seq)", "eval/kl_sampled"),
+        ("KL(policy || reference), sampled (per token)", "eval/kl_sampled_per_token"),
         ("loss", "eval/loss")]
+# The loss settings a run trained with; eval scores its loss with them unless told otherwise.
+LOSS_KEYS = ("loss_type", "loss_weights", "label_smoothing", "discopop_tau", "simpo_gamma")
 
 
 def output_dir(cfg: EvalConfig) -> str:
@@ -37,9 +49,40 @@ def output_dir(cfg: EvalConfig) -> str:
 
 
 def table(results: dict) -> str:
-    lines = ["| metric | value |", "|---|---:|"]
-    lines += [f"| {name} | {results[key]:.4f} |" for name, key in ROWS if key in results]
+    """Policy beside reference, one row per metric (the sampled KL has no reference column: it is 0)."""
+    base = results.get("reference", {})
+    lines = ["| metric | reference | policy |", "|---|---:|---:|"]
+    cell = lambda key: f"{base[key]:.4f}" if key in base else ""  # noqa: E731
+    lines += [f"| {name} | {cell(key)} | {results[key]:.4f} |" for name, key in ROWS if key in results]
     return "\n".join(lines)
+
+
+def _run_config(model: str | None) -> dict:
+    """The train_config.yaml of the run a final/, best/ or checkpoints/step-N folder belongs to ({} if none)."""
+    import yaml
+
+    if not model:
+        return {}
+    for up in range(3):  # final/ and best/ sit in the run folder; checkpoints/step-N two levels down
+        folder = model.rstrip("/").rsplit("/", up)[0] if up else model
+        url = storage.join(folder, "train_config.yaml")
+        if storage.exists(url):
+            return {**(yaml.safe_load(storage.read_bytes(url)) or {}), "_source": url}
+    return {}
+
+
+def with_run_settings(cfg: EvalConfig) -> tuple[EvalConfig, str | None]:
+    """Fill an unset --loss-type / --beta from the run's train_config.yaml (the loss's own parameters
+    come with its type), else sigmoid / 0.1; returns the config and where the values came from."""
+    run = _run_config(cfg.model)
+    values: dict = {}
+    if cfg.loss_type is None:
+        values.update({k: run[k] for k in LOSS_KEYS if k in run})
+        values.setdefault("loss_type", "sigmoid")
+    if cfg.beta is None:
+        values["beta"] = float(run.get("beta", 0.1))
+    used_run = any(k in run for k in values)
+    return dataclasses.replace(cfg, **values), (run.get("_source") if used_run else None)
 
 
 def _generate(model, prompt_ids: list[int], cfg: EvalConfig, seed: int, eos_id: int) -> list[int]:
@@ -52,23 +95,32 @@ def _generate(model, prompt_ids: list[int], cfg: EvalConfig, seed: int, eos_id: 
     return out[0, len(prompt_ids):].tolist()
 
 
-def samples(cfg: EvalConfig, refs: Refs, policy, tokenizer, reference_path: str) -> list[dict]:
-    """Answers from the reference and the policy for the first N held-out prompts (fixed order)."""
-    pairs = []
-    for p in epoch_pairs(refs, 0, 0, 1):
-        pairs.append(p)
-        if len(pairs) == cfg.samples:
-            break
+def _logp(model, prompt_ids: list[int], completion: list[int]) -> float:
+    """Summed log-prob of `completion` after `prompt_ids` (THE log-prob function, one sequence)."""
+    ids, mask, comp = pad_batch([list(prompt_ids) + completion], [len(prompt_ids)], 0, model.device)
+    return float(sequence_logps(model, ids, mask, comp)[0])
+
+
+def samples(cfg: EvalConfig, refs: Refs, policy, tokenizer, reference_path: str) -> tuple[list[dict], dict]:
+    """Answers from the reference and the policy for the first N held-out prompts (fixed order), and
+    KL(policy || reference) estimated as the mean of log pi(y) - log pi_ref(y) over one pure policy
+    sample y per prompt."""
+    pairs = list(itertools.islice(epoch_pairs(refs, 0, 0, 1), cfg.samples))
     reference = load_model(reference_path, str(policy.dtype).replace("torch.", ""), str(policy.device)).eval()
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
-    out = []
+    pure = dataclasses.replace(cfg, temperature=1.0, top_p=1.0)
+    out, kl, tokens = [], 0.0, 0
     with torch.no_grad():
         for i, p in enumerate(pairs):
             seed = cfg.seed + i  # the same draw for both models
             out.append({"pair_id": p["pair_id"], "prompt": decode(p["prompt_ids"]), "chosen": decode(p["chosen_ids"]),
                         "reference": decode(_generate(reference, p["prompt_ids"], cfg, seed, tokenizer.eos_token_id)),
                         "policy": decode(_generate(policy, p["prompt_ids"], cfg, seed, tokenizer.eos_token_id))})
-    return out
+            y = _generate(policy, p["prompt_ids"], pure, seed, tokenizer.eos_token_id)
+            kl += _logp(policy, p["prompt_ids"], y) - _logp(reference, p["prompt_ids"], y)
+            tokens += len(y)
+    n = max(len(pairs), 1)
+    return out, {"eval/kl_sampled": kl / n, "eval/kl_sampled_per_token": kl / max(tokens, 1), "kl_samples": len(pairs)}
 
 
 def samples_markdown(rows: list[dict], cfg: EvalConfig) -> str:
@@ -85,6 +137,7 @@ def samples_markdown(rows: list[dict], cfg: EvalConfig) -> str:
 
 def run(cfg: EvalConfig) -> dict:
     storage.configure(cfg.storage_options_dict)
+    cfg, loss_source = with_run_settings(cfg)
     refs = load_refs(cfg.refs)
     reference_path = refs.manifest["reference_model"]["path"]
     device = pick_device()
@@ -92,18 +145,21 @@ def run(cfg: EvalConfig) -> dict:
     model.eval()
     ctx = pass_context(cfg, refs.manifest, tokenizer.pad_token_id or 0, device)
     results = {"model": cfg.model or reference_path, "refs": cfg.refs, "pairs": refs.num_pairs,
-               **heldout_metrics(model, refs, ctx), "config": public(cfg)}
+               "loss_settings_from": loss_source or "eval flags / defaults", **heldout_metrics(model, refs, ctx),
+               "reference": reference_metrics(refs, ctx), "config": public(cfg)}
     out = output_dir(cfg)
-    storage.write_json(storage.join(out, "eval.json"), results)
     if cfg.samples > 0:
-        rows = samples(cfg, refs, model, tokenizer, resolve_model(reference_path))
+        rows, kl = samples(cfg, refs, model, tokenizer, resolve_model(reference_path))
+        results.update(kl)
         storage.write_bytes_atomic(storage.join(out, "samples.jsonl"),
                                    "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
         storage.write_bytes_atomic(storage.join(out, "samples.md"), samples_markdown(rows, cfg).encode())
+    storage.write_json(storage.join(out, "eval.json"), results)
     results["output"] = out
     return results
 
 
 def summary_text(results: dict) -> str:
     return (f"eval: {results['pairs']} held-out pairs, model {results['model']} -> "
-            f"{os.path.join(results['output'], 'eval.json')}\n{table(results)}")
+            f"{os.path.join(results['output'], 'eval.json')} (loss settings: {results['loss_settings_from']})\n"
+            f"{table(results)}")

@@ -3,8 +3,8 @@
 The reference model is scored once (the shards); each run only trains the policy. Runs go one
 after another here; on a cluster each is the same `train` call and can be submitted as its own
 job. Every training key applies to every run (`SweepConfig` is `TrainConfig` with a list of
-betas). Output: sweep.png (reward accuracy and margin against KL to the reference, one point per
-beta), sweep.md (a table) and sweep.json.
+betas). Output: sweep.png (reward accuracy and margin against the mean log-ratio to the reference on
+the held-out chosen answers, one point per beta), sweep.md (a table) and sweep.json.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from stages.core.config import SweepConfig
 from stages.core.plots import sweep_tradeoff
 
 COLUMNS = [("beta", "beta"), ("eval accuracy", "eval/rewards/accuracies"), ("eval margin", "eval/rewards/margins"),
-           ("KL chosen / seq", "eval/kl/chosen"), ("KL chosen / token", "eval/kl_per_token/chosen"),
-           ("KL rejected / seq", "eval/kl/rejected"), ("eval loss", "eval/loss")]
+           ("log-ratio chosen / seq", "eval/logratio/chosen"),
+           ("log-ratio chosen / token", "eval/logratio_per_token/chosen"),
+           ("log-ratio rejected / seq", "eval/logratio/rejected"), ("eval loss", "eval/loss")]
 
 
 def run(cfg: SweepConfig) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -18,8 +19,8 @@ from stages.core.metrics import read
 
 def test_eval_of_the_reference_is_zero(refs, tmp_path):
     res = evaluate.run(EvalConfig(refs=str(refs), output=str(tmp_path / "ev"), progress=False))
-    for key in ("eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margins", "eval/kl/chosen",
-                "eval/kl/rejected", "eval/kl_per_token/chosen"):
+    for key in ("eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margins", "eval/logratio/chosen",
+                "eval/logratio/rejected", "eval/logratio_per_token/chosen"):
         assert abs(res[key]) < 1e-5, key
     assert res["eval/rewards/accuracies"] == 0.0  # strict chosen > rejected: ties are not wins
     assert res["eval/loss"] == pytest.approx(0.693147, abs=1e-5)
@@ -35,7 +36,15 @@ def test_eval_after_training_rises_and_kl_is_positive(refs, tmp_path, tiny_model
     res = evaluate.run(EvalConfig(refs=str(refs), model=str(tmp_path / "run" / "final"), progress=False, samples=2,
                                   max_new_tokens=8))
     assert res["eval/rewards/accuracies"] > 0.6 and res["eval/rewards/margins"] > 0
-    assert res["eval/kl/chosen"] > 0 and res["eval/kl_per_token/chosen"] > 0
+    assert res["eval/logratio/chosen"] > 0 and res["eval/logratio_per_token/chosen"] > 0
+    # A KL estimated from pure policy samples; it is >= 0 in expectation (2 samples here: just finite)
+    assert res["kl_samples"] == 2 and math.isfinite(res["eval/kl_sampled"])
+    # The run's own loss settings were read from its train_config.yaml (beta 0.1, sigmoid)
+    assert res["loss_settings_from"].endswith("run/train_config.yaml")
+    base = res["reference"]
+    assert base["eval/rewards/accuracies"] == 0 and base["eval/rewards/margins"] == 0
+    assert base["eval/loss"] == pytest.approx(math.log(2))
+    assert "| preference accuracy | 0.0000 |" in evaluate.table(res)
     out = tmp_path / "run" / "final" / "eval"
     rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all({"prompt", "chosen", "reference", "policy"} <= r.keys() for r in rows)
@@ -114,3 +123,18 @@ def test_eval_streams_the_heldout_set(refs, tmp_path, monkeypatch):
     monkeypatch.setattr(policy_pass, "run_pairs", spying_run)
     res = evaluate.run(EvalConfig(refs=str(refs), output=str(tmp_path / "ev"), micro_batch_size=4, progress=False))
     assert seen == [4, 8, 12, 16, 20] and res["pairs"] == 20
+
+
+def test_eval_scores_with_the_runs_loss_settings_unless_told(refs, tmp_path):
+    """A run trained with beta 0.5 and IPO is evaluated with them; an explicit --beta wins."""
+    train.run(TrainConfig(refs=str(refs), output=str(tmp_path / "run"), max_steps=1, batch_size=4,
+                          micro_batch_size=4, beta=0.5, loss_type="ipo", progress=False))
+    model = str(tmp_path / "run" / "final")
+    res = evaluate.run(EvalConfig(refs=str(refs), model=model, output=str(tmp_path / "ev"), progress=False))
+    assert (res["config"]["beta"], res["config"]["loss_type"]) == (0.5, "ipo")
+    # rewards are beta * log-ratio: the run's beta scales them
+    assert res["eval/rewards/chosen"] == pytest.approx(0.5 * res["eval/logratio/chosen"], rel=1e-9)
+    told = evaluate.run(EvalConfig(refs=str(refs), model=model, output=str(tmp_path / "ev2"), beta=0.2,
+                                   progress=False))
+    assert (told["config"]["beta"], told["config"]["loss_type"]) == (0.2, "ipo")
+    assert told["eval/rewards/chosen"] == pytest.approx(0.2 * told["eval/logratio/chosen"], rel=1e-9)

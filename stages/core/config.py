@@ -165,11 +165,13 @@ class PolicyPass(Common):
     def check(self) -> None:
         super().check()
         _positive(self, "micro_batch_size", "discopop_tau")
-        if isinstance(self.beta, float) and self.beta <= 0:  # the sweep's beta is a list, checked there
+        # The sweep's beta is a list (checked there); eval's may be unset (the run's, filled in by eval).
+        if isinstance(self.beta, float) and self.beta <= 0:
             raise ConfigError(f"config key 'beta': must be positive, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"config key 'label_smoothing': must be in [0, 0.5), got {self.label_smoothing}")
-        parse_loss_types(self.loss_type, self.loss_weights)
+        if self.loss_type is not None:
+            parse_loss_types(self.loss_type, self.loss_weights)
 
     @property
     def loss_terms(self) -> list[tuple[str, float]]:
@@ -230,7 +232,9 @@ class EvalConfig(PolicyPass):
     model: str | None = doc("policy to score: a final/, best/ or checkpoints/step-N folder "
                             "(default: the reference itself)", default=None)
     output: str | None = doc("where eval.json and samples go (default: MODEL/eval, or runs/eval)", default=None)
-    loss_type: str = doc("loss reported as eval/loss: " + ", ".join(LOSS_NAMES), default="sigmoid")
+    loss_type: str | None = doc("loss reported as eval/loss (default: the run's, from the train_config.yaml "
+                                "beside MODEL, else sigmoid): " + ", ".join(LOSS_NAMES), default=None)
+    beta: float | None = doc("beta of the implicit reward (default: the run's, else 0.1)", default=None)
     micro_batch_size: int = doc("pairs per forward", default=4)
     samples: int = doc("side-by-side generations from reference and policy for N held-out prompts", default=0)
     max_new_tokens: int = doc("generation length for samples", default=128)

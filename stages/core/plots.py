@@ -61,8 +61,9 @@ def margin_histogram(margins: list[float], path: str, title: str) -> str:
 
 
 def sweep_tradeoff(rows: list[dict], path: str) -> str:
-    """Held-out reward accuracy and margin against KL to the reference, one point per beta."""
-    kl = [r["eval/kl/chosen"] for r in rows]
+    """Held-out reward accuracy and margin against how far the policy moved from the reference on the
+    held-out chosen answers (mean log-ratio), one point per beta."""
+    kl = [r["eval/logratio/chosen"] for r in rows]
     with figure(path, 2, (4.5, 3.6)) as axes:
         for ax, key, name in ((axes[0], "eval/rewards/accuracies", "held-out reward accuracy"),
                               (axes[1], "eval/rewards/margins", "held-out reward margin")):
@@ -70,7 +71,7 @@ def sweep_tradeoff(rows: list[dict], path: str) -> str:
             ax.plot(kl, ys, "o-", color="#4c72b0")
             for x, y, r in zip(kl, ys, rows):
                 ax.annotate(f"beta {r['beta']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-            ax.set_xlabel("KL(policy || reference) on chosen, nats per sequence")
+            ax.set_xlabel("mean log(policy / reference) on held-out chosen, nats per sequence")
             ax.set_title(name, fontsize=10)
             ax.grid(alpha=0.3)
     return path

@@ -20,10 +20,11 @@ from stages.core.models import load_model, load_tokenizer, tokenizer_hashes
 from stages.core.shard_stream import Refs, check_tokenizer, epoch_pairs
 from stages.core.tokenization import scored_sequence
 
-# Per-pair means reported as metrics; kl/* are mean log(pi/pi_ref) over the data's completions,
-# an estimate of KL(pi || pi_ref) on chosen and rejected answers.
+# Per-pair means reported as metrics. logratio/* is the mean log(pi/pi_ref) of the data's chosen and
+# rejected answers: how far the policy moved on them. It is not a KL (the answers are not samples of
+# the policy) and can be negative; eval estimates KL(pi || pi_ref) from policy samples.
 PAIR_MEANS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-              "logps/chosen", "logps/rejected", "kl/chosen", "kl/rejected"]
+              "logps/chosen", "logps/rejected", "logratio/chosen", "logratio/rejected"]
 # Extra sums: pairs, tokens in the forward, completion tokens and log-ratio sums (per-token KL).
 COUNTS = ["pairs", "tokens", "chosen_tokens", "rejected_tokens"]
 SUM_KEYS = PAIR_MEANS + COUNTS
@@ -100,8 +101,8 @@ def loss_batch(pairs: list[dict], chosen: torch.Tensor, rejected: torch.Tensor, 
 def _micro_sums(b: Batch, per_pair: torch.Tensor, ctx: PassContext, tokens: int) -> torch.Tensor:
     """One micro-batch's contribution to SUM_KEYS."""
     r = rewards(b, ctx.params)
-    values = {"loss": per_pair.detach().sum(), "kl/chosen": b.chosen_logratios.detach().sum(),
-              "kl/rejected": b.rejected_logratios.detach().sum(), "pairs": per_pair.numel(), "tokens": tokens,
+    values = {"loss": per_pair.detach().sum(), "logratio/chosen": b.chosen_logratios.detach().sum(),
+              "logratio/rejected": b.rejected_logratios.detach().sum(), "pairs": per_pair.numel(), "tokens": tokens,
               "chosen_tokens": b.chosen_tokens.sum(), "rejected_tokens": b.rejected_tokens.sum(),
               **{k: r[k].sum() for k in PAIR_MEANS if k in r}}
     return torch.tensor([float(values[k]) for k in SUM_KEYS], dtype=torch.float64)
@@ -131,12 +132,12 @@ def run_pairs(model, pairs: list[dict], ctx: PassContext, batch_size_total: int,
 
 
 def means(sums: torch.Tensor, prefix: str = "") -> dict:
-    """Metric means from summed values; per-token KL divides by completion tokens."""
+    """Metric means from summed values; per-token log-ratios divide by completion tokens."""
     s = dict(zip(SUM_KEYS, sums.tolist()))
     n = max(s["pairs"], 1.0)
     out = {prefix + k: s[k] / n for k in PAIR_MEANS}
-    out[prefix + "kl_per_token/chosen"] = s["kl/chosen"] / max(s["chosen_tokens"], 1.0)
-    out[prefix + "kl_per_token/rejected"] = s["kl/rejected"] / max(s["rejected_tokens"], 1.0)
+    out[prefix + "logratio_per_token/chosen"] = s["logratio/chosen"] / max(s["chosen_tokens"], 1.0)
+    out[prefix + "logratio_per_token/rejected"] = s["logratio/rejected"] / max(s["rejected_tokens"], 1.0)
     return out
 
 
@@ -151,6 +152,21 @@ def _chunks(pairs: Iterable[dict], size: int, rank: int, world: int) -> Iterator
                 chunk = []
     if chunk:
         yield chunk
+
+
+def reference_metrics(refs: Refs, ctx: PassContext) -> dict:
+    """The same eval/* metrics for the reference itself as the policy: no forward needed, its
+    log-probs are the shards' (rewards, margins and log-ratios are 0 by definition; the loss is
+    each loss's value there). The baseline a policy's figures are read against."""
+    ctx = ctx.for_refs(refs)
+    sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
+    for chunk in _chunks(epoch_pairs(refs, 0, 0, 1), ctx.micro_batch_size, 0, 1):
+        ref_chosen, ref_rejected = (torch.tensor([p[key] for p in chunk], dtype=torch.float64)
+                                    for key in ("ref_chosen_logps", "ref_rejected_logps"))
+        chosen_tokens = float(sum(p["chosen_scored_tokens"] for p in chunk))
+        b = loss_batch(chunk, ref_chosen, ref_rejected, chosen_tokens)
+        sums += _micro_sums(b, combined_loss(b, ctx.params, list(ctx.terms)), ctx, 0)
+    return means(sums, "eval/")
 
 
 def heldout_metrics(model, refs: Refs, ctx: PassContext, rank: int = 0, world: int = 1,
