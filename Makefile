@@ -32,6 +32,7 @@ demo: $(STAMP)
 	$(PY) pipeline.py precompute --data embedded:hh-rlhf-helpful-heldout --output runs/demo-heldout
 	$(PY) pipeline.py train --overwrite
 	$(PY) pipeline.py eval --refs runs/demo-heldout --model runs/demo/policy/final --samples 3
+	@echo "look at: runs/demo/policy/final/eval/samples.md, runs/demo/policy/curves.png, runs/demo/policy/final/eval/eval.json"
 
 # Everything, the lint step included (CI runs this).
 test: lint
