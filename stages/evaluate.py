@@ -143,6 +143,8 @@ def run(cfg: EvalConfig) -> dict:
     device = pick_device()
     tokenizer, model = load_policy(resolve_model(cfg.model or reference_path), refs, device)
     model.eval()
+    # Every streamed row is checked against the manifest, token ids against this policy's vocabulary.
+    refs = dataclasses.replace(refs, vocab_size=model.get_input_embeddings().num_embeddings)
     ctx = pass_context(cfg, refs.manifest, tokenizer.pad_token_id or 0, device)
     results = {"model": cfg.model or reference_path, "refs": cfg.refs, "pairs": refs.num_pairs,
                "loss_settings_from": loss_source or "eval flags / defaults", **heldout_metrics(model, refs, ctx),

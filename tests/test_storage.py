@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import io
+import os
 
 import pytest
 
@@ -78,3 +80,29 @@ def test_local_paths_are_never_retried(calls):
     with pytest.raises(ConnectionResetError):
         retrying("/tmp/x", _failing(calls, ConnectionResetError("local")))
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+@pytest.mark.parametrize("where", ["write", "fsync"])
+def test_a_full_disk_is_named_and_leaves_no_file(tmp_path, monkeypatch, code, where):
+    """ENOSPC / EDQUOT from the write or the fsync: one StorageError naming the path; the final name
+    keeps what it held before (nothing, or the previous version), and no temporary file stays."""
+    def full(*args):
+        raise OSError(code, os.strerror(code))
+
+    class HalfWritten(io.FileIO):
+        def write(self, data):
+            super().write(data[:len(data) // 2])
+            full()
+
+    if where == "fsync":
+        monkeypatch.setattr(storage.os, "fsync", full)
+    else:
+        monkeypatch.setattr(storage, "open", HalfWritten, raising=False)
+    new, old = tmp_path / "new.parquet", tmp_path / "old.json"
+    old.write_bytes(b"previous")
+    for path in (new, old):
+        with pytest.raises(StorageError, match=f"^cannot write {path}: no space left on device"):
+            storage.write_bytes_atomic(str(path), b"data")
+    assert not new.exists() and old.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.json"]

@@ -6,6 +6,10 @@ epoch, cursor). `state.json` is written last (renamed into place locally, upload
 object store), and only folders that have it count, so a crash never leaves a half checkpoint
 that `--resume` would pick. OUTPUT may be a local folder or an fsspec URL; the files are written
 in a local staging folder first.
+
+A checkpoint that fails while it is written (a full disk, above all) is deleted at once, and what a
+killed writer left is deleted at the next start (`remove_partials`): a half checkpoint would only
+take the space the next one needs. The error names the checkpoint and says the disk is full.
 """
 
 from __future__ import annotations
@@ -45,20 +49,67 @@ def latest(output: str) -> str | None:
     return storage.join(output, CHECKPOINTS, f"step-{steps[-1]}") if steps else None
 
 
+class _KeepsWriteError:
+    """The file torch.save writes through: torch reports a failed write only as "unexpected pos N
+    vs M", so the OSError behind it (a full disk) is kept here to be raised instead."""
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _torch_save(obj, path: str) -> None:
+    with open(path, "wb") as fh:
+        out = _KeepsWriteError(fh)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
+
+
+def _write(folder: str, step: int, model, tokenizer, optimizer, scheduler, state: dict) -> None:
+    os.makedirs(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    _torch_save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
+                os.path.join(folder, "trainer_state.pt"))
+    with open(os.path.join(folder, MARKER), "w") as fh:
+        json.dump({"step": step, **state}, fh, indent=1)
+
+
+def remove_partials(staging: str) -> None:
+    """Delete the half-written checkpoints a killed run left in its staging folder."""
+    root = os.path.join(staging, CHECKPOINTS)
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.startswith(".step-") and name.endswith(".partial"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
 def save(output: str, staging: str, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int) -> str:
     """Write step-N in the staging folder, publish it to OUTPUT, drop all but the last `keep`."""
     local_root = os.path.join(staging, CHECKPOINTS)
     final = os.path.join(local_root, f"step-{step}")
     tmp = os.path.join(local_root, f".step-{step}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
-               os.path.join(tmp, "trainer_state.pt"))
-    with open(os.path.join(tmp, MARKER), "w") as fh:
-        json.dump({"step": step, **state}, fh, indent=1)
+    try:
+        with storage.local_write(final):
+            _write(tmp, step, model, tokenizer, optimizer, scheduler, state)
+    except BaseException:  # also Ctrl-C: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     url = storage.join(output, CHECKPOINTS, f"step-{step}")

@@ -5,6 +5,10 @@ is shuffled per epoch, then rows pass through a shuffle buffer of bounded size. 
 resumed from a cursor (epoch, pairs consumed), and every Ray Train worker sees the same global
 order and keeps its own slice of each batch. Memory holds one row group and the buffer, never the
 whole set.
+
+Every row is checked as it is read (`row_problem`): it must fit the manifest's truncation rule and
+the policy's vocabulary, so an edited manifest or a foreign shard stops with the shard file and
+pair named instead of a PyTorch error steps later.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ class ShardError(PipelineError):
 class Refs:
     root: str
     manifest: dict
+    # The policy's vocabulary (embedding rows): every token id read must be below it. None until a
+    # model is loaded; then token ids are only checked to be >= 0.
+    vocab_size: int | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -41,7 +48,7 @@ class Refs:
         return [storage.join(self.root, s["path"]) for s in self.manifest["shards"]]
 
 
-def load_refs(root: str) -> Refs:
+def load_refs(root: str, vocab_size: int | None = None) -> Refs:
     url = storage.join(root, "manifest.json")
     if not storage.exists(url):
         raise ShardError(f"no manifest.json in {root}: run `python pipeline.py precompute --output {root}` first")
@@ -50,7 +57,7 @@ def load_refs(root: str) -> Refs:
         validate_manifest(manifest, url)
     except (json.JSONDecodeError, SchemaError) as e:
         raise ShardError(f"{url}: {e}") from None
-    return Refs(root, manifest)
+    return Refs(root, manifest, vocab_size)
 
 
 def check_tokenizer(refs: Refs, hashes: dict[str, str]) -> None:
@@ -100,17 +107,73 @@ def iter_rows(url: str) -> Iterator[dict]:
         raise ShardError(f"shard {url} could not be read: {e}") from None
 
 
+def scored_count(prompt_len: int, completion_len: int, max_length: int | None, truncation_mode: str) -> int:
+    """How many tokens the scorer sums for one completion: len(seq) - max(start, 1) of
+    `tokenization.scored_sequence`, from the lengths alone (no list is built)."""
+    length, start = prompt_len + completion_len, prompt_len
+    if max_length is not None and length > max_length:
+        if truncation_mode != "keep_start":
+            start = max(0, start - (length - max_length))
+        length = max_length
+    return max(0, length - max(start, 1))
+
+
+def _bad_id(ids: list[int], vocab_size: int | None) -> int | None:
+    low, high = min(ids), max(ids)
+    if low < 0:
+        return low
+    return high if vocab_size is not None and high >= vocab_size else None
+
+
+def row_problem(row: dict, max_length: int | None, truncation_mode: str, vocab_size: int | None) -> str | None:
+    """What makes a shard row unusable under the manifest's rule and the policy's vocabulary, or None.
+
+    Integer checks on lists already in memory: the rows precompute writes always pass, so a failure
+    means an edited manifest, another model's shards, or a shard not written by precompute.
+    """
+    prompt = row["prompt_ids"]
+    for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        if not row[key]:
+            return f"{key} is empty"
+    rule = f"the manifest's max_length {max_length} and truncation_mode {truncation_mode}"
+    if max_length is not None and truncation_mode == "keep_start":
+        for key in ("chosen", "rejected"):
+            n = len(prompt) + len(row[f"{key}_ids"])
+            if n > max_length:  # precompute cut them to fit: the manifest says less than the shard was made with
+                return (f"prompt + {key} is {n} tokens, over the manifest's max_length {max_length}: the manifest "
+                        "was edited or the shard was written with other settings; restore it or re-run precompute")
+    for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        bad = _bad_id(row[key], vocab_size)
+        if bad is not None:
+            size = f" of {vocab_size} tokens" if vocab_size is not None else ""
+            return (f"token id {bad} in {key} is outside the vocabulary{size} of the policy: the shards were made "
+                    "with another tokenizer or model")
+    for key in ("chosen", "rejected"):
+        expected = scored_count(len(prompt), len(row[f"{key}_ids"]), max_length, truncation_mode)
+        if expected == 0:
+            return f"no token of {key}_ids is scored under {rule}"
+        if row[f"{key}_scored_tokens"] != expected:
+            return (f"{key}_scored_tokens is {row[f'{key}_scored_tokens']}, but {rule} imply {expected}: the "
+                    "manifest was edited or the shard was written with other settings; restore it or re-run "
+                    "precompute")
+    return None
+
+
 def epoch_pairs(refs: Refs, epoch: int, seed: int, buffer_size: int, verify: bool = True) -> Iterator[dict]:
-    """All pairs of the set in this epoch's order."""
+    """All pairs of the set in this epoch's order, each checked by `row_problem` as it is read."""
     rng = random.Random(f"{seed}:{epoch}")  # string seeds hash the same in every process
     shards = list(refs.manifest["shards"])
     rng.shuffle(shards)
+    max_length, mode = refs.manifest["max_length"], refs.manifest["truncation_mode"]
     buffer: list[dict] = []
     for shard in shards:
         url = storage.join(refs.root, shard["path"])
         if verify:
             verify_shard(url, shard["sha256"])
         for row in iter_rows(url):
+            problem = row_problem(row, max_length, mode, refs.vocab_size)
+            if problem is not None:
+                raise ShardError(f"shard {url}: pair {row['pair_id']}: {problem}")
             if len(buffer) < buffer_size:
                 buffer.append(row)
                 continue

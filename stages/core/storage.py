@@ -5,28 +5,40 @@ and renamed (POSIX rename is atomic); on object stores a single PUT is already a
 
 Retries, in one place. A remote call is tried up to 1 + RETRIES times here (RETRIES = 5, or
 $DPO_STORAGE_RETRIES), with backoff 0.5, 1, 2, 4, 8 s, and only for transient failures
-(`is_transient`: connection errors, timeouts, throttling, 5xx). Below this layer, for s3://,
-botocore already retries throttling and 5xx answers (legacy mode: 5 attempts per request) and
-s3fs retries timeouts and broken reads (5 attempts per call), so one S3 request sees at most
-(1 + RETRIES) x 5 x 5 = 150 attempts before a StorageError, about a minute of backoff for a dead
-endpoint. Anything else (a missing object, access denied, a bad argument, a bug) fails at once.
+(`is_transient`: connection errors, timeouts, throttling, 5xx); each retry is logged at WARNING
+(URL, error, attempt k of N). Below this layer, for s3://, botocore retries throttling and 5xx
+answers (legacy mode: 5 attempts per request) and s3fs retries timeouts, broken reads and answers
+whose error code is SlowDown (5 attempts per call). Measured against a server that answers every
+request 503 SlowDown (tests/test_s3_faults.py): a GET or PUT sees (1 + RETRIES) x 5 x 5 = 150
+attempts before a StorageError, about 4 minutes of backoff (botocore waits rand x 1, 2, 4, 8 s
+between its attempts); a HEAD (exists, size, the first step of a read) sees (1 + RETRIES) x 5 =
+30, about a minute, as its 503 has no body for s3fs to recognise. Anything else (a missing
+object, access denied, a bad argument, a bug) fails at once.
+
+A full local disk (ENOSPC, EDQUOT), however a writer reports it, becomes one StorageError naming
+the file or folder (`local_write`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
+import re
 import time
 import uuid
 from pathlib import Path
-from typing import IO
+from typing import IO, Iterator
 
 import fsspec
 from fsspec.core import url_to_fs
 
 from stages.core.errors import PipelineError
+
+log = logging.getLogger(__name__)
 
 # Options for every filesystem this process opens (`--storage-options` JSON). Credentials
 # normally come the standard way (AWS_* variables, profiles) and need none of this.
@@ -40,8 +52,43 @@ _THROTTLING_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLi
                      "RequestTimeout", "ServiceUnavailable", "InternalError"}
 
 
+# A full disk or quota, and how writers that do not raise OSError word it (safetensors gives
+# Rust's io::Error text, "No space left on device (os error 28)").
+_DISK_FULL_ERRNO = {errno.ENOSPC, errno.EDQUOT}
+_DISK_FULL_TEXT = tuple(f"{os.strerror(code)} (os error {code})" for code in _DISK_FULL_ERRNO)
+
+
 class StorageError(PipelineError):
     """A storage operation that failed for good; the message names the URL, never a secret."""
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether a write failed for want of space or quota, however the writer reported it (the error
+    or anything it was raised from)."""
+    for _ in range(8):  # a short cause chain; never loop on a cycle
+        if error is None:
+            return False
+        if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNO:
+            return True
+        if any(text in str(error) for text in _DISK_FULL_TEXT):
+            return True
+        error = error.__cause__ if error.__cause__ is not None or error.__suppress_context__ else error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def local_write(path: str) -> Iterator[None]:
+    """Writes to a local `path` (file or folder) inside this block that fail on a full disk end in
+    one StorageError naming it; any other failure passes through as it is."""
+    try:
+        yield
+    except StorageError:
+        raise  # already named (an inner, more precise path)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise StorageError(f"cannot write {path}: no space left on device"
+                           f"{' (disk quota exceeded)' if 'quota' in str(e).lower() else ''}") from None
 
 
 def configure(options: dict | None) -> None:
@@ -104,7 +151,16 @@ def retrying(url: str, fn, *args, **kwargs):
             if attempt == RETRIES:
                 raise StorageError(f"storage unavailable for {url} after {RETRIES + 1} attempts: "
                                    f"{type(e).__name__}") from None
-            time.sleep(min(0.5 * 2 ** attempt, 8.0))
+            delay = min(0.5 * 2 ** attempt, 8.0)
+            # Each retry is logged, so a slow run shows why; the error's own text carries no credentials.
+            log.warning("storage: %s failed (%s: %s), attempt %d of %d; retrying in %.1f s", _public(url),
+                        type(e).__name__, str(e)[:200], attempt + 1, RETRIES + 1, delay)
+            time.sleep(delay)
+
+
+def _public(url: str) -> str:
+    """The URL without any user:password@ part, for logs."""
+    return re.sub(r"://[^/@]*@", "://", url)
 
 
 def is_local(url: str) -> bool:
@@ -152,18 +208,19 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
     fs, path = filesystem(url, storage_options)
     parent = path.rsplit("/", 1)[0]
     if is_local(url):
-        os.makedirs(parent, exist_ok=True)
-        # A dot name with its own suffix: no reader globbing *.parquet ever sees a half-written file.
-        tmp = f"{parent}/.{os.path.basename(path)}.{uuid.uuid4().hex}.partial"
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with local_write(path):
+            os.makedirs(parent, exist_ok=True)
+            # A dot name with its own suffix: no reader globbing *.parquet ever sees a half-written file.
+            tmp = f"{parent}/.{os.path.basename(path)}.{uuid.uuid4().hex}.partial"
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())  # a full disk may only show here: before the rename, not after
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
     else:
         try:
             retrying(url, fs.pipe_file, path, data)

@@ -12,6 +12,7 @@ summary (`summary`), written by rank 0 to OUTPUT/summary.json.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -142,12 +143,15 @@ def start(cfg: TrainConfig, resume_from: str | None) -> Run:
     out = output_dir(cfg)
     refs = load_refs(cfg.refs)
     tokenizer, model = _load_policy(cfg, refs, device, dist)
+    # Shard rows are checked against the embedding as they stream: an id past it would fail in torch.
+    vocab = model.get_input_embeddings().num_embeddings
+    refs = dataclasses.replace(refs, vocab_size=vocab)
     steps = total_steps(cfg, refs.num_pairs)
     optimizer, scheduler = _optimizer(cfg, model, steps)
     ctx = pass_context(cfg, refs.manifest, tokenizer.pad_token_id or 0, device)
-    run = Run(cfg, dist, out, storage.staging_dir(out), refs, load_refs(cfg.eval_refs) if cfg.eval_refs else None,
-              tokenizer, model, optimizer, scheduler, steps, ctx,
-              EarlyStopping(cfg.early_stopping_metric, cfg.early_stopping_patience), None)
+    eval_refs = load_refs(cfg.eval_refs, vocab) if cfg.eval_refs else None
+    run = Run(cfg, dist, out, storage.staging_dir(out), refs, eval_refs, tokenizer, model, optimizer, scheduler,
+              steps, ctx, EarlyStopping(cfg.early_stopping_metric, cfg.early_stopping_patience), None)
     if resume_from is not None:
         state = checkpoint.load(resume_from, run.staging, model, optimizer, scheduler)
         run.step, run.epoch, run.consumed = state["step"], state["epoch"], state["consumed"]
@@ -155,6 +159,7 @@ def start(cfg: TrainConfig, resume_from: str | None) -> Run:
         if dist.is_main and storage.exists(storage.join(out, "metrics.jsonl")):
             storage.download(storage.join(out, "metrics.jsonl"), os.path.join(run.staging, "metrics.jsonl"))
     if dist.is_main:
+        checkpoint.remove_partials(run.staging)
         run.log = MetricsLog(run.staging, run.step if resume_from is not None else None)
         storage.write_bytes_atomic(storage.join(out, "train_config.yaml"), to_yaml(cfg).encode())
     return run
@@ -258,23 +263,24 @@ def train_loop(cfg: TrainConfig, resume_from: str | None = None) -> dict:
     stream = batches(run.refs, cfg.batch_size, cfg.seed, cfg.shuffle_buffer, run.epoch, run.consumed)
     end = min(run.steps, cfg.stop_at_step or run.steps)
     bar = _progress_bar(run)
-    while run.step < end and not run.stopper.should_stop:
-        record = train_step(run, *next(stream))
-        record.update(evaluate_step(run))
-        if run.log is not None:
-            run.log.write(record)
+    with storage.local_write(run.staging):  # metrics, TensorBoard, final/, curves: on a full disk, one line
+        while run.step < end and not run.stopper.should_stop:
+            record = train_step(run, *next(stream))
+            record.update(evaluate_step(run))
+            if run.log is not None:
+                run.log.write(record)
+            if bar is not None:
+                bar.set_postfix_str(f"loss {record['loss']:.4f} acc {record['rewards/accuracies']:.2f} "
+                                    f"{record['tokens/s']:.0f} tok/s")
+                bar.update(1)
+            checkpoint_step(run, end)
         if bar is not None:
-            bar.set_postfix_str(f"loss {record['loss']:.4f} acc {record['rewards/accuracies']:.2f} "
-                                f"{record['tokens/s']:.0f} tok/s")
-            bar.update(1)
-        checkpoint_step(run, end)
-    if bar is not None:
-        bar.close()
-    if run.stopper.should_stop and run.dist.is_main:
-        print(f"early stopping at step {run.step}: {cfg.early_stopping_metric} has not improved for "
-              f"{run.stopper.patience} evaluations (best {run.stopper.best:.4f} at step {run.stopper.best_step})",
-              file=sys.stderr)
-    return finish(run)
+            bar.close()
+        if run.stopper.should_stop and run.dist.is_main:
+            print(f"early stopping at step {run.step}: {cfg.early_stopping_metric} has not improved for "
+                  f"{run.stopper.patience} evaluations (best {run.stopper.best:.4f} at step {run.stopper.best_step})",
+                  file=sys.stderr)
+        return finish(run)
 
 
 def ray_worker(config: dict) -> None:
