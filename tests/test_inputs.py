@@ -144,3 +144,13 @@ def test_the_embedded_data_sets_are_found():
     for name in EMBEDDED_DATA:
         rows = list(read_rows(name, limit=2))
         assert [i for i, _ in rows] == [0, 1] and all("chosen" in r for _, r in rows), name
+
+
+def test_a_row_the_chat_template_cannot_render_is_rejected(tokenizer):
+    """Content None passes TRL's shape rules but SmolLM2's template cannot render it: a reject, not a crash."""
+    from stages.core.tokenization import tokenize_row
+
+    row = {"prompt": [{"role": "user", "content": None}], "chosen": [{"role": "assistant", "content": "a"}],
+           "rejected": [{"role": "assistant", "content": "b"}]}
+    with pytest.raises(RowRejected, match="chat template cannot render"):
+        tokenize_row(tokenizer, row)

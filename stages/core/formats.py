@@ -7,6 +7,8 @@ apply unchanged afterwards.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from typing import Any, Callable
 
@@ -26,11 +28,40 @@ def is_messages(value: Any) -> bool:
 
 
 def _check_messages(name: str, value: Any) -> None:
+    # What passes here goes through the chat template inside a Ray task, where an odd value would stop
+    # the whole run rather than reject one row.
     for i, m in enumerate(value):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise RowRejected("bad_type", f"{name}[{i}] is not a message with 'role' and 'content'")
-        if m["content"] is not None and not isinstance(m["content"], (str, list)):
-            raise RowRejected("bad_type", f"{name}[{i}].content is {type(m['content']).__name__}")
+        if not isinstance(m["role"], str):
+            raise RowRejected("bad_type", f"{name}[{i}].role is {type(m['role']).__name__}")
+        content = m["content"]
+        if content is not None and not isinstance(content, (str, list)):
+            raise RowRejected("bad_type", f"{name}[{i}].content is {type(content).__name__}")
+        if isinstance(content, list) and not all(isinstance(part, dict) for part in content):
+            raise RowRejected("bad_type", f"{name}[{i}].content is a list but not of content parts (objects)")
+
+
+# apply_chat_template arguments the tokenizer sets itself: repeating them in a row is a TypeError.
+_TEMPLATE_ARGS = {"conversation", "tools", "tokenize", "return_dict", "add_generation_prompt"}
+
+
+def _check_template_inputs(out: dict) -> None:
+    """`tools` (a list of tool objects, or JSON text of one) and `chat_template_kwargs` (an object)."""
+    tools = out.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except (ValueError, RecursionError):
+            raise RowRejected("bad_type", "tools is a string but not JSON") from None
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise RowRejected("bad_type", "tools is not a list of tool definitions (objects)")
+    kwargs = out.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise RowRejected("bad_type", f"chat_template_kwargs is {type(kwargs).__name__}, expected an object")
+    if kwargs and _TEMPLATE_ARGS & set(kwargs):
+        raise RowRejected("bad_type", f"chat_template_kwargs sets {sorted(_TEMPLATE_ARGS & set(kwargs))}, "
+                                      "which the tokenizer sets itself")
 
 
 def _is_blank(value: Any) -> bool:
@@ -147,8 +178,8 @@ def helpsteer3(row: dict, cfg: Any) -> dict:
         if row.get(col) is None:
             raise RowRejected("missing_field", f"no '{col}'")
     pref = row["overall_preference"]
-    if isinstance(pref, bool) or not isinstance(pref, (int, float)):
-        raise RowRejected("bad_type", f"overall_preference is {type(pref).__name__}")
+    if isinstance(pref, bool) or not isinstance(pref, (int, float)) or (isinstance(pref, float) and math.isnan(pref)):
+        raise RowRejected("bad_type", f"overall_preference is {pref!r}, expected a number")
     if pref == 0:
         raise RowRejected("tie", "overall_preference is 0")
     better, worse = (row["response1"], row["response2"]) if pref < 0 else (row["response2"], row["response1"])
@@ -201,6 +232,8 @@ ADAPTERS: dict[str, Callable[[dict, Any], dict]] = {
 
 def detect(row: dict) -> str:
     """The layout of a raw row (format=auto). Raw HH text stays 'standard', as TRL reads it."""
+    if not isinstance(row, dict):  # a first line that is a list or a string: normalise rejects it
+        return "standard"
     if "preferred_output" in row and "input" in row:
         return "openai"
     if "conversations" in row and isinstance(row.get("chosen"), (dict, list)) and not is_messages(row.get("chosen")):
@@ -227,6 +260,7 @@ def normalise(row: dict, layout: str, cfg: Any) -> dict:
             _check_messages(key, value)
         elif not isinstance(value, str):
             raise RowRejected("bad_type", f"{key} is {type(value).__name__}, expected a string or messages")
+    _check_template_inputs(out)
     if is_messages(out["chosen"]) != is_messages(out["rejected"]):
         raise RowRejected("bad_type", "chosen and rejected mix strings and messages")
     if "prompt" in out and is_messages(out["prompt"]) != is_messages(out["chosen"]):

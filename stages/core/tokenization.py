@@ -26,7 +26,13 @@ def _common_prefix_length(a: list[int], b: list[int]) -> int:
 
 def _ids(tokenizer: Any, value: Any, **template_kwargs) -> list[int]:
     if isinstance(value, list):
-        out = tokenizer.apply_chat_template(value, tokenize=True, return_dict=True, **template_kwargs)
+        try:
+            out = tokenizer.apply_chat_template(value, tokenize=True, return_dict=True, **template_kwargs)
+        except Exception as e:  # noqa: BLE001  jinja and the template's own checks raise anything
+            # What a template accepts depends on the model (content None, content parts, roles): a row
+            # this one cannot render is rejected with the template's words, never the whole run lost.
+            raise RowRejected("template_error", f"the chat template cannot render this row: "
+                                                f"{type(e).__name__}: {str(e)[:300]}") from None
         return list(out["input_ids"])
     return list(tokenizer(text=value)["input_ids"])
 
