@@ -6,7 +6,8 @@ FORMAT_VERSION = 1
 
 # Required keys -> expected JSON type(s). The precompute also writes data_sources (every --data an
 # output was grown from), data_path (the resolved input), tokens and last_run (what the last
-# invocation did: seconds, pairs_scored, tokens_scored, new_shards, rows_already_done).
+# invocation did: seconds, data, pairs_written, rows_rejected, pairs_scored (= pairs_written),
+# tokens_scored, new_shards, shards_repaired, rows_already_done).
 MANIFEST_KEYS = {
     "format_version": int,
     "created_at": str,
@@ -27,9 +28,11 @@ MANIFEST_KEYS = {
     "config": dict,
 }
 
-# Required in every shard entry. The precompute also writes, per shard: source_indices ([first, last]
-# input row, or null), data (the --data it came from), rows_read, rejects_path, rejects,
+# Required in every shard entry. The precompute also writes, per shard: bytes (the shard file's size),
+# source_indices ([first, last] input row, or null), data (the --data it came from), source (that
+# --data as an absolute path where local), rows_read, rejects_path, rejects, rejects_sha256,
 # rejects_by_reason, tokens (prompt counted once per answer) and finished_at (UTC, ISO 8601).
+# Outputs written before bytes, source and rejects_sha256 existed lack them; readers must not need them.
 SHARD_ENTRY_KEYS = {"path": str, "rows": int, "sha256": str}
 
 

@@ -3,11 +3,17 @@
 Prints the manifest summary (model, rows, rejects by reason), token-length and reference-margin
 statistics and a few decoded pairs, and draws a histogram of reference log-prob margins
 (ref_chosen_logps - ref_rejected_logps).
+
+`--verify` only checks the files: every shard and rejects file against the manifest (size and
+sha256 where the manifest has them), writing nothing; it prints OK or one line per bad file and
+exits 1 on damage. Precompute runs the same check (`damaged_files`) on its finished shards before
+each run, and scores a damaged shard again.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import statistics
 
@@ -17,6 +23,52 @@ import pyarrow.parquet as pq
 from stages.core import storage
 from stages.core.plots import margin_histogram
 from stages.core.shard_stream import Refs, iter_rows, load_refs
+
+
+def _file_problem(root: str, path: str, size: int | None, sha256: str | None) -> str | None:
+    """What is wrong with one file of a shard, or None: missing, another size, another checksum."""
+    h, n = hashlib.sha256(), 0
+    try:
+        with storage.open_binary(storage.join(root, path)) as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+                n += len(block)
+    except FileNotFoundError:
+        return f"{path}: missing"
+    if size is not None and n != size:
+        return f"{path}: {n} bytes, expected {size}"
+    if sha256 is not None and h.hexdigest() != sha256:
+        return f"{path}: sha256 {h.hexdigest()[:12]}... differs from the recorded {sha256[:12]}..."
+    if sha256 is None:  # rejects files of older outputs have no checksum: they must at least be Parquet
+        try:
+            with storage.open_binary(storage.join(root, path)) as fh:
+                pq.read_metadata(fh)
+        except Exception as e:  # pyarrow raises several types for a damaged file
+            return f"{path}: not readable Parquet ({type(e).__name__})"
+    return None
+
+
+def damaged_files(root: str, entry: dict) -> list[str]:
+    """One line per file of a shard entry (its shard and rejects file) that does not match the
+    entry; empty when both do."""
+    checks = [(entry["path"], entry.get("bytes"), entry["sha256"])]
+    if entry.get("rejects_path"):
+        checks.append((entry["rejects_path"], None, entry.get("rejects_sha256")))
+    return [p for p in (_file_problem(root, *check) for check in checks) if p]
+
+
+def verify(root: str) -> int:
+    """`inspect --verify`: check every file the manifest lists; 0 when all match, 1 otherwise."""
+    refs = load_refs(root)
+    shards = refs.manifest["shards"]
+    bad = [problem for s in shards for problem in damaged_files(root, s)]
+    for problem in bad:
+        print(f"damaged: {problem}")
+    if bad:
+        print(f"refs: {root}: {len(bad)} damaged file(s); re-run the precompute that made it to repair them")
+        return 1
+    print(f"refs: {root}: OK, {len(shards)} shards and their rejects files match manifest.json")
+    return 0
 
 
 def _stats(values: list[float]) -> dict:
@@ -97,7 +149,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("refs", help="precompute output folder or URL")
     ap.add_argument("--output", help="folder for ref_margins.png (default: REFS when local)")
     ap.add_argument("--examples", type=int, default=2, help="decoded pairs to show")
+    ap.add_argument("--verify", action="store_true",
+                    help="only check every shard and rejects file against the manifest; write nothing")
     args = ap.parse_args(argv)
+    if args.verify:
+        return verify(args.refs)
     refs = load_refs(args.refs)
     text, info = report(refs, args.examples)
     print(text)

@@ -17,11 +17,11 @@ def test_every_error_class_is_a_pipeline_error():
     from stages.core.shard_stream import ShardError
     from stages.core.storage import StorageError
     from stages.core.trainer import TrainingError
-    from stages.precompute import OutputMismatch
+    from stages.precompute import NothingWritten, OutputMismatch, ScorerDied
     from stages.submit import SubmitError
 
     for cls in (CheckpointError, ConfigError, DataError, ModelError, ShardError, StorageError, TrainingError,
-                OutputMismatch, SubmitError):
+                OutputMismatch, SubmitError, NothingWritten, ScorerDied):
         assert issubclass(cls, PipelineError), cls
 
 

@@ -135,6 +135,7 @@ class PrecomputeConfig(Common):
                               "before, in input order, into shards of this many", default=1000)
     limit: int | None = doc("read only the first N input rows", default=None)
     overwrite: bool = doc("replace an existing output made with other settings", default=False)
+    append: bool = doc("add rows of another --data to an output that holds a different data set", default=False)
 
     def check(self) -> None:
         super().check()

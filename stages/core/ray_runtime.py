@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable
 
@@ -15,8 +16,37 @@ def init_ray(min_cpus: int) -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level="WARNING")
-    else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False, logging_level="WARNING")
+        return
+    # A new local cluster gets token authentication, Ray's default, and a WARNING on every start that
+    # says so: a notice, not a problem (its other warning, auth disabled, is only for joining a cluster).
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = auth_log.level
+    auth_log.setLevel(logging.ERROR)
+    try:
+        # "local": always a cluster of our own, never one someone started with `ray start` on this
+        # machine (which Ray would join when given no address).
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False,
+                 logging_level="WARNING")
+    finally:
+        auth_log.setLevel(level)
+
+
+def quiet_ray_data() -> None:
+    """Ray Data settings for a stage that draws its own progress bar: Ray Data's bars, its
+    execution-start line and stats summary are off, and its INFO lines (one per finished dataset)
+    no longer reach the console, where they would cut through our bar. Its warnings and errors still
+    print, and everything still goes to ray-data.log in the Ray session's log folder."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    # Ray Data warns on every run that its bars are off: that is our choice, not a problem.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):  # the console; its file handler is a plain Handler
+            handler.setLevel(max(handler.level, logging.WARNING))
 
 
 def run_train_workers(worker: Callable[[dict], None], config: dict, num_workers: int, ray_dir: str) -> None:

@@ -2,6 +2,10 @@
 
 Both take and return pyarrow tables, so they run the same under `map_batches` and in a plain test.
 Rows rejected while tokenizing pass through the scorer untouched, carrying their reason.
+
+A scorer call takes minutes on a real model (`batch_size` pairs, cut into several forwards), so the
+scorer also reports its progress after every forward to a `PairProgress` actor that the driver's
+progress bar reads; the grouping of pairs into calls and forwards, and so the results, stay as they are.
 """
 
 from __future__ import annotations
@@ -65,11 +69,31 @@ def tokenize_batch(batch: pa.Table, model_path: str, max_length: int | None, max
     return pa.Table.from_pydict(out, schema=TOKENIZED_SCHEMA)
 
 
+class PairProgress:
+    """Pairs done so far, per scorer call (run as a Ray actor; the driver's bar polls `total`).
+
+    Counts are kept per call, keyed by the call's first row key, and only ever raised: a call Ray runs
+    again reports under the same key, so no pair is counted twice."""
+
+    def __init__(self):
+        self._done: dict[str, int] = {}
+
+    def report(self, batch_key: str, pairs_done: int) -> None:
+        self._done[batch_key] = max(pairs_done, self._done.get(batch_key, 0))
+
+    def total(self) -> int:
+        return sum(self._done.values())
+
+
 class ReferenceScorer:
-    """Loads the frozen reference model once; each call scores one batch of tokenized pairs."""
+    """Loads the frozen reference model once; each call scores one batch of tokenized pairs.
+
+    `progress`: a `PairProgress` actor handle (or anything with `report.remote(key, pairs_done)`),
+    told after every forward how many of the call's pairs are done; None reports nothing."""
 
     def __init__(self, model_path: str, dtype: str, max_length: int | None, truncation_mode: str,
-                 threads: int | None = None, tokens_per_forward: int = TOKENS_PER_FORWARD, pack_prompts: bool = True):
+                 threads: int | None = None, tokens_per_forward: int = TOKENS_PER_FORWARD, pack_prompts: bool = True,
+                 progress=None):
         if threads:
             torch.set_num_threads(threads)
         self.device = pick_device()
@@ -81,14 +105,16 @@ class ReferenceScorer:
         self.tokens_per_forward = tokens_per_forward
         # Flash-attention kernels take no 4D masks: such models score the two sequences separately.
         self.pack = pack_prompts and supports_4d_mask(self.model)
+        self.progress = progress
 
     def _groups(self, widths: list[int], square: bool) -> list[list[int]]:
         """Indices sorted by width, cut into forwards (see `plan_forwards`)."""
         return plan_forwards(widths, self.tokens_per_forward, MASK_ELEMENTS if square else None,
                              FORWARD_OVERHEAD_TOKENS[self.device])
 
-    def score_sequences(self, sequences: list[tuple[list[int], int]]) -> list[float]:
-        """Exact summed log-probs of each (input_ids, completion_start), right-padded, grouped by length."""
+    def score_sequences(self, sequences: list[tuple[list[int], int]], on_forward=None) -> list[float]:
+        """Exact summed log-probs of each (input_ids, completion_start), right-padded, grouped by length.
+        on_forward(n): called after each forward with the number of sequences it scored."""
         result = [0.0] * len(sequences)
         for group in self._groups([len(s) for s, _ in sequences], square=False):
             ids, mask, comp = pad_batch([sequences[i][0] for i in group], [sequences[i][1] for i in group],
@@ -97,17 +123,34 @@ class ReferenceScorer:
                 sums = sequence_logps(self.model, ids, mask, comp).tolist()
             for i, s in zip(group, sums):
                 result[i] = s
+            if on_forward:
+                on_forward(len(group))
         return result
 
-    def score_packed(self, rows: list[tuple], n_seqs: int) -> list[float]:
-        """Summed log-probs of sequences 0..n_seqs-1 laid out as `pair_rows` rows, prefixes run once."""
+    def score_packed(self, rows: list[tuple], n_seqs: int, on_forward=None) -> list[float]:
+        """Summed log-probs of sequences 0..n_seqs-1 laid out as `pair_rows` rows, prefixes run once.
+        on_forward(n): called after each forward with the number of sequences it scored."""
         total = torch.zeros(n_seqs, dtype=torch.float64)
         for group in self._groups([row_width(r) for r in rows], square=True):
             inputs, r, c, labels, seq_ids = pack_rows([rows[i] for i in group], self.pad_id, self.model.dtype,
                                                       self.device)
             with torch.inference_mode():
                 total += scored_logps(self.model, inputs, r, c, labels, seq_ids, n_seqs).cpu()
+            if on_forward:  # a row holds one sequence, or two that share the prompt
+                on_forward(sum(1 if rows[i][3] == rows[i][4] else 2 for i in group))
         return total.tolist()
+
+    def _reporter(self, recs: list[dict], n_rejected: int):
+        """on_forward for one call: pairs done = rows rejected while tokenizing + half the sequences
+        scored (rounded down: a pair counts once both its answers are)."""
+        if self.progress is None or not recs:
+            return None
+        key, seqs = recs[0]["row_key"], [0]
+
+        def on_forward(n: int) -> None:
+            seqs[0] += n
+            self.progress.report.remote(key, n_rejected + seqs[0] // 2)
+        return on_forward
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         recs = batch.to_pylist()
@@ -127,7 +170,11 @@ class ReferenceScorer:
             else:
                 seqs += [(c_seq, c_start), (r_seq, r_start)]
             scored.append(i)
-        sums = self.score_packed(rows, 2 * len(scored)) if self.pack else self.score_sequences(seqs)
+        on_forward = self._reporter(recs, len(recs) - len(scored))
+        if on_forward and not scored:  # nothing to score: the whole call is done
+            on_forward(0)
+        sums = (self.score_packed(rows, 2 * len(scored), on_forward) if self.pack
+                else self.score_sequences(seqs, on_forward))
         for j, i in enumerate(scored):
             chosen[i], rejected[i] = sums[2 * j], sums[2 * j + 1]
         return (batch.append_column("ref_chosen_logps", pa.array(chosen, pa.float64()))
