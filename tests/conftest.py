@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -98,3 +99,25 @@ def refs(tmp_path_factory, tiny_model_dir, ray_session) -> Path:
                            format="hh", rows_per_shard=5, max_length=256, progress=False)
     assert precompute.run(cfg)["rows_written"] == 20
     return tmp / "refs"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> a fresh tmpfs of that many bytes under tmp_path; unmounted at the end."""
+    mounts: list[Path] = []
+
+    def mount(size: int) -> Path:
+        folder = tmp_path / f"disk{len(mounts)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounts.append(folder)
+        return folder
+
+    try:
+        yield mount
+    finally:
+        for folder in mounts:  # lazy: a failed run's TensorBoard writer may still hold a file open
+            subprocess.run(["umount", "-l", str(folder)], check=False)

@@ -282,3 +282,31 @@ def test_killed_scorer_actor_loses_and_repeats_nothing(tmp_path, tiny_model_dir)
     assert m["rows_read"] == m["rows_written"] + m["rows_rejected"] == 45
     assert set(ids) == set(clean_ids)
     assert {p.stem for p in (out / "shards").iterdir()} == {p.stem for p in (out / "_progress").glob("shard-*.json")}
+
+
+# --- 8: a full disk during precompute: one line, nothing half-written, the re-run completes ----------
+
+@pytest.mark.slow
+def test_full_disk_during_precompute_then_rerun(tmp_path, tiny_model_dir, ray_session, small_disk, capsys):
+    """A 40 KiB tmpfs holds the run's identity and the first shards (a few KiB each, a page per
+    file), not all five: one `error:` line naming the path, no partial file under a final name; the
+    disk grows and the same command finishes with a clean run's pairs."""
+    import pipeline
+
+    data = write_rows(tmp_path / "in.jsonl", hh_rows(20))
+    disk = small_disk(40 * 1024)
+    args = ["precompute", "--data", str(data), "--model", tiny_model_dir, "--output", str(disk / "out"),
+            "--rows-per-shard", "4", "--max-length", "512", "--format", "hh", "--progress", "false"]
+    capsys.readouterr()
+    assert pipeline.main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: cannot write") and "no space left on device" in err[0], err
+    for folder in ("shards", "rejects"):  # whatever is there under a final name is whole Parquet
+        for f in (disk / "out" / folder).glob("*.parquet"):
+            pq.read_table(f)
+    subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+    assert pipeline.main(args) == 0
+    manifest = json.loads((disk / "out" / "manifest.json").read_text())
+    clean = precompute.run(config(tmp_path, tiny_model_dir, data, name="clean", max_length=512))
+    assert manifest["rows_read"] == 20 == manifest["rows_written"] + manifest["rows_rejected"]
+    assert manifest["pair_ids_fingerprint"] == clean["pair_ids_fingerprint"]

@@ -112,28 +112,6 @@ def test_token_id_outside_the_policys_vocabulary(refs, tmp_path, tokenizer):
 MB = 2 ** 20
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """mount(size) -> a fresh tmpfs of that many bytes under tmp_path; unmounted at the end."""
-    mounts: list[Path] = []
-
-    def mount(size: int) -> Path:
-        folder = tmp_path / f"disk{len(mounts)}"
-        folder.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-        mounts.append(folder)
-        return folder
-
-    try:
-        yield mount
-    finally:
-        for folder in mounts:  # lazy: a failed run's TensorBoard writer may still hold a file open
-            subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
 def _pipeline_train(capsys, *args: str) -> tuple[int, str]:
     import pipeline
 
