@@ -98,3 +98,14 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     assert pipeline.main(["train"]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err and err.count("\n") <= 2
+
+
+def test_a_hub_id_without_network_is_one_line(monkeypatch):
+    """HF_HUB_OFFLINE makes the hub lookup fail at once, as it does on a machine without network."""
+    from stages.core.models import ModelError, load_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError) as e:
+        load_tokenizer("no-such-owner/no-such-model")
+    message = str(e.value)
+    assert "\n" not in message and "no-such-owner/no-such-model" in message and "Hugging Face hub" in message
