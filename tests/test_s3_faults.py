@@ -180,9 +180,10 @@ def test_both_stages_through_throttling_match_an_unthrottled_run(slow_s3, tmp_pa
                                                                  retry_log):
     """Every 3rd request answered 503 SlowDown: precompute and training on s3:// finish with the
     shards and metrics of the same runs on local disk, within the documented bound of attempts."""
+    # Own prefixes: moto keeps one store per process, shared with test_cloud.py's buckets.
     text = "".join(json.dumps(r) + "\n" for r in _rows(12))
     (tmp_path / "in.jsonl").write_text(text)
-    storage.write_bytes_atomic("s3://dpo/in/in.jsonl", text.encode())
+    storage.write_bytes_atomic("s3://dpo/throttled/in/in.jsonl", text.encode())
     common = dict(model=tiny_model_dir, format="hh", rows_per_shard=5, max_length=256, progress=False)
     local_manifest = precompute.run(PrecomputeConfig(data=str(tmp_path / "in.jsonl"), output=str(tmp_path / "refs"),
                                                      **common))
@@ -191,9 +192,10 @@ def test_both_stages_through_throttling_match_an_unthrottled_run(slow_s3, tmp_pa
     train.run(TrainConfig(refs=str(tmp_path / "refs"), output=str(tmp_path / "run"), **run))
 
     slow_s3.reset(every=3)
-    manifest = precompute.run(PrecomputeConfig(data="s3://dpo/in/", output="s3://dpo/refs", **common))
+    manifest = precompute.run(PrecomputeConfig(data="s3://dpo/throttled/in/", output="s3://dpo/throttled/refs",
+                                               **common))
     after_precompute = (slow_s3.requests, slow_s3.throttled)
-    summary = train.run(TrainConfig(refs="s3://dpo/refs", output="s3://dpo/run", **run))
+    summary = train.run(TrainConfig(refs="s3://dpo/throttled/refs", output="s3://dpo/throttled/run", **run))
     print(f"every 3rd request throttled: precompute {after_precompute[0]} requests ({after_precompute[1]} 503s); "
           f"precompute + train {slow_s3.requests} requests ({slow_s3.throttled} 503s); "
           f"our retries logged: {len(retry_log())}; busiest path: {max(slow_s3.by_path.values())} requests")
@@ -201,8 +203,9 @@ def test_both_stages_through_throttling_match_an_unthrottled_run(slow_s3, tmp_pa
     assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in local_manifest["shards"]]
     assert manifest["pair_ids_fingerprint"] == local_manifest["pair_ids_fingerprint"]
     assert summary["outcome"] == "finished" and summary["steps"] == 3
-    assert untimed(read("s3://dpo/run/metrics.jsonl")) == untimed(read(str(tmp_path / "run" / "metrics.jsonl")))
-    assert storage.exists("s3://dpo/run/checkpoints/step-2/state.json")
+    local_metrics = untimed(read(str(tmp_path / "run" / "metrics.jsonl")))
+    assert untimed(read("s3://dpo/throttled/run/metrics.jsonl")) == local_metrics
+    assert storage.exists("s3://dpo/throttled/run/checkpoints/step-2/state.json")
     # Throttled for real, and bounded: a 503 is answered by the next request, so no call needs more
     # than a few of the (1 + RETRIES) x 5 x 5 attempts it may make.
     assert slow_s3.throttled == slow_s3.requests // 3 > 10
