@@ -171,6 +171,7 @@ def test_sigkill_and_rerun_gives_the_same_pairs(tmp_path, tiny_model_dir):
     assert {p.stem for p in (out / "shards").iterdir()} == {p.stem for p in (out / "_progress").glob("shard-*.json")}
 
 
+@pytest.mark.slow
 def test_grown_input_scores_only_new_rows(tmp_path, tiny_model_dir, ray_session):
     rows = [r for r in read_jsonl_gz(HH_SAMPLE, 100) if r["chosen"] != r["rejected"] and len(r["chosen"]) < 1500]
     folder = tmp_path / "in"

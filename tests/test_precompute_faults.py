@@ -52,6 +52,7 @@ def cli(*args: str) -> list[str]:
 
 # --- 4: a run that leaves no usable pair fails, after writing what it has --------------------------
 
+@pytest.mark.slow
 def test_all_rows_rejected_fails_after_writing_manifest_and_rejects(tmp_path, tiny_model_dir, ray_session, capsys):
     data = write_rows(tmp_path / "in.jsonl", hh_rows(6))
     cfg = config(tmp_path, tiny_model_dir, data, max_length=8)
@@ -67,6 +68,7 @@ def test_all_rows_rejected_fails_after_writing_manifest_and_rejects(tmp_path, ti
         precompute.run(cfg)
 
 
+@pytest.mark.slow
 def test_summary_counts_pairs_written_not_rows_through_the_scorer(tmp_path, tiny_model_dir, ray_session):
     # At max_length 160 some HH prompts are too long: token-level rejects pass through the scorer.
     data = write_rows(tmp_path / "in.jsonl", hh_rows(12))
@@ -90,6 +92,7 @@ def test_empty_input_exits_non_zero_with_one_line(tmp_path, tiny_model_dir):
 
 # --- 5: another data set is refused unless --append -----------------------------------------------
 
+@pytest.mark.slow
 def test_other_data_is_refused_unless_append(tmp_path, tiny_model_dir, ray_session, monkeypatch):
     a = write_rows(tmp_path / "a.jsonl", hh_rows(3))
     b = write_rows(tmp_path / "b.jsonl", hh_rows(3, skip=3))
@@ -107,6 +110,7 @@ def test_other_data_is_refused_unless_append(tmp_path, tiny_model_dir, ray_sessi
 
 # --- 6: damaged outputs are repaired, and inspect --verify finds them ------------------------------
 
+@pytest.mark.slow
 def test_missing_and_damaged_shards_are_rescored_into_the_same_shards(tmp_path, tiny_model_dir, ray_session, capsys):
     rows = hh_rows(14)
     rows.insert(5, rows[1])  # a duplicate: a reject in shard 1

@@ -58,6 +58,7 @@ def test_training_learns_the_training_pairs(refs, tmp_path):
     assert late > early and records[-1]["rewards/margins"] > 0
 
 
+@pytest.mark.slow
 def test_resume_is_exact(refs, tmp_path):
     kw = dict(max_steps=8, save_every=3, lr_scheduler="cosine", warmup_ratio=0.25)
     train.run(cfg_for(refs, tmp_path / "whole", **kw))
@@ -159,6 +160,7 @@ def test_existing_run_needs_resume_or_overwrite(refs, tmp_path):
     train.run(cfg_for(refs, tmp_path / "run", max_steps=1, overwrite=True))
 
 
+@pytest.mark.slow
 def test_overwrite_starts_clean(refs, tmp_path):
     """An old run's checkpoints must not outrank the new run's, nor be what a later --resume finds."""
     out = tmp_path / "run"
