@@ -13,7 +13,6 @@ each run, and scores a damaged shard again.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import statistics
 
@@ -27,12 +26,10 @@ from stages.core.shard_stream import Refs, iter_rows, load_refs
 
 def _file_problem(root: str, path: str, size: int | None, sha256: str | None) -> str | None:
     """What is wrong with one file of a shard, or None: missing, another size, another checksum."""
-    h, n = hashlib.sha256(), 0
     try:
         with storage.open_binary(storage.join(root, path)) as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-                n += len(block)
+            h = storage.hash_stream(fh)
+            n = fh.tell()  # read to the end: its size
     except FileNotFoundError:
         return f"{path}: missing"
     if size is not None and n != size:
