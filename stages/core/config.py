@@ -129,6 +129,8 @@ class PrecomputeConfig(Common):
                                                              default="keep_start")
     batch_size: int = doc("pairs per scorer call (cut by length into forwards inside the call)", default=64)
     num_workers: int = doc("scorer actors (one GPU each where CUDA exists)", default=1)
+    gpus_per_worker: int = doc("GPUs of one node per scorer actor: a reference too big for one GPU is spread "
+                               "over K GPUs (device_map); needs CUDA when above 1", default=1)
     dtype: Dtype = doc("reference model dtype", default="float32")
     pack_prompts: bool = doc("score each prompt once for both answers (packed rows, 4D mask)", default=True)
     rows_per_shard: int = doc("new input rows per output shard: each run groups the rows it has not seen "
@@ -139,7 +141,8 @@ class PrecomputeConfig(Common):
 
     def check(self) -> None:
         super().check()
-        _positive(self, "batch_size", "num_workers", "rows_per_shard", "max_length", "max_prompt_length")
+        _positive(self, "batch_size", "num_workers", "gpus_per_worker", "rows_per_shard", "max_length",
+                  "max_prompt_length")
         if self.limit is not None and self.limit < 0:
             raise ConfigError(f"config key 'limit': must be 0 or more, got {self.limit}")
         ml, mpl = self.max_length, self.max_prompt_length
@@ -206,7 +209,18 @@ class TrainConfig(PolicyPass):
                                        "the best weights are kept in OUTPUT/best", default=0)
     early_stopping_metric: Literal["eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"] = doc(
         "what early stopping watches (loss: lower is better; the others: higher)", default="eval/loss")
-    num_workers: int = doc("Ray Train workers (DDP: gloo on CPU, NCCL on GPU); 1 runs in-process", default=1)
+    num_workers: int = doc("Ray Train workers (gloo on CPU, NCCL on GPU); 1 runs in-process", default=1)
+    strategy: Literal["ddp", "fsdp"] = doc(
+        "how workers share the policy: ddp (a full copy each, gradients all-reduced during backward) or fsdp "
+        "(FSDP2: parameters, gradients and optimizer state sharded per decoder layer)", default="ddp")
+    max_failures: int = doc("Ray Train restarts of the worker group after a worker dies; each restart resumes from "
+                            "the latest checkpoint (use with --save-every)", default=0)
+    lora_r: int = doc("LoRA rank (0: train all weights); only the adapters get gradients and optimizer state",
+                      default=0)
+    lora_alpha: float = doc("LoRA scaling alpha (the update is alpha / r * B A)", default=16.0)
+    lora_dropout: float = doc("dropout on the LoRA branch", default=0.0)
+    lora_target_modules: str = doc("comma list of module names that get adapters, or all-linear (every linear "
+                                   "layer but the LM head)", default="all-linear")
     seed: int = doc("seed for shard order, shuffle buffer and torch", default=0)
     gradient_checkpointing: bool = doc("recompute activations in backward: less memory for more time per step "
                                        "(on, as in TRL; false for the fastest steps)", default=True)
@@ -223,6 +237,12 @@ class TrainConfig(PolicyPass):
         for name in ("save_every", "eval_every", "early_stopping_patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config key '{name}': must be 0 (off) or positive, got {getattr(self, name)}")
+        if self.max_failures < 0 or self.lora_r < 0:
+            raise ConfigError("config keys 'max_failures', 'lora_r': must be 0 or positive "
+                              f"(got {self.max_failures}, {self.lora_r})")
+        if not 0 <= self.lora_dropout < 1 or self.lora_alpha <= 0:
+            raise ConfigError(f"config keys 'lora_dropout', 'lora_alpha': need 0 <= dropout < 1 and alpha > 0 "
+                              f"(got {self.lora_dropout}, {self.lora_alpha})")
         if self.early_stopping_patience and not self.eval_refs:
             raise ConfigError("config key 'early_stopping_patience': needs eval_refs (a held-out set to watch)")
 
