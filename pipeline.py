@@ -85,9 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ncommands: {', '.join(COMMANDS)}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     from stages.core.errors import PipelineError
+    from stages.core.preemption import Preempted
 
     try:
         return COMMANDS[argv[0]](argv[1:])
+    except Preempted as e:  # SIGTERM: the checkpoint is written; 143 = 128 + SIGTERM, as a killed process
+        print(str(e), file=sys.stderr)
+        return 143
     except PipelineError as e:  # every user-facing error; anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -77,6 +77,10 @@ class ScorerDied(PipelineError):
     """Scorer processes kept dying; the finished shards are kept and a re-run scores the rest."""
 
 
+class NotEnoughGpus(PipelineError):
+    """--gpus-per-worker K above 1 on a Ray cluster without a node with K GPUs for each scorer."""
+
+
 class _PoolLost(Exception):
     """A scorer process of this pool died (internal: the run retries with a new pool)."""
 
@@ -318,12 +322,42 @@ def _write_shard(cfg: PrecomputeConfig, k: int, rows: list[dict], rejects: list[
     return entry
 
 
+def gpu_shortage(gpus_per_worker: int, num_workers: int, node_gpus: list[float]) -> str | None:
+    """Why `num_workers` scorers of `gpus_per_worker` GPUs each cannot all be placed on nodes with
+    `node_gpus` GPUs (one scorer's GPUs are all on one node); None when they can."""
+    k = gpus_per_worker
+    room = sum(int(g // k) for g in node_gpus)
+    if room >= num_workers:
+        return None
+    total = sum(node_gpus)
+    has = (f"{total:g} GPUs, at most {max(node_gpus):g} on one node: room for {room}" if total
+           else "no GPU (no CUDA device)")
+    return (f"--gpus-per-worker {k} needs {k} GPUs of one node for each of the {num_workers} scorers "
+            f"(--num-workers {num_workers}), with no CPU fallback; the Ray cluster has {has}")
+
+
+def _check_gpus(cfg: PrecomputeConfig) -> None:
+    """--gpus-per-worker above 1: fail at the start, before any work, where the cluster cannot hold
+    the scorers (Ray would wait for ever, and the CPU is no place for a model that needs K GPUs)."""
+    if cfg.gpus_per_worker == 1:
+        return
+    import ray
+
+    init_ray(cfg.num_workers + 1)
+    nodes = [n.get("Resources", {}).get("GPU", 0) for n in ray.nodes() if n.get("Alive")]
+    problem = gpu_shortage(cfg.gpus_per_worker, cfg.num_workers, nodes)
+    if problem:
+        raise NotEnoughGpus(problem)
+
+
 def _dataset(cfg: PrecomputeConfig, model_path: str, records: list[dict], progress):
     """The Ray Data pipeline over `records`: tokenize (tasks), then score (an actor pool)."""
     import ray
     import ray.data
 
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    gpus = ray.cluster_resources().get("GPU", 0)
+    # One GPU per scorer where the cluster has any; K GPUs per scorer (checked by `_check_gpus`) for K > 1.
+    use_gpu = gpus >= cfg.gpus_per_worker if cfg.gpus_per_worker > 1 else gpus > 0
     # Small blocks keep every actor busy and the progress bar moving; shards complete as they arrive.
     blocks = min(len(records), max(2 * cfg.num_workers, -(-len(records) // max(cfg.batch_size, 8))))
     ds = ray.data.from_items(records, override_num_blocks=blocks)
@@ -333,11 +367,12 @@ def _dataset(cfg: PrecomputeConfig, model_path: str, records: list[dict], progre
                                        max_prompt_length=cfg.max_prompt_length, truncation_mode=cfg.truncation_mode))
     scorer_args = dict(model_path=model_path, dtype=cfg.dtype, max_length=cfg.max_length,
                        truncation_mode=cfg.truncation_mode, pack_prompts=cfg.pack_prompts, progress=progress,
-                       threads=None if use_gpu else threads_per_worker(cfg.num_workers))
+                       threads=None if use_gpu else threads_per_worker(cfg.num_workers), gpus=cfg.gpus_per_worker)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
         return ds.map_batches(ReferenceScorer, batch_format="pyarrow", batch_size=cfg.batch_size,
-                              compute=ray.data.ActorPoolStrategy(size=cfg.num_workers), num_gpus=1 if use_gpu else 0,
+                              compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
+                              num_gpus=cfg.gpus_per_worker if use_gpu else 0,
                               num_cpus=1, fn_constructor_kwargs=scorer_args, **_without_restarts(ds))
 
 
@@ -501,6 +536,7 @@ class _Run:
 def run(cfg: PrecomputeConfig) -> dict:
     """Run the stage; returns the manifest."""
     started = time.time()
+    _check_gpus(cfg)
     storage.configure(cfg.storage_options_dict)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)

@@ -12,22 +12,33 @@ import os
 
 from stages.core import storage
 from stages.core.config import TrainConfig
+from stages.core.preemption import Preempted, Preemption
 from stages.core.ray_runtime import run_train_workers
 from stages.core.trainer import output_dir, prepare_output, ray_worker, train_loop
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train; returns the run's summary (`stages.core.trainer.summary`)."""
+    """Train; returns the run's summary (`stages.core.trainer.summary`). Raises `Preempted` after
+    a SIGTERM, once the checkpoint is written."""
     storage.configure(cfg.storage_options_dict)
     resume_from = prepare_output(cfg)
     if cfg.num_workers == 1:
-        return train_loop(cfg, resume_from)
-    absolute = lambda u: os.path.abspath(u) if u and storage.is_local(u) else u  # noqa: E731  workers' cwd differs
-    out = absolute(output_dir(cfg))
-    cfg = dataclasses.replace(cfg, refs=absolute(cfg.refs), output=out, eval_refs=absolute(cfg.eval_refs))
-    run_train_workers(ray_worker, {**dataclasses.asdict(cfg), "_resume_from": resume_from}, cfg.num_workers,
-                      os.path.join(storage.staging_dir(out), "ray"))
-    return storage.read_json(storage.join(out, "summary.json"))
+        preemption = Preemption()
+        try:
+            result = train_loop(cfg, resume_from, preemption)
+        finally:
+            preemption.close()
+    else:
+        absolute = lambda u: os.path.abspath(u) if u and storage.is_local(u) else u  # noqa: E731  workers' cwd
+        out = absolute(output_dir(cfg))
+        cfg = dataclasses.replace(cfg, refs=absolute(cfg.refs), output=out, eval_refs=absolute(cfg.eval_refs))
+        run_train_workers(ray_worker, {**dataclasses.asdict(cfg), "_resume_from": resume_from}, cfg.num_workers,
+                          os.path.join(storage.staging_dir(out), "ray"), cfg.max_failures)
+        result = storage.read_json(storage.join(out, "summary.json"))
+    if result["outcome"] == "preempted":
+        raise Preempted(f"train: preempted (SIGTERM) at step {result['steps']} of {result['total_steps']}; "
+                        f"checkpoint {result['weights']}: continue with --resume auto")
+    return result
 
 
 def summary_text(s: dict) -> str:

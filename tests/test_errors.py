@@ -4,6 +4,7 @@ prints as `error: ...` with exit code 2, never as a traceback."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 import pipeline
 from stages.core.errors import PipelineError
@@ -17,11 +18,11 @@ def test_every_error_class_is_a_pipeline_error():
     from stages.core.shard_stream import ShardError
     from stages.core.storage import StorageError
     from stages.core.trainer import TrainingError
-    from stages.precompute import NothingWritten, OutputMismatch, ScorerDied
+    from stages.precompute import NotEnoughGpus, NothingWritten, OutputMismatch, ScorerDied
     from stages.submit import SubmitError
 
     for cls in (CheckpointError, ConfigError, DataError, ModelError, ShardError, StorageError, TrainingError,
-                OutputMismatch, SubmitError, NothingWritten, ScorerDied):
+                OutputMismatch, SubmitError, NothingWritten, ScorerDied, NotEnoughGpus):
         assert issubclass(cls, PipelineError), cls
 
 
@@ -109,3 +110,37 @@ def test_a_hub_error_is_one_line():
     message = str(_one_line("no-such-owner/no-such-model", "a tokenizer from", error))
     assert "\n" not in message and "no-such-owner/no-such-model" in message and "Hugging Face hub" in message
     assert "couldn't connect" in message
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has the GPUs --gpus-per-worker 2 asks for")
+def test_gpus_per_worker_without_the_gpus_fails_at_once(tmp_path, tiny_model_dir, ray_session, capsys):
+    """--gpus-per-worker 2 on a cluster without 2 GPUs on a node: one line naming the flag and what the
+    cluster has, before anything is written; no silent fallback to the CPU."""
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    out = tmp_path / "out"
+    assert pipeline.main(["precompute", "--data", str(data), "--model", tiny_model_dir, "--output", str(out),
+                          "--gpus-per-worker", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --gpus-per-worker 2 needs 2 GPUs of one node") and err.count("\n") == 1
+    assert "the Ray cluster has" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_gpu_shortage_names_what_the_cluster_has():
+    from stages.precompute import gpu_shortage
+
+    assert gpu_shortage(2, 1, [2.0]) is None and gpu_shortage(2, 2, [4.0, 0.0]) is None
+    assert gpu_shortage(2, 1, []).endswith("the Ray cluster has no GPU (no CUDA device)")
+    assert gpu_shortage(2, 1, [0.0]).endswith("the Ray cluster has no GPU (no CUDA device)")
+    assert gpu_shortage(2, 1, [1.0, 1.0]).endswith("has 2 GPUs, at most 1 on one node: room for 0")
+    assert "for each of the 2 scorers (--num-workers 2)" in gpu_shortage(2, 2, [3.0])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has 2 CUDA devices")
+def test_a_scorer_spread_over_gpus_it_does_not_see_fails(tiny_model_dir):
+    from stages.core.models import ModelError
+    from stages.core.scorer import ReferenceScorer
+
+    with pytest.raises(ModelError, match="--gpus-per-worker 2: this process sees [01] CUDA devices"):
+        ReferenceScorer(tiny_model_dir, "float32", None, "keep_start", gpus=2)

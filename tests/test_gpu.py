@@ -1,13 +1,18 @@
-"""CUDA paths: the packed scorer layout and the training forward on a GPU, fp32 and bf16.
+"""CUDA paths: the packed scorer layout and the training forward on a GPU, fp32 and bf16; a reference
+spread over two GPUs (--gpus-per-worker 2).
 
-Marked `gpu`: skipped (conftest) where torch sees no CUDA device, as on CI.
+Marked `gpu`: skipped (conftest) where torch sees no CUDA device, as on CI; the two-GPU tests also
+skip where fewer than two are visible.
 """
 
 from __future__ import annotations
 
+import json
+
+import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import HH_SAMPLE, make_tiny_model, read_jsonl_gz
 from oracle import exact_logps
 
 from stages.core.config import TrainConfig
@@ -15,8 +20,10 @@ from stages.core.layout import pack_rows, pair_rows
 from stages.core.logprobs import scored_logps
 from stages.core.models import enable_activation_checkpointing
 from stages.core.policy_pass import forward, pass_context
+from stages.core.scorer import ReferenceScorer
 
 pytestmark = pytest.mark.gpu
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 
 
 def _pairs(tokenizer, n=6, seed=3):
@@ -51,3 +58,51 @@ def test_training_forward_backward_bf16_autocast_on_cuda(tokenizer):
     (chosen - rejected).sigmoid().log().sum().backward()
     assert torch.isfinite(chosen).all() and torch.isfinite(rejected).all()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.fixture(scope="module")
+def deep_model_dir(tmp_path_factory, tokenizer) -> str:
+    """A tiny Llama with 128 layers: enough that accelerate's "balanced" map puts part of it (and the
+    LM head) on the second GPU, where the 2-layer model would sit on the first one whole."""
+    path = tmp_path_factory.mktemp("deep-model")
+    make_tiny_model(tokenizer, seed=5, layers=128).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@two_gpus
+@pytest.mark.parametrize("pack", [True, False])
+def test_a_scorer_spread_over_two_gpus_matches_one_gpu(deep_model_dir, tokenizer, pack):
+    one = ReferenceScorer(deep_model_dir, "float32", None, "keep_start", pack_prompts=pack)
+    two = ReferenceScorer(deep_model_dir, "float32", None, "keep_start", pack_prompts=pack, gpus=2)
+    assert {str(d) for d in two.model.hf_device_map.values()} == {"0", "1"}
+    assert two.model.hf_device_map["lm_head"] == 1 and two.input_device == "cuda:0"
+    pairs = _pairs(tokenizer, n=8, seed=11)
+    if pack:
+        rows = [row for j, (p, c, rj) in enumerate(pairs) for row in pair_rows(j, p, c, rj, None, "keep_start")]
+        got, want = two.score_packed(rows, 2 * len(pairs)), one.score_packed(rows, 2 * len(pairs))
+    else:
+        seqs = [(p + a, len(p)) for p, c, rj in pairs for a in (c, rj)]
+        got, want = two.score_sequences(seqs), one.score_sequences(seqs)
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+@two_gpus
+def test_precompute_with_two_gpus_per_worker_matches_one(tmp_path, deep_model_dir, ray_session):
+    from stages import precompute
+    from stages.core.config import PrecomputeConfig
+
+    rows = [r for r in read_jsonl_gz(HH_SAMPLE, 60) if r["chosen"] != r["rejected"] and len(r["chosen"]) < 700][:12]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    logps = {}
+    for k in (1, 2):
+        out = tmp_path / f"out-{k}"
+        cfg = PrecomputeConfig(data=str(tmp_path / "in.jsonl"), model=deep_model_dir, output=str(out), format="hh",
+                               rows_per_shard=6, max_length=256, gpus_per_worker=k, progress=False)
+        manifest = precompute.run(cfg)
+        assert manifest["rows_written"] == 12
+        table = pq.read_table(out / "shards", columns=["pair_id", "ref_chosen_logps", "ref_rejected_logps"])
+        logps[k] = {r["pair_id"]: (r["ref_chosen_logps"], r["ref_rejected_logps"]) for r in table.to_pylist()}
+    assert logps[1].keys() == logps[2].keys()
+    for pid, (chosen, rejected) in logps[1].items():
+        assert logps[2][pid] == pytest.approx((chosen, rejected), abs=1e-4)

@@ -1,11 +1,18 @@
 """Checkpoints that resume exactly: weights, optimizer, scheduler, RNG states and the data cursor.
 
-OUTPUT/checkpoints/step-N/ holds the policy as safetensors (`save_pretrained`, loadable by
-AutoModelForCausalLM), `trainer_state.pt` (optimizer, scheduler, RNG) and `state.json` (step,
-epoch, cursor). `state.json` is written last (renamed into place locally, uploaded last to an
-object store), and only folders that have it count, so a crash never leaves a half checkpoint
-that `--resume` would pick. OUTPUT may be a local folder or an fsspec URL; the files are written
-in a local staging folder first.
+OUTPUT/checkpoints/step-N/ holds
+- `state/`: the trained weights and their AdamW state as a `torch.distributed.checkpoint`. Each
+  worker writes its own part (its shard under FSDP2); any number of workers loads it back
+  (2 -> 1, 1 -> 2, ddp <-> fsdp), since the files record each tensor's global shape. With LoRA
+  only the adapters are in it: the frozen base is `policy.json`'s model, loaded at start.
+- `trainer_state.pt` (scheduler, Python RNG), `rng-R.pt` (worker R's torch RNG), `policy.json`
+  (base model, LoRA settings), the model config and tokenizer, and `state.json` (step, epoch,
+  cursor). `eval --model checkpoints/step-N` loads the policy from these.
+
+`state.json` is written last (renamed into place locally, uploaded last to an object store), and
+only folders that have it count, so a crash never leaves a half checkpoint that `--resume`
+would pick. OUTPUT may be a local folder or an fsspec URL: the files are written in a local
+staging folder first, then each worker uploads the files it wrote.
 
 A checkpoint that fails while it is written (a full disk, above all) is deleted at once, and what a
 killed writer left is deleted at the next start (`remove_partials`): a half checkpoint would only
@@ -14,10 +21,15 @@ take the space the next one needs. The error names the checkpoint and says the d
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import io
 import json
 import os
 import random
 import shutil
+import warnings
+from typing import Any, Iterator, NamedTuple
 
 import torch
 
@@ -78,17 +90,6 @@ def _torch_save(obj, path: str) -> None:
             raise out.error from None
 
 
-def _write(folder: str, step: int, model, tokenizer, optimizer, scheduler, state: dict) -> None:
-    os.makedirs(folder)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    _torch_save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
-                os.path.join(folder, "trainer_state.pt"))
-    with open(os.path.join(folder, MARKER), "w") as fh:
-        json.dump({"step": step, **state}, fh, indent=1)
-
-
 def remove_partials(staging: str) -> None:
     """Delete the half-written checkpoints a killed run left in its staging folder."""
     root = os.path.join(staging, CHECKPOINTS)
@@ -98,49 +99,174 @@ def remove_partials(staging: str) -> None:
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def save(output: str, staging: str, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int) -> str:
-    """Write step-N in the staging folder, publish it to OUTPUT, drop all but the last `keep`."""
+class Parts(NamedTuple):
+    """What a checkpoint saves and restores."""
+
+    model: Any        # the transformers model (its parameters may be FSDP2 shards)
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    policy: dict      # {"model": base model path, "lora": LoRA settings or None}
+
+
+class _Group(NamedTuple):
+    """The workers as a checkpoint sees them (`distributed.Dist` fits)."""
+
+    rank: int
+    on: bool
+    barrier: Any
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """torch.distributed.checkpoint warns on every single-process save and load that it assumes one
+    process: that is what we asked for."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _state_dicts(parts: Parts) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    # Frozen weights (a LoRA base) are not saved: they are the base model's, loaded at start.
+    options = StateDictOptions(ignore_frozen_params=True)
+    return {"model": get_model_state_dict(parts.model, options=options),
+            "optim": get_optimizer_state_dict(parts.model, parts.optimizer, options=options)}
+
+
+def _write_shards(folder: str, parts: Parts, group) -> None:
+    """This worker's part: its slice of the weights and optimizer state, and its torch RNG."""
+    import torch.distributed.checkpoint as dcp
+
+    with _quiet_single_process():
+        dcp.save(_state_dicts(parts), storage_writer=dcp.FileSystemWriter(os.path.join(folder, "state")),
+                 no_dist=not group.on)
+    _torch_save(torch.get_rng_state(), os.path.join(folder, f"rng-{group.rank}.pt"))
+
+
+def _write_rest(folder: str, step: int, parts: Parts, state: dict) -> None:
+    """Rank 0's files: scheduler and Python RNG, what the policy is, config, tokenizer, state.json last."""
+    _torch_save({"scheduler": parts.scheduler.state_dict(), "python_rng": random.getstate()},
+                os.path.join(folder, "trainer_state.pt"))
+    parts.model.config.save_pretrained(folder)
+    parts.tokenizer.save_pretrained(folder)
+    with open(os.path.join(folder, "policy.json"), "w") as fh:
+        json.dump(parts.policy, fh, indent=1)
+    with open(os.path.join(folder, MARKER), "w") as fh:
+        json.dump({"step": step, **state}, fh, indent=1)
+
+
+def _own_files(folder: str, rank: int) -> list[str]:
+    """The files worker `rank` wrote, relative to `folder`."""
+    shards = sorted(glob.glob(os.path.join(folder, "state", f"__{rank}_*")))
+    return [os.path.relpath(f, folder) for f in shards] + [f"rng-{rank}.pt"]
+
+
+def save(output: str, staging: str, step: int, parts: Parts, state: dict, keep: int, group) -> str:
+    """Every worker calls this: write step-N in the staging folder (each worker its part), publish
+    it to OUTPUT (each worker uploads its own files, rank 0 the rest, state.json last), drop all
+    but the last `keep`. Returns the checkpoint's URL."""
     local_root = os.path.join(staging, CHECKPOINTS)
     final = os.path.join(local_root, f"step-{step}")
     tmp = os.path.join(local_root, f".step-{step}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    url = storage.join(output, CHECKPOINTS, f"step-{step}")
+    main = group.rank == 0
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    group.barrier()
     try:
         with storage.local_write(final):
-            _write(tmp, step, model, tokenizer, optimizer, scheduler, state)
+            os.makedirs(tmp, exist_ok=True)  # another node's staging folder
+            _write_shards(tmp, parts, group)
+            group.barrier()
+            if main:
+                _write_rest(tmp, step, parts, state)
     except BaseException:  # also Ctrl-C: nothing half-written stays behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    url = storage.join(output, CHECKPOINTS, f"step-{step}")
-    storage.upload(final, url, last=(MARKER,))
-    old = _steps(output)[:-keep] if keep > 0 else []
-    for s in old:
-        storage.remove_tree(storage.join(output, CHECKPOINTS, f"step-{s}"))
-        shutil.rmtree(os.path.join(local_root, f"step-{s}"), ignore_errors=True)
+    if not storage.is_local(output):
+        for rel in _own_files(tmp, group.rank) if not main else []:
+            storage.upload(os.path.join(tmp, rel), storage.join(url, rel))
+    group.barrier()  # every worker's part is in place before rank 0 completes the checkpoint
+    if main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        storage.upload(final, url, last=(MARKER,))
+        old = _steps(output)[:-keep] if keep > 0 else []
+        for s in old:
+            storage.remove_tree(storage.join(output, CHECKPOINTS, f"step-{s}"))
+            shutil.rmtree(os.path.join(local_root, f"step-{s}"), ignore_errors=True)
+    group.barrier()
     return url
 
 
-def load(url: str, staging: str, model, optimizer, scheduler) -> dict:
-    """Restore everything saved by `save` into live objects; returns state.json."""
-    from safetensors.torch import load_file
+def _reader(url: str):
+    import torch.distributed.checkpoint as dcp
 
-    path = os.path.join(staging, CHECKPOINTS, url.rstrip("/").rsplit("/", 1)[-1])
-    storage.download(url, path)
-    weights = {}
-    for name in os.listdir(path):
-        if name.endswith(".safetensors"):
-            weights.update(load_file(os.path.join(path, name)))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    # Tied embeddings are saved once; anything else missing is a broken checkpoint.
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {url} does not fit the model: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    trainer_state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-    optimizer.load_state_dict(trainer_state["optimizer"])
-    scheduler.load_state_dict(trainer_state["scheduler"])
-    torch.set_rng_state(trainer_state["rng"]["torch"])
-    random.setstate(trainer_state["rng"]["python"])
-    with open(os.path.join(path, MARKER)) as fh:
-        return json.load(fh)
+    if storage.is_local(url):
+        return dcp.FileSystemReader(url)
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    return FsspecReader(url, **storage._options(None))
+
+
+def _load_bytes(url: str):
+    return torch.load(io.BytesIO(storage.read_bytes(url)), weights_only=False)
+
+
+def load(url: str, parts: Parts, group) -> dict:
+    """Restore a checkpoint into live objects (whatever the number of workers that wrote it);
+    returns state.json. Every worker calls this and reads only what it needs."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    policy = json.loads(storage.read_bytes(storage.join(url, "policy.json")))
+    if bool(policy.get("lora")) != bool(parts.policy.get("lora")):
+        raise CheckpointError(f"checkpoint {url} was written {'with' if policy.get('lora') else 'without'} LoRA; "
+                              f"this run is {'with' if parts.policy.get('lora') else 'without'} it")
+    wanted = _state_dicts(parts)
+    try:
+        with _quiet_single_process():
+            dcp.load(wanted, storage_reader=_reader(storage.join(url, "state")), no_dist=not group.on)
+    except (RuntimeError, KeyError, ValueError) as e:  # a missing key or a shape that does not fit
+        raise CheckpointError(f"checkpoint {url} does not fit the model: {str(e).splitlines()[0][:300]}") from None
+    set_model_state_dict(parts.model, wanted["model"])
+    set_optimizer_state_dict(parts.model, parts.optimizer, wanted["optim"])
+    trainer_state = _load_bytes(storage.join(url, "trainer_state.pt"))
+    parts.scheduler.load_state_dict(trainer_state["scheduler"])
+    random.setstate(trainer_state["python_rng"])
+    rng = storage.join(url, f"rng-{group.rank}.pt")
+    torch.set_rng_state(_load_bytes(rng if storage.exists(rng) else storage.join(url, "rng-0.pt")))
+    return json.loads(storage.read_bytes(storage.join(url, MARKER)))
+
+
+def load_policy_model(path: str, device: str = "cpu"):
+    """A policy to score from any folder a run writes: final/ or best/ (plain transformers), an
+    adapter folder (final/adapter: its base plus the adapter, merged), or checkpoints/step-N."""
+    from stages.core.models import load_model
+
+    if os.path.exists(os.path.join(path, "adapter_config.json")):
+        from peft import PeftModel
+
+        with open(os.path.join(path, "adapter_config.json")) as fh:
+            base = json.load(fh)["base_model_name_or_path"]
+        return PeftModel.from_pretrained(load_model(base, "float32", device), path).merge_and_unload()
+    if not (os.path.exists(os.path.join(path, MARKER)) and os.path.isdir(os.path.join(path, "state"))):
+        return load_model(path, "float32", device)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from stages.core.parallel import add_lora
+
+    with open(os.path.join(path, "policy.json")) as fh:
+        policy = json.load(fh)
+    model = load_model(policy["model"], "float32", device)
+    if policy.get("lora"):
+        model, _ = add_lora(model, **policy["lora"])
+    wanted = {"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))}
+    with _quiet_single_process():
+        dcp.load(wanted, storage_reader=dcp.FileSystemReader(os.path.join(path, "state")), no_dist=True)
+    model.load_state_dict(wanted["model"], strict=False)
+    return model

@@ -1,4 +1,7 @@
-"""Rank, world size and the two collectives the training loop needs; no-ops in one process."""
+"""Rank, world size and the few collectives the training loop needs itself; no-ops in one process.
+
+Gradients are not among them: DDP and FSDP2 (`stages.core.parallel`) sync those during backward.
+"""
 
 from __future__ import annotations
 
@@ -28,14 +31,12 @@ class Dist:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """One flat all-reduce of all gradients (missing ones count as zero)."""
-        if not self.on:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = self.sum_(torch.cat([g.reshape(-1) for g in grads]))
-        offset = 0
-        for p, g in zip(params, grads):
-            n = g.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
-            offset += n
+    def barrier(self) -> None:
+        if self.on:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def any_(self, flag: bool) -> bool:
+        """Whether `flag` is true on any worker (all workers get the same answer)."""
+        return bool(self.sum_(torch.tensor([float(flag)])).item() > 0)

@@ -22,7 +22,7 @@ _CUSTOM_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling"
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[label] in float64. logits (N, V), labels (N,) -> (N,)."""
-    logits = logits.double()
+    logits, labels = logits.double(), labels.to(logits.device)  # a model spread over GPUs: the head's GPU
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -52,10 +52,12 @@ def scored_logps(model, inputs: dict, rows: torch.Tensor, cols: torch.Tensor, la
     and summed into sequence seq_ids[k]. Returns sums (n_seqs,) float64.
 
     Layout-agnostic: right-padded batches and packed prompt/chosen/rejected rows both reduce to
-    these index triplets.
+    these index triplets. A model spread over GPUs (a device_map) may return its hidden states or
+    logits on another GPU than the inputs': the indices follow them there, the sums come back.
     """
     if _has_plain_head(model):
         hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
+        rows, cols = rows.to(hidden.device), cols.to(hidden.device)
         picked = hidden[rows, cols]  # (N, H): only the scored positions reach the LM head
         head = model.get_output_embeddings()
         score = lambda h, y: token_logps(head(h), y)  # noqa: E731
@@ -70,10 +72,11 @@ def scored_logps(model, inputs: dict, rows: torch.Tensor, cols: torch.Tensor, la
                  for i in range(0, picked.size(0), chunk_size)]
     else:
         logits = model(**inputs, use_cache=False).logits
-        picked = logits[rows, cols]
+        picked = logits[rows.to(logits.device), cols.to(logits.device)]
         parts = [token_logps(picked[i:i + chunk_size], labels[i:i + chunk_size])
                  for i in range(0, picked.size(0), chunk_size)]
-    per_token = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=labels.device)
+    per_token = torch.cat(parts).to(labels.device) if parts else torch.zeros(0, dtype=torch.float64,
+                                                                          device=labels.device)
     return torch.zeros(n_seqs, dtype=torch.float64, device=labels.device).index_add(0, seq_ids, per_token)
 
 

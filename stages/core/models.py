@@ -105,18 +105,39 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_model(path: str, dtype: str = "float32", device: str = "cpu"):
+def gpu_memory(gpus: int) -> dict[int, int]:
+    """`max_memory` for `load_model` over the first `gpus` CUDA devices this process sees (Ray sets
+    CUDA_VISIBLE_DEVICES to an actor's GPUs): 90% of each one's free memory, the rest for activations."""
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible < gpus:
+        raise ModelError(f"--gpus-per-worker {gpus}: this process sees {visible} CUDA devices")
+    return {i: int(torch.cuda.mem_get_info(i)[0] * 0.9) for i in range(gpus)}
+
+
+def load_model(path: str, dtype: str = "float32", device: str = "cpu", max_memory: dict | None = None):
+    """The causal LM on `device`; with `max_memory` ({gpu index: bytes}, see `gpu_memory`) spread over
+    those GPUs instead (accelerate's "balanced" device_map, nothing on the CPU or disk): its inputs
+    then go to `model.get_input_embeddings().weight.device`."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per Ray actor is noise
 
+    spread = {} if max_memory is None else {"device_map": "balanced", "max_memory": max_memory}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    except (OSError, ValueError) as e:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **spread)
+    except (OSError, ValueError) as e:  # with max_memory also: a model too big for those GPUs
         raise _one_line(path, "a causal LM from", e) from None
-    return model.to(device)
+    if not spread:
+        return model.to(device)
+    offloaded = sorted({str(d) for d in getattr(model, "hf_device_map", {}).values()} & {"cpu", "disk"})
+    if offloaded:
+        raise ModelError(f"{path} does not fit on {len(max_memory)} GPUs: accelerate put part of it on "
+                         f"{' and '.join(offloaded)}; use more --gpus-per-worker or a smaller --dtype")
+    return model
 
 
 def weights_hash(path: str) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
+from transformers import PreTrainedModel
 
 from stages.core.config import PolicyPass
 from stages.core.layout import pack_rows, pad_batch, pair_rows, row_width, supports_4d_mask
@@ -108,26 +109,42 @@ def _micro_sums(b: Batch, per_pair: torch.Tensor, ctx: PassContext, tokens: int)
     return torch.tensor([float(values[k]) for k in SUM_KEYS], dtype=torch.float64)
 
 
-def run_pairs(model, pairs: list[dict], ctx: PassContext, batch_size_total: int, batch_chosen_tokens: float,
-              train: bool) -> torch.Tensor:
+def _score(model, micro: list[dict], ctx: PassContext):
+    """`forward` on a transformers model, or through the DDP / FSDP2 wrapper (`parallel.PolicyCall`)."""
+    if isinstance(model, PreTrainedModel):
+        return forward(model, micro, ctx)
+    return model(forward, micro, ctx)
+
+
+def run_pairs(model, pairs: list[dict], ctx: PassContext, batch_size_total: float, batch_chosen_tokens: float,
+              train: bool, rounds: int | None = None, ghost: list[dict] | None = None) -> torch.Tensor:
     """Forward (and backward, scaled for the whole optimizer batch) in micro-batches -> sums (SUM_KEYS,).
 
     `batch_size_total` and `batch_chosen_tokens` describe the whole optimizer batch over all
     workers: gradients are scaled by them so that summing over workers gives the batch mean.
+    `model` is a transformers model or its training wrapper (`stages.core.parallel`). With
+    workers, `rounds` is the number of micro-batches every worker runs: a worker with fewer pairs
+    runs `ghost` (any pair) at weight zero, so each runs the same collectives; gradients are synced
+    on the last round only.
     """
+    from stages.core.parallel import grad_sync
+
     sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
     # Micro-batches of similar lengths pad less. Every loss is per pair and the step's gradient a
     # sum over pairs, so how pairs are grouped into micro-batches does not change it.
     pairs = sorted(pairs, key=lambda p: len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]))
-    for i in range(0, len(pairs), ctx.micro_batch_size):
-        micro = pairs[i:i + ctx.micro_batch_size]
-        with torch.set_grad_enabled(train):
-            chosen, rejected, tokens = forward(model, micro, ctx)
+    micros = [pairs[i:i + ctx.micro_batch_size] for i in range(0, len(pairs), ctx.micro_batch_size)]
+    rounds = len(micros) if rounds is None else rounds
+    for k in range(rounds):
+        micro, weight = (micros[k], 1.0) if k < len(micros) else (ghost, 0.0)
+        with torch.set_grad_enabled(train), grad_sync(model, not train or k == rounds - 1):
+            chosen, rejected, tokens = _score(model, micro, ctx)
             b = loss_batch(micro, chosen, rejected, batch_chosen_tokens)
             per_pair = combined_loss(b, ctx.params, list(ctx.terms))
             if train:
-                (per_pair.sum() / batch_size_total).backward()
-        sums += _micro_sums(b, per_pair, ctx, tokens)
+                (per_pair.sum() * (weight / batch_size_total)).backward()
+        if weight:
+            sums += _micro_sums(b, per_pair, ctx, tokens)
     return sums
 
 
@@ -141,17 +158,18 @@ def means(sums: torch.Tensor, prefix: str = "") -> dict:
     return out
 
 
-def _chunks(pairs: Iterable[dict], size: int, rank: int, world: int) -> Iterator[list[dict]]:
-    """This worker's pairs (every world-th, from rank), `size` at a time, streamed."""
-    chunk: list[dict] = []
-    for i, p in enumerate(pairs):
-        if i % world == rank:
-            chunk.append(p)
-            if len(chunk) == size:
-                yield chunk
-                chunk = []
-    if chunk:
-        yield chunk
+def _chunks(pairs: Iterable[dict], size: int, rank: int, world: int) -> Iterator[tuple[list[dict], list[dict]]]:
+    """(this worker's pairs, the group's first pair) per group of `size * world` pairs, streamed:
+    every worker gets one chunk per group (at the end, maybe an empty one: it runs the first pair
+    as a ghost), so all run the same number of forwards, as FSDP2's gathers need."""
+    group: list[dict] = []
+    for p in pairs:
+        group.append(p)
+        if len(group) == size * world:
+            yield group[rank::world], group[:1]
+            group = []
+    if group:
+        yield group[rank::world], group[:1]
 
 
 def reference_metrics(refs: Refs, ctx: PassContext) -> dict:
@@ -160,7 +178,7 @@ def reference_metrics(refs: Refs, ctx: PassContext) -> dict:
     each loss's value there). The baseline a policy's figures are read against."""
     ctx = ctx.for_refs(refs)
     sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
-    for chunk in _chunks(epoch_pairs(refs, 0, 0, 1), ctx.micro_batch_size, 0, 1):
+    for chunk, _ in _chunks(epoch_pairs(refs, 0, 0, 1), ctx.micro_batch_size, 0, 1):
         ref_chosen, ref_rejected = (torch.tensor([p[key] for p in chunk], dtype=torch.float64)
                                     for key in ("ref_chosen_logps", "ref_rejected_logps"))
         chosen_tokens = float(sum(p["chosen_scored_tokens"] for p in chunk))
@@ -178,9 +196,10 @@ def heldout_metrics(model, refs: Refs, ctx: PassContext, rank: int = 0, world: i
     ctx = ctx.for_refs(refs)
     sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
     with torch.no_grad():
-        for chunk in _chunks(epoch_pairs(refs, 0, 0, 1), ctx.micro_batch_size, rank, world):
+        for chunk, ghost in _chunks(epoch_pairs(refs, 0, 0, 1), ctx.micro_batch_size, rank, world):
             chosen_tokens = float(sum(p["chosen_scored_tokens"] for p in chunk))
-            sums += run_pairs(model, chunk, ctx, len(chunk), chosen_tokens, train=False)
+            sums += run_pairs(model, chunk, ctx, max(len(chunk), 1), chosen_tokens, train=False, rounds=1,
+                              ghost=ghost)
     if was_training:
         model.train()
     return means(reduce(sums), "eval/")

@@ -49,17 +49,63 @@ def quiet_ray_data() -> None:
             handler.setLevel(max(handler.level, logging.WARNING))
 
 
-def run_train_workers(worker: Callable[[dict], None], config: dict, num_workers: int, ray_dir: str) -> None:
-    """Run `worker(config)` on `num_workers` Ray Train workers (DDP process group: gloo on CPU,
-    NCCL when the cluster has a GPU for each); Ray's own run files go under `ray_dir`."""
+class _PreemptionFlag:
+    """A tiny actor the driver raises on SIGTERM and the workers read once a step: the driver can
+    take signals, Ray Train's workers (threads) cannot."""
+
+    def __init__(self):
+        self.raised = False
+
+    def raise_(self) -> None:
+        self.raised = True
+
+    def get(self) -> bool:
+        return self.raised
+
+
+def preemption_asker(name: str | None) -> Callable[[], bool] | None:
+    """What a worker calls to learn whether the driver was sent SIGTERM."""
+    if not name:
+        return None
     import ray
-    from ray.train import RunConfig, ScalingConfig
+
+    flag = ray.get_actor(name)
+    return lambda: ray.get(flag.get.remote())
+
+
+def run_train_workers(worker: Callable[[dict], None], config: dict, num_workers: int, ray_dir: str,
+                      max_failures: int = 0) -> bool:
+    """Run `worker(config)` on `num_workers` Ray Train workers (process group: gloo on CPU, NCCL
+    when the cluster has a GPU for each); Ray's own run files go under `ray_dir`. Up to
+    `max_failures` times, a dead worker makes Ray Train start the group again. Returns whether the
+    driver was sent SIGTERM (the workers then stop after a checkpoint)."""
+    import signal
+    import uuid
+
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     init_ray(num_workers)
     use_gpu = ray.cluster_resources().get("GPU", 0) >= num_workers
-    trainer = TorchTrainer(worker, train_loop_config=config,
-                           scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                                        resources_per_worker={"CPU": 1}),
-                           run_config=RunConfig(storage_path=ray_dir, name="train"))
-    trainer.fit()
+    name = f"preemption-{uuid.uuid4().hex[:12]}"
+    flag = ray.remote(num_cpus=0)(_PreemptionFlag).options(name=name).remote()
+    got = []
+
+    def on_sigterm(signum, frame):
+        got.append(signum)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends the driver at once
+        flag.raise_.remote()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        trainer = TorchTrainer(worker, train_loop_config={**config, "_preemption_flag": name},
+                               scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                                            resources_per_worker={"CPU": 1}),
+                               run_config=RunConfig(storage_path=ray_dir, name="train",
+                                                    failure_config=FailureConfig(max_failures=max_failures)))
+        trainer.fit()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        ray.kill(flag)
+    return bool(got)

@@ -30,7 +30,7 @@ from stages.core.layout import (
     supports_4d_mask,
 )
 from stages.core.logprobs import scored_logps, sequence_logps
-from stages.core.models import load_model, load_tokenizer
+from stages.core.models import gpu_memory, load_model, load_tokenizer
 from stages.core.tokenization import scored_sequence, tokenize_row, truncate
 
 TOKENIZED_SCHEMA = pa.schema([
@@ -89,15 +89,22 @@ class ReferenceScorer:
     """Loads the frozen reference model once; each call scores one batch of tokenized pairs.
 
     `progress`: a `PairProgress` actor handle (or anything with `report.remote(key, pairs_done)`),
-    told after every forward how many of the call's pairs are done; None reports nothing."""
+    told after every forward how many of the call's pairs are done; None reports nothing.
+    `gpus` above 1: the model is spread over that many of the GPUs this process sees (`gpu_memory`);
+    batches then go to the GPU of its input embeddings."""
 
     def __init__(self, model_path: str, dtype: str, max_length: int | None, truncation_mode: str,
                  threads: int | None = None, tokens_per_forward: int = TOKENS_PER_FORWARD, pack_prompts: bool = True,
-                 progress=None):
+                 progress=None, gpus: int = 1):
         if threads:
             torch.set_num_threads(threads)
-        self.device = pick_device()
-        self.model = load_model(model_path, dtype, self.device).eval()
+        self.device = pick_device()  # "cuda" or "cpu": what the forward planning is tuned for
+        if gpus > 1:
+            self.model = load_model(model_path, dtype, max_memory=gpu_memory(gpus)).eval()
+            self.input_device = str(self.model.get_input_embeddings().weight.device)
+        else:
+            self.model = load_model(model_path, dtype, self.device).eval()
+            self.input_device = self.device
         self.model.requires_grad_(False)
         self.pad_id = _tokenizer(model_path).pad_token_id or 0
         self.max_length = max_length
@@ -118,7 +125,7 @@ class ReferenceScorer:
         result = [0.0] * len(sequences)
         for group in self._groups([len(s) for s, _ in sequences], square=False):
             ids, mask, comp = pad_batch([sequences[i][0] for i in group], [sequences[i][1] for i in group],
-                                        self.pad_id, self.device)
+                                        self.pad_id, self.input_device)
             with torch.inference_mode():
                 sums = sequence_logps(self.model, ids, mask, comp).tolist()
             for i, s in zip(group, sums):
@@ -133,7 +140,7 @@ class ReferenceScorer:
         total = torch.zeros(n_seqs, dtype=torch.float64)
         for group in self._groups([row_width(r) for r in rows], square=True):
             inputs, r, c, labels, seq_ids = pack_rows([rows[i] for i in group], self.pad_id, self.model.dtype,
-                                                      self.device)
+                                                      self.input_device)
             with torch.inference_mode():
                 total += scored_logps(self.model, inputs, r, c, labels, seq_ids, n_seqs).cpu()
             if on_forward:  # a row holds one sequence, or two that share the prompt

@@ -2,8 +2,9 @@
 
 One `train_loop` serves a single process and each Ray Train worker. Every worker streams the
 same global order of pairs and takes its slice of each optimizer batch (pairs i with
-i % world == rank); gradients are summed over workers, so N workers reproduce one worker's
-updates with the same global `batch_size`. No reference model is ever loaded.
+i % world == rank); DDP or FSDP2 (`stages.core.parallel`) sums the gradients over workers, so N
+workers reproduce one worker's updates with the same global `batch_size`. No reference model is
+ever loaded. A LoRA policy trains only its adapters.
 
 The loop reads top to bottom: `start` (load, restore), then per step `train_step`,
 `evaluate_step`, `log_step`, `checkpoint_step`, then `finish`. Every run ends with the same
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from stages.core import checkpoint, storage
+from stages.core import checkpoint, parallel, storage
 from stages.core.config import TrainConfig, to_yaml
 from stages.core.devices import pick_device, threads_per_worker
 from stages.core.distributed import Dist
@@ -32,6 +33,7 @@ from stages.core.errors import PipelineError
 from stages.core.metrics import MetricsLog, read
 from stages.core.plots import training_curves
 from stages.core.policy_pass import SUM_KEYS, PassContext, heldout_metrics, load_policy, means, pass_context, run_pairs
+from stages.core.preemption import Preemption
 from stages.core.shard_stream import Refs, batches, load_refs
 
 # What a run writes in OUTPUT; `--overwrite` removes exactly these before starting over.
@@ -83,13 +85,16 @@ class Run:
     refs: Refs
     eval_refs: Refs | None
     tokenizer: Any
-    model: Any
+    model: Any                # the transformers model (FSDP2 shards its parameters in place)
+    wrapped: Any              # what the loop calls: `parallel.PolicyCall` under DDP / FSDP2
+    lora: Any                 # peft LoraConfig, or None
     optimizer: torch.optim.Optimizer
     scheduler: Any
     steps: int                # optimizer steps of the whole schedule
     ctx: PassContext
     stopper: EarlyStopping
     log: MetricsLog | None    # rank 0 only
+    preemption: Preemption
     step: int = 0
     epoch: int = 0
     consumed: int = 0         # pairs of `epoch` already trained on
@@ -99,6 +104,20 @@ class Run:
     @property
     def params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def parts(self) -> checkpoint.Parts:
+        lora = None if self.lora is None else {"r": self.cfg.lora_r, "alpha": self.cfg.lora_alpha,
+                                               "dropout": self.cfg.lora_dropout,
+                                               "target_modules": self.cfg.lora_target_modules}
+        return checkpoint.Parts(self.model, self.tokenizer, self.optimizer, self.scheduler,
+                                {"model": self.model_path, "lora": lora})
+
+    @property
+    def model_path(self) -> str:
+        from stages.core.models import resolve_model
+
+        return resolve_model(self.cfg.model or self.refs.manifest["reference_model"]["path"])
 
     def publish(self, *names: str) -> None:
         """Upload run files from the staging folder (a no-op for a local OUTPUT)."""
@@ -111,8 +130,10 @@ class Run:
 def _optimizer(cfg: TrainConfig, model, steps: int):
     from transformers import get_scheduler
 
-    # fused: one kernel over all parameters, without the foreach path's temporary copies of them
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
+    # Only what trains gets AdamW state (with LoRA: the adapters). fused: one kernel over all
+    # parameters, without the foreach path's temporary copies of them.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps),
                               num_training_steps=steps)
     return optimizer, scheduler
@@ -126,13 +147,16 @@ def _load_policy(cfg: TrainConfig, refs: Refs, device: str, dist: Dist):
     tokenizer, model = load_policy(model_path, refs, device)  # float32 master weights; bf16 is autocast
     if dist.is_main and os.path.realpath(model_path) != os.path.realpath(reference):
         print(f"note: policy starts from {model_path}, the shards' reference is {reference}", file=sys.stderr)
+    lora = None
+    if cfg.lora_r:
+        model, lora = parallel.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model.train()
-    return tokenizer, model
+    return tokenizer, model, lora
 
 
-def start(cfg: TrainConfig, resume_from: str | None) -> Run:
+def start(cfg: TrainConfig, resume_from: str | None, preemption: Preemption | None = None) -> Run:
     """Load shards, policy and optimizer; restore `resume_from` when given."""
     storage.configure(cfg.storage_options_dict)
     dist, device = Dist(), pick_device()
@@ -142,18 +166,20 @@ def start(cfg: TrainConfig, resume_from: str | None) -> Run:
     random.seed(cfg.seed)
     out = output_dir(cfg)
     refs = load_refs(cfg.refs)
-    tokenizer, model = _load_policy(cfg, refs, device, dist)
+    tokenizer, model, lora = _load_policy(cfg, refs, device, dist)
     # Shard rows are checked against the embedding as they stream: an id past it would fail in torch.
     vocab = model.get_input_embeddings().num_embeddings
     refs = dataclasses.replace(refs, vocab_size=vocab)
     steps = total_steps(cfg, refs.num_pairs)
+    wrapped = parallel.wrap(model, cfg.strategy, dist.world, cfg.dtype)  # before the optimizer: FSDP2 swaps params
     optimizer, scheduler = _optimizer(cfg, model, steps)
     ctx = pass_context(cfg, refs.manifest, tokenizer.pad_token_id or 0, device)
     eval_refs = load_refs(cfg.eval_refs, vocab) if cfg.eval_refs else None
-    run = Run(cfg, dist, out, storage.staging_dir(out), refs, eval_refs, tokenizer, model, optimizer, scheduler,
-              steps, ctx, EarlyStopping(cfg.early_stopping_metric, cfg.early_stopping_patience), None)
+    run = Run(cfg, dist, out, storage.staging_dir(out), refs, eval_refs, tokenizer, model, wrapped, lora, optimizer,
+              scheduler, steps, ctx, EarlyStopping(cfg.early_stopping_metric, cfg.early_stopping_patience), None,
+              preemption or Preemption())
     if resume_from is not None:
-        state = checkpoint.load(resume_from, run.staging, model, optimizer, scheduler)
+        state = checkpoint.load(resume_from, run.parts, dist)
         run.step, run.epoch, run.consumed = state["step"], state["epoch"], state["consumed"]
         run.stopper.restore(state.get("early_stopping"))
         if dist.is_main and storage.exists(storage.join(out, "metrics.jsonl")):
@@ -168,17 +194,20 @@ def start(cfg: TrainConfig, resume_from: str | None) -> Run:
 def train_step(run: Run, epoch: int, consumed: int, batch: list[dict]) -> dict:
     """One optimizer step on this worker's slice of the global batch; returns the step's record."""
     t0 = time.time()
-    mine = batch[run.dist.rank::run.dist.world]
+    world = run.dist.world
+    mine = batch[run.dist.rank::world]
     chosen_tokens = float(sum(p["chosen_scored_tokens"] for p in batch))
-    sums = run.dist.sum_(run_pairs(run.model, mine, run.ctx, len(batch), chosen_tokens, train=True))
-    run.dist.sum_grads(run.params)
+    # DDP and FSDP2 average gradients over workers: each scales its slice by `world` so the average
+    # is the batch's sum. Every worker runs as many micro-batches as the one with the most pairs.
+    rounds = math.ceil(math.ceil(len(batch) / world) / run.cfg.micro_batch_size)
+    sums = run.dist.sum_(run_pairs(run.wrapped, mine, run.ctx, len(batch) / world, chosen_tokens, train=True,
+                                   rounds=rounds, ghost=batch[:1]))
     metrics = means(sums)
     if not math.isfinite(metrics["loss"]):
         ids = ", ".join(p["pair_id"][:12] for p in batch[:8])
         raise TrainingError(f"non-finite loss {metrics['loss']} at step {run.step + 1} (epoch {epoch}); "
                             f"batch pair ids: {ids}{' ...' if len(batch) > 8 else ''}")
-    clip = run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(run.params, clip)
+    norm = parallel.clip_grad_norm(run.params, run.cfg.max_grad_norm)
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
@@ -194,26 +223,48 @@ def evaluate_step(run: Run) -> dict:
     cfg = run.cfg
     if run.eval_refs is None or not ((cfg.eval_every and run.step % cfg.eval_every == 0) or run.step == run.steps):
         return {}
-    run.last_eval = heldout_metrics(run.model, run.eval_refs, run.ctx, run.dist.rank, run.dist.world, run.dist.sum_)
-    if run.stopper.on and run.stopper.update(run.step, run.last_eval) and run.dist.is_main:
-        best = os.path.join(run.staging, "best")
-        run.model.save_pretrained(best, safe_serialization=True)
-        run.tokenizer.save_pretrained(best)
-        storage.write_json(os.path.join(best, "best.json"),
-                           {"step": run.step, cfg.early_stopping_metric: run.stopper.best})
-        run.publish("best")
+    run.last_eval = heldout_metrics(run.wrapped, run.eval_refs, run.ctx, run.dist.rank, run.dist.world, run.dist.sum_)
+    if run.stopper.on and run.stopper.update(run.step, run.last_eval):
+        save_weights(run, "best")  # every worker: a collective under FSDP2
+        if run.dist.is_main:
+            storage.write_json(os.path.join(run.staging, "best", "best.json"),
+                               {"step": run.step, cfg.early_stopping_metric: run.stopper.best})
+            run.publish("best")
     return run.last_eval
 
 
-def checkpoint_step(run: Run, end: int) -> None:
-    """Save every `save_every` steps, and at a --stop-at-step end (the run goes on from there)."""
-    cfg = run.cfg
-    if not run.dist.is_main or not ((cfg.save_every and run.step % cfg.save_every == 0) or run.step == end < run.steps):
+def save_weights(run: Run, name: str) -> None:
+    """STAGING/name: one consolidated safetensors model that transformers loads (LoRA: merged, the
+    adapter in name/adapter/). Every worker calls it; rank 0 gathers and writes."""
+    state = parallel.full_state_dict(run.model)
+    if not run.dist.is_main:
         return
-    run.publish("metrics.jsonl")  # before the checkpoint: resume reads both
-    checkpoint.save(run.out, run.staging, run.step, run.model, run.tokenizer, run.optimizer, run.scheduler,
+    folder = os.path.join(run.staging, name)
+    if run.lora is not None:
+        from safetensors.torch import save_file
+
+        adapter = os.path.join(folder, "adapter")
+        os.makedirs(adapter, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in parallel.adapter_state(state).items()},
+                  os.path.join(adapter, "adapter_model.safetensors"), metadata={"format": "pt"})
+        config = dataclasses.replace(run.lora, base_model_name_or_path=run.model_path)
+        config.save_pretrained(adapter)
+        state = parallel.merge_lora(state, run.lora)
+    run.model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+    run.tokenizer.save_pretrained(folder)
+
+
+def checkpoint_step(run: Run, end: int, preempted: bool = False) -> None:
+    """Save every `save_every` steps, at a --stop-at-step end (the run goes on from there), and when
+    preempted. Every worker writes its part."""
+    cfg = run.cfg
+    if not ((cfg.save_every and run.step % cfg.save_every == 0) or run.step == end < run.steps or preempted):
+        return
+    if run.dist.is_main:
+        run.publish("metrics.jsonl")  # before the checkpoint: resume reads both
+    checkpoint.save(run.out, run.staging, run.step, run.parts,
                     {"epoch": run.epoch, "consumed": run.consumed, "early_stopping": run.stopper.state()},
-                    cfg.keep_checkpoints)
+                    cfg.keep_checkpoints, run.dist)
 
 
 def summary(run: Run, outcome: str, weights: str) -> dict:
@@ -228,19 +279,18 @@ def summary(run: Run, outcome: str, weights: str) -> dict:
 def finish(run: Run) -> dict:
     """Save final/ (unless stopped on purpose before the end), plot, upload; return the summary."""
     early = run.stopper.should_stop
-    if run.step < run.steps and not early:  # --stop-at-step: the checkpoint is the result
-        outcome, weights = "stopped", storage.join(run.out, checkpoint.CHECKPOINTS, f"step-{run.step}")
+    if run.step < run.steps and not early:  # --stop-at-step or SIGTERM: the checkpoint is the result
+        outcome = "preempted" if run.preemption.requested else "stopped"
+        weights = storage.join(run.out, checkpoint.CHECKPOINTS, f"step-{run.step}")
     else:
         outcome, weights = ("early_stopped", storage.join(run.out, "best")) if early else \
             ("finished", storage.join(run.out, "final"))
-        if run.dist.is_main:
-            run.model.save_pretrained(os.path.join(run.staging, "final"), safe_serialization=True)
-            run.tokenizer.save_pretrained(os.path.join(run.staging, "final"))
+        save_weights(run, "final")
     if not run.dist.is_main:
         return summary(run, outcome, weights)
     run.log.close()
     cfg = run.cfg
-    if outcome != "stopped":
+    if outcome not in ("stopped", "preempted"):
         training_curves(read(run.log.path), os.path.join(run.staging, "curves.png"),
                         f"{cfg.loss_type}, beta {cfg.beta}, lr {cfg.learning_rate}")
     result = summary(run, outcome, weights)
@@ -257,9 +307,9 @@ def _progress_bar(run: Run):
     return tqdm(total=run.steps, initial=run.step, unit="step", desc="train", file=sys.stderr, dynamic_ncols=True)
 
 
-def train_loop(cfg: TrainConfig, resume_from: str | None = None) -> dict:
+def train_loop(cfg: TrainConfig, resume_from: str | None = None, preemption: Preemption | None = None) -> dict:
     """Train; returns the summary. Runs as is in one process or inside a Ray Train worker."""
-    run = start(cfg, resume_from)
+    run = start(cfg, resume_from, preemption)
     stream = batches(run.refs, cfg.batch_size, cfg.seed, cfg.shuffle_buffer, run.epoch, run.consumed)
     end = min(run.steps, cfg.stop_at_step or run.steps)
     bar = _progress_bar(run)
@@ -273,7 +323,11 @@ def train_loop(cfg: TrainConfig, resume_from: str | None = None) -> dict:
                 bar.set_postfix_str(f"loss {record['loss']:.4f} acc {record['rewards/accuracies']:.2f} "
                                     f"{record['tokens/s']:.0f} tok/s")
                 bar.update(1)
-            checkpoint_step(run, end)
+            preempted = run.dist.any_(run.preemption.asked()) and run.step < end
+            checkpoint_step(run, end, preempted)
+            if preempted:
+                run.preemption.requested = True
+                break
         if bar is not None:
             bar.close()
         if run.stopper.should_stop and run.dist.is_main:
@@ -284,9 +338,15 @@ def train_loop(cfg: TrainConfig, resume_from: str | None = None) -> dict:
 
 
 def ray_worker(config: dict) -> None:
-    """Ray Train's train_loop_per_worker: the same loop, this worker's share of the CPU threads."""
+    """Ray Train's train_loop_per_worker: the same loop, this worker's share of the CPU threads.
+    After a worker failure Ray Train starts the group again: it resumes from the run's latest
+    checkpoint (the driver removed any older run's before the first start)."""
+    from stages.core.ray_runtime import preemption_asker
+
     config = dict(config)
-    resume_from = config.pop("_resume_from")
+    resume_from, flag = config.pop("_resume_from"), config.pop("_preemption_flag")
     cfg = TrainConfig(**config)
+    storage.configure(cfg.storage_options_dict)
+    resume_from = checkpoint.latest(output_dir(cfg)) or resume_from
     torch.set_num_threads(threads_per_worker(cfg.num_workers))
-    train_loop(cfg, resume_from)
+    train_loop(cfg, resume_from, Preemption(preemption_asker(flag)))
