@@ -61,10 +61,15 @@ def wrap(model, strategy: str, world: int, dtype: str) -> torch.nn.Module:
     if world == 1:
         return call
     if strategy == "ddp":
+        # No buffer broadcast: the policy's buffers (rotary frequencies) are the same on every worker.
+        # (Newer torch renames the flag; the old name still means "no sync at all".)
+        import warnings
+
         from torch.nn.parallel import DistributedDataParallel
 
-        # No buffer broadcast: the policy's buffers (rotary frequencies) are recomputed, never trained.
-        return DistributedDataParallel(call, broadcast_buffers=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*")
+            return DistributedDataParallel(call, broadcast_buffers=False)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bfloat16" \

@@ -1,0 +1,231 @@
+"""Past one device: DDP and FSDP2 workers reproduce one worker, LoRA trains only its adapters,
+sharded checkpoints resume exactly and across worker counts, SIGTERM and dead workers are survived.
+
+Multi-worker runs here use gloo on CPU: two processes started with torch.multiprocessing (as
+torchrun would), or Ray Train where the Ray path itself is under test.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+from stages import train
+from stages.core import checkpoint
+from stages.core.config import TrainConfig
+from stages.core.metrics import read
+from stages.core.trainer import prepare_output, train_loop
+
+pytestmark = pytest.mark.slow
+
+# float32 on CPU: the sums over workers differ from one process's only in rounding order.
+TOL = dict(rel=1e-4, abs=1e-6)
+
+
+def cfg_for(refs, out, **kw) -> TrainConfig:
+    base = dict(refs=str(refs), output=str(out), batch_size=4, micro_batch_size=2, learning_rate=1e-3,
+                shuffle_buffer=6, progress=False, seed=3, max_steps=4, warmup_ratio=0.0)
+    return TrainConfig(**{**base, **kw})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, cfg: TrainConfig, resume_from: str | None) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    train_loop(cfg, resume_from)
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # an FSDP2 process can abort in its exit handlers (see FACTS); the work is done
+
+
+def spawn_train(cfg: TrainConfig, world: int) -> dict:
+    """`world` gloo processes running the training loop, as torchrun would start them."""
+    import torch.multiprocessing as mp
+
+    resume_from = prepare_output(cfg)
+    mp.start_processes(_worker, args=(world, _free_port(), cfg, resume_from), nprocs=world, start_method="spawn")
+    return read(str(Path(cfg.output) / "metrics.jsonl"))
+
+
+def weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def assert_same_run(a: Path, b: Path, keys=("loss", "rewards/margins", "logps/chosen", "grad_norm")) -> None:
+    ra, rb = read(str(a / "metrics.jsonl")), read(str(b / "metrics.jsonl"))
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    for x, y in zip(ra, rb):
+        for key in keys:
+            assert y[key] == pytest.approx(x[key], **TOL), (x["step"], key)
+    wa, wb = weights(a / "final"), weights(b / "final")
+    assert wa.keys() == wb.keys()
+    # AdamW divides by sqrt(v): where a gradient is near zero (embedding rows of rare tokens) the
+    # rounding of the worker sum can move an entry by a fraction of the learning rate (1e-3 here).
+    # Everything else agrees to 1e-6.
+    far = sum(int(((wa[k] - wb[k]).abs() > 1e-6).sum()) for k in wa)
+    assert far <= 1e-4 * sum(v.numel() for v in wa.values()), far
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 5e-4
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_workers_reproduce_one(refs, tmp_path, strategy):
+    train.run(cfg_for(refs, tmp_path / "one"))
+    spawn_train(cfg_for(refs, tmp_path / "two", strategy=strategy), 2)
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lora_two_workers_reproduce_one(refs, tmp_path, strategy):
+    kw = dict(lora_r=4, lora_alpha=8.0, learning_rate=1e-2)
+    train.run(cfg_for(refs, tmp_path / "one", **kw))
+    spawn_train(cfg_for(refs, tmp_path / "two", strategy=strategy, **kw), 2)
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+def test_sharded_checkpoint_resumes_across_worker_counts(refs, tmp_path):
+    """fsdp on 2 workers stops at step 2; 1 worker finishes it. 1 worker stops at 2; 2 finish it.
+    Both end where an uninterrupted single worker ends."""
+    kw = dict(save_every=2, lr_scheduler="cosine")
+    train.run(cfg_for(refs, tmp_path / "whole", **kw))
+    spawn_train(cfg_for(refs, tmp_path / "two-one", strategy="fsdp", stop_at_step=2, **kw), 2)
+    state = tmp_path / "two-one" / "checkpoints" / "step-2" / "state"
+    assert {p.name for p in state.iterdir()} >= {".metadata", "__0_0.distcp", "__1_0.distcp"}  # one part a worker
+    train.run(cfg_for(refs, tmp_path / "two-one", resume="true", **kw))
+    assert_same_run(tmp_path / "whole", tmp_path / "two-one")
+    train.run(cfg_for(refs, tmp_path / "one-two", stop_at_step=2, **kw))
+    spawn_train(cfg_for(refs, tmp_path / "one-two", strategy="fsdp", resume="true", **kw), 2)
+    assert_same_run(tmp_path / "whole", tmp_path / "one-two")
+
+
+def test_fsdp_on_ray_train_workers(refs, tmp_path):
+    summary = train.run(cfg_for(refs, tmp_path / "ray", strategy="fsdp", num_workers=2, max_steps=2))
+    assert summary["outcome"] == "finished"
+    train.run(cfg_for(refs, tmp_path / "one", max_steps=2))
+    assert_same_run(tmp_path / "one", tmp_path / "ray")
+
+
+def test_lora_trains_only_adapters_and_final_is_merged(refs, tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from stages.core.logprobs import sequence_logps
+
+    out = tmp_path / "lora"
+    train.run(cfg_for(refs, out, lora_r=4, lora_alpha=8.0, learning_rate=5e-2, save_every=2))
+    records = read(str(out / "metrics.jsonl"))
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert records[-1]["loss"] != records[0]["loss"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    merged = AutoModelForCausalLM.from_pretrained(out / "final")  # plain transformers, no peft
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert changed and all("proj" in k for k in changed)  # the adapted linears, through their merged update
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "final" / "adapter")
+    assert [n for n, _ in adapter.named_parameters() if "lora_" in n]
+    ids = torch.randint(0, merged.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask, comp = torch.ones_like(ids), torch.cat([torch.zeros(2, 4), torch.ones(2, 8)], 1).long()
+    with torch.no_grad():
+        a = sequence_logps(merged, ids, mask, comp)
+        b = sequence_logps(adapter, ids, mask, comp)
+        c = sequence_logps(checkpoint.load_policy_model(str(out / "final" / "adapter")), ids, mask, comp)
+        d = sequence_logps(checkpoint.load_policy_model(str(out / "checkpoints" / "step-4")), ids, mask, comp)
+    assert torch.allclose(a, b, atol=1e-4) and torch.allclose(a, c, atol=1e-4) and torch.allclose(a, d, atol=1e-4)
+    # The checkpoint holds the adapters and their AdamW state, not the frozen base.
+    size = sum(f.stat().st_size for f in (out / "checkpoints" / "step-4" / "state").iterdir())
+    assert size < 0.5 * (out / "final" / "model.safetensors").stat().st_size
+
+
+def _train_command(refs, out, *extra) -> list[str]:
+    return [sys.executable, str(ROOT / "pipeline.py"), "train", "--refs", str(refs), "--output", str(out),
+            "--batch-size", "4", "--micro-batch-size", "2", "--learning-rate", "1e-3", "--shuffle-buffer", "6",
+            "--seed", "3", "--max-steps", "10", "--warmup-ratio", "0", "--no-progress", *extra]
+
+
+def _wait_for_steps(out: Path, n: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} steps in {timeout} s")
+
+
+def test_sigterm_checkpoints_and_resume_auto_continues(refs, tmp_path):
+    train.run(cfg_for(refs, tmp_path / "whole", max_steps=10))
+    out = tmp_path / "pre"
+    proc = subprocess.Popen(_train_command(refs, out), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    _wait_for_steps(out, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "preempted (SIGTERM) at step" in err and "--resume auto" in err
+    step = checkpoint.step_of(Path(checkpoint.latest(str(out))).name)
+    assert 2 <= step < 10
+    assert subprocess.run(_train_command(refs, out, "--resume", "auto"), cwd=ROOT).returncode == 0
+    steps = [r["step"] for r in read(str(out / "metrics.jsonl"))]
+    assert steps == list(range(1, 11))  # each step once
+    wa, wb = weights(tmp_path / "whole" / "final"), weights(out / "final")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_second_sigterm_stops_at_once_and_keeps_the_last_checkpoint(refs, tmp_path):
+    out = tmp_path / "twice"
+    proc = subprocess.Popen(_train_command(refs, out, "--save-every", "1"), cwd=ROOT, stderr=subprocess.PIPE,
+                            text=True)
+    _wait_for_steps(out, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    last = checkpoint.latest(str(out))
+    assert last is not None and (Path(last) / "state" / ".metadata").exists()
+    summary = train.run(cfg_for(refs, out, max_steps=10, save_every=1, resume="auto"))
+    assert summary["outcome"] == "finished"
+    assert [r["step"] for r in read(str(out / "metrics.jsonl"))] == list(range(1, 11))
+
+
+def _ray_train_workers() -> list:
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"])
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+
+
+def test_a_killed_worker_is_restarted_from_the_checkpoint(refs, tmp_path):
+    out = tmp_path / "failing"
+    proc = subprocess.Popen(_train_command(refs, out, "--num-workers", "2", "--max-failures", "1", "--save-every", "2"),
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while checkpoint.latest(str(out)) is None:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    victims = _ray_train_workers()
+    assert victims, "no Ray Train worker process found"
+    os.kill(victims[-1].pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err
+    assert [r["step"] for r in read(str(out / "metrics.jsonl"))] == list(range(1, 11))
+    assert (out / "final" / "model.safetensors").exists()
+
