@@ -50,10 +50,12 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(PY) -m stages.core.config > docs/options.md
 
-# This project vs TRL 1.16.0 side by side (a markdown table), then memory against data size.
+# This project vs TRL 1.16.0 side by side (a markdown table), then memory against data size, then
+# model-state memory per worker by strategy (ddp, fsdp, LoRA) on a ~100M model.
 bench: $(STAMP)
 	$(PY) bench/compare_trl.py
 	$(PY) bench/train_memory.py
+	$(PY) bench/strategy_memory.py
 
 clean:
 	rm -rf runs .pytest_cache

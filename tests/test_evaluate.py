@@ -70,9 +70,11 @@ def test_early_stopping_keeps_the_best(refs, tmp_path, monkeypatch):
     assert [r["step"] for r in read(str(tmp_path / "run" / "metrics.jsonl"))] == [1, 2, 3, 4]
     from safetensors.torch import load_file
 
+    from stages.core.checkpoint import load_policy_model
+
     best = load_file(tmp_path / "run" / "best" / "model.safetensors")
-    at2 = load_file(tmp_path / "run" / "checkpoints" / "step-2" / "model.safetensors")
-    at4 = load_file(tmp_path / "run" / "checkpoints" / "step-4" / "model.safetensors")
+    at2 = load_policy_model(str(tmp_path / "run" / "checkpoints" / "step-2")).state_dict()
+    at4 = load_policy_model(str(tmp_path / "run" / "checkpoints" / "step-4")).state_dict()
     assert all(torch.equal(best[k], at2[k]) for k in best)
     assert not all(torch.equal(best[k], at4[k]) for k in best)
     assert json.loads((tmp_path / "run" / "best" / "best.json").read_text())["step"] == 2

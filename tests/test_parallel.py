@@ -226,6 +226,7 @@ def test_a_killed_worker_is_restarted_from_the_checkpoint(refs, tmp_path):
     os.kill(victims[-1].pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err
+    assert err.count("Started training worker group") == 2, err[-3000:]  # the group was started again
     assert [r["step"] for r in read(str(out / "metrics.jsonl"))] == list(range(1, 11))
     assert (out / "final" / "model.safetensors").exists()
 

@@ -220,6 +220,7 @@ def load(url: str, parts: Parts, group) -> dict:
     """Restore a checkpoint into live objects (whatever the number of workers that wrote it);
     returns state.json. Every worker calls this and reads only what it needs."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     policy = json.loads(storage.read_bytes(storage.join(url, "policy.json")))
@@ -230,8 +231,10 @@ def load(url: str, parts: Parts, group) -> dict:
     try:
         with _quiet_single_process():
             dcp.load(wanted, storage_reader=_reader(storage.join(url, "state")), no_dist=not group.on)
-    except (RuntimeError, KeyError, ValueError) as e:  # a missing key or a shape that does not fit
-        raise CheckpointError(f"checkpoint {url} does not fit the model: {str(e).splitlines()[0][:300]}") from None
+    except (CheckpointException, RuntimeError, KeyError, ValueError) as e:  # a missing key, a shape that does not fit
+        failures = getattr(e, "failures", None)
+        cause = next(iter(failures.values()))[0] if failures else e
+        raise CheckpointError(f"checkpoint {url} does not fit the model: {str(cause).splitlines()[0][:300]}") from None
     set_model_state_dict(parts.model, wanted["model"])
     set_optimizer_state_dict(parts.model, parts.optimizer, wanted["optim"])
     trainer_state = _load_bytes(storage.join(url, "trainer_state.pt"))

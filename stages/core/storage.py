@@ -72,6 +72,11 @@ def is_disk_full(error: BaseException | None) -> bool:
             return True
         if any(text in str(error) for text in _DISK_FULL_TEXT):
             return True
+        # torch.distributed.checkpoint raises one CheckpointException with each worker's error in it
+        failures = getattr(error, "failures", None)
+        if isinstance(failures, dict) and any(is_disk_full(f[0] if isinstance(f, tuple) else f)
+                                              for f in failures.values()):
+            return True
         error = error.__cause__ if error.__cause__ is not None or error.__suppress_context__ else error.__context__
     return False
 
@@ -84,7 +89,7 @@ def local_write(path: str) -> Iterator[None]:
         yield
     except StorageError:
         raise  # already named (an inner, more precise path)
-    except Exception as e:
+    except BaseException as e:  # also torch.distributed.checkpoint's CheckpointException, a BaseException
         if not is_disk_full(e):
             raise
         raise StorageError(f"cannot write {path}: no space left on device"
