@@ -21,13 +21,14 @@ import os
 import torch
 
 from stages.core import storage
+from stages.core.checkpoint import load_policy_model
 from stages.core.config import EvalConfig, public
 from stages.core.devices import pick_device
 from stages.core.layout import pad_batch
 from stages.core.logprobs import sequence_logps
-from stages.core.models import load_model, resolve_model
-from stages.core.policy_pass import heldout_metrics, load_policy, pass_context, reference_metrics
-from stages.core.shard_stream import Refs, epoch_pairs, load_refs
+from stages.core.models import load_model, load_tokenizer, resolve_model, tokenizer_hashes
+from stages.core.policy_pass import heldout_metrics, pass_context, reference_metrics
+from stages.core.shard_stream import Refs, check_tokenizer, epoch_pairs, load_refs
 
 ROWS = [("preference accuracy", "eval/rewards/accuracies"), ("mean margin", "eval/rewards/margins"),
         ("reward chosen", "eval/rewards/chosen"), ("reward rejected", "eval/rewards/rejected"),
@@ -141,8 +142,10 @@ def run(cfg: EvalConfig) -> dict:
     refs = load_refs(cfg.refs)
     reference_path = refs.manifest["reference_model"]["path"]
     device = pick_device()
-    tokenizer, model = load_policy(resolve_model(cfg.model or reference_path), refs, device)
-    model.eval()
+    policy_path = resolve_model(cfg.model or reference_path)
+    tokenizer = load_tokenizer(policy_path)
+    check_tokenizer(refs, tokenizer_hashes(tokenizer))
+    model = load_policy_model(policy_path, device).eval()  # final/, best/, final/adapter/ or checkpoints/step-N
     # Every streamed row is checked against the manifest, token ids against this policy's vocabulary.
     refs = dataclasses.replace(refs, vocab_size=model.get_input_embeddings().num_embeddings)
     ctx = pass_context(cfg, refs.manifest, tokenizer.pad_token_id or 0, device)

@@ -150,9 +150,24 @@ def test_lora_trains_only_adapters_and_final_is_merged(refs, tmp_path, tiny_mode
         c = sequence_logps(checkpoint.load_policy_model(str(out / "final" / "adapter")), ids, mask, comp)
         d = sequence_logps(checkpoint.load_policy_model(str(out / "checkpoints" / "step-4")), ids, mask, comp)
     assert torch.allclose(a, b, atol=1e-4) and torch.allclose(a, c, atol=1e-4) and torch.allclose(a, d, atol=1e-4)
+    # eval takes the merged model, the adapter folder and the checkpoint alike
+    from stages import evaluate
+    from stages.core.config import EvalConfig
+
+    losses = [evaluate.run(EvalConfig(refs=str(refs), model=str(m), output=str(tmp_path / f"eval-{i}"),
+                                      progress=False))["eval/loss"]
+              for i, m in enumerate([out / "final", out / "final" / "adapter", out / "checkpoints" / "step-4"])]
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5) and losses[2] == pytest.approx(losses[0], abs=1e-5)
     # The checkpoint holds the adapters and their AdamW state, not the frozen base.
     size = sum(f.stat().st_size for f in (out / "checkpoints" / "step-4" / "state").iterdir())
     assert size < 0.5 * (out / "final" / "model.safetensors").stat().st_size
+
+
+def test_a_checkpoint_of_another_kind_is_refused(refs, tmp_path):
+    out = tmp_path / "lora"
+    train.run(cfg_for(refs, out, lora_r=4, stop_at_step=1))
+    with pytest.raises(checkpoint.CheckpointError, match="written with LoRA; this run is without it"):
+        train.run(cfg_for(refs, out, resume="true"))
 
 
 def _train_command(refs, out, *extra) -> list[str]:

@@ -74,7 +74,7 @@ def resolve_model(name: str) -> str:
     folder = Path(name).expanduser()
     if folder.is_dir():
         names = sorted(p.name for p in folder.iterdir())
-        if "config.json" not in names:
+        if "config.json" not in names and "adapter_config.json" not in names:  # a model, or a LoRA adapter
             raise ModelError(f"{name} is not a model folder: no config.json "
                              f"(has: {', '.join(names[:12]) or 'nothing'})")
         if not any(n in names for n in TOKENIZER_FILES):

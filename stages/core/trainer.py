@@ -249,6 +249,7 @@ def save_weights(run: Run, name: str) -> None:
                   os.path.join(adapter, "adapter_model.safetensors"), metadata={"format": "pt"})
         config = dataclasses.replace(run.lora, base_model_name_or_path=run.model_path)
         config.save_pretrained(adapter)
+        run.tokenizer.save_pretrained(adapter)  # so the folder alone is a policy `eval --model` takes
         state = parallel.merge_lora(state, run.lora)
     run.model.save_pretrained(folder, state_dict=state, safe_serialization=True)
     run.tokenizer.save_pretrained(folder)
