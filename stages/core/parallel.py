@@ -80,6 +80,31 @@ def wrap(model, strategy: str, world: int, dtype: str) -> torch.nn.Module:
     return call
 
 
+def meta_model(path: str):
+    """The model of `path`'s config on the meta device: shapes only, no memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def fill_from_rank0(model, full, device: str) -> None:
+    """Give a sharded meta `model` its values: rank 0 holds `full` (the whole model, on CPU; None
+    elsewhere) and sends each tensor once, every worker keeping only its shard."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    state = full.state_dict() if full is not None else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # Non-persistent buffers (rotary frequencies) are in no state dict: rank 0 sends its own.
+    for name, buffer in model.named_buffers():
+        if full is not None:
+            buffer.copy_(full.get_buffer(name))
+        dist.broadcast(buffer, src=0)
+
+
 @contextlib.contextmanager
 def grad_sync(wrapped: torch.nn.Module, on: bool) -> Iterator[None]:
     """Backward inside this context syncs gradients only when `on` (the last micro-batch of a step):

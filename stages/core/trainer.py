@@ -34,7 +34,7 @@ from stages.core.metrics import MetricsLog, read
 from stages.core.plots import training_curves
 from stages.core.policy_pass import SUM_KEYS, PassContext, heldout_metrics, load_policy, means, pass_context, run_pairs
 from stages.core.preemption import Preemption
-from stages.core.shard_stream import Refs, batches, load_refs
+from stages.core.shard_stream import Refs, batches, check_tokenizer, load_refs
 
 # What a run writes in OUTPUT; `--overwrite` removes exactly these before starting over.
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "final", "best", "curves.png", "train_config.yaml",
@@ -139,21 +139,41 @@ def _optimizer(cfg: TrainConfig, model, steps: int):
     return optimizer, scheduler
 
 
-def _load_policy(cfg: TrainConfig, refs: Refs, device: str, dist: Dist):
-    from stages.core.models import enable_activation_checkpointing, resolve_model
+def _adapt(cfg: TrainConfig, model):
+    """LoRA adapters when asked for, activation checkpointing, training mode -> (model, LoraConfig | None)."""
+    from stages.core.models import enable_activation_checkpointing
 
-    reference = refs.manifest["reference_model"]["path"]
-    model_path = resolve_model(cfg.model or reference)
-    tokenizer, model = load_policy(model_path, refs, device)  # float32 master weights; bf16 is autocast
-    if dist.is_main and os.path.realpath(model_path) != os.path.realpath(reference):
-        print(f"note: policy starts from {model_path}, the shards' reference is {reference}", file=sys.stderr)
     lora = None
     if cfg.lora_r:
         model, lora = parallel.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model.train()
-    return tokenizer, model, lora
+    return model, lora
+
+
+def _load_policy(cfg: TrainConfig, refs: Refs, device: str, dist: Dist):
+    """-> (tokenizer, model, LoraConfig | None, the module the loop calls). float32 master weights
+    (bf16 is autocast, or FSDP2's mixed precision). Under FSDP2 only rank 0 reads the weights, into
+    CPU memory; every worker builds the model on the meta device, shards it and receives its shards
+    from rank 0, so no device ever holds the whole model."""
+    from stages.core.models import load_model, load_tokenizer, resolve_model, tokenizer_hashes
+
+    reference = refs.manifest["reference_model"]["path"]
+    model_path = resolve_model(cfg.model or reference)
+    if dist.is_main and os.path.realpath(model_path) != os.path.realpath(reference):
+        print(f"note: policy starts from {model_path}, the shards' reference is {reference}", file=sys.stderr)
+    if not (cfg.strategy == "fsdp" and dist.world > 1):
+        tokenizer, model = load_policy(model_path, refs, device)
+        model, lora = _adapt(cfg, model)
+        return tokenizer, model, lora, parallel.wrap(model, cfg.strategy, dist.world, cfg.dtype)
+    tokenizer = load_tokenizer(model_path)
+    check_tokenizer(refs, tokenizer_hashes(tokenizer))
+    full = _adapt(cfg, load_model(model_path, "float32", "cpu"))[0] if dist.is_main else None
+    model, lora = _adapt(cfg, parallel.meta_model(model_path))
+    wrapped = parallel.wrap(model, "fsdp", dist.world, cfg.dtype)
+    parallel.fill_from_rank0(model, full, device)
+    return tokenizer, model, lora, wrapped
 
 
 def start(cfg: TrainConfig, resume_from: str | None, preemption: Preemption | None = None) -> Run:
@@ -166,12 +186,11 @@ def start(cfg: TrainConfig, resume_from: str | None, preemption: Preemption | No
     random.seed(cfg.seed)
     out = output_dir(cfg)
     refs = load_refs(cfg.refs)
-    tokenizer, model, lora = _load_policy(cfg, refs, device, dist)
+    tokenizer, model, lora, wrapped = _load_policy(cfg, refs, device, dist)
     # Shard rows are checked against the embedding as they stream: an id past it would fail in torch.
     vocab = model.get_input_embeddings().num_embeddings
     refs = dataclasses.replace(refs, vocab_size=vocab)
     steps = total_steps(cfg, refs.num_pairs)
-    wrapped = parallel.wrap(model, cfg.strategy, dist.world, cfg.dtype)  # before the optimizer: FSDP2 swaps params
     optimizer, scheduler = _optimizer(cfg, model, steps)
     ctx = pass_context(cfg, refs.manifest, tokenizer.pad_token_id or 0, device)
     eval_refs = load_refs(cfg.eval_refs, vocab) if cfg.eval_refs else None
