@@ -80,7 +80,8 @@ def forward(model, pairs: list[dict], ctx: PassContext) -> tuple[torch.Tensor, t
         inputs, r, c, labels, seq_ids = pack_rows(rows, ctx.pad_id, torch.float32, ctx.device)
         with autocast:
             logps = scored_logps(model, inputs, r, c, labels, seq_ids, 2 * m)
-        return logps[0::2], logps[1::2], sum(row_width(row) for row in rows)
+        # Copies, not views: FSDP2 warns about (and in-place ops on) views a wrapped forward returns.
+        return logps[0::2].clone(), logps[1::2].clone(), sum(row_width(row) for row in rows)
     seqs, starts = [], []
     for key in ("chosen_ids", "rejected_ids"):
         for p in pairs:
@@ -90,7 +91,7 @@ def forward(model, pairs: list[dict], ctx: PassContext) -> tuple[torch.Tensor, t
     ids, mask, comp = pad_batch(seqs, starts, ctx.pad_id, ctx.device)
     with autocast:
         logps = sequence_logps(model, ids, mask, comp)
-    return logps[:m], logps[m:], int(mask.sum())
+    return logps[:m].clone(), logps[m:].clone(), int(mask.sum())
 
 
 def loss_batch(pairs: list[dict], chosen: torch.Tensor, rejected: torch.Tensor, total_chosen_tokens: float) -> Batch:
