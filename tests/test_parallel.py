@@ -205,6 +205,21 @@ def test_sigterm_checkpoints_and_resume_auto_continues(refs, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_sigterm_to_the_driver_of_ray_train_workers(refs, tmp_path):
+    """Under Ray Train the driver takes the signal; the workers finish the step, checkpoint, stop."""
+    out = tmp_path / "ray-pre"
+    proc = subprocess.Popen(_train_command(refs, out, "--num-workers", "2", "--strategy", "fsdp"), cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_steps(out, 2, proc, timeout=240)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err[-3000:]
+    last = checkpoint.latest(str(out))
+    assert last is not None and checkpoint.step_of(Path(last).name) >= 2
+    assert subprocess.run(_train_command(refs, out, "--resume", "auto"), cwd=ROOT).returncode == 0
+    assert [r["step"] for r in read(str(out / "metrics.jsonl"))] == list(range(1, 11))
+
+
 def test_second_sigterm_stops_at_once_and_keeps_the_last_checkpoint(refs, tmp_path):
     out = tmp_path / "twice"
     proc = subprocess.Popen(_train_command(refs, out, "--save-every", "1"), cwd=ROOT, stderr=subprocess.PIPE,
