@@ -65,6 +65,22 @@ def load_spec(path: str, extra_args: list[str]) -> dict:
     return spec
 
 
+def _submit(client, spec: dict, patience_s: float = 60.0) -> str:
+    """Submit; a cluster that has just started answers "No available agent to submit job, please
+    try again later" until its job agent is up (no job is created then): try again for a while."""
+    deadline = time.time() + patience_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=spec["entrypoint"], runtime_env=spec.get("runtime_env"),
+                                     entrypoint_num_cpus=spec.get("entrypoint_num_cpus"),
+                                     entrypoint_num_gpus=spec.get("entrypoint_num_gpus"),
+                                     metadata={k: str(v) for k, v in (spec.get("metadata") or {}).items()})
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(2)
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="pipeline.py submit", description=__doc__.splitlines()[0])
     ap.add_argument("spec", help="jobs/precompute.yaml or jobs/train.yaml")
@@ -80,10 +96,7 @@ def main(argv: list[str]) -> int:
         client = JobSubmissionClient(args.address)
     except ConnectionError as e:
         raise SubmitError(f"cannot reach the Ray dashboard at {args.address}: {e}") from None
-    job_id = client.submit_job(entrypoint=spec["entrypoint"], runtime_env=spec.get("runtime_env"),
-                               entrypoint_num_cpus=spec.get("entrypoint_num_cpus"),
-                               entrypoint_num_gpus=spec.get("entrypoint_num_gpus"),
-                               metadata={k: str(v) for k, v in (spec.get("metadata") or {}).items()})
+    job_id = _submit(client, spec)
     print(f"submitted {job_id} to {args.address}")
     if not args.wait:
         return 0

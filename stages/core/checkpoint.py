@@ -22,7 +22,6 @@ take the space the next one needs. The error names the checkpoint and says the d
 from __future__ import annotations
 
 import contextlib
-import glob
 import io
 import json
 import os
@@ -109,14 +108,6 @@ class Parts(NamedTuple):
     policy: dict      # {"model": base model path, "lora": LoRA settings or None}
 
 
-class _Group(NamedTuple):
-    """The workers as a checkpoint sees them (`distributed.Dist` fits)."""
-
-    rank: int
-    on: bool
-    barrier: Any
-
-
 @contextlib.contextmanager
 def _quiet_single_process() -> Iterator[None]:
     """torch.distributed.checkpoint warns on every single-process save and load that it assumes one
@@ -157,16 +148,27 @@ def _write_rest(folder: str, step: int, parts: Parts, state: dict) -> None:
         json.dump({"step": step, **state}, fh, indent=1)
 
 
+def _writer(rel: str) -> int:
+    """Which worker wrote a checkpoint file: `state/__R_N.distcp` and `rng-R.pt` are worker R's,
+    everything else rank 0's."""
+    name = os.path.basename(rel)
+    if name.startswith("__") and name[2:].split("_")[0].isdigit():
+        return int(name[2:].split("_")[0])
+    if name.startswith("rng-") and name[4:-3].isdigit():
+        return int(name[4:-3])
+    return 0
+
+
 def _own_files(folder: str, rank: int) -> list[str]:
-    """The files worker `rank` wrote, relative to `folder`."""
-    shards = sorted(glob.glob(os.path.join(folder, "state", f"__{rank}_*")))
-    return [os.path.relpath(f, folder) for f in shards] + [f"rng-{rank}.pt"]
+    """The files worker `rank` wrote, relative to `folder` (rank 0's with state.json last)."""
+    files = [os.path.relpath(os.path.join(d, f), folder) for d, _, names in os.walk(folder) for f in names]
+    return sorted((f for f in files if _writer(f) == rank), key=lambda f: (f == MARKER, f))
 
 
 def save(output: str, staging: str, step: int, parts: Parts, state: dict, keep: int, group) -> str:
-    """Every worker calls this: write step-N in the staging folder (each worker its part), publish
-    it to OUTPUT (each worker uploads its own files, rank 0 the rest, state.json last), drop all
-    but the last `keep`. Returns the checkpoint's URL."""
+    """Every worker calls this (`group`: the workers, a `distributed.Dist`): write step-N in the
+    staging folder (each worker its part), publish it to OUTPUT (each worker uploads its own files,
+    rank 0 the rest, state.json last), drop all but the last `keep`. Returns the checkpoint's URL."""
     local_root = os.path.join(staging, CHECKPOINTS)
     final = os.path.join(local_root, f"step-{step}")
     tmp = os.path.join(local_root, f".step-{step}.partial")
@@ -186,14 +188,15 @@ def save(output: str, staging: str, step: int, parts: Parts, state: dict, keep: 
     except BaseException:  # also Ctrl-C: nothing half-written stays behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if not storage.is_local(output):
-        for rel in _own_files(tmp, group.rank) if not main else []:
+    if not storage.is_local(output) and not main:
+        for rel in _own_files(tmp, group.rank):
             storage.upload(os.path.join(tmp, rel), storage.join(url, rel))
     group.barrier()  # every worker's part is in place before rank 0 completes the checkpoint
     if main:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        storage.upload(final, url, last=(MARKER,))
+        for rel in _own_files(final, 0):  # state.json last: the checkpoint counts from then on
+            storage.upload(os.path.join(final, rel), storage.join(url, rel))
         old = _steps(output)[:-keep] if keep > 0 else []
         for s in old:
             storage.remove_tree(storage.join(output, CHECKPOINTS, f"step-{s}"))
@@ -223,6 +226,9 @@ def load(url: str, parts: Parts, group) -> dict:
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+    if not storage.exists(storage.join(url, "policy.json")):
+        raise CheckpointError(f"checkpoint {url} was written by an earlier version of this trainer (no policy.json, "
+                              "no sharded state/): start over with --overwrite")
     policy = json.loads(storage.read_bytes(storage.join(url, "policy.json")))
     if bool(policy.get("lora")) != bool(parts.policy.get("lora")):
         raise CheckpointError(f"checkpoint {url} was written {'with' if policy.get('lora') else 'without'} LoRA; "

@@ -23,11 +23,11 @@ class Preemption:
     """Notes a SIGTERM in this process. Only the main thread can take signals: a Ray Train worker
     (a thread) is told by its driver through `ask` instead."""
 
-    def __init__(self, ask: Callable[[], bool] | None = None):
+    def __init__(self, ask: Callable[[], bool] | None = None, listen: bool = True):
         self.requested = False
         self._ask = ask
         self._previous = None
-        if threading.current_thread() is threading.main_thread():
+        if listen and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:

@@ -196,7 +196,7 @@ def start(cfg: TrainConfig, resume_from: str | None, preemption: Preemption | No
     eval_refs = load_refs(cfg.eval_refs, vocab) if cfg.eval_refs else None
     run = Run(cfg, dist, out, storage.staging_dir(out), refs, eval_refs, tokenizer, model, wrapped, lora, optimizer,
               scheduler, steps, ctx, EarlyStopping(cfg.early_stopping_metric, cfg.early_stopping_patience), None,
-              preemption or Preemption())
+              preemption or Preemption(listen=False))
     if resume_from is not None:
         state = checkpoint.load(resume_from, run.parts, dist)
         run.step, run.epoch, run.consumed = state["step"], state["epoch"], state["consumed"]
