@@ -143,29 +143,6 @@ def test_both_stages_on_s3_match_local_disk(s3, tmp_path, tiny_model_dir):
     assert [s["sha256"] for s in grown["shards"][:len(manifest["shards"])]] == [s["sha256"] for s in manifest["shards"]]
 
 
-def test_sharded_checkpoint_on_s3_written_by_each_worker_resumed_by_one(s3, refs, tmp_path):
-    """fsdp on 2 Ray Train workers to s3://: each worker uploads its own part of the checkpoint; one
-    worker resumes from it (read through fsspec) and ends where an uninterrupted local run ends."""
-    train = ["--refs", str(refs), "--max-steps", "4", "--batch-size", "4", "--micro-batch-size", "2",
-             "--learning-rate", "1e-3", "--save-every", "2", "--warmup-ratio", "0", "--seed", "3"]
-    cli("train", "--output", "s3://dpo/fsdp-run", "--num-workers", "2", "--strategy", "fsdp", "--stop-at-step", "2",
-        *train)
-    got = keys(s3, "fsdp-run/checkpoints/step-2/")
-    for name in ("state/.metadata", "state/__0_0.distcp", "state/__1_0.distcp", "rng-0.pt", "rng-1.pt",
-                 "policy.json", "state.json"):
-        assert f"fsdp-run/checkpoints/step-2/{name}" in got, (name, got)
-    cli("train", "--output", "s3://dpo/fsdp-run", "--resume", "true", *train)
-    cli("train", "--output", str(tmp_path / "whole"), *train)
-    import s3fs
-    from safetensors.torch import load as load_safetensors
-    from safetensors.torch import load_file
-
-    remote = load_safetensors(s3fs.S3FileSystem().cat_file("dpo/fsdp-run/final/model.safetensors"))
-    local = load_file(tmp_path / "whole" / "final" / "model.safetensors")
-    assert remote.keys() == local.keys()
-    assert max(float((remote[k] - local[k]).abs().max()) for k in local) < 5e-4  # see test_parallel.assert_same_run
-
-
 def test_permanent_errors_name_the_url(s3, tmp_path, tiny_model_dir):
     put_rows(s3, "err/a.jsonl", short_rows(2))
     p = cli("precompute", "--data", "s3://dpo/err/", "--output", "s3://no-such-bucket/refs", "--model", tiny_model_dir,
@@ -314,3 +291,28 @@ def test_jobs_submitted_to_a_ray_head(s3, ray_head, tiny_model_dir):
     assert manifest["rows_written"] == len(rows) == 8 and manifest["dtype"] == "bfloat16"
     got = keys(s3, "job-run/")
     assert "job-run/final/model.safetensors" in got and "job-run/metrics.jsonl" in got
+
+
+def test_sharded_checkpoint_on_s3_written_by_each_worker_resumed_by_one(s3, refs, tmp_path):
+    """fsdp on 2 Ray Train workers to s3://: each worker uploads its own part of the checkpoint; one
+    worker resumes from it (read through fsspec) and ends where an uninterrupted local run ends.
+    Last in this file: `refs` starts a Ray session in this process, and a `ray start --head` begun
+    while one runs (test_jobs_submitted_to_a_ray_head) never got its job agent up."""
+    train = ["--refs", str(refs), "--max-steps", "4", "--batch-size", "4", "--micro-batch-size", "2",
+             "--learning-rate", "1e-3", "--save-every", "2", "--warmup-ratio", "0", "--seed", "3"]
+    cli("train", "--output", "s3://dpo/fsdp-run", "--num-workers", "2", "--strategy", "fsdp", "--stop-at-step", "2",
+        *train)
+    got = keys(s3, "fsdp-run/checkpoints/step-2/")
+    for name in ("state/.metadata", "state/__0_0.distcp", "state/__1_0.distcp", "rng-0.pt", "rng-1.pt",
+                 "policy.json", "state.json"):
+        assert f"fsdp-run/checkpoints/step-2/{name}" in got, (name, got)
+    cli("train", "--output", "s3://dpo/fsdp-run", "--resume", "true", *train)
+    cli("train", "--output", str(tmp_path / "whole"), *train)
+    import s3fs
+    from safetensors.torch import load as load_safetensors
+    from safetensors.torch import load_file
+
+    remote = load_safetensors(s3fs.S3FileSystem().cat_file("dpo/fsdp-run/final/model.safetensors"))
+    local = load_file(tmp_path / "whole" / "final" / "model.safetensors")
+    assert remote.keys() == local.keys()
+    assert max(float((remote[k] - local[k]).abs().max()) for k in local) < 5e-4  # see test_parallel.assert_same_run

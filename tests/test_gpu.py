@@ -106,3 +106,18 @@ def test_precompute_with_two_gpus_per_worker_matches_one(tmp_path, deep_model_di
     assert logps[1].keys() == logps[2].keys()
     for pid, (chosen, rejected) in logps[1].items():
         assert logps[2][pid] == pytest.approx((chosen, rejected), abs=1e-4)
+
+
+@two_gpus
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gpu_workers_follow_one(refs, tmp_path, strategy):
+    """NCCL: Ray Train workers on two GPUs (bf16: FSDP2 mixed precision or autocast) follow one GPU."""
+    from stages import train
+    from stages.core.metrics import read
+
+    kw = dict(refs=str(refs), batch_size=4, micro_batch_size=2, learning_rate=1e-3, max_steps=3, warmup_ratio=0.0,
+              shuffle_buffer=6, progress=False, seed=3, dtype="bfloat16")
+    train.run(TrainConfig(output=str(tmp_path / "one"), **kw))
+    train.run(TrainConfig(output=str(tmp_path / "two"), num_workers=2, strategy=strategy, **kw))
+    for a, b in zip(read(str(tmp_path / "one" / "metrics.jsonl")), read(str(tmp_path / "two" / "metrics.jsonl"))):
+        assert b["loss"] == pytest.approx(a["loss"], abs=5e-3)

@@ -88,19 +88,23 @@ def assert_same_run(a: Path, b: Path, keys=("loss", "rewards/margins", "logps/ch
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 5e-4
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_workers_reproduce_one(refs, tmp_path, strategy):
-    train.run(cfg_for(refs, tmp_path / "one"))
-    spawn_train(cfg_for(refs, tmp_path / "two", strategy=strategy), 2)
-    assert_same_run(tmp_path / "one", tmp_path / "two")
+LORA = dict(lora_r=4, lora_alpha=8.0, learning_rate=1e-2)
+
+
+@pytest.fixture(scope="module")
+def one_worker(refs, tmp_path_factory) -> dict[str, Path]:
+    """Single-process runs (all weights, and LoRA) that the multi-worker runs are held to."""
+    root = tmp_path_factory.mktemp("one-worker")
+    train.run(cfg_for(refs, root / "full"))
+    train.run(cfg_for(refs, root / "lora", **LORA))
+    return {"full": root / "full", "lora": root / "lora"}
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_lora_two_workers_reproduce_one(refs, tmp_path, strategy):
-    kw = dict(lora_r=4, lora_alpha=8.0, learning_rate=1e-2)
-    train.run(cfg_for(refs, tmp_path / "one", **kw))
-    spawn_train(cfg_for(refs, tmp_path / "two", strategy=strategy, **kw), 2)
-    assert_same_run(tmp_path / "one", tmp_path / "two")
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_two_workers_reproduce_one(refs, tmp_path, one_worker, strategy, kind):
+    spawn_train(cfg_for(refs, tmp_path / "two", strategy=strategy, **(LORA if kind == "lora" else {})), 2)
+    assert_same_run(one_worker[kind], tmp_path / "two")
 
 
 def test_sharded_checkpoint_resumes_across_worker_counts(refs, tmp_path):
@@ -118,11 +122,11 @@ def test_sharded_checkpoint_resumes_across_worker_counts(refs, tmp_path):
     assert_same_run(tmp_path / "whole", tmp_path / "one-two")
 
 
-def test_fsdp_on_ray_train_workers(refs, tmp_path):
-    summary = train.run(cfg_for(refs, tmp_path / "ray", strategy="fsdp", num_workers=2, max_steps=2))
-    assert summary["outcome"] == "finished"
-    train.run(cfg_for(refs, tmp_path / "one", max_steps=2))
-    assert_same_run(tmp_path / "one", tmp_path / "ray")
+def test_fsdp_on_ray_train_workers(refs, tmp_path, one_worker):
+    summary = train.run(cfg_for(refs, tmp_path / "ray", strategy="fsdp", num_workers=2))
+    one = train.run(cfg_for(refs, tmp_path / "one", max_steps=1))  # the summary of the in-process path
+    assert summary.keys() == one.keys() and summary["outcome"] == "finished"  # one shape for both paths
+    assert_same_run(one_worker["full"], tmp_path / "ray")
 
 
 def test_lora_trains_only_adapters_and_final_is_merged(refs, tmp_path, tiny_model_dir):
