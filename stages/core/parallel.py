@@ -14,6 +14,7 @@ and backward of weight zero) fill in where a worker's slice of a batch is shorte
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Callable, Iterator
 
 import torch
@@ -40,7 +41,9 @@ def add_lora(model, r: int, alpha: float, dropout: float, target_modules: str):
 
     targets = "all-linear" if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",")]
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft 0.21 asks transformers 5 by the old name: not the user's concern
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        peft_model = get_peft_model(model, config)
     # Score and save the transformers model itself: the adapters sit inside its linear layers.
     return peft_model.get_base_model(), peft_model.peft_config["default"]
 
