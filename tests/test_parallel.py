@@ -7,6 +7,7 @@ torchrun would), or Ray Train where the Ray path itself is under test.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -136,7 +137,8 @@ def test_lora_trains_only_adapters_and_final_is_merged(refs, tmp_path, tiny_mode
     from stages.core.logprobs import sequence_logps
 
     out = tmp_path / "lora"
-    train.run(cfg_for(refs, out, lora_r=4, lora_alpha=8.0, learning_rate=5e-2, save_every=2))
+    train.run(cfg_for(refs, out, lora_r=4, lora_alpha=8.0, learning_rate=5e-2, save_every=2,
+                      model=os.path.relpath(tiny_model_dir)))  # a relative base: written down absolute
     records = read(str(out / "metrics.jsonl"))
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert records[-1]["loss"] != records[0]["loss"]
@@ -144,6 +146,8 @@ def test_lora_trains_only_adapters_and_final_is_merged(refs, tmp_path, tiny_mode
     merged = AutoModelForCausalLM.from_pretrained(out / "final")  # plain transformers, no peft
     changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
     assert changed and all("proj" in k for k in changed)  # the adapted linears, through their merged update
+    base_path = json.loads((out / "final" / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert os.path.isabs(base_path)  # the folder loads from anywhere
     adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "final" / "adapter")
     assert [n for n, _ in adapter.named_parameters() if "lora_" in n]
     ids = torch.randint(0, merged.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))

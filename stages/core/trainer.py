@@ -115,9 +115,12 @@ class Run:
 
     @property
     def model_path(self) -> str:
+        """The policy's starting weights (the LoRA base)."""
         from stages.core.models import resolve_model
 
-        return resolve_model(self.cfg.model or self.refs.manifest["reference_model"]["path"])
+        path = resolve_model(self.cfg.model or self.refs.manifest["reference_model"]["path"])
+        # Written into policy.json and adapter_config.json: absolute, so they load from any folder.
+        return os.path.abspath(path) if os.path.isdir(path) else path
 
     def publish(self, *names: str) -> None:
         """Upload run files from the staging folder (a no-op for a local OUTPUT)."""
