@@ -108,6 +108,18 @@ def test_two_workers_reproduce_one(refs, tmp_path, one_worker, strategy, kind):
     assert_same_run(one_worker[kind], tmp_path / "two")
 
 
+def test_fsdp_mixed_precision_follows_bf16_autocast(refs, tmp_path):
+    """--dtype bfloat16: FSDP2 gathers bf16 parameters and reduces in fp32; one worker autocasts. The
+    two differ by bf16 rounding only."""
+    train.run(cfg_for(refs, tmp_path / "one", dtype="bfloat16"))
+    spawn_train(cfg_for(refs, tmp_path / "two", dtype="bfloat16", strategy="fsdp"), 2)
+    a, b = read(str(tmp_path / "one" / "metrics.jsonl")), read(str(tmp_path / "two" / "metrics.jsonl"))
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert math.isfinite(y["loss"]) and y["loss"] == pytest.approx(x["loss"], abs=2e-3), x["step"]
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=2e-2), x["step"]
+
+
 def test_sharded_checkpoint_resumes_across_worker_counts(refs, tmp_path):
     """fsdp on 2 workers stops at step 2; 1 worker finishes it. 1 worker stops at 2; 2 finish it.
     Both end where an uninterrupted single worker ends."""
