@@ -250,7 +250,7 @@ class TrainConfig(PolicyPass):
 @dataclass(frozen=True)
 class EvalConfig(PolicyPass):
     refs: str = doc("precompute output of a held-out set", default="runs/demo-heldout")
-    model: str | None = doc("policy to score: a final/, best/ or checkpoints/step-N folder "
+    model: str | None = doc("policy to score: a final/, best/, final/adapter/ (LoRA) or checkpoints/step-N folder "
                             "(default: the reference itself)", default=None)
     output: str | None = doc("where eval.json and samples go (default: MODEL/eval, or runs/eval)", default=None)
     loss_type: str | None = doc("loss reported as eval/loss (default: the run's, from the train_config.yaml "
