@@ -95,6 +95,7 @@ class Run:
     stopper: EarlyStopping
     log: MetricsLog | None    # rank 0 only
     preemption: Preemption
+    model_path: str           # the policy's starting weights (the LoRA base), absolute when local
     step: int = 0
     epoch: int = 0
     consumed: int = 0         # pairs of `epoch` already trained on
@@ -112,15 +113,6 @@ class Run:
                                                "target_modules": self.cfg.lora_target_modules}
         return checkpoint.Parts(self.model, self.tokenizer, self.optimizer, self.scheduler,
                                 {"model": self.model_path, "lora": lora})
-
-    @property
-    def model_path(self) -> str:
-        """The policy's starting weights (the LoRA base)."""
-        from stages.core.models import resolve_model
-
-        path = resolve_model(self.cfg.model or self.refs.manifest["reference_model"]["path"])
-        # Written into policy.json and adapter_config.json: absolute, so they load from any folder.
-        return os.path.abspath(path) if os.path.isdir(path) else path
 
     def publish(self, *names: str) -> None:
         """Upload run files from the staging folder (a no-op for a local OUTPUT)."""
@@ -156,7 +148,7 @@ def _adapt(cfg: TrainConfig, model):
 
 
 def _load_policy(cfg: TrainConfig, refs: Refs, device: str, dist: Dist):
-    """-> (tokenizer, model, LoraConfig | None, the module the loop calls). float32 master weights
+    """-> (tokenizer, model, LoraConfig | None, the module the loop calls, the model's path). float32 master weights
     (bf16 is autocast, or FSDP2's mixed precision). Under FSDP2 only rank 0 reads the weights, into
     CPU memory; every worker builds the model on the meta device, shards it and receives its shards
     from rank 0, so no device ever holds the whole model."""
@@ -164,19 +156,21 @@ def _load_policy(cfg: TrainConfig, refs: Refs, device: str, dist: Dist):
 
     reference = refs.manifest["reference_model"]["path"]
     model_path = resolve_model(cfg.model or reference)
+    # Written into policy.json and adapter_config.json: absolute, so they load from any folder.
+    model_path = os.path.abspath(model_path) if os.path.isdir(model_path) else model_path
     if dist.is_main and os.path.realpath(model_path) != os.path.realpath(reference):
         print(f"note: policy starts from {model_path}, the shards' reference is {reference}", file=sys.stderr)
     if not (cfg.strategy == "fsdp" and dist.world > 1):
         tokenizer, model = load_policy(model_path, refs, device)
         model, lora = _adapt(cfg, model)
-        return tokenizer, model, lora, parallel.wrap(model, cfg.strategy, dist.world, cfg.dtype)
+        return tokenizer, model, lora, parallel.wrap(model, cfg.strategy, dist.world, cfg.dtype), model_path
     tokenizer = load_tokenizer(model_path)
     check_tokenizer(refs, tokenizer_hashes(tokenizer))
     full = _adapt(cfg, load_model(model_path, "float32", "cpu"))[0] if dist.is_main else None
     model, lora = _adapt(cfg, parallel.meta_model(model_path))
     wrapped = parallel.wrap(model, "fsdp", dist.world, cfg.dtype)
     parallel.fill_from_rank0(model, full, device)
-    return tokenizer, model, lora, wrapped
+    return tokenizer, model, lora, wrapped, model_path
 
 
 def start(cfg: TrainConfig, resume_from: str | None, preemption: Preemption | None = None) -> Run:
@@ -189,7 +183,7 @@ def start(cfg: TrainConfig, resume_from: str | None, preemption: Preemption | No
     random.seed(cfg.seed)
     out = output_dir(cfg)
     refs = load_refs(cfg.refs)
-    tokenizer, model, lora, wrapped = _load_policy(cfg, refs, device, dist)
+    tokenizer, model, lora, wrapped, model_path = _load_policy(cfg, refs, device, dist)
     # Shard rows are checked against the embedding as they stream: an id past it would fail in torch.
     vocab = model.get_input_embeddings().num_embeddings
     refs = dataclasses.replace(refs, vocab_size=vocab)
@@ -199,7 +193,7 @@ def start(cfg: TrainConfig, resume_from: str | None, preemption: Preemption | No
     eval_refs = load_refs(cfg.eval_refs, vocab) if cfg.eval_refs else None
     run = Run(cfg, dist, out, storage.staging_dir(out), refs, eval_refs, tokenizer, model, wrapped, lora, optimizer,
               scheduler, steps, ctx, EarlyStopping(cfg.early_stopping_metric, cfg.early_stopping_patience), None,
-              preemption or Preemption(listen=False))
+              preemption or Preemption(listen=False), model_path)
     if resume_from is not None:
         state = checkpoint.load(resume_from, run.parts, dist)
         run.step, run.epoch, run.consumed = state["step"], state["epoch"], state["consumed"]
