@@ -1,22 +1,30 @@
-"""Precompute stage: read -> normalise -> tokenize (Ray tasks) -> score (Ray actor pool) -> Parquet shards.
+"""Precompute stage, a Ray pipeline end to end: the driver holds no rows.
 
-Every input row has a `row_key`: the hash of its raw content plus its occurrence number (the
-k-th copy of the same row). A run skips rows whose key is already in the output (written or
-rejected), and groups the remaining rows, in input order, into new shards of `rows_per_shard`
-input rows. So re-running the same command after a crash finishes the job, re-running it after
-the input grew scores only the new rows, and nothing is scored twice or lost.
+    count (tasks) -> read, normalise, hash (Ray Data tasks) -> shuffle by content hash: row keys,
+    rows already done -> shuffle by pair id: duplicates -> sort: shards -> tokenize (tasks)
+    -> score (actor pool) -> deliver (tasks) -> shard writers (actors) -> manifest (driver)
 
-Per shard the driver writes, in order, `rejects/shard-k.parquet`, `shards/shard-k.parquet` and
-`_progress/shard-k.json`; the last marks the shard finished, and files without it are removed at
-the next start. `manifest.json`, covering all finished shards, is written last.
+(`row_plan` has the steps up to the shards, `shard_writer` the last ones.) The driver lists the
+input files, reads the first row (for the layout), sums one count per file and per block, collects
+one manifest entry per shard, and draws the progress bar; every row goes from task to task.
 
-The marker is the shard's manifest entry (with the size and sha256 of its shard file and the sha256
-of its rejects file) plus the row keys the shard covers. Every run first checks each finished shard's
-files against its marker: a shard whose files are missing or damaged is no longer finished. Its
-files and marker are removed (one line on stderr says so) and its input rows, found by row key, are
-scored again into a shard of the same index k. A marker written before markers held row keys, or a
-repair killed before it finished, leaves no keys behind: those rows are then new work and go into
-new shards after the last one. Either way every input row ends up in the output exactly once.
+Every input row has a `row_key`: the hash of its raw content plus its occurrence number (the k-th
+copy of the same row). A run skips rows whose key is already in the output (written or rejected),
+and groups the remaining rows, in input order, into new shards of `rows_per_shard` input rows. So
+re-running the same command after a crash finishes the job, re-running it after the input grew
+scores only the new rows, and nothing is scored twice or lost.
+
+Per shard a writer writes, in order, `_progress/shard-k.keys.parquet` (its row keys),
+`rejects/shard-k.parquet`, `shards/shard-k.parquet` and `_progress/shard-k.json`; the last, the
+marker, marks the shard finished and holds its manifest entry. Shard and rejects files without a
+marker are removed at the next start. `manifest.json`, covering all finished shards, is written last.
+
+Every run first checks each finished shard's files against its marker: a shard whose files are
+missing or damaged is no longer finished. Its files and marker are removed (one line on stderr says
+so) and its input rows, found by the row keys of its keys file, are scored again into a shard of the
+same index k; so are the rows of a shard a killed run left with a keys file and no marker. A shard of
+an older output whose marker held no row keys leaves no keys behind: its rows are then new work and
+go into new shards after the last one. Either way every input row ends up in the output exactly once.
 
 The settings that decide how a row is scored must match the output's (`_progress/run.json`); the
 data is not one of them, so that a re-run over grown input adds the new rows. A different data set
@@ -32,7 +40,6 @@ line giving the reject counts, after writing the rejects and manifest so that `i
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import io
 import json
@@ -41,26 +48,35 @@ import sys
 import threading
 import time
 import warnings
-from collections import Counter, defaultdict
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import FORMAT_VERSION, REJECT_SCHEMA, SHARD_SCHEMA, validate_manifest, validate_table
+from schemas import FORMAT_VERSION, validate_manifest
 from stages.core import storage
 from stages.core.config import PrecomputeConfig, public, to_yaml
 from stages.core.data import MalformedRow, check_columns, embedded_layout, read_rows, resolve_source
 from stages.core.devices import threads_per_worker
 from stages.core.errors import PipelineError
-from stages.core.formats import RowRejected, detect, normalise
+from stages.core.formats import detect
 from stages.core.models import load_tokenizer, resolve_model, tokenizer_hashes, weights_hash
 from stages.core.ray_runtime import init_ray, quiet_ray_data
+from stages.core.row_plan import Plan, Source, build_plan, content_hash, pair_id  # noqa: F401 (re-exported)
 from stages.core.scorer import PairProgress, ReferenceScorer, tokenize_batch
+from stages.core.shard_writer import (
+    ShardWriter,
+    deliver,
+    fingerprint,
+    keys_path,
+    pair_ids_sum,
+    shard_index,
+    shard_name,
+)
 from stages.inspect_refs import damaged_files
 
-ROW_GROUP_SIZE = 256  # rows per Parquet row group: the trainer's unit of streaming
 SCORER_ATTEMPTS = 3   # scorer pools one run starts: a pool fails as a whole when one of its processes dies
 POLL_SECONDS = 0.5    # how often the progress bar asks the scorers how far they are
 
@@ -83,40 +99,6 @@ class NotEnoughGpus(PipelineError):
 
 class _PoolLost(Exception):
     """A scorer process of this pool died (internal: the run retries with a new pool)."""
-
-
-def pair_id(row: dict) -> str:
-    """Content hash of the normalised prompt/chosen/rejected: stable across runs, file order and index."""
-    body = json.dumps([row["prompt"], row["chosen"], row["rejected"], row.get("tools")],
-                      sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(body.encode("utf-8")).hexdigest()[:32]
-
-
-def _json(value) -> str:
-    return json.dumps(value, ensure_ascii=False, default=str)
-
-
-def pair_tokens(r: dict) -> int:
-    """Tokens a plain scorer runs for a pair: the prompt once per answer."""
-    return len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"])
-
-
-def shard_name(k: int) -> str:
-    return f"shard-{k:05d}"
-
-
-def shard_index(file_name: str) -> int | None:
-    """'shard-00012.parquet' or 'shard-00012.json' -> 12; None for any other name."""
-    prefix, _, rest = file_name.partition("-")
-    number = rest.split(".", 1)[0]
-    return int(number) if prefix == "shard" and number.isdigit() else None
-
-
-def content_hash(raw) -> str:
-    """Hash of an input row's raw content (a malformed line's text)."""
-    text = raw.text if isinstance(raw, MalformedRow) else json.dumps(raw, sort_keys=True, ensure_ascii=False,
-                                                                     default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
 def _identity(cfg: PrecomputeConfig, model_path: str, tok_hashes: dict, w_hash: str) -> dict:
@@ -173,84 +155,24 @@ def _check_output(cfg: PrecomputeConfig, identity: dict) -> None:
                              "pass --overwrite to replace it, or choose another --output")
 
 
-class _Plan:
-    """New input rows grouped into new shards: rows to score, text-level rejects, rows read."""
-
-    def __init__(self):
-        self.records: list[dict] = []
-        self.rejects: dict[int, list[dict]] = defaultdict(list)
-        self.rows_read: Counter = Counter()
-        self.expected: Counter = Counter()  # rows each new shard sends through the scorer
-        self.already_done = 0               # rows whose key the output already holds
-
-
-def _known(cfg: PrecomputeConfig, done: dict[int, dict]) -> tuple[set[str], dict[str, str]]:
-    """Row keys (written or rejected) and pair ids already in the output."""
-    keys, pairs = set(), {}
-    for entry in done.values():
-        for path, cols in ((entry["path"], ["row_key", "pair_id"]), (entry["rejects_path"], ["row_key"])):
-            with storage.open_binary(storage.join(cfg.output, path)) as fh:
-                table = pq.read_table(fh, columns=cols)
-            keys.update(table.column("row_key").to_pylist())
-            if "pair_id" in cols:
-                pairs.update(dict.fromkeys(table.column("pair_id").to_pylist(), f"a pair already in {entry['path']}"))
-    return keys, pairs
-
-
-def _plan(cfg: PrecomputeConfig, first: int, redo: dict[str, int], known_keys: set[str],
-          known_pairs: dict[str, str]) -> _Plan:
-    """Rows whose key the output lacks: those of a repaired shard (`redo`: row key -> its index) go
-    back into it, the others into new shards from index `first` on."""
-    plan, layout, copies = _Plan(), None, Counter()
-    seen = dict(known_pairs)
-    new_rows = 0
-    for index, raw in read_rows(cfg.data, cfg.split, cfg.limit):
-        if layout is None and not isinstance(raw, MalformedRow):
-            layout = cfg.format if cfg.format != "auto" else (embedded_layout(cfg.data) or detect(raw))
-            check_columns(raw, layout, cfg)
-        # row_key: the content and which copy of it this is, so a new duplicate row is new work
-        # (and becomes a 'duplicate' reject) while the same row read again is not.
-        h = content_hash(raw)
-        key = f"{h}:{copies[h]}"
-        copies[h] += 1
-        if key in known_keys:
-            plan.already_done += 1
-            continue
-        k = redo.get(key)
-        if k is None:
-            k = first + new_rows // cfg.rows_per_shard
-            new_rows += 1
-        plan.rows_read[k] += 1
-        try:
-            if isinstance(raw, MalformedRow):
-                raise RowRejected(getattr(raw, "reason", "malformed_json"), f"{raw.file} line {raw.line}: {raw.error}")
-            row = normalise(raw, layout, cfg)
-            pid = pair_id(row)
-            if pid in seen:
-                raise RowRejected("duplicate", f"same prompt/chosen/rejected as {seen[pid]}")
-            seen[pid] = f"source_index {index}"
-        except RowRejected as e:
-            text = raw.text if isinstance(raw, MalformedRow) else _json(raw)
-            plan.rejects[k].append({"source_index": index, "row_key": key, "reason": e.reason, "detail": e.detail,
-                                    "row": text})
-            continue
-        plan.records.append({"pair_id": pid, "row_key": key, "source_index": index, "shard": k,
-                             "row_json": _json(row)})
-        plan.expected[k] += 1
-    return plan
-
-
 def _read_markers(cfg: PrecomputeConfig) -> dict[int, dict | None]:
-    """`_progress/shard-k.json` by k; None for a marker that is not readable JSON."""
+    """`_progress/shard-k.json` by k, without the row keys older markers held; None for a marker that is
+    not readable JSON."""
     markers: dict[int, dict | None] = {}
     for name in storage.list_names(storage.join(cfg.output, "_progress")):
         k = shard_index(name)
-        if k is not None and name.endswith(".json"):
+        if k is not None and name == shard_name(k) + ".json":
             try:
                 markers[k] = storage.read_json(storage.join(cfg.output, "_progress", name))
+                markers[k].pop("row_keys", None)
             except ValueError:  # markers are written atomically: only a hand or a disk fault breaks one
                 markers[k] = None
     return markers
+
+
+def _keys_files(cfg: PrecomputeConfig) -> set[int]:
+    names = storage.list_names(storage.join(cfg.output, "_progress"))
+    return {k for k in map(shard_index, names) if k is not None and shard_name(k) + ".keys.parquet" in names}
 
 
 def _remove_if_there(url: str) -> None:
@@ -260,26 +182,39 @@ def _remove_if_there(url: str) -> None:
         pass
 
 
-def _verify(cfg: PrecomputeConfig, markers: dict[int, dict | None]) -> tuple[dict[int, dict], dict[str, int], list]:
-    """Finished shards whose files match their marker, as manifest entries by index. Each other shard
-    is removed, files first and marker last (a repair killed half-way is found and done again), and
-    the row keys it covered are returned (key -> index) so that `_plan` puts its rows back into it."""
-    done, redo, repaired = {}, {}, []
+def _keep_old_keys(cfg: PrecomputeConfig, k: int) -> None:
+    """An older marker holds its shard's row keys itself: move them into the keys file before the marker goes."""
+    try:
+        keys = storage.read_json(storage.join(cfg.output, "_progress", shard_name(k) + ".json")).get("row_keys")
+    except (FileNotFoundError, ValueError):
+        return
+    if keys:
+        data = pa.table({"row_key": pa.array(keys, pa.string())})
+        buf = io.BytesIO()
+        pq.write_table(data, buf)
+        storage.write_bytes_atomic(storage.join(cfg.output, keys_path(k)), buf.getvalue())
+
+
+def _verify(cfg: PrecomputeConfig, markers: dict[int, dict | None]) -> tuple[dict[int, dict], list]:
+    """Finished shards whose files match their marker, as manifest entries by index. Each other shard is
+    removed, files first and marker last (a repair killed half-way is found and done again); its keys
+    file stays, so that the run puts its rows back into it."""
+    done, repaired = {}, []
     for k in sorted(markers):
         entry = dict(markers[k] or {})
-        keys = entry.pop("row_keys", None)
         problems = damaged_files(cfg.output, entry) if entry else [f"_progress/{shard_name(k)}.json: not readable"]
         if not problems:
             done[k] = entry
             continue
         _say(f"repairing {shard_name(k)} ({'; '.join(problems)}): scoring its "
              f"{entry.get('rows_read', 'unknown number of')} input rows again")
+        if not storage.exists(storage.join(cfg.output, keys_path(k))):
+            _keep_old_keys(cfg, k)
         for path in (entry.get("path"), entry.get("rejects_path"), f"_progress/{shard_name(k)}.json"):
             if path:
                 _remove_if_there(storage.join(cfg.output, path))
-        redo.update(dict.fromkeys(keys or (), k))
         repaired.append(shard_name(k))
-    return done, redo, repaired
+    return done, repaired
 
 
 def _remove_unfinished(cfg: PrecomputeConfig, done: dict[int, dict]) -> None:
@@ -290,36 +225,24 @@ def _remove_unfinished(cfg: PrecomputeConfig, done: dict[int, dict]) -> None:
                 storage.remove(storage.join(cfg.output, folder, name))
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, row_group_size=ROW_GROUP_SIZE, compression="zstd")
-    return buf.getvalue()
+def _known_files(done: dict[int, dict], redo: set[int]) -> list[dict]:
+    """The output's files the plan reads: finished shards' row keys and pair ids, the keys of shards to redo."""
+    files = [{"what": what, "path": e[key], "shard": k} for k, e in sorted(done.items())
+             for what, key in (("shard", "path"), ("rejects", "rejects_path")) if e.get(key)]
+    return files + [{"what": "redo", "path": keys_path(k), "shard": k} for k in sorted(redo)]
 
 
-def _write_shard(cfg: PrecomputeConfig, k: int, rows: list[dict], rejects: list[dict], rows_read: int) -> dict:
-    rows = sorted(rows, key=lambda r: r["source_index"])
-    rejects = sorted(rejects, key=lambda r: r["source_index"])
-    table = pa.Table.from_pylist([{f: r[f] for f in SHARD_SCHEMA.names} for r in rows], schema=SHARD_SCHEMA)
-    validate_table(table, SHARD_SCHEMA, shard_name(k))
-    rej_data = _parquet_bytes(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))
-    data = _parquet_bytes(table)
-    idx = [r["source_index"] for r in rows] + [r["source_index"] for r in rejects]
-    storage.write_bytes_atomic(storage.join(cfg.output, "rejects", shard_name(k) + ".parquet"), rej_data)
-    storage.write_bytes_atomic(storage.join(cfg.output, "shards", shard_name(k) + ".parquet"), data)
-    entry = {"path": f"shards/{shard_name(k)}.parquet", "rows": table.num_rows, "bytes": len(data),
-             "sha256": storage.sha256_bytes(data), "source_indices": [min(idx), max(idx)] if idx else None,
-             "data": cfg.data, "source": _source(cfg.data), "rows_read": rows_read,
-             "rejects_path": f"rejects/{shard_name(k)}.parquet", "rejects": len(rejects),
-             "rejects_sha256": storage.sha256_bytes(rej_data),
-             "rejects_by_reason": dict(Counter(r["reason"] for r in rejects)),
-             "tokens": sum(pair_tokens(r) for r in rows),
-             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    # The marker also lists the shard's row keys, so that a damaged shard can be scored again into
-    # the same index; the manifest leaves them out (they would make it grow with the data).
-    keys = [r["row_key"] for r in rows] + [r["row_key"] for r in rejects]
-    storage.write_json(storage.join(cfg.output, "_progress", shard_name(k) + ".json"), {**entry, "row_keys": keys},
-                       indent=None)
-    return entry
+def _layout(cfg: PrecomputeConfig) -> str:
+    """The input layout, from the first row that parses (read here: one row, not the data set)."""
+    if cfg.format != "auto":
+        layout = cfg.format
+    for _, raw in read_rows(cfg.data, cfg.split, cfg.limit):
+        if not isinstance(raw, MalformedRow):
+            if cfg.format == "auto":
+                layout = embedded_layout(cfg.data) or detect(raw)
+            check_columns(raw, layout, cfg)
+            return layout
+    return "standard" if cfg.format == "auto" else cfg.format  # no row parses: every one is a reject
 
 
 def gpu_shortage(gpus_per_worker: int, num_workers: int, node_gpus: list[float]) -> str | None:
@@ -350,18 +273,16 @@ def _check_gpus(cfg: PrecomputeConfig) -> None:
         raise NotEnoughGpus(problem)
 
 
-def _dataset(cfg: PrecomputeConfig, model_path: str, records: list[dict], progress):
-    """The Ray Data pipeline over `records`: tokenize (tasks), then score (an actor pool)."""
+def _dataset(cfg: PrecomputeConfig, model_path: str, plan: Plan, progress, writers: list):
+    """Ray Data over the plan's chunks: tokenize (tasks), score (an actor pool), hand to the writers (tasks)."""
     import ray
     import ray.data
 
     gpus = ray.cluster_resources().get("GPU", 0)
     # One GPU per scorer where the cluster has any; K GPUs per scorer (checked by `_check_gpus`) for K > 1.
     use_gpu = gpus >= cfg.gpus_per_worker if cfg.gpus_per_worker > 1 else gpus > 0
-    # Small blocks keep every actor busy and the progress bar moving; shards complete as they arrive.
-    blocks = min(len(records), max(2 * cfg.num_workers, -(-len(records) // max(cfg.batch_size, 8))))
-    ds = ray.data.from_items(records, override_num_blocks=blocks)
-    # batch_size=None: one call per block, so blocks are not merged and every actor gets work.
+    ds = ray.data.from_arrow_refs(plan.chunks)
+    # batch_size=None: one call per chunk, so chunks are not merged and every actor gets work.
     ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=0.5,
                         fn_kwargs=dict(model_path=model_path, max_length=cfg.max_length,
                                        max_prompt_length=cfg.max_prompt_length, truncation_mode=cfg.truncation_mode))
@@ -370,10 +291,12 @@ def _dataset(cfg: PrecomputeConfig, model_path: str, records: list[dict], progre
                        threads=None if use_gpu else threads_per_worker(cfg.num_workers), gpus=cfg.gpus_per_worker)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-        return ds.map_batches(ReferenceScorer, batch_format="pyarrow", batch_size=cfg.batch_size,
-                              compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
-                              num_gpus=cfg.gpus_per_worker if use_gpu else 0,
-                              num_cpus=1, fn_constructor_kwargs=scorer_args, **_without_restarts(ds))
+        ds = ds.map_batches(ReferenceScorer, batch_format="pyarrow", batch_size=cfg.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
+                            num_gpus=cfg.gpus_per_worker if use_gpu else 0,
+                            num_cpus=1, fn_constructor_kwargs=scorer_args, **_without_restarts(ds))
+    return ds.map_batches(deliver, batch_format="pyarrow", batch_size=None, num_cpus=0.1,
+                          fn_kwargs=dict(writers=writers))
 
 
 def _without_restarts(ds) -> dict:
@@ -411,71 +334,128 @@ def _polling(counter, on_progress):
         thread.join()
 
 
-def _score(cfg: PrecomputeConfig, model_path: str, records: list[dict], expected: Counter, on_shard, on_batch,
-           on_progress=None) -> None:
-    """Score `records` with one pool of scorers; call on_shard(k, rows) as each shard completes,
-    on_batch(rows) for each scorer call's rows and, with on_progress, on_progress(pairs done) as the
-    scorers report their forwards. Raises _PoolLost when a scorer process dies."""
+def _pipeline_error(error: BaseException) -> PipelineError | None:
+    """The PipelineError a task or actor raised (Ray wraps it, sometimes twice), if that is what `error` is."""
+    from ray.exceptions import RayError
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, PipelineError) and not isinstance(error, RayError):
+            return error
+        error = getattr(error, "cause", None) or error.__cause__
+    return None
+
+
+def _score(cfg: PrecomputeConfig, model_path: str, plan: Plan, on_batch, on_progress=None) -> list[dict]:
+    """Score the plan's rows with one pool of scorers, their shards written by writer actors; returns the
+    entries of the shards written. Calls on_batch(rows, pairs, tokens, entries) per scored batch and, with
+    on_progress, on_progress(pairs done) as the scorers report their forwards. Raises _PoolLost when a
+    scorer (or writer) process dies."""
     import ray
 
-    # Actors take one logical CPU each; one more for the read/tokenize tasks so they never starve
-    # behind the scorers (Ray Data otherwise stalls on a 2-core machine).
-    init_ray(cfg.num_workers + 1)
-    quiet_ray_data()
     counter = ray.remote(num_cpus=0)(PairProgress).remote() if on_progress else None
-    ds = _dataset(cfg, model_path, records, counter)
-    # By row key: a row delivered twice can neither appear twice nor finish its shard early.
-    pending: dict[int, dict[str, dict]] = defaultdict(dict)
-    finished: set[int] = set()
+    writer = ray.remote(num_cpus=0, max_restarts=0)(ShardWriter)
+    writers = [writer.remote(cfg.output, plan.rows_read, cfg.data, _source(cfg.data), cfg.storage_options_dict)
+               for _ in range(max(1, min(cfg.num_workers, len(plan.rows_read))))]
+    entries: list[dict] = []
     try:
         with _polling(counter, on_progress) if counter else nullcontext():
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                recs = batch.to_pylist()
-                for r in recs:
-                    k = r["shard"]
-                    if k in finished:
-                        continue
-                    pending[k][r["row_key"]] = r
-                    if len(pending[k]) == expected[k]:
-                        finished.add(k)
-                        on_shard(k, list(pending.pop(k).values()))
-                on_batch(recs)
+            for batch in _dataset(cfg, model_path, plan, counter, writers).iter_batches(batch_size=None,
+                                                                                       batch_format="pyarrow"):
+                for row in batch.to_pylist():
+                    new = json.loads(row["entries"])
+                    entries += new
+                    on_batch(row["rows"], row["pairs"], row["tokens"], new)
     except ray.exceptions.RayActorError as e:
         raise _PoolLost(str(e).splitlines()[0][:300]) from e
+    except Exception as e:
+        error = _pipeline_error(e)
+        if error is None:
+            raise
+        raise error from None
     finally:
-        if counter is not None:
-            ray.kill(counter)
-    if pending:
-        raise RuntimeError(f"shards {sorted(pending)} did not receive all their rows")
+        for actor in writers + ([counter] if counter is not None else []):
+            ray.kill(actor)
+    missing = set(plan.rows_read) - {shard_index(e["path"].rsplit("/", 1)[-1]) for e in entries}
+    if missing:
+        raise RuntimeError(f"shards {sorted(missing)} did not receive all their rows")
+    return entries
 
 
 class _Run:
-    """One invocation's scoring: the shards it finishes, its counts and its progress bar."""
+    """One invocation: its attempts (a new scorer pool each), the shards it writes, its counts and bar."""
 
-    def __init__(self, cfg: PrecomputeConfig, model_path: str, plan: _Plan, done: dict[int, dict],
-                 pair_ids: list[str], started: float):
-        self.cfg, self.model_path, self.plan, self.done, self.started = cfg, model_path, plan, done, started
-        self.pair_ids = pair_ids  # the manifest's fingerprint: old shards' ids plus each new shard's
-        self.written = self.rejected = self.tokens = self.received = 0
+    def __init__(self, cfg: PrecomputeConfig, model_path: str, source: Source, layout: str, started: float):
+        self.cfg, self.model_path, self.source, self.layout, self.started = cfg, model_path, source, layout, started
+        self.entries: list[dict] = []  # shards written by this run
+        self.repaired: list[str] = []
+        self.already_done: int | None = None
+        self.received = self.stream_tokens = 0
         self.bar = None
         self.base = 0  # rows of shards finished before the current pool started: where its bar starts
 
-    def on_shard(self, k: int, results: list[dict]) -> None:
-        rows = [r for r in results if r["reject_reason"] is None]
-        rejects = self.plan.rejects.pop(k, []) + [
-            {"source_index": r["source_index"], "row_key": r["row_key"], "reason": r["reject_reason"],
-             "detail": r["reject_detail"], "row": r["row_json"]} for r in results if r["reject_reason"] is not None]
-        self.done[k] = _write_shard(self.cfg, k, rows, rejects, self.plan.rows_read[k])
-        self.pair_ids.extend(r["pair_id"] for r in rows)
-        self.written += len(rows)
-        self.rejected += len(rejects)
-        self.tokens += sum(pair_tokens(r) for r in rows)
+    def _prepare(self) -> tuple[dict[int, dict], Plan]:
+        """Clean up after a killed run, check the finished shards, and plan the rest."""
+        cfg = self.cfg
+        for folder in ("shards", "rejects", "_progress"):
+            storage.remove_partials(storage.join(cfg.output, folder))
+        markers = _read_markers(cfg)
+        done, repaired = _verify(cfg, markers)
+        self.repaired += repaired
+        _remove_unfinished(cfg, done)
+        keys = _keys_files(cfg)
+        # New shards come after every index a marker or keys file named: the others keep theirs.
+        first = max(set(markers) | keys, default=-1) + 1
+        init_ray(cfg.num_workers + 1)
+        quiet_ray_data()
+        return done, build_plan(cfg, self.source, self.layout, _known_files(done, keys - set(done)), first)
 
-    def on_batch(self, recs: list[dict]) -> None:
-        self.received += len(recs)
+    def run(self) -> dict[int, dict]:
+        try:
+            return self._attempts()
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+
+    def _attempts(self) -> dict[int, dict]:
+        for attempt in range(1, SCORER_ATTEMPTS + 1):
+            done, plan = self._prepare()
+            if self.already_done is None:
+                self.already_done = plan.already_done
+                if self.cfg.progress and plan.rows:
+                    from tqdm import tqdm
+
+                    self.bar = tqdm(total=plan.rows, unit="pair", desc="reference log-probs", file=sys.stderr,
+                                    dynamic_ncols=True)
+            if not plan.rows:
+                return done
+            self.received = self.base = (self.bar.total - plan.rows) if self.bar is not None else 0
+            if self.bar is not None:
+                self.bar.n = self.base  # rows of unfinished shards are scored again: the bar goes back
+                self.bar.refresh()
+            try:
+                entries = _score(self.cfg, self.model_path, plan, self.on_batch,
+                                 self.on_progress if self.bar is not None else None)
+                done.update({shard_index(e["path"].rsplit("/", 1)[-1]): e for e in entries})
+                return done
+            except _PoolLost as e:
+                unfinished = len(set(plan.rows_read) - {shard_index(x["path"].rsplit("/", 1)[-1])
+                                                        for x in self.entries})
+                if attempt == SCORER_ATTEMPTS:
+                    raise ScorerDied(f"a scorer process died {attempt} times, last: {e}; the finished shards are "
+                                     f"kept, {unfinished} are not finished: re-run the same command to finish "
+                                     "them") from None
+                _say(f"a scorer process died ({e}); scoring the {unfinished} unfinished shards with new scorers")
+        raise AssertionError("unreachable")
+
+    def on_batch(self, rows: int, pairs: int, tokens: int, entries: list[dict]) -> None:
+        self.entries += entries
+        self.received += rows
+        self.stream_tokens += tokens
         if self.bar is not None:
             elapsed = max(time.time() - self.started, 1e-9)
-            self.bar.set_postfix_str(f"{self.received / elapsed:.1f} pairs/s, {self.tokens / elapsed:.0f} tok/s",
+            self.bar.set_postfix_str(f"{self.received / elapsed:.1f} pairs/s, {self.stream_tokens / elapsed:.0f} tok/s",
                                      refresh=False)
             self.on_progress(0)
 
@@ -488,49 +468,13 @@ class _Run:
             bar.n = n
             bar.refresh()
 
-    def score(self) -> None:
-        # Shards where every row was rejected before tokenizing need no scoring.
-        for k in sorted(self.plan.rows_read):
-            if self.plan.expected[k] == 0:
-                self.on_shard(k, [])
-        if not self.plan.records:
-            return
-        if self.cfg.progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=len(self.plan.records), unit="pair", desc="reference log-probs", file=sys.stderr,
-                            dynamic_ncols=True)
-        try:
-            self._score_with_new_pools()
-        finally:
-            if self.bar is not None:
-                self.bar.close()
-
-    def _score_with_new_pools(self) -> None:
-        for attempt in range(1, SCORER_ATTEMPTS + 1):
-            records = [r for r in self.plan.records if r["shard"] not in self.done]
-            self.received = self.base = len(self.plan.records) - len(records)
-            if self.bar is not None:
-                self.bar.n = self.base  # rows of unfinished shards are scored again: the bar goes back
-                self.bar.refresh()
-            try:
-                _score(self.cfg, self.model_path, records, self.plan.expected, self.on_shard, self.on_batch,
-                       self.on_progress if self.bar is not None else None)
-                return
-            except _PoolLost as e:
-                unfinished = len({r["shard"] for r in records if r["shard"] not in self.done})
-                if attempt == SCORER_ATTEMPTS:
-                    raise ScorerDied(f"a scorer process died {attempt} times, last: {e}; {len(self.done)} shards are "
-                                     f"finished and kept, {unfinished} are not: re-run the same command to finish "
-                                     "them") from None
-                _say(f"a scorer process died ({e}); scoring the {unfinished} unfinished shards with new scorers")
-
-    def last_run(self, repaired: list[str]) -> dict:
+    def last_run(self) -> dict:
+        written = sum(e["rows"] for e in self.entries)
         return {"seconds": round(time.time() - self.started, 3), "data": self.cfg.data,
-                "pairs_written": self.written, "rows_rejected": self.rejected,
-                "pairs_scored": self.written,  # the name older readers know: pairs the model scored and kept
-                "tokens_scored": self.tokens, "new_shards": len(self.plan.rows_read), "shards_repaired": repaired,
-                "rows_already_done": self.plan.already_done}
+                "pairs_written": written, "rows_rejected": sum(e["rejects"] for e in self.entries),
+                "pairs_scored": written,  # the name older readers know: pairs the model scored and kept
+                "tokens_scored": sum(e["tokens"] for e in self.entries), "new_shards": len(self.entries),
+                "shards_repaired": self.repaired, "rows_already_done": self.already_done or 0}
 
 
 def run(cfg: PrecomputeConfig) -> dict:
@@ -542,21 +486,13 @@ def run(cfg: PrecomputeConfig) -> dict:
     tokenizer = load_tokenizer(model_path)
     identity = _identity(cfg, model_path, tokenizer_hashes(tokenizer), weights_hash(model_path))
     _check_output(cfg, identity)
-    markers = _read_markers(cfg)
-    _check_source(cfg, markers)
+    _check_source(cfg, _read_markers(cfg))
+    layout = _layout(cfg)
     storage.write_json(storage.join(cfg.output, "_progress", "run.json"), identity)
     storage.write_bytes_atomic(storage.join(cfg.output, "config.yaml"), to_yaml(cfg).encode())
-
-    for folder in ("shards", "rejects", "_progress"):
-        storage.remove_partials(storage.join(cfg.output, folder))
-    done, redo, repaired = _verify(cfg, markers)
-    _remove_unfinished(cfg, done)
-    known_keys, known_pairs = _known(cfg, done)
-    # New shards come after every index a marker named, repaired ones included: those keep theirs.
-    plan = _plan(cfg, max(markers, default=-1) + 1, redo, known_keys, known_pairs)
-    job = _Run(cfg, model_path, plan, done, list(known_pairs), started)
-    job.score()
-    manifest = _manifest(cfg, model_path, identity, done, job.pair_ids, job.last_run(repaired))
+    job = _Run(cfg, model_path, Source.of(cfg.data, cfg.split, cfg.storage_options_dict or None), layout, started)
+    done = job.run()
+    manifest = _manifest(cfg, model_path, identity, done, job.last_run())
     _check_written(cfg, manifest)
     return manifest
 
@@ -573,8 +509,23 @@ def _check_written(cfg: PrecomputeConfig, manifest: dict) -> None:
                          f"({reasons}); see `pipeline.py inspect {cfg.output}` and {cfg.output}/rejects/")
 
 
-def _manifest(cfg: PrecomputeConfig, model_path: str, identity: dict, done: dict[int, dict], pair_ids: list[str],
-              last_run: dict) -> dict:
+def _pair_ids_sums(cfg: PrecomputeConfig, done: dict[int, dict]) -> list[int]:
+    """Each shard's `pair_ids_sum`; shards of older outputs lack it, and a Ray task reads their pair ids."""
+    import ray
+
+    def shard_sum(path: str, options: dict) -> int:
+        storage.configure(options)
+        with storage.open_binary(storage.join(cfg.output, path)) as fh:
+            return pair_ids_sum(pq.read_table(fh, columns=["pair_id"]).column("pair_id").to_pylist())
+
+    older = [e["path"] for e in done.values() if "pair_ids_sum" not in e]
+    if older:
+        init_ray(1)
+    sums = ray.get([ray.remote(num_cpus=0.25)(shard_sum).remote(p, cfg.storage_options_dict) for p in older])
+    return [int(e["pair_ids_sum"], 16) for e in done.values() if "pair_ids_sum" in e] + sums
+
+
+def _manifest(cfg: PrecomputeConfig, model_path: str, identity: dict, done: dict[int, dict], last_run: dict) -> dict:
     shards = [done[k] for k in sorted(done)]
     reasons: Counter = Counter()
     for s in shards:
@@ -588,7 +539,7 @@ def _manifest(cfg: PrecomputeConfig, model_path: str, identity: dict, done: dict
         "data_source": cfg.data,
         "data_sources": sorted({s["data"] for s in shards}),
         "data_path": resolve_source(cfg.data),
-        "pair_ids_fingerprint": hashlib.sha256("\n".join(sorted(pair_ids)).encode()).hexdigest(),
+        "pair_ids_fingerprint": fingerprint(_pair_ids_sums(cfg, done)),
         "max_length": cfg.max_length,
         "max_prompt_length": cfg.max_prompt_length,
         "truncation_mode": cfg.truncation_mode,

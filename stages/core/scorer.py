@@ -47,18 +47,20 @@ def _tokenizer(model_path: str):
 
 def tokenize_batch(batch: pa.Table, model_path: str, max_length: int | None, max_prompt_length: int | None,
                    truncation_mode: str) -> pa.Table:
-    """Normalised rows (JSON) -> token ids as TRL makes them, truncated; or a reject reason."""
+    """Normalised rows (JSON) -> token ids as TRL makes them, truncated; or a reject reason. A row that
+    comes with a reject reason (rejected before tokenizing) passes through, its `row_json` kept."""
     tokenizer = _tokenizer(model_path)
     out = {name: [] for name in TOKENIZED_SCHEMA.names}
+    empty = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
     for rec in batch.to_pylist():
-        row = json.loads(rec["row_json"])
-        try:
-            ids = truncate(tokenize_row(tokenizer, row), max_length, max_prompt_length, truncation_mode)
-            reason = detail = None
-            row_json = None
-        except RowRejected as e:
-            ids = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
-            reason, detail, row_json = e.reason, e.detail, rec["row_json"]
+        ids, reason, detail, row_json = empty, rec.get("reject_reason"), rec.get("reject_detail"), rec["row_json"]
+        if reason is None:
+            try:
+                ids = truncate(tokenize_row(tokenizer, json.loads(row_json)), max_length, max_prompt_length,
+                               truncation_mode)
+                row_json = None
+            except RowRejected as e:
+                reason, detail = e.reason, e.detail
         for key in ("pair_id", "row_key", "source_index", "shard"):
             out[key].append(rec[key])
         for key, value in ids.items():

@@ -1,0 +1,427 @@
+"""Which input rows a precompute run scores, and into which shard: Ray tasks and two hash shuffles,
+so that no process, the driver least of all, holds every row or every key.
+
+1. Count: one Ray task per input unit (a file; a row range of a `save_to_disk` folder) counts its rows
+   (JSON Lines without parsing them); the driver turns the counts into each unit's first source_index.
+   So a row's source_index is its row number in the input, files in name order, as when one process
+   read them all.
+2. Read: Ray Data tasks read the units in blocks of READ_ROWS rows, normalise each row, hash its raw
+   content and its pair (`pair_id`), and give a row that cannot be used its reject reason.
+3. Copies: a hash shuffle by content hash brings every copy of a row, and every row key of the output
+   with that hash, into one block. The k-th copy (by source_index) gets the row key `hash:k`; a key the
+   output holds is done, a key of a shard being scored again goes back into that shard.
+4. Duplicates: a hash shuffle by pair_id brings every row of a pair, and the output's copy of the pair
+   if it has one, into one block: the lowest source_index is kept, the others become `duplicate`
+   rejects, as are all of them when the output already holds the pair.
+5. Shards: the rows left are sorted by source_index; counts per sorted block, summed in the driver (one
+   number per block), give each new row its rank among the new rows, and so its shard:
+   first + rank // rows_per_shard. The result is cut into chunks for the tokenize tasks.
+
+What the driver holds: one count per unit and per block, one row count per shard, object references.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from stages.core import storage
+from stages.core.data import (
+    BOM,
+    DataError,
+    MalformedRow,
+    _base_suffix,
+    _Broken,
+    _is_saved_dataset,
+    _lines,
+    _looks_like_hub_name,
+    list_input_files,
+    read_file,
+    resolve_source,
+)
+from stages.core.formats import RowRejected, normalise
+
+READ_ROWS = 2048        # rows per block a read task yields
+DATASET_ROWS = 50_000   # rows of a save_to_disk folder one read task takes
+PARTITION_ROWS = 50_000  # rows per hash partition of the shuffles
+CHUNK_ROWS = 1024        # most rows per tokenize task
+
+INPUT, DONE, KNOWN, REDO, PAIR = 0, 1, 2, 3, 4  # what a plan row stands for (`kind`)
+PLAN_SCHEMA = pa.schema([
+    ("source_index", pa.int64()),
+    ("h", pa.string()),              # content hash of the raw row
+    ("pair_id", pa.string()),        # null for a row rejected before it became a pair
+    ("reject_reason", pa.string()),
+    ("reject_detail", pa.string()),
+    ("raw", pa.string()),            # the raw row as JSON (a bad line's text): what a reject keeps
+    ("row_json", pa.string()),       # the normalised row
+    ("kind", pa.int8()),
+    ("n", pa.int64()),               # KNOWN, REDO: which copy the output's key names
+    ("shard", pa.int64()),           # REDO: the shard to score it into; after step 5 every row's shard
+    ("held_in", pa.string()),        # PAIR: the shard file that holds the pair
+    ("row_key", pa.string()),
+])
+
+
+def _json(value) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def pair_id(row: dict) -> str:
+    """Content hash of the normalised prompt/chosen/rejected: stable across runs, file order and index."""
+    body = json.dumps([row["prompt"], row["chosen"], row["rejected"], row.get("tools")],
+                      sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()[:32]
+
+
+def content_hash(raw) -> str:
+    """Hash of an input row's raw content (a malformed line's text)."""
+    text = raw.text if isinstance(raw, MalformedRow) else json.dumps(raw, sort_keys=True, ensure_ascii=False,
+                                                                     default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Source:
+    """What `--data` names: files (read one task each), or a datasets folder or hub name (row ranges)."""
+
+    data: str
+    split: str
+    files: tuple[str, ...]  # empty for a datasets source
+    options: dict | None = None
+
+    @classmethod
+    def of(cls, data: str, split: str, options: dict | None) -> "Source":
+        path = resolve_source(data)
+        if _looks_like_hub_name(path) or _is_saved_dataset(path, options):
+            return cls(path, split, (), options)
+        return cls(path, split, tuple(list_input_files(path, options)), options)
+
+
+# --- 1. count ------------------------------------------------------------------------------------
+
+def count_jsonl(url: str, options: dict | None) -> int:
+    """Rows `read_file` yields for a JSON Lines file, without parsing them: one per non-blank line,
+    and one for the broken end of a cut archive."""
+    n = 0
+    with storage.open_binary(url, options) as fh:
+        try:
+            for lineno, line in enumerate(_lines(fh), start=1):
+                if lineno == 1 and line.startswith(BOM):
+                    line = line[len(BOM):]
+                n += bool(line.strip())
+        except _Broken:
+            n += 1
+    return n
+
+
+def count_unit(source: Source, url: str | None) -> int:
+    """Rows of one file, or (url None) of the datasets source."""
+    storage.configure(source.options)
+    if url is None:
+        return len(_dataset(source))
+    kind = _base_suffix(url)
+    if kind == ".jsonl":
+        return count_jsonl(url, source.options)
+    if kind == ".parquet":
+        with storage.open_binary(url, source.options) as fh:
+            try:
+                return pq.ParquetFile(fh).metadata.num_rows
+            except pa.ArrowInvalid as e:
+                raise DataError(f"{url}: not a readable Parquet file: {str(e)[:300]}") from None
+    return sum(1 for _ in read_file(url, source.options))
+
+
+def _dataset(source: Source):
+    import datasets
+
+    if _looks_like_hub_name(source.data):
+        ds = datasets.load_dataset(source.data, split=source.split)
+    else:
+        ds = datasets.load_from_disk(source.data, storage_options=source.options)
+    if isinstance(ds, datasets.DatasetDict):
+        if source.split not in ds:
+            raise DataError(f"{source.data}: no split '{source.split}' (found: {', '.join(ds.keys())})")
+        ds = ds[source.split]
+    return ds
+
+
+def units(source: Source, limit: int | None) -> tuple[list[dict], int]:
+    """Read units with their first source_index, and the number of rows to read: counted by Ray tasks."""
+    import ray
+
+    count = ray.remote(num_cpus=0.5)(count_unit)
+    urls = list(source.files) or [None]
+    counts = ray.get([count.options(name=f"count {u or source.data}").remote(source, u) for u in urls])
+    result, first = [], 0
+    for url, n in zip(urls, counts):
+        if url is None:  # a datasets source: ranges of DATASET_ROWS rows
+            result += [{"url": "", "first": first + s, "start": s, "stop": min(s + DATASET_ROWS, n)}
+                       for s in range(0, n, DATASET_ROWS)]
+        elif n:
+            result.append({"url": url, "first": first, "start": 0, "stop": n})
+        first += n
+    total = first if limit is None else min(first, limit)
+    return [u for u in result if u["first"] < total], total
+
+
+# --- 2. read -------------------------------------------------------------------------------------
+
+def _unit_rows(source: Source, unit: dict):
+    if unit["url"]:
+        return read_file(unit["url"], source.options)
+    ds = _dataset(source)
+    return (ds[i] for i in range(unit["start"], unit["stop"]))
+
+
+def _plan_row(index: int, raw, layout: str, cfg) -> dict:
+    h = content_hash(raw)
+    try:
+        if isinstance(raw, MalformedRow):
+            raise RowRejected(getattr(raw, "reason", "malformed_json"), f"{raw.file} line {raw.line}: {raw.error}")
+        row = normalise(raw, layout, cfg)
+        return {"source_index": index, "h": h, "pair_id": pair_id(row), "raw": _json(raw), "row_json": _json(row),
+                "kind": INPUT}
+    except RowRejected as e:
+        text = raw.text if isinstance(raw, MalformedRow) else _json(raw)
+        return {"source_index": index, "h": h, "reject_reason": e.reason, "reject_detail": e.detail, "raw": text,
+                "kind": INPUT}
+
+
+def read_units(batch: pa.Table, source: Source, layout: str, cfg, total: int):
+    """Ray Data step: each unit of the batch -> blocks of plan rows (source_index below `total`)."""
+    storage.configure(source.options)
+    for unit in batch.to_pylist():
+        rows, index = [], unit["first"]
+        for raw in _unit_rows(source, unit):
+            if index >= total:
+                break
+            rows.append(_plan_row(index, raw, layout, cfg))
+            index += 1
+            if len(rows) == READ_ROWS:
+                yield pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
+                rows = []
+        if rows:
+            yield pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
+
+
+def read_known(batch: pa.Table, output: str, options: dict | None):
+    """Ray Data step: the output's files -> KNOWN row keys (shards and rejects), PAIR rows (shards),
+    REDO row keys (the keys of a shard to score again, with its index)."""
+    storage.configure(options)
+    for item in batch.to_pylist():
+        url = storage.join(output, item["path"])
+        if item["what"] == "redo":
+            keys = _redo_keys(url)
+        else:
+            with storage.open_binary(url) as fh:
+                table = pq.read_table(fh, columns=["row_key"] + (["pair_id"] if item["what"] == "shard" else []))
+            keys = table.column("row_key").to_pylist()
+        h, n = zip(*(k.rsplit(":", 1) for k in keys)) if keys else ((), ())
+        kind = REDO if item["what"] == "redo" else KNOWN
+        yield _full(pa.Table.from_pydict({"h": list(h), "n": [int(x) for x in n], "kind": [kind] * len(keys),
+                                          "shard": [item["shard"]] * len(keys)},
+                                         schema=_part(PLAN_SCHEMA, "h", "n", "kind", "shard")))
+        if item["what"] == "shard":
+            pairs = table.column("pair_id")
+            yield _full(pa.Table.from_pydict({"pair_id": pairs, "kind": pa.array([PAIR] * len(pairs), pa.int8()),
+                                              "held_in": [item["path"]] * len(pairs)},
+                                             schema=_part(PLAN_SCHEMA, "pair_id", "kind", "held_in")))
+
+
+def _redo_keys(url: str) -> list[str]:
+    """The row keys of a shard to score again: its keys file, or the `row_keys` of an older marker."""
+    if url.endswith(".parquet"):
+        with storage.open_binary(url) as fh:
+            return pq.read_table(fh).column("row_key").to_pylist()
+    try:
+        return storage.read_json(url).get("row_keys") or []
+    except (FileNotFoundError, ValueError):
+        return []
+
+
+def _part(schema: pa.Schema, *names: str) -> pa.Schema:
+    return pa.schema([schema.field(n) for n in names])
+
+
+def _full(table: pa.Table) -> pa.Table:
+    """A table with some of PLAN_SCHEMA's columns -> all of them (nulls), in order: union needs one schema."""
+    cols = [table.column(f.name) if f.name in table.column_names else pa.nulls(len(table), f.type)
+            for f in PLAN_SCHEMA]
+    return pa.Table.from_arrays(cols, schema=PLAN_SCHEMA)
+
+
+# --- 3. copies -----------------------------------------------------------------------------------
+
+def number_copies(block: pa.Table) -> pa.Table:
+    """Ray Data step after the shuffle by content hash (whole hash groups per block): row keys, and which
+    input rows the output already holds (kind DONE) or a shard being scored again wants (its index)."""
+    known, redo = set(), {}
+    for h, n, kind, k in zip(*(block.column(c).to_pylist() for c in ("h", "n", "kind", "shard"))):
+        if kind == KNOWN:
+            known.add(f"{h}:{n}")
+        elif kind == REDO:
+            redo[f"{h}:{n}"] = k
+    rows = block.filter(pc.equal(block["kind"], INPUT)).sort_by([("h", "ascending"), ("source_index", "ascending")])
+    keys, kinds, shards, copies = [], [], [], Counter()
+    for h in rows.column("h").to_pylist():
+        key = f"{h}:{copies[h]}"
+        copies[h] += 1
+        keys.append(key)
+        kinds.append(DONE if key in known else INPUT)
+        shards.append(redo.get(key))
+    return _with(_with(_with(rows, "row_key", keys), "kind", kinds), "shard", shards)
+
+
+def _with(table: pa.Table, name: str, values: list) -> pa.Table:
+    """`table` with column `name` replaced by `values` (of PLAN_SCHEMA's type)."""
+    i = table.schema.get_field_index(name)
+    return table.set_column(i, PLAN_SCHEMA.field(name), pa.array(values, PLAN_SCHEMA.field(name).type))
+
+
+def kinds(block: pa.Table, kind: int, paired: bool | None = None) -> pa.Table:
+    """Rows of one kind; with `paired`, only those with (True) or without (False) a pair id."""
+    mask = pc.equal(block["kind"], kind)
+    if paired is not None:
+        has = pc.is_valid(block["pair_id"])
+        mask = pc.and_(mask, has if paired else pc.invert(has))
+    return block.filter(mask)
+
+
+def count_kind(block: pa.Table, kind: int) -> pa.Table:
+    return pa.table({"rows": [pc.sum(pc.equal(block["kind"], kind)).as_py() or 0]})
+
+
+# --- 4. duplicates -------------------------------------------------------------------------------
+
+def mark_duplicates(block: pa.Table) -> pa.Table:
+    """Ray Data step after the shuffle by pair id (whole pairs per block): every input row of a pair but
+    the first becomes a `duplicate` reject; all of them when the output already holds the pair."""
+    held = {p: f"a pair already in {w}" for p, w, kind in zip(*(block.column(c).to_pylist()
+                                                                 for c in ("pair_id", "held_in", "kind")))
+            if kind == PAIR}
+    rows = block.filter(pc.equal(block["kind"], INPUT)).sort_by("source_index")
+    first: dict[str, str] = {}
+    reasons, details = rows.column("reject_reason").to_pylist(), rows.column("reject_detail").to_pylist()
+    for i, (pid, index) in enumerate(zip(rows.column("pair_id").to_pylist(), rows.column("source_index").to_pylist())):
+        seen = held.get(pid) or first.get(pid)
+        if seen:
+            reasons[i], details[i] = "duplicate", f"same prompt/chosen/rejected as {seen}"
+        else:
+            first[pid] = f"source_index {index}"
+    return _with(_with(rows, "reject_reason", reasons), "reject_detail", details)
+
+
+# --- 5. shards -----------------------------------------------------------------------------------
+
+def block_counts(block: pa.Table) -> tuple[int, int, dict[int, int]]:
+    """(rows, new rows (no shard yet), rows per shard being scored again) of one sorted block."""
+    redo = Counter(k for k in block.column("shard").to_pylist() if k is not None)
+    return len(block), len(block) - sum(redo.values()), dict(redo)
+
+
+def assign(block: pa.Table, rank: int, first: int, rows_per_shard: int, chunk: int) -> list[pa.Table] | pa.Table:
+    """Shards of one sorted block whose first new row has rank `rank`, cut into chunks of `chunk` rows, in
+    the columns tokenize_batch takes: a reject keeps its raw text as `row_json`."""
+    shards = block.column("shard").to_pylist()
+    for i, k in enumerate(shards):
+        if k is None:
+            shards[i] = first + rank // rows_per_shard
+            rank += 1
+    rejected = pc.is_valid(block["reject_reason"])
+    out = pa.table({"pair_id": block["pair_id"], "row_key": block["row_key"], "source_index": block["source_index"],
+                    "shard": pa.array(shards, pa.int64()), "reject_reason": block["reject_reason"],
+                    "reject_detail": block["reject_detail"],
+                    "row_json": pc.if_else(rejected, block["raw"], block["row_json"])})
+    parts = [out.slice(s, chunk) for s in range(0, len(out), chunk)] or [out]
+    return parts if len(parts) > 1 else parts[0]
+
+
+@dataclass
+class Plan:
+    """The rows one run scores: chunks (object refs) in source_index order, and their counts."""
+
+    chunks: list            # ObjectRef[pa.Table]
+    rows_read: dict[int, int]  # rows each shard of this run takes (rejects included)
+    already_done: int
+    rows: int               # rows this run sends through the pipeline
+
+
+def shard_rows(new_rows: int, first: int, rows_per_shard: int, redo: Counter) -> dict[int, int]:
+    """Rows each shard of a run gets: the new rows fill shards from `first` in order."""
+    counts = dict(redo)
+    for s in range(0, new_rows, rows_per_shard):
+        counts[first + s // rows_per_shard] = min(rows_per_shard, new_rows - s)
+    return counts
+
+
+def _chunk_rows(rows: int, workers: int) -> int:
+    """Rows per tokenize task: enough tasks to keep every scorer fed, none above CHUNK_ROWS."""
+    return max(1, min(CHUNK_ROWS, -(-rows // (4 * workers))))
+
+
+def build_plan(cfg, source: Source, layout: str, known_files: list[dict], first: int) -> Plan:
+    """Steps 1-5 over the input and the output's files (`known_files`: {"what": shard|rejects|redo, "path",
+    "shard"}); new shards are numbered from `first`."""
+    import ray
+    import ray.data
+
+    unit_list, total = units(source, cfg.limit)
+    if not total:
+        return Plan([], {}, 0, 0)
+    parts = max(1, -(-total // PARTITION_ROWS))
+    rows = ray.data.from_items(unit_list, override_num_blocks=len(unit_list)).map_batches(
+        read_units, batch_size=1, batch_format="pyarrow",
+        fn_kwargs=dict(source=source, layout=layout, cfg=cfg, total=total))
+    known = None
+    if known_files:
+        known = ray.data.from_items(known_files, override_num_blocks=min(len(known_files), 64)).map_batches(
+            read_known, batch_size=1, batch_format="pyarrow",
+            fn_kwargs=dict(output=cfg.output, options=source.options)).materialize()
+        rows = rows.union(known.map_batches(_keys_only, batch_size=None, batch_format="pyarrow"))
+    copies = rows.repartition(parts, keys=["h"]).map_batches(number_copies, batch_size=None,
+                                                             batch_format="pyarrow").materialize()
+    done = copies.map_batches(count_kind, batch_size=None, batch_format="pyarrow", fn_kwargs=dict(kind=DONE))
+    already_done = int(done.sum("rows") or 0)
+    if already_done == total:
+        return Plan([], {}, already_done, 0)
+    paired = copies.map_batches(kinds, batch_size=None, batch_format="pyarrow", fn_kwargs=dict(kind=INPUT, paired=True))
+    if known is not None:
+        paired = paired.union(known.map_batches(kinds, batch_size=None, batch_format="pyarrow",
+                                                fn_kwargs=dict(kind=PAIR)))
+    checked = paired.repartition(parts, keys=["pair_id"]).map_batches(mark_duplicates, batch_size=None,
+                                                                      batch_format="pyarrow")
+    unpaired = copies.map_batches(kinds, batch_size=None, batch_format="pyarrow",
+                                  fn_kwargs=dict(kind=INPUT, paired=False))
+    ordered = checked.union(unpaired).sort("source_index").materialize()
+    return _assign_shards(cfg, ordered.to_arrow_refs(), first, already_done, total - already_done)
+
+
+def _keys_only(block: pa.Table) -> pa.Table:
+    return block.filter(pc.is_in(block["kind"], pa.array([KNOWN, REDO], pa.int8())))
+
+
+def _assign_shards(cfg, refs: list, first: int, already_done: int, rows: int) -> Plan:
+    import ray
+
+    counts = ray.get([ray.remote(num_cpus=0.25)(block_counts).remote(r) for r in refs])
+    redo: Counter = Counter()
+    for _, _, per_shard in counts:
+        redo.update(per_shard)
+    chunk = _chunk_rows(rows, cfg.num_workers)
+    task = ray.remote(num_cpus=0.25)(assign)
+    chunks, rank = [], 0
+    for ref, (n, new, _) in zip(refs, counts):
+        if not n:
+            continue
+        pieces = -(-n // chunk)
+        out = task.options(num_returns=pieces).remote(ref, rank, first, cfg.rows_per_shard, chunk)
+        chunks += out if pieces > 1 else [out]
+        rank += new
+    return Plan(chunks, shard_rows(rank, first, cfg.rows_per_shard, redo), already_done, rows)
