@@ -150,9 +150,20 @@ def test_missing_and_damaged_shards_are_rescored_into_the_same_shards(tmp_path, 
     assert inspect_refs.main([str(out), "--verify"]) == 0
     assert "OK" in capsys.readouterr().out
 
-    # A marker without row keys (written before markers held them): its rows, once its shard is lost,
-    # are new work and go into a new shard after the last; still every row once.
+    # A shard of an older output, whose keys were in its marker, as an output of 18e113a has them: its
+    # keys move to a keys file before its marker goes, and its rows go back into it.
     marker = out / "_progress" / "shard-00000.json"
+    keys_file = out / "_progress" / "shard-00000.keys.parquet"
+    old_keys = pq.read_table(keys_file).column("row_key").to_pylist()
+    keys_file.unlink()
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "row_keys": old_keys}))
+    (out / "shards" / "shard-00000.parquet").unlink()
+    assert pairs_by_shard(out, precompute.run(cfg)) == before
+    assert pq.read_table(keys_file).column("row_key").to_pylist() == old_keys
+
+    # A marker without row keys and no keys file (written before markers held them): its rows, once its
+    # shard is lost, are new work and go into a new shard after the last; still every row once.
+    keys_file.unlink()
     marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "row_keys"}))
     (out / "shards" / "shard-00000.parquet").unlink()
     third = precompute.run(cfg)

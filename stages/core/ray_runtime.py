@@ -42,11 +42,26 @@ def quiet_ray_data() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
+    # A task's own exception reaches the driver (inside Ray's RayTaskError, as its `cause`), not Ray Data's
+    # UserCodeException, whose pickled form drops the cause: so a DataError or a full disk in a task
+    # ends the stage with its own one-line message. Ray Data's log of it stays in ray-data.log only.
+    ctx.raise_original_map_exception = True
     # Ray Data warns on every run that its bars are off: that is our choice, not a problem.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler):  # the console; its file handler is a plain Handler
             handler.setLevel(max(handler.level, logging.WARNING))
+            if _no_task_errors not in handler.filters:
+                handler.addFilter(_no_task_errors)
+
+
+_TASK_ERROR_LOGGERS = ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state")
+
+
+def _no_task_errors(record: logging.LogRecord) -> bool:
+    """Console filter: Ray Data's report of a failed task, with its traceback (the stage raises the
+    task's error itself, and the CLI prints it in one line)."""
+    return not record.name.startswith(_TASK_ERROR_LOGGERS)
 
 
 class _PreemptionFlag:

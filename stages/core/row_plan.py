@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass
 
@@ -99,6 +100,8 @@ class Source:
     @classmethod
     def of(cls, data: str, split: str, options: dict | None) -> "Source":
         path = resolve_source(data)
+        if "://" not in path and os.path.exists(path):
+            path = os.path.abspath(path)  # tasks run in other folders than the driver
         if _looks_like_hub_name(path) or _is_saved_dataset(path, options):
             return cls(path, split, (), options)
         return cls(path, split, tuple(list_input_files(path, options)), options)
