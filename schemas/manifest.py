@@ -15,7 +15,7 @@ MANIFEST_KEYS = {
     "tokenizer_hash": str,
     "chat_template_hash": str,
     "data_source": str,
-    "pair_ids_fingerprint": str,  # sha256 of the sorted pair ids
+    "pair_ids_fingerprint": str,  # sum mod 2**256 of sha256(pair_id) over all pairs, 64 hex digits
     "max_length": (int, type(None)),
     "max_prompt_length": (int, type(None)),
     "truncation_mode": str,
@@ -31,7 +31,8 @@ MANIFEST_KEYS = {
 # Required in every shard entry. The precompute also writes, per shard: bytes (the shard file's size),
 # source_indices ([first, last] input row, or null), data (the --data it came from), source (that
 # --data as an absolute path where local), rows_read, rejects_path, rejects, rejects_sha256,
-# rejects_by_reason, tokens (prompt counted once per answer) and finished_at (UTC, ISO 8601).
+# rejects_by_reason, tokens (prompt counted once per answer), pair_ids_sum (sum mod 2**256 of
+# sha256(pair_id) over its pairs, hex), keys_path (its row keys) and finished_at (UTC, ISO 8601).
 # Outputs written before bytes, source and rejects_sha256 existed lack them; readers must not need them.
 SHARD_ENTRY_KEYS = {"path": str, "rows": int, "sha256": str}
 

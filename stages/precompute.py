@@ -369,11 +369,6 @@ def _score(cfg: PrecomputeConfig, model_path: str, plan: Plan, on_batch, on_prog
                     on_batch(row["rows"], row["pairs"], row["tokens"], new)
     except ray.exceptions.RayActorError as e:
         raise _PoolLost(str(e).splitlines()[0][:300]) from e
-    except Exception as e:
-        error = _pipeline_error(e)
-        if error is None:
-            raise
-        raise error from None
     finally:
         for actor in writers + ([counter] if counter is not None else []):
             ray.kill(actor)
@@ -414,6 +409,11 @@ class _Run:
     def run(self) -> dict[int, dict]:
         try:
             return self._attempts()
+        except Exception as e:
+            error = _pipeline_error(e)  # a task's DataError, a writer's full disk: raised as itself
+            if error is None or error is e:
+                raise
+            raise error from None
         finally:
             if self.bar is not None:
                 self.bar.close()

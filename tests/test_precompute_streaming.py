@@ -44,3 +44,120 @@ def test_same_pairs_values_rejects_and_shards_as_the_driver_side_stage(tiny_mode
             assert abs(q["ref_rejected_logps"] - p["ref_rejected_logps"]) < 1e-4
         ids = [p["pair_id"] for p in w["pairs"]]
         assert g["manifest"]["pair_ids_fingerprint"] == fingerprint([pair_ids_sum(ids)])
+
+
+def _plan_rows(rows: list[dict]) -> pa.Table:
+    return row_plan._full(pa.Table.from_pylist(rows))
+
+
+def test_copies_are_numbered_in_input_order_and_known_keys_are_done():
+    block = _plan_rows([
+        {"source_index": 7, "h": "a", "pair_id": "p", "kind": row_plan.INPUT},
+        {"source_index": 2, "h": "a", "pair_id": "p", "kind": row_plan.INPUT},
+        {"source_index": 5, "h": "b", "pair_id": "q", "kind": row_plan.INPUT},
+        {"source_index": 9, "h": "a", "pair_id": "p", "kind": row_plan.INPUT},
+        {"h": "a", "n": 0, "kind": row_plan.KNOWN},           # the output holds a:0 (source_index 2)
+        {"h": "a", "n": 2, "kind": row_plan.REDO, "shard": 4},  # a:2 belongs to shard 4, being scored again
+    ])
+    out = {r["source_index"]: r for r in row_plan.number_copies(block).to_pylist()}
+    assert {i: out[i]["row_key"] for i in out} == {2: "a:0", 7: "a:1", 9: "a:2", 5: "b:0"}
+    assert {i: out[i]["kind"] for i in out} == {2: row_plan.DONE, 7: row_plan.INPUT, 9: row_plan.INPUT,
+                                                5: row_plan.INPUT}
+    assert {i: out[i]["shard"] for i in out} == {2: None, 7: None, 9: 4, 5: None}
+
+
+def test_duplicates_keep_the_lowest_source_index_or_the_output_copy():
+    block = _plan_rows([
+        {"source_index": 8, "pair_id": "p", "kind": row_plan.INPUT},
+        {"source_index": 3, "pair_id": "p", "kind": row_plan.INPUT},
+        {"source_index": 4, "pair_id": "q", "kind": row_plan.INPUT},
+        {"source_index": 1, "pair_id": "r", "kind": row_plan.INPUT},
+        {"pair_id": "r", "kind": row_plan.PAIR, "held_in": "shards/shard-00002.parquet"},
+    ])
+    out = {r["source_index"]: (r["reject_reason"], r["reject_detail"])
+           for r in row_plan.mark_duplicates(block).to_pylist()}
+    assert out == {3: (None, None), 4: (None, None),
+                   8: ("duplicate", "same prompt/chosen/rejected as source_index 3"),
+                   1: ("duplicate", "same prompt/chosen/rejected as a pair already in shards/shard-00002.parquet")}
+
+
+def test_new_rows_fill_shards_in_order_across_blocks_and_repaired_rows_keep_theirs():
+    blocks = [_plan_rows([{"source_index": i, "row_key": f"k{i}", "raw": "{}", "row_json": "{}",
+                           "shard": 1 if i == 4 else None} for i in range(lo, hi)]) for lo, hi in ((0, 5), (5, 9))]
+    counts = [row_plan.block_counts(b) for b in blocks]
+    assert counts == [(5, 4, {1: 1}), (4, 4, {})]
+    first, per_shard = 10, 3
+    shards = [r["shard"] for r in row_plan.assign(blocks[0], 0, first, per_shard, 100).to_pylist()]
+    shards += [r["shard"] for r in row_plan.assign(blocks[1], 4, first, per_shard, 2)[0].to_pylist()]
+    assert shards == [10, 10, 10, 11, 1, 11, 11, 12]
+    assert row_plan.shard_rows(8, first, per_shard, {1: 1}) == {1: 1, 10: 3, 11: 3, 12: 2}
+
+
+@pytest.mark.parametrize("text", [b"", b"\n\n", b'{"a": 1}\n \n{"b": 2}', b'\xef\xbb\xbf{"a":1}\r\n{bad\n\n[1]\n'])
+def test_the_count_pass_counts_what_the_reader_yields(tmp_path, text):
+    import gzip
+
+    from stages.core.data import read_file
+
+    for name, data in (("x.jsonl", text), ("x.jsonl.gz", gzip.compress(text)), ("cut.jsonl.gz",
+                                                                               gzip.compress(text * 50)[:-9])):
+        path = tmp_path / name
+        path.write_bytes(data)
+        assert row_plan.count_jsonl(str(path), None) == sum(1 for _ in read_file(str(path)))
+
+
+@pytest.mark.slow
+def test_the_driver_reads_one_row_and_a_task_error_is_one_line(tmp_path, tiny_model_dir, ray_session, monkeypatch,
+                                                               capsys):
+    from make_precompute_golden import golden_input
+
+    import pipeline
+    from stages import precompute
+    from stages.core import data
+    from stages.core.config import PrecomputeConfig
+
+    golden_input(tmp_path / "in")
+    read, yielded = data.read_file, []
+
+    def counted(url, options=None):
+        for row in read(url, options):
+            yielded.append(url)
+            yield row
+
+    monkeypatch.setattr(data, "read_file", counted)  # this process only: Ray's workers read the real way
+    m = precompute.run(PrecomputeConfig(data=str(tmp_path / "in"), model=tiny_model_dir, output=str(tmp_path / "out"),
+                                        rows_per_shard=7, max_length=512, progress=False))
+    assert m["rows_read"] == 45 and len(yielded) == 1  # the first row, for the layout
+
+    # A file that fails whole (a .json array cut short) fails the run in its read task: one line naming it.
+    (tmp_path / "in" / "d.json").write_text('[{"chosen": "a", "rejected": "b"}, {"cho')
+    capsys.readouterr()
+    args = ["precompute", "--data", str(tmp_path / "in"), "--model", tiny_model_dir, "--output",
+            str(tmp_path / "out2"), "--progress", "false"]
+    assert pipeline.main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "d.json: not valid JSON" in err[0], err
+
+
+@pytest.mark.slow
+def test_a_save_to_disk_folder_is_read_in_row_ranges(tmp_path, tiny_model_dir, ray_session, monkeypatch):
+    from datasets import Dataset, DatasetDict
+    from test_precompute import read_shards, write_dirty_input
+
+    from stages import precompute
+    from stages.core.config import PrecomputeConfig
+
+    write_dirty_input(tmp_path / "in.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "in.jsonl").read_text().splitlines() if line.startswith('{"')]
+    rows = [r for r in rows if isinstance(r.get("chosen"), str) and "prompt" not in r]
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dd"))
+    (tmp_path / "same.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(row_plan, "DATASET_ROWS", 7)  # several ranges: the row order must hold across them
+    got = {}
+    for data in ("dd", "same.jsonl"):
+        cfg = PrecomputeConfig(data=str(tmp_path / data), model=tiny_model_dir, output=str(tmp_path / f"out-{data}"),
+                               rows_per_shard=5, max_length=512, progress=False, limit=len(rows) - 1)
+        m = precompute.run(cfg)
+        assert m["rows_read"] == len(rows) - 1
+        got[data] = sorted((r["source_index"], r["pair_id"]) for r in read_shards(tmp_path / f"out-{data}", m))
+    assert got["dd"] == got["same.jsonl"] and len(got["dd"]) >= 20
