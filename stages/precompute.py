@@ -282,13 +282,20 @@ def _dataset(cfg: PrecomputeConfig, model_path: str, plan: Plan, progress, write
     # One GPU per scorer where the cluster has any; K GPUs per scorer (checked by `_check_gpus`) for K > 1.
     use_gpu = gpus >= cfg.gpus_per_worker if cfg.gpus_per_worker > 1 else gpus > 0
     ds = ray.data.from_arrow_refs(plan.chunks)
-    # batch_size=None: one call per chunk, so chunks are not merged and every actor gets work.
-    ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=0.5,
-                        fn_kwargs=dict(model_path=model_path, max_length=cfg.max_length,
-                                       max_prompt_length=cfg.max_prompt_length, truncation_mode=cfg.truncation_mode))
+    tokenize = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                    truncation_mode=cfg.truncation_mode)
+    apart = _tokenize_apart(use_gpu)
+    if apart:
+        # Tokenizing in CPU tasks keeps the GPUs fed. batch_size=None: one call per chunk, so chunks
+        # are not merged and every actor gets work.
+        ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=0.5,
+                            fn_kwargs=dict(model_path=model_path, **tokenize))
     scorer_args = dict(model_path=model_path, dtype=cfg.dtype, max_length=cfg.max_length,
                        truncation_mode=cfg.truncation_mode, pack_prompts=cfg.pack_prompts, progress=progress,
-                       threads=None if use_gpu else threads_per_worker(cfg.num_workers), gpus=cfg.gpus_per_worker)
+                       threads=None if use_gpu else threads_per_worker(cfg.num_workers), gpus=cfg.gpus_per_worker,
+                       # Scoring on CPU, a tokenize task would take the cores the scorers score on; the
+                       # scorer tokenizes its own batch instead, and its rows skip a trip through Ray.
+                       tokenize=None if apart else tokenize)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
         ds = ds.map_batches(ReferenceScorer, batch_format="pyarrow", batch_size=cfg.batch_size,
@@ -297,6 +304,12 @@ def _dataset(cfg: PrecomputeConfig, model_path: str, plan: Plan, progress, write
                             num_cpus=1, fn_constructor_kwargs=scorer_args, **_without_restarts(ds))
     return ds.map_batches(deliver, batch_format="pyarrow", batch_size=None, num_cpus=0.1,
                           fn_kwargs=dict(writers=writers))
+
+
+def _tokenize_apart(use_gpu: bool) -> bool:
+    """Tokenize in tasks of their own (GPU scorers), or in the scorer's call (CPU scorers: measured in
+    bench/precompute_scale.py, tasks beside CPU scorers only take their cores; BENCHMARKS.md)."""
+    return use_gpu
 
 
 def _without_restarts(ds) -> dict:

@@ -46,8 +46,22 @@ def test_same_pairs_values_rejects_and_shards_as_the_driver_side_stage(tiny_mode
         assert g["manifest"]["pair_ids_fingerprint"] == fingerprint([pair_ids_sum(ids)])
 
 
+@pytest.mark.slow
+def test_tokenize_tasks_as_for_gpu_scorers_give_the_same_shards(tiny_model_dir, ray_session, monkeypatch):
+    """On CPU the scorers tokenize their own batches; with GPUs, tokenize tasks run apart from them."""
+    from stages import precompute
+
+    monkeypatch.setattr(precompute, "_tokenize_apart", lambda use_gpu: True)
+    want = json.loads(GOLDEN.read_text())["whole"]
+    got = run_scenarios(tiny_model_dir, ("whole",))["whole"]
+    assert got["shards"] == want["shards"] and _rejects(got) == _rejects(want)
+    ids = {p["pair_id"]: (p["chosen_ids"], p["rejected_ids"]) for p in got["pairs"]}
+    assert ids == {p["pair_id"]: (p["chosen_ids"], p["rejected_ids"]) for p in want["pairs"]}
+
+
 def _plan_rows(rows: list[dict]) -> pa.Table:
-    return row_plan._full(pa.Table.from_pylist(rows))
+    return pa.Table.from_pylist([{f: r.get(f) for f in row_plan.PLAN_SCHEMA.names} for r in rows],
+                                schema=row_plan.PLAN_SCHEMA)
 
 
 def test_copies_are_numbered_in_input_order_and_known_keys_are_done():
@@ -88,8 +102,10 @@ def test_new_rows_fill_shards_in_order_across_blocks_and_repaired_rows_keep_thei
     assert counts == [(5, 4, {1: 1}), (4, 4, {})]
     first, per_shard = 10, 3
     shards = [r["shard"] for r in row_plan.assign(blocks[0], 0, first, per_shard, 100).to_pylist()]
-    shards += [r["shard"] for r in row_plan.assign(blocks[1], 4, first, per_shard, 2)[0].to_pylist()]
-    assert shards == [10, 10, 10, 11, 1, 11, 11, 12]
+    parts = row_plan.assign(blocks[1], 4, first, per_shard, 2)  # cut into chunks of 2 rows
+    assert [len(p) for p in parts] == [2, 2]
+    shards += [r["shard"] for p in parts for r in p.to_pylist()]
+    assert shards == [10, 10, 10, 11, 1, 11, 11, 12, 12]
     assert row_plan.shard_rows(8, first, per_shard, {1: 1}) == {1: 1, 10: 3, 11: 3, 12: 2}
 
 

@@ -97,7 +97,7 @@ class ReferenceScorer:
 
     def __init__(self, model_path: str, dtype: str, max_length: int | None, truncation_mode: str,
                  threads: int | None = None, tokens_per_forward: int = TOKENS_PER_FORWARD, pack_prompts: bool = True,
-                 progress=None, gpus: int = 1):
+                 progress=None, gpus: int = 1, tokenize: dict | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.device = pick_device()  # "cuda" or "cpu": what the forward planning is tuned for
@@ -115,6 +115,8 @@ class ReferenceScorer:
         # Flash-attention kernels take no 4D masks: such models score the two sequences separately.
         self.pack = pack_prompts and supports_4d_mask(self.model)
         self.progress = progress
+        # tokenize_batch's settings when this scorer takes untokenized rows (see precompute._dataset)
+        self.tokenize = dict(tokenize, model_path=model_path) if tokenize is not None else None
 
     def _groups(self, widths: list[int], square: bool) -> list[list[int]]:
         """Indices sorted by width, cut into forwards (see `plan_forwards`)."""
@@ -162,6 +164,8 @@ class ReferenceScorer:
         return on_forward
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.tokenize is not None:
+            batch = tokenize_batch(batch, **self.tokenize)
         recs = batch.to_pylist()
         nan = float("nan")
         chosen, rejected = [nan] * len(recs), [nan] * len(recs)

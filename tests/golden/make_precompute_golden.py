@@ -70,17 +70,20 @@ def snapshot(out: Path, manifest: dict) -> dict:
             "pairs": shards, "rejects": rejects}
 
 
-def run_scenarios(model: str) -> dict:
+def run_scenarios(model: str, scenarios: tuple[str, ...] = ("whole", "grown")) -> dict:
     from stages import precompute
     from stages.core.config import PrecomputeConfig
 
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        golden_input(tmp / "whole")
-        cfg = PrecomputeConfig(data=str(tmp / "whole"), model=model, output=str(tmp / "out-whole"), rows_per_shard=7,
-                               max_length=512, batch_size=4, progress=False)
-        result["whole"] = snapshot(tmp / "out-whole", precompute.run(cfg))
+        if "whole" in scenarios:
+            golden_input(tmp / "whole")
+            cfg = PrecomputeConfig(data=str(tmp / "whole"), model=model, output=str(tmp / "out-whole"),
+                                   rows_per_shard=7, max_length=512, batch_size=4, progress=False)
+            result["whole"] = snapshot(tmp / "out-whole", precompute.run(cfg))
+        if "grown" not in scenarios:
+            return result
         golden_input(tmp / "grown", first_only=True)
         cfg = PrecomputeConfig(data=str(tmp / "grown"), model=model, output=str(tmp / "out-grown"), rows_per_shard=7,
                                max_length=512, batch_size=4, progress=False)
