@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -130,6 +131,23 @@ def slow_s3():
 
 
 @pytest.fixture
+def ray_in_s3_env(slow_s3, ray_session):
+    """Ray restarted inside slow_s3's environment: the precompute's tasks and actors read and write the
+    storage themselves, and Ray's workers take the environment Ray was started in. Afterwards Ray is
+    started again without the AWS_* variables, for the tests that come next."""
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        for k in [k for k in os.environ if k.startswith("AWS_")]:
+            mp.delenv(k)
+        ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
+
+
+@pytest.fixture
 def retry_log(caplog):
     caplog.set_level(logging.WARNING, logger="stages.core.storage")
     return lambda: [r.getMessage() for r in caplog.records if r.name == "stages.core.storage"]
@@ -176,7 +194,7 @@ def _rows(n):
     return rows[:n]
 
 
-def test_both_stages_through_throttling_match_an_unthrottled_run(slow_s3, tmp_path, tiny_model_dir, ray_session,
+def test_both_stages_through_throttling_match_an_unthrottled_run(slow_s3, tmp_path, tiny_model_dir, ray_in_s3_env,
                                                                  retry_log):
     """Every 3rd request answered 503 SlowDown: precompute and training on s3:// finish with the
     shards and metrics of the same runs on local disk, within the documented bound of attempts."""
