@@ -385,10 +385,14 @@ def _score(cfg: PrecomputeConfig, model_path: str, plan: Plan, on_batch, on_prog
     finally:
         for actor in writers + ([counter] if counter is not None else []):
             ray.kill(actor)
-    missing = set(plan.rows_read) - {shard_index(e["path"].rsplit("/", 1)[-1]) for e in entries}
+    missing = set(plan.rows_read) - {_entry_index(e) for e in entries}
     if missing:
         raise RuntimeError(f"shards {sorted(missing)} did not receive all their rows")
     return entries
+
+
+def _entry_index(entry: dict) -> int:
+    return shard_index(entry["path"].rsplit("/", 1)[-1])
 
 
 class _Run:
@@ -450,11 +454,10 @@ class _Run:
             try:
                 entries = _score(self.cfg, self.model_path, plan, self.on_batch,
                                  self.on_progress if self.bar is not None else None)
-                done.update({shard_index(e["path"].rsplit("/", 1)[-1]): e for e in entries})
+                done.update({_entry_index(e): e for e in entries})
                 return done
             except _PoolLost as e:
-                unfinished = len(set(plan.rows_read) - {shard_index(x["path"].rsplit("/", 1)[-1])
-                                                        for x in self.entries})
+                unfinished = len(set(plan.rows_read) - {_entry_index(x) for x in self.entries})
                 if attempt == SCORER_ATTEMPTS:
                     raise ScorerDied(f"a scorer process died {attempt} times, last: {e}; the finished shards are "
                                      f"kept, {unfinished} are not finished: re-run the same command to finish "

@@ -116,9 +116,6 @@ class ShardWriter:
         del self.pending[k]
         return [write_shard(self.output, k, list(rows.values()), self.rows_read[k], self.data, self.source)]
 
-    def unfinished(self) -> dict[int, int]:
-        return {k: len(v) for k, v in self.pending.items()}
-
 
 def deliver(batch: pa.Table, writers: list) -> pa.Table:
     """Ray Data step: hand each shard's rows of a scored batch to its writer; one row out for the driver."""
