@@ -62,6 +62,7 @@ from stages.core.data import MalformedRow, check_columns, embedded_layout, read_
 from stages.core.devices import threads_per_worker
 from stages.core.errors import PipelineError
 from stages.core.formats import detect
+from stages.core.lease import LEASE_FILE, Lease
 from stages.core.models import load_tokenizer, resolve_model, tokenizer_hashes, weights_hash
 from stages.core.ray_runtime import init_ray, quiet_ray_data
 from stages.core.row_plan import Plan, Source, build_plan, content_hash, pair_id  # noqa: F401 (re-exported)
@@ -138,11 +139,12 @@ def _check_source(cfg: PrecomputeConfig, markers: dict[int, dict | None]) -> Non
 
 def _check_output(cfg: PrecomputeConfig, identity: dict) -> None:
     run_file = storage.join(cfg.output, "_progress", "run.json")
-    names = storage.list_names(cfg.output)
+    names = [n for n in storage.list_names(cfg.output) if n != LEASE_FILE]
     if not names:
         return
     if cfg.overwrite:
-        storage.remove_tree(cfg.output)
+        for name in names:  # everything but this run's lease
+            storage.remove_tree(storage.join(cfg.output, name))
         return
     if not storage.exists(run_file):
         raise OutputMismatch(f"{cfg.output} exists and is not a precompute output (has: {', '.join(names[:10])}); "
@@ -501,14 +503,17 @@ def run(cfg: PrecomputeConfig) -> dict:
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     identity = _identity(cfg, model_path, tokenizer_hashes(tokenizer), weights_hash(model_path))
-    _check_output(cfg, identity)
-    _check_source(cfg, _read_markers(cfg))
-    layout = _layout(cfg)
-    storage.write_json(storage.join(cfg.output, "_progress", "run.json"), identity)
-    storage.write_bytes_atomic(storage.join(cfg.output, "config.yaml"), to_yaml(cfg).encode())
-    job = _Run(cfg, model_path, Source.of(cfg.data, cfg.split, cfg.storage_options_dict or None), layout, started)
-    done = job.run()
-    manifest = _manifest(cfg, model_path, identity, done, job.last_run())
+    with Lease(cfg.output, "precompute") as lease:  # one run at a time writes an output
+        _check_output(cfg, identity)
+        _check_source(cfg, _read_markers(cfg))
+        layout = _layout(cfg)
+        storage.write_json(storage.join(cfg.output, "_progress", "run.json"), identity)
+        storage.write_bytes_atomic(storage.join(cfg.output, "config.yaml"), to_yaml(cfg).encode())
+        job = _Run(cfg, model_path, Source.of(cfg.data, cfg.split, cfg.storage_options_dict or None), layout,
+                   started)
+        done = job.run()
+        lease.check()  # a run that lost its lease while it stalled leaves the manifest to the new holder
+        manifest = _manifest(cfg, model_path, identity, done, job.last_run())
     _check_written(cfg, manifest)
     return manifest
 

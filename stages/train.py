@@ -12,6 +12,7 @@ import os
 
 from stages.core import storage
 from stages.core.config import TrainConfig
+from stages.core.lease import Lease
 from stages.core.preemption import Preempted, Preemption
 from stages.core.ray_runtime import run_train_workers
 from stages.core.trainer import output_dir, prepare_output, ray_worker, train_loop
@@ -21,6 +22,15 @@ def run(cfg: TrainConfig) -> dict:
     """Train; returns the run's summary (`stages.core.trainer.summary`). Raises `Preempted` after
     a SIGTERM, once the checkpoint is written."""
     storage.configure(cfg.storage_options_dict)
+    with Lease(output_dir(cfg), "train"):  # one run at a time writes an output
+        result = _run(cfg)
+    if result["outcome"] == "preempted":
+        raise Preempted(f"train: preempted (SIGTERM) at step {result['steps']} of {result['total_steps']}; "
+                        f"checkpoint {result['weights']}: continue with --resume auto")
+    return result
+
+
+def _run(cfg: TrainConfig) -> dict:
     resume_from = prepare_output(cfg)
     if cfg.num_workers == 1:
         preemption = Preemption()
@@ -35,9 +45,6 @@ def run(cfg: TrainConfig) -> dict:
         run_train_workers(ray_worker, {**dataclasses.asdict(cfg), "_resume_from": resume_from}, cfg.num_workers,
                           os.path.join(storage.staging_dir(out), "ray"), cfg.max_failures)
         result = storage.read_json(storage.join(out, "summary.json"))
-    if result["outcome"] == "preempted":
-        raise Preempted(f"train: preempted (SIGTERM) at step {result['steps']} of {result['total_steps']}; "
-                        f"checkpoint {result['weights']}: continue with --resume auto")
     return result
 
 

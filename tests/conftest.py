@@ -13,6 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A run waits this long after writing its output's lease before reading it back (stages/core/lease.py):
+# 2 s by default, for object stores; every stage run in the tests would pay it.
+os.environ.setdefault("DPO_LEASE_SETTLE_SECONDS", "0.2")
 
 DATA = ROOT / "tests" / "data"
 HH_SAMPLE = ROOT / "tests" / "data" / "hh_rlhf_helpful_base_600.jsonl.gz"

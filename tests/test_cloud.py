@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import HH_SAMPLE, ROOT, read_jsonl_gz
 
+from stages.core import storage
+
 moto_server = pytest.importorskip("moto.server")
 pytestmark = pytest.mark.slow  # an S3 server, subprocesses and a Ray head
 SECRET = "s3cr3t-Value-Never-Logged"
@@ -291,6 +293,80 @@ def test_jobs_submitted_to_a_ray_head(s3, ray_head, tiny_model_dir):
     assert manifest["rows_written"] == len(rows) == 8 and manifest["dtype"] == "bfloat16"
     got = keys(s3, "job-run/")
     assert "job-run/final/model.safetensors" in got and "job-run/metrics.jsonl" in got
+
+
+def test_an_output_lease_on_s3_has_one_holder(s3, monkeypatch):
+    """A live lease refuses a second run, naming the holder; two runs starting together: one wins; an
+    expired lease is taken over; a holder whose lease was taken over knows it."""
+    import threading
+    import time
+
+    from stages.core import lease as lease_mod
+    from stages.core.lease import Lease, LeaseHeld
+
+    url = "s3://dpo/lease/out"
+    with Lease(url, "precompute", ttl=30) as first:
+        assert storage.read_json(f"{url}/_lease.json")["run_id"] == first.run_id
+        with pytest.raises(LeaseHeld, match=rf"being written by another run \(precompute on .*{first.run_id[:12]}"):
+            Lease(url, "train").__enter__()
+    assert not storage.exists(f"{url}/_lease.json")  # released
+
+    monkeypatch.setattr(lease_mod, "SETTLE", 1.0)
+    barrier, outcome = threading.Barrier(2), []
+
+    def race() -> None:
+        lease = Lease(url, "precompute", ttl=30)
+        barrier.wait()
+        try:
+            lease.__enter__()
+            outcome.append(lease)
+        except LeaseHeld:
+            outcome.append(None)
+
+    threads = [threading.Thread(target=race) for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    winners = [x for x in outcome if x is not None]
+    assert len(outcome) == 2 and len(winners) == 1
+    winners[0].__exit__(None, None, None)
+
+    monkeypatch.setattr(lease_mod, "SETTLE", 0.1)
+    stale = {"run_id": "dead" * 8, "holder": "gone pid 1", "expires_at": time.time() - 1}
+    storage.write_json(f"{url}/_lease.json", stale)
+    with Lease(url, "precompute", ttl=0.6) as taker:  # expired: taken over
+        storage.write_json(f"{url}/_lease.json", {**stale, "expires_at": time.time() + 60})  # and taken from it
+        deadline = time.time() + 10
+        while not taker.lost.is_set() and time.time() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(LeaseHeld, match="gone pid 1"):
+            taker.check()
+    assert storage.read_json(f"{url}/_lease.json")["run_id"] == stale["run_id"]  # not ours: left alone
+
+
+@pytest.mark.slow
+def test_two_overlapping_precomputes_into_one_output_on_s3(s3, tmp_path, tiny_model_dir):
+    import time
+
+    put_rows(s3, "overlap/in.jsonl", short_rows(40))
+    args = ["precompute", "--data", "s3://dpo/overlap/in.jsonl", "--model", tiny_model_dir, "--output",
+            "s3://dpo/overlap/refs", "--format", "hh", "--rows-per-shard", "4", "--batch-size", "1",
+            "--max-length", "256", "--progress", "false"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    first = subprocess.Popen([sys.executable, str(ROOT / "pipeline.py"), *args], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while "overlap/refs/_lease.json" not in keys(s3, "overlap/refs/") and time.time() < deadline:
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        time.sleep(0.2)
+    second = cli(*args, check=False)
+    assert first.wait(timeout=600) == 0, first.communicate()[1][-3000:]
+    err = [line for line in second.stderr.splitlines() if line.strip()]
+    assert second.returncode == 2 and len(err) == 1 and "being written by another run (precompute on" in err[0], err
+    manifest, rows = read_shard_rows(s3, "overlap/refs")
+    assert manifest["rows_read"] == 40 and len({r["pair_id"] for r in rows}) == len(rows) == manifest["rows_written"]
+    assert "overlap/refs/_lease.json" not in keys(s3, "overlap/refs/")
+    again = cli(*args)  # the lease is free again: the second run now finds the work done
+    assert "40 rows already done" in again.stderr + again.stdout
 
 
 def test_sharded_checkpoint_on_s3_written_by_each_worker_resumed_by_one(s3, refs, tmp_path):

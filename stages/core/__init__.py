@@ -5,6 +5,7 @@ Dependency order, lowest first (a module imports only from lines above it):
     errors                                   the one user-facing error base
     config                                   typed stage configs, YAML + flags
     storage                                  fsspec I/O, atomic writes, retries, the cache folder
+    lease                                    one run at a time writes an output (a lease with a heartbeat)
     devices, models                          device and thread choice; loading models and tokenizers
     formats, data, tokenization              input layouts, readers, TRL's tokenization and truncation
     logprobs, layout                         THE log-prob function; batch layout and forward planning
