@@ -18,6 +18,13 @@ import yaml
 from stages.core.errors import PipelineError
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# What JobSubmissionClient.submit_job takes (Ray 2.60); `job_id` is its deprecated name for submission_id.
+SUBMIT_KEYS = ("entrypoint", "runtime_env", "metadata", "submission_id", "entrypoint_num_cpus",
+               "entrypoint_num_gpus", "entrypoint_memory", "entrypoint_resources", "entrypoint_label_selector")
+# Environment variable names that hold credentials: never sent in a runtime_env, which every Jobs API
+# client (`ray job list`, the SDK, the dashboard) reads back in plain text.
+_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY|(^|_)KEY($|_)",
+                          re.IGNORECASE)
 
 
 class SubmitError(PipelineError):
@@ -48,8 +55,18 @@ def load_spec(path: str, extra_args: list[str]) -> dict:
         raise SubmitError(f"{path}: cannot read the job spec ({e})") from None
     if not isinstance(spec, dict) or "entrypoint" not in spec:
         raise SubmitError(f"{path}: a Ray Jobs spec needs an 'entrypoint'")
+    unknown = sorted(set(spec) - set(SUBMIT_KEYS))
+    if unknown:
+        raise SubmitError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))}; a Ray Jobs spec takes "
+                          f"{', '.join(SUBMIT_KEYS)}")
     runtime_env = dict(spec.get("runtime_env") or {})
     env = runtime_env.pop("env_vars", {}) or {}
+    secrets = sorted(k for k in env if _SECRET_NAME.search(k))
+    if secrets:
+        raise SubmitError(f"{path}: runtime_env.env_vars sets {', '.join(secrets)}: a job's runtime_env is readable "
+                          "by every Jobs API client (ray job list, the SDK, the dashboard), so credentials never "
+                          "go there. Remove them from the spec and give them to the cluster itself: a Kubernetes "
+                          "Secret on KubeRay (jobs/kuberay/), the nodes' environment or an instance role elsewhere")
     missing: set[str] = set()
     spec = {**expand({k: v for k, v in spec.items() if k != "runtime_env"}, missing),
             "runtime_env": expand(runtime_env, missing)}
@@ -65,17 +82,20 @@ def load_spec(path: str, extra_args: list[str]) -> dict:
     return spec
 
 
-def _submit(client, spec: dict, patience_s: float = 60.0) -> str:
-    """Submit; a cluster that has just started answers "No available agent to submit job, please
-    try again later" until its job agent is up (no job is created then): try again for a while."""
+def _submit(client, spec: dict, patience_s: float = 60.0) -> tuple[str, bool]:
+    """Submit; returns (submission id, whether this call created the job). A cluster that has just
+    started answers "No available agent to submit job, please try again later" until its job agent is
+    up (no job is created then): try again for a while. A spec's `submission_id` makes a retried
+    submission idempotent: a job that already has it is the job (Ray refuses a second one)."""
+    kwargs = {k: spec[k] for k in SUBMIT_KEYS if spec.get(k) is not None}
+    kwargs["metadata"] = {k: str(v) for k, v in (spec.get("metadata") or {}).items()}
     deadline = time.time() + patience_s
     while True:
         try:
-            return client.submit_job(entrypoint=spec["entrypoint"], runtime_env=spec.get("runtime_env"),
-                                     entrypoint_num_cpus=spec.get("entrypoint_num_cpus"),
-                                     entrypoint_num_gpus=spec.get("entrypoint_num_gpus"),
-                                     metadata={k: str(v) for k, v in (spec.get("metadata") or {}).items()})
+            return client.submit_job(**kwargs), True
         except RuntimeError as e:
+            if spec.get("submission_id") and "already exists" in str(e):
+                return spec["submission_id"], False
             if "No available agent" not in str(e) or time.time() > deadline:
                 raise
             time.sleep(2)
@@ -96,8 +116,9 @@ def main(argv: list[str]) -> int:
         client = JobSubmissionClient(args.address)
     except ConnectionError as e:
         raise SubmitError(f"cannot reach the Ray dashboard at {args.address}: {e}") from None
-    job_id = _submit(client, spec)
-    print(f"submitted {job_id} to {args.address}")
+    job_id, created = _submit(client, spec)
+    print(f"submitted {job_id} to {args.address}" if created else
+          f"{job_id} was already submitted to {args.address}: following that job, not starting another")
     if not args.wait:
         return 0
     deadline = time.time() + args.timeout if args.timeout else None
