@@ -58,13 +58,15 @@ def test_same_pairs_values_rejects_and_shards_as_the_driver_side_stage(tiny_mode
 
 
 @pytest.mark.slow
-def test_tokenize_tasks_as_for_gpu_scorers_give_the_same_shards(tiny_model_dir, ray_session, monkeypatch):
-    """On CPU the scorers tokenize their own batches; with GPUs, tokenize tasks run apart from them."""
+def test_tokenize_tasks_and_shuffles_give_the_same_shards(tiny_model_dir, ray_session, monkeypatch):
+    """On CPU the scorers tokenize their own batches; with GPUs, tokenize tasks run apart from them. Also
+    the plan through Ray Data's hash shuffles, in 2 partitions (a set this small is planned in one task)."""
     from stages import precompute
 
     monkeypatch.setattr(precompute, "_tokenize_apart", lambda use_gpu: True)
-    want = json.loads(GOLDEN.read_text())["whole"]
-    got = run_scenarios(tiny_model_dir, ("whole",))["whole"]
+    monkeypatch.setattr(row_plan, "PARTITION_ROWS", 25)
+    want = json.loads(GOLDEN.read_text())["grown"]  # a run, then one over the grown input with known keys
+    got = run_scenarios(tiny_model_dir, ("grown",))["grown"]
     assert got["shards"] == want["shards"] and _rejects(got) == _rejects(want)
     ids = {p["pair_id"]: (p["chosen_ids"], p["rejected_ids"]) for p in got["pairs"]}
     assert ids == {p["pair_id"]: (p["chosen_ids"], p["rejected_ids"]) for p in want["pairs"]}

@@ -4,8 +4,9 @@
 it expires. A run takes the lease before it writes anything else and renews it from a heartbeat
 thread every `ttl / 3` seconds; it removes the lease when it ends, however it ends (a kill -9 leaves
 it to expire). A second run into the same output finds a live lease and stops with one line naming
-the holder and when the lease expires (LeaseHeld, exit 2); a lease past its expiry belongs to a run
-that died, and the next run takes it over.
+the holder and when the lease expires (LeaseHeld, exit 2); a lease past its expiry, or held by a
+process of this machine that no longer exists, belongs to a run that died, and the next run takes
+it over.
 
 Object stores have no compare-and-swap that fsspec exposes, so two runs starting in the same second
 could both see no lease: each writes its own (an atomic write), waits SETTLE seconds and reads it
@@ -33,6 +34,21 @@ SETTLE = float(os.environ.get("DPO_LEASE_SETTLE_SECONDS", 2))  # wait before rea
 
 class LeaseHeld(PipelineError):
     """Another run holds the output's lease (or took it over)."""
+
+
+def _live(lease: dict) -> bool:
+    """Not expired, and not held by a process of this machine that is gone (a run that could not
+    remove its lease, say because the storage was down when it failed, need not be waited for)."""
+    if lease.get("expires_at", 0) <= time.time():
+        return False
+    if lease.get("host") == socket.gethostname() and isinstance(lease.get("pid"), int):
+        try:
+            os.kill(lease["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's process: alive
+            pass
+    return True
 
 
 def _iso(t: float) -> str:
@@ -66,7 +82,8 @@ class Lease:
 
     def _write(self, started: float) -> None:
         now = time.time()
-        storage.write_json(self.url, {"run_id": self.run_id, "holder": self.holder, "command": self.command,
+        storage.write_json(self.url, {"run_id": self.run_id, "holder": self.holder, "host": socket.gethostname(),
+                                      "pid": os.getpid(), "command": self.command,
                                       "started_at": _iso(started), "renewed_at": _iso(now),
                                       "expires_at": now + self.ttl, "expires": _iso(now + self.ttl)})
 
@@ -78,7 +95,7 @@ class Lease:
 
     def __enter__(self) -> "Lease":
         current = self._read()
-        if current and current.get("run_id") != self.run_id and current.get("expires_at", 0) > time.time():
+        if current and current.get("run_id") != self.run_id and _live(current):
             self._refuse(current)
         self.started = time.time()
         self._write(self.started)
