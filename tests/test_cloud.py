@@ -211,7 +211,9 @@ def test_every_job_yaml_is_valid(monkeypatch):
             kind = doc.get("kind")
             if kind is None:  # a Ray Jobs spec
                 assert "python pipeline.py" in doc["entrypoint"], path
-                assert doc["runtime_env"]["working_dir"] and "AWS_SECRET_ACCESS_KEY" in doc["runtime_env"]["env_vars"]
+                env_vars = doc["runtime_env"]["env_vars"]
+                assert doc["runtime_env"]["working_dir"] and "AWS_DEFAULT_REGION" in env_vars
+                assert not [k for k in env_vars if "SECRET" in k or "KEY" in k or "TOKEN" in k], path  # no credentials
                 for k in ("DATA_URL", "MODEL", "REFS_URL", "RUN_URL", "NUM_WORKERS"):
                     monkeypatch.setenv(k, "x")
                 spec = load_spec(str(path), ["--limit", "5"])
