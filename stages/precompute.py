@@ -41,7 +41,6 @@ line giving the reject counts, after writing the rejects and manifest so that `i
 from __future__ import annotations
 
 import inspect
-import io
 import json
 import os
 import sys
@@ -73,6 +72,7 @@ from stages.core.shard_writer import (
     fingerprint,
     keys_path,
     pair_ids_sum,
+    parquet_bytes,
     shard_index,
     shard_name,
 )
@@ -191,10 +191,8 @@ def _keep_old_keys(cfg: PrecomputeConfig, k: int) -> None:
     except (FileNotFoundError, ValueError):
         return
     if keys:
-        data = pa.table({"row_key": pa.array(keys, pa.string())})
-        buf = io.BytesIO()
-        pq.write_table(data, buf)
-        storage.write_bytes_atomic(storage.join(cfg.output, keys_path(k)), buf.getvalue())
+        table = pa.table({"row_key": pa.array(keys, pa.string())})
+        storage.write_bytes_atomic(storage.join(cfg.output, keys_path(k)), parquet_bytes(table))
 
 
 def _verify(cfg: PrecomputeConfig, markers: dict[int, dict | None]) -> tuple[dict[int, dict], list]:

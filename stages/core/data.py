@@ -349,7 +349,8 @@ def read_rows(data: str, split: str = "train", limit: int | None = None,
         yield index, row
 
 
-def _read_datasets(source: str, split: str, storage_options: dict | None) -> Iterator[dict]:
+def load_split(source: str, split: str, storage_options: dict | None):
+    """A hub name or `save_to_disk` folder as one `datasets.Dataset` (memory-mapped): its `split`."""
     import datasets
 
     if _looks_like_hub_name(source):
@@ -360,7 +361,11 @@ def _read_datasets(source: str, split: str, storage_options: dict | None) -> Ite
         if split not in ds:
             raise DataError(f"{source}: no split '{split}' (found: {', '.join(ds.keys())})")
         ds = ds[split]
-    yield from ds
+    return ds
+
+
+def _read_datasets(source: str, split: str, storage_options: dict | None) -> Iterator[dict]:
+    yield from load_split(source, split, storage_options)
 
 
 def check_columns(first_row: Any, layout: str, cfg: Any) -> None:

@@ -43,6 +43,7 @@ from stages.core.data import (
     _lines,
     _looks_like_hub_name,
     list_input_files,
+    load_split,
     read_file,
     resolve_source,
 )
@@ -128,7 +129,7 @@ def count_unit(source: Source, url: str | None) -> int:
     """Rows of one file, or (url None) of the datasets source."""
     storage.configure(source.options)
     if url is None:
-        return len(_dataset(source))
+        return len(load_split(source.data, source.split, source.options))
     kind = _base_suffix(url)
     if kind == ".jsonl":
         return count_jsonl(url, source.options)
@@ -139,20 +140,6 @@ def count_unit(source: Source, url: str | None) -> int:
             except pa.ArrowInvalid as e:
                 raise DataError(f"{url}: not a readable Parquet file: {str(e)[:300]}") from None
     return sum(1 for _ in read_file(url, source.options))
-
-
-def _dataset(source: Source):
-    import datasets
-
-    if _looks_like_hub_name(source.data):
-        ds = datasets.load_dataset(source.data, split=source.split)
-    else:
-        ds = datasets.load_from_disk(source.data, storage_options=source.options)
-    if isinstance(ds, datasets.DatasetDict):
-        if source.split not in ds:
-            raise DataError(f"{source.data}: no split '{source.split}' (found: {', '.join(ds.keys())})")
-        ds = ds[source.split]
-    return ds
 
 
 def units(source: Source, limit: int | None) -> tuple[list[dict], int]:
@@ -179,7 +166,7 @@ def units(source: Source, limit: int | None) -> tuple[list[dict], int]:
 def _unit_rows(source: Source, unit: dict):
     if unit["url"]:
         return read_file(unit["url"], source.options)
-    ds = _dataset(source)
+    ds = load_split(source.data, source.split, source.options)
     return (ds[i] for i in range(unit["start"], unit["stop"]))
 
 

@@ -61,7 +61,7 @@ def pair_tokens(r: dict) -> int:
     return len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"])
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, row_group_size=ROW_GROUP_SIZE, compression="zstd")
     return buf.getvalue()
@@ -75,10 +75,10 @@ def write_shard(output: str, k: int, results: list[dict], rows_read: int, data: 
                 "detail": r["reject_detail"], "row": r["row_json"]} for r in results if r["reject_reason"] is not None]
     table = pa.Table.from_pylist([{f: r[f] for f in SHARD_SCHEMA.names} for r in rows], schema=SHARD_SCHEMA)
     validate_table(table, SHARD_SCHEMA, shard_name(k))
-    rej_data = _parquet_bytes(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))
-    shard_data = _parquet_bytes(table)
+    rej_data = parquet_bytes(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))
+    shard_data = parquet_bytes(table)
     keys = pa.table({"row_key": pa.array([r["row_key"] for r in results], pa.string())})
-    storage.write_bytes_atomic(storage.join(output, keys_path(k)), _parquet_bytes(keys))
+    storage.write_bytes_atomic(storage.join(output, keys_path(k)), parquet_bytes(keys))
     storage.write_bytes_atomic(storage.join(output, "rejects", shard_name(k) + ".parquet"), rej_data)
     storage.write_bytes_atomic(storage.join(output, "shards", shard_name(k) + ".parquet"), shard_data)
     idx = [r["source_index"] for r in results]
