@@ -141,7 +141,7 @@ def run(cfg: EvalConfig) -> dict:
     cfg, loss_source = with_run_settings(cfg)
     refs = load_refs(cfg.refs)
     reference_path = refs.manifest["reference_model"]["path"]
-    device = pick_device()
+    device = pick_device(cfg.device, "evaluation")
     policy_path = resolve_model(cfg.model or reference_path)
     tokenizer = load_tokenizer(policy_path)
     check_tokenizer(refs, tokenizer_hashes(tokenizer))

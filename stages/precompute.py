@@ -58,7 +58,7 @@ from schemas import FORMAT_VERSION, validate_manifest
 from stages.core import storage
 from stages.core.config import PrecomputeConfig, public, to_yaml
 from stages.core.data import MalformedRow, check_columns, embedded_layout, read_rows, resolve_source
-from stages.core.devices import threads_per_worker
+from stages.core.devices import ray_use_gpu, threads_per_worker
 from stages.core.errors import PipelineError
 from stages.core.formats import detect
 from stages.core.lease import LEASE_FILE, Lease
@@ -259,28 +259,27 @@ def gpu_shortage(gpus_per_worker: int, num_workers: int, node_gpus: list[float])
             f"(--num-workers {num_workers}), with no CPU fallback; the Ray cluster has {has}")
 
 
-def _check_gpus(cfg: PrecomputeConfig) -> None:
-    """--gpus-per-worker above 1: fail at the start, before any work, where the cluster cannot hold
-    the scorers (Ray would wait for ever, and the CPU is no place for a model that needs K GPUs)."""
-    if cfg.gpus_per_worker == 1:
-        return
+def _use_gpu(cfg: PrecomputeConfig) -> bool:
+    """Whether the scorers get GPUs (`--device`). With
+    --gpus-per-worker above 1 and --device auto, fail at once where the cluster cannot hold the
+    scorers (Ray would wait for ever, and the CPU is no place for a model that needs K GPUs)."""
     import ray
 
     init_ray(cfg.num_workers + 1)
-    nodes = [n.get("Resources", {}).get("GPU", 0) for n in ray.nodes() if n.get("Alive")]
-    problem = gpu_shortage(cfg.gpus_per_worker, cfg.num_workers, nodes)
-    if problem:
-        raise NotEnoughGpus(problem)
+    if cfg.gpus_per_worker > 1 and cfg.device == "auto":
+        nodes = [n.get("Resources", {}).get("GPU", 0) for n in ray.nodes() if n.get("Alive")]
+        problem = gpu_shortage(cfg.gpus_per_worker, cfg.num_workers, nodes)
+        if problem:
+            raise NotEnoughGpus(problem)
+    return ray_use_gpu(cfg.device, f"{cfg.num_workers} reference scorer(s)", cfg.num_workers, cfg.gpus_per_worker,
+                       cfg.gpu_wait_seconds, need_all=False)
 
 
-def _dataset(cfg: PrecomputeConfig, model_path: str, plan: Plan, progress, writers: list):
+def _dataset(cfg: PrecomputeConfig, model_path: str, plan: Plan, progress, writers: list, use_gpu: bool):
     """Ray Data over the plan's chunks: tokenize (tasks), score (an actor pool), hand to the writers (tasks)."""
     import ray
     import ray.data
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    # One GPU per scorer where the cluster has any; K GPUs per scorer (checked by `_check_gpus`) for K > 1.
-    use_gpu = gpus >= cfg.gpus_per_worker if cfg.gpus_per_worker > 1 else gpus > 0
     ds = ray.data.from_arrow_refs(plan.chunks)
     tokenize = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                     truncation_mode=cfg.truncation_mode)
@@ -295,7 +294,7 @@ def _dataset(cfg: PrecomputeConfig, model_path: str, plan: Plan, progress, write
                        threads=None if use_gpu else threads_per_worker(cfg.num_workers), gpus=cfg.gpus_per_worker,
                        # Scoring on CPU, a tokenize task would take the cores the scorers score on; the
                        # scorer tokenizes its own batch instead, and its rows skip a trip through Ray.
-                       tokenize=None if apart else tokenize)
+                       tokenize=None if apart else tokenize, device="cuda" if use_gpu else "cpu")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
         ds = ds.map_batches(ReferenceScorer, batch_format="pyarrow", batch_size=cfg.batch_size,
@@ -360,7 +359,8 @@ def _pipeline_error(error: BaseException) -> PipelineError | None:
     return None
 
 
-def _score(cfg: PrecomputeConfig, model_path: str, plan: Plan, on_batch, on_progress=None) -> list[dict]:
+def _score(cfg: PrecomputeConfig, model_path: str, plan: Plan, use_gpu: bool, on_batch,
+           on_progress=None) -> list[dict]:
     """Score the plan's rows with one pool of scorers, their shards written by writer actors; returns the
     entries of the shards written. Calls on_batch(rows, pairs, tokens, entries) per scored batch and, with
     on_progress, on_progress(pairs done) as the scorers report their forwards. Raises _PoolLost when a
@@ -374,7 +374,7 @@ def _score(cfg: PrecomputeConfig, model_path: str, plan: Plan, on_batch, on_prog
     entries: list[dict] = []
     try:
         with _polling(counter, on_progress) if counter else nullcontext():
-            for batch in _dataset(cfg, model_path, plan, counter, writers).iter_batches(batch_size=None,
+            for batch in _dataset(cfg, model_path, plan, counter, writers, use_gpu).iter_batches(batch_size=None,
                                                                                        batch_format="pyarrow"):
                 for row in batch.to_pylist():
                     new = json.loads(row["entries"])
@@ -398,8 +398,10 @@ def _entry_index(entry: dict) -> int:
 class _Run:
     """One invocation: its attempts (a new scorer pool each), the shards it writes, its counts and bar."""
 
-    def __init__(self, cfg: PrecomputeConfig, model_path: str, source: Source, layout: str, started: float):
+    def __init__(self, cfg: PrecomputeConfig, model_path: str, source: Source, layout: str, started: float,
+                 use_gpu: bool):
         self.cfg, self.model_path, self.source, self.layout, self.started = cfg, model_path, source, layout, started
+        self.use_gpu = use_gpu  # whether the scorers get GPUs (`_use_gpu`)
         self.entries: list[dict] = []  # shards written by this run
         self.repaired: list[str] = []
         self.already_done: int | None = None
@@ -452,7 +454,7 @@ class _Run:
                 self.bar.n = self.base  # rows of unfinished shards are scored again: the bar goes back
                 self.bar.refresh()
             try:
-                entries = _score(self.cfg, self.model_path, plan, self.on_batch,
+                entries = _score(self.cfg, self.model_path, plan, self.use_gpu, self.on_batch,
                                  self.on_progress if self.bar is not None else None)
                 done.update({_entry_index(e): e for e in entries})
                 return done
@@ -496,11 +498,14 @@ class _Run:
 def run(cfg: PrecomputeConfig) -> dict:
     """Run the stage; returns the manifest."""
     started = time.time()
-    _check_gpus(cfg)
+    if cfg.gpus_per_worker > 1 and cfg.device == "cpu":
+        raise NotEnoughGpus(f"--gpus-per-worker {cfg.gpus_per_worker} spreads the reference over GPUs: it needs "
+                            "--device cuda or auto, not cpu")
     storage.configure(cfg.storage_options_dict)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     identity = _identity(cfg, model_path, tokenizer_hashes(tokenizer), weights_hash(model_path))
+    use_gpu = _use_gpu(cfg)  # before anything is written: a cluster without the GPUs asked for fails here
     with Lease(cfg.output, "precompute") as lease:  # one run at a time writes an output
         _check_output(cfg, identity)
         _check_source(cfg, _read_markers(cfg))
@@ -508,7 +513,7 @@ def run(cfg: PrecomputeConfig) -> dict:
         storage.write_json(storage.join(cfg.output, "_progress", "run.json"), identity)
         storage.write_bytes_atomic(storage.join(cfg.output, "config.yaml"), to_yaml(cfg).encode())
         job = _Run(cfg, model_path, Source.of(cfg.data, cfg.split, cfg.storage_options_dict or None), layout,
-                   started)
+                   started, use_gpu)
         done = job.run()
         lease.check()  # a run that lost its lease while it stalled leaves the manifest to the new holder
         manifest = _manifest(cfg, model_path, identity, done, job.last_run())

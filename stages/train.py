@@ -1,6 +1,7 @@
 """`pipeline.py train`: train the policy from precomputed reference shards.
 
-One worker trains in this process; `--num-workers N` runs the same loop on N Ray Train workers.
+One worker trains in this process; `--num-workers N` runs the same loop on N Ray Train workers
+(so does one worker with `--device cuda` where this process has no GPU: a Ray job's driver).
 The loop itself is `stages.core.trainer`; this command decides whether the run resumes or starts
 over, launches it, and reports its summary.
 """
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+
+import torch
 
 from stages.core import storage
 from stages.core.config import TrainConfig
@@ -32,7 +35,7 @@ def run(cfg: TrainConfig) -> dict:
 
 def _run(cfg: TrainConfig) -> dict:
     resume_from = prepare_output(cfg)
-    if cfg.num_workers == 1:
+    if cfg.num_workers == 1 and not (cfg.device == "cuda" and not torch.cuda.is_available()):
         preemption = Preemption()
         try:
             result = train_loop(cfg, resume_from, preemption)

@@ -144,3 +144,40 @@ def test_a_scorer_spread_over_gpus_it_does_not_see_fails(tiny_model_dir):
 
     with pytest.raises(ModelError, match="--gpus-per-worker 2: this process sees [01] CUDA devices"):
         ReferenceScorer(tiny_model_dir, "float32", None, "keep_start", gpus=2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("command", ["precompute", "train"])
+def test_device_cuda_without_gpus_fails_after_a_bounded_wait(command, tmp_path, tiny_model_dir, refs, ray_session,
+                                                             capsys):
+    """--device cuda asks Ray for GPUs (scorers, training workers) and, on a cluster that never has
+    them, fails after --gpu-wait-seconds with one line: no silent CPU run."""
+    import time
+
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    out = tmp_path / "out"
+    argv = (["precompute", "--data", str(data), "--model", tiny_model_dir] if command == "precompute"
+            else ["train", "--refs", str(refs), "--max-steps", "1"])
+    started = time.monotonic()
+    assert pipeline.main([*argv, "--output", str(out), "--device", "cuda", "--gpu-wait-seconds", "2",
+                          "--progress", "false"]) == 2
+    assert time.monotonic() - started < 60
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith("error: --device cuda: ") and "within 2s (--gpu-wait-seconds)" in err
+    assert "it has 0 GPUs" in err and "--device cpu" in err
+    assert not (out / "shards").exists() and not (out / "checkpoints").exists()
+
+
+def test_device_auto_says_what_it_chose_and_why(ray_session, capsys):
+    from stages.core.devices import pick_device, ray_use_gpu
+
+    assert ray_use_gpu("auto", "2 training worker(s)", 2, 1, 1.0) is torch.cuda.is_available()
+    assert pick_device("auto", "evaluation") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu") == "cpu" and ray_use_gpu("cpu", "x", 1, 1, 1.0) is False
+    err = capsys.readouterr().err.splitlines()
+    if not torch.cuda.is_available():
+        assert err[0].startswith("device: cpu for 2 training worker(s) (--device auto: the Ray cluster has 0 GPUs now")
+        assert err[1] == "device: cpu for evaluation (--device auto: this process sees no CUDA device)"
+    assert err[2] == "device: cpu for x (--device cpu)"

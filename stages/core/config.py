@@ -97,12 +97,18 @@ class Common:
     storage_options: str | None = doc("JSON of fsspec options (endpoint, profile, ...); secrets are never written",
                                       default=None)
     progress: bool = doc("show a progress bar", default=True)
+    device: Literal["auto", "cuda", "cpu"] = doc(
+        "auto: a GPU where the cluster has one now (the choice and why are printed); cuda: ask Ray for GPUs "
+        "(an autoscaler adds GPU nodes), never fall back to the CPU; cpu: never use a GPU", default="auto")
+    gpu_wait_seconds: float = doc("how long --device cuda waits for the Ray cluster's GPUs before failing",
+                                  default=600.0)
 
     def __post_init__(self) -> None:
         self.check()
 
     def check(self) -> None:
         parse_storage_options(self.storage_options)
+        _positive(self, "gpu_wait_seconds")
 
     @property
     def storage_options_dict(self) -> dict:

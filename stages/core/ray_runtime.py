@@ -6,6 +6,8 @@ import logging
 import os
 from typing import Callable
 
+from stages.core.devices import ray_use_gpu
+
 
 def init_ray(min_cpus: int) -> None:
     """Join the cluster in RAY_ADDRESS (inside a Ray job), or start a local one with at least
@@ -90,8 +92,9 @@ def preemption_asker(name: str | None) -> Callable[[], bool] | None:
 
 def run_train_workers(worker: Callable[[dict], None], config: dict, num_workers: int, ray_dir: str,
                       max_failures: int = 0) -> bool:
-    """Run `worker(config)` on `num_workers` Ray Train workers (process group: gloo on CPU, NCCL
-    when the cluster has a GPU for each); Ray's own run files go under `ray_dir`. Up to
+    """Run `worker(config)` on `num_workers` Ray Train workers (process group: gloo on CPU, NCCL on
+    GPUs: one GPU per worker as `config["device"]` says, see `devices.ray_use_gpu`; the workers get
+    the device chosen); Ray's own run files go under `ray_dir`. Up to
     `max_failures` times, a dead worker makes Ray Train start the group again. Returns whether the
     driver was sent SIGTERM (the workers then stop after a checkpoint)."""
     import signal
@@ -102,7 +105,9 @@ def run_train_workers(worker: Callable[[dict], None], config: dict, num_workers:
     from ray.train.torch import TorchTrainer
 
     init_ray(num_workers)
-    use_gpu = ray.cluster_resources().get("GPU", 0) >= num_workers
+    use_gpu = ray_use_gpu(config.get("device", "auto"), f"{num_workers} training worker(s)", num_workers, 1,
+                          config.get("gpu_wait_seconds", 600.0))
+    config = {**config, "device": "cuda" if use_gpu else "cpu"}
     name = f"preemption-{uuid.uuid4().hex[:12]}"
     flag = ray.remote(num_cpus=0)(_PreemptionFlag).options(name=name).remote()
     got = []

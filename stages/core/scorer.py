@@ -97,10 +97,10 @@ class ReferenceScorer:
 
     def __init__(self, model_path: str, dtype: str, max_length: int | None, truncation_mode: str,
                  threads: int | None = None, tokens_per_forward: int = TOKENS_PER_FORWARD, pack_prompts: bool = True,
-                 progress=None, gpus: int = 1, tokenize: dict | None = None):
+                 progress=None, gpus: int = 1, tokenize: dict | None = None, device: str = "auto"):
         if threads:
             torch.set_num_threads(threads)
-        self.device = pick_device()  # "cuda" or "cpu": what the forward planning is tuned for
+        self.device = pick_device(device)  # "cuda" or "cpu": also what the forward planning is tuned for
         if gpus > 1:
             self.model = load_model(model_path, dtype, max_memory=gpu_memory(gpus)).eval()
             self.input_device = str(self.model.get_input_embeddings().weight.device)

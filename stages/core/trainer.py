@@ -176,7 +176,8 @@ def _load_policy(cfg: TrainConfig, refs: Refs, device: str, dist: Dist):
 def start(cfg: TrainConfig, resume_from: str | None, preemption: Preemption | None = None) -> Run:
     """Load shards, policy and optimizer; restore `resume_from` when given."""
     storage.configure(cfg.storage_options_dict)
-    dist, device = Dist(), pick_device()
+    dist = Dist()
+    device = pick_device(cfg.device, None if dist.on else "training")
     if device == "cuda" and dist.on:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     torch.manual_seed(cfg.seed)
