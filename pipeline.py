@@ -6,6 +6,7 @@
     python pipeline.py eval       --refs HELDOUT_REFS --model RUN/final [--samples N]
     python pipeline.py sweep      --refs REFS --eval-refs HELDOUT_REFS --beta 0.01,0.05,0.1,0.5
     python pipeline.py inspect    REFS
+    python pipeline.py run        --data DATA --refs REFS --runs RUNS [--eval-refs HELDOUT_REFS] [--flags ...]
     python pipeline.py submit     jobs/precompute.yaml --address http://HEAD:8265 [--wait] [-- extra flags]
 
 Thin on purpose: parse the config, call a stage, print its summary.
@@ -62,6 +63,17 @@ def _sweep(argv: list[str]) -> int:
     return 0
 
 
+def _run(argv: list[str]) -> int:
+    from stages import nightly
+    from stages.core.config import RunConfig, parse_args
+
+    cfg = parse_args(RunConfig, argv, prog="pipeline.py run",
+                     description="The nightly chain in one process (one Ray job): precompute the rows not yet scored, "
+                                 "train into RUNS/nightly-DATE, evaluate on held-out refs.")
+    print(nightly.summary_text(nightly.run(cfg)))
+    return 0
+
+
 def _inspect(argv: list[str]) -> int:
     from stages import inspect_refs
 
@@ -75,7 +87,7 @@ def _submit(argv: list[str]) -> int:
 
 
 COMMANDS = {"precompute": _precompute, "train": _train, "eval": _eval, "inspect": _inspect, "sweep": _sweep,
-            "submit": _submit}
+            "run": _run, "submit": _submit}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@
     train.py         pipeline.py train        the policy from the shards (one process or Ray Train)
     evaluate.py      pipeline.py eval         held-out accuracy, margins, KL; side-by-side samples
     sweep.py         pipeline.py sweep        one training run per beta on shared shards
+    nightly.py       pipeline.py run          precompute -> train -> eval as one command (a scheduled job)
     inspect_refs.py  pipeline.py inspect      what a precompute output holds
     submit.py        pipeline.py submit       a jobs/*.yaml spec to a Ray cluster
 

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,15 +63,7 @@ def parse_loss_types(loss_type: str, loss_weights: str | None) -> list[tuple[str
 
 def parse_storage_options(options_json: str | None) -> dict:
     """The `--storage-options` JSON as a dict ({} when unset)."""
-    if not options_json:
-        return {}
-    try:
-        options = json.loads(options_json)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config key 'storage_options': not valid JSON ({e.msg})") from None
-    if not isinstance(options, dict):
-        raise ConfigError("config key 'storage_options': expected a JSON object")
-    return options
+    return parse_options("storage_options", options_json)
 
 
 def redact(value: Any) -> Any:
@@ -307,7 +300,59 @@ class SweepConfig(TrainConfig):
         return TrainConfig(**{**values, "beta": beta, "output": f"{self.output.rstrip('/')}/beta-{beta:g}"})
 
 
-STAGE_CONFIGS = {"precompute": PrecomputeConfig, "train": TrainConfig, "eval": EvalConfig, "sweep": SweepConfig}
+@dataclass(frozen=True)
+class RunConfig(Common):
+    """`pipeline.py run`: the nightly chain in one process (one Ray job): precompute, train, eval."""
+
+    data: str = doc("input preference data (grows between runs: each run scores only the rows it has not seen)",
+                    default="embedded:hh-rlhf-helpful")
+    model: str = doc("reference model (and the policy's start unless train_options set model)",
+                     default="embedded:smollm2-135m-instruct")
+    refs: str = doc("precompute output, updated in place by every run (incremental)", default="runs/nightly/refs")
+    runs: str = doc("folder of the training runs: each run trains into RUNS/RUN_NAME", default="runs/nightly")
+    run_name: str = doc("name of this run's folder; {date} is the run's date (UTC, YYYY-MM-DD)",
+                        default="nightly-{date}")
+    date: str | None = doc("the run's date, YYYY-MM-DD (default: today, UTC)", default=None)
+    eval_refs: str | None = doc("precompute output of a held-out set: evaluated after training", default=None)
+    num_workers: int = doc("scorer actors and training workers", default=1)
+    dtype: Dtype = doc("reference and compute dtype", default="float32")
+    precompute_options: str | None = doc("precompute keys for this chain, as JSON or a YAML mapping (not data, "
+                                         "model, output)", default=None)
+    train_options: str | None = doc("train keys for this chain, as JSON or a YAML mapping (not refs, output, "
+                                    "resume)", default=None)
+    eval_options: str | None = doc("eval keys for this chain, as JSON or a YAML mapping (not refs, model, output)",
+                                   default=None)
+
+    def check(self) -> None:
+        super().check()
+        _positive(self, "num_workers")
+        if self.date is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", self.date):
+            raise ConfigError(f"config key 'date': expected YYYY-MM-DD, got {self.date!r}")
+        try:
+            name = self.run_name.format(date="2000-01-01")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"config key 'run_name': {self.run_name!r} may use only {{date}} ({e})") from None
+        if not name or "/" in name or name in (".", ".."):
+            raise ConfigError(f"config key 'run_name': {self.run_name!r} must name one folder")
+        for key in ("precompute_options", "train_options", "eval_options"):
+            parse_options(key, getattr(self, key))
+
+
+def parse_options(key: str, text: str | None) -> dict:
+    """A JSON object of config keys (a YAML mapping in --config arrives as JSON), {} when unset."""
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config key '{key}': not valid JSON ({e.msg})") from None
+    if not isinstance(options, dict):
+        raise ConfigError(f"config key '{key}': expected a mapping of config keys")
+    return options
+
+
+STAGE_CONFIGS = {"precompute": PrecomputeConfig, "train": TrainConfig, "eval": EvalConfig, "sweep": SweepConfig,
+                 "run": RunConfig}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,6 +406,8 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
         raise ConfigError(f"config key '{name}': expected true or false, got {value!r}")
     if base in (int, float):
         return _coerce_number(name, base, value)
+    if isinstance(value, dict) and name.endswith("_options"):  # a YAML mapping for a JSON-valued key
+        return json.dumps(value)
     if isinstance(value, (dict, list)):
         raise ConfigError(f"config key '{name}': expected a string, got {type(value).__name__}")
     return str(value)
@@ -416,9 +463,15 @@ def parse_args(cls: type, argv: list[str], prog: str, description: str = "") -> 
     cfg = cls()
     if args.config:
         try:
-            with open(args.config) as fh:
-                loaded = yaml.safe_load(fh) or {}
-        except (OSError, yaml.YAMLError) as e:
+            if "://" in args.config:  # a config beside the data (s3://...): fsspec, with the flags' storage options
+                import fsspec
+
+                with fsspec.open(args.config, "rt", **parse_storage_options(args.storage_options)) as fh:
+                    loaded = yaml.safe_load(fh) or {}
+            else:
+                with open(args.config) as fh:
+                    loaded = yaml.safe_load(fh) or {}
+        except (OSError, ValueError, yaml.YAMLError) as e:
             raise ConfigError(f"{args.config}: cannot read the config file ({e})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{args.config}: expected a mapping of config keys, got {type(loaded).__name__}")

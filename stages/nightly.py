@@ -1,0 +1,147 @@
+"""`pipeline.py run`: the nightly chain as one program, so a scheduled job is one command.
+
+precompute (incremental: only rows REFS has not seen are scored) -> train into RUNS/nightly-DATE
+(the date computed here, in UTC, not by a shell) -> eval on held-out refs when given. A KubeRay
+submitter pod pastes an entrypoint into `bash -c`: a chain written with `&&` and `$(date)` would
+run its second half in that pod. As one process it is one Ray job, and each stage takes its
+output's lease, so an overlapping night fails naming the run that holds it.
+
+A re-run of the same date (a retried job) goes on where the last stopped: precompute finds nothing
+new, train resumes from its latest checkpoint, and a training run already finished on the same
+refs is not repeated. RUN/run.json records what each stage did; RUNS/latest.json names the last
+finished run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from datetime import datetime, timezone
+
+from stages import evaluate, precompute, train
+from stages.core import storage
+from stages.core.config import (
+    ConfigError,
+    EvalConfig,
+    PrecomputeConfig,
+    RunConfig,
+    TrainConfig,
+    from_mapping,
+    parse_options,
+)
+from stages.core.devices import say
+
+# Keys the chain sets itself in each stage: a stage's options may not set them.
+OWNED = {"precompute": ("data", "model", "output"), "train": ("refs", "output", "resume"),
+         "eval": ("refs", "model", "output")}
+
+
+def run_dir(cfg: RunConfig) -> str:
+    date = cfg.date or datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    return storage.join(cfg.runs, cfg.run_name.format(date=date))
+
+
+def stage_configs(cfg: RunConfig, out: str) -> tuple[PrecomputeConfig, TrainConfig, EvalConfig | None]:
+    """Each stage's config: the chain's shared keys, then its own options, then the keys the chain owns."""
+    shared = dict(storage_options=cfg.storage_options, progress=cfg.progress, device=cfg.device,
+                  gpu_wait_seconds=cfg.gpu_wait_seconds, dtype=cfg.dtype)
+
+    def build(cls, stage: str, values: dict, owned: dict):
+        options = parse_options(f"{stage}_options", getattr(cfg, f"{stage}_options"))
+        clash = sorted(set(options) & set(OWNED[stage]))
+        if clash:
+            raise ConfigError(f"config key '{stage}_options': {', '.join(clash)} are set by the chain itself "
+                              f"(use the run's own keys: data, model, refs, runs, eval_refs)")
+        return from_mapping(cls, {**values, **options, **owned}, source=f"{stage}_options")
+
+    pre = build(PrecomputeConfig, "precompute", {**shared, "num_workers": cfg.num_workers},
+                {"data": cfg.data, "model": cfg.model, "output": cfg.refs})
+    tr = build(TrainConfig, "train", {**shared, "num_workers": cfg.num_workers},
+               {"refs": cfg.refs, "output": out, "resume": "auto"})
+    ev = None
+    if cfg.eval_refs:
+        ev = build(EvalConfig, "eval", shared, {"refs": cfg.eval_refs, "model": storage.join(out, "final"),
+                                                "output": storage.join(out, "eval")})
+    return pre, tr, ev
+
+
+def run(cfg: RunConfig) -> dict:
+    """Run the chain; returns RUN/run.json's content."""
+    storage.configure(cfg.storage_options_dict)
+    out = _absolute(run_dir(cfg))
+    cfg = dataclasses.replace(cfg, refs=_absolute(cfg.refs), eval_refs=_absolute(cfg.eval_refs))
+    pre_cfg, train_cfg, eval_cfg = stage_configs(cfg, out)
+    record_path = storage.join(out, "run.json")
+    record = storage.read_json(record_path) if storage.exists(record_path) else {}
+    record.update(run=out, data=cfg.data, refs=cfg.refs, started_at=_now())
+    stages = record.setdefault("stages", {})
+
+    say(f"run: precompute {cfg.data} -> {cfg.refs}")
+    manifest = precompute.run(pre_cfg)
+    print(precompute.summary(manifest, cfg.refs), flush=True)
+    refs_id = {"pair_ids_fingerprint": manifest["pair_ids_fingerprint"], "rows_written": manifest["rows_written"]}
+    stages["precompute"] = {**refs_id, "last_run": manifest["last_run"], "finished_at": _now()}
+    storage.write_json(record_path, record)
+
+    done = stages.get("train", {})
+    if done.get("outcome") in ("finished", "early_stopped") and done.get("refs") == refs_id:
+        say(f"run: train already finished on these refs -> {done['weights']} (not repeated)")
+    else:
+        say(f"run: train {cfg.refs} -> {out}")
+        result = train.run(train_cfg)
+        print(train.summary_text(result), flush=True)
+        stages["train"] = {"outcome": result["outcome"], "steps": result["steps"], "weights": result["weights"],
+                           "refs": refs_id, "last": result["last"], "finished_at": _now()}
+        stages.pop("eval", None)  # new weights: an older evaluation no longer describes them
+        storage.write_json(record_path, record)
+
+    if eval_cfg is not None and "eval" not in stages:
+        eval_cfg = dataclasses.replace(eval_cfg, model=stages["train"]["weights"])
+        say(f"run: eval {cfg.eval_refs} with {eval_cfg.model}")
+        results = _evaluate(eval_cfg)
+        print(evaluate.summary_text(results), flush=True)
+        stages["eval"] = {k: v for k, v in results.items() if k.startswith("eval/") or k == "pairs"}
+        stages["eval"]["finished_at"] = _now()
+    record["finished_at"] = _now()
+    storage.write_json(record_path, record)
+    storage.write_json(storage.join(cfg.runs, "latest.json"),
+                       {"run": out, "weights": stages["train"]["weights"], "date": record["finished_at"]})
+    return record
+
+
+def _evaluate(cfg: EvalConfig) -> dict:
+    """Eval runs where its device is: here, or, for --device cuda in a driver without a GPU (a Ray
+    job's driver on a CPU head node), in a Ray task that asks for one."""
+    import torch
+
+    if cfg.device != "cuda" or torch.cuda.is_available():
+        return evaluate.run(cfg)
+    import ray
+
+    from stages.core.devices import wait_for_gpus
+    from stages.core.ray_runtime import init_ray
+
+    init_ray(1)
+    wait_for_gpus("evaluation", 1, 1, cfg.gpu_wait_seconds)
+    return ray.get(ray.remote(num_gpus=1, num_cpus=1)(evaluate.run).remote(cfg))
+
+
+def summary_text(record: dict) -> str:
+    lines = [f"run: {record['run']}"]
+    for name, stage in record["stages"].items():
+        detail = {"precompute": lambda s: f"{s['last_run']['pairs_written']} new pairs, {s['rows_written']} in all",
+                  "train": lambda s: f"{s['outcome']} at step {s['steps']} -> {s['weights']}",
+                  "eval": lambda s: ", ".join(f"{k} {s[k]:.4f}" for k in ("eval/rewards/accuracies",
+                                                                            "eval/rewards/margins", "eval/loss"))}
+        lines.append(f"  {name:<10} {detail[name](stage)}")
+    return "\n".join(lines)
+
+
+def _absolute(url: str | None) -> str | None:
+    """Local paths made absolute: Ray workers and tasks do not share the driver's working directory."""
+    return os.path.abspath(url) if url and storage.is_local(url) else url
+
+
+def _now() -> str:
+    return datetime.fromtimestamp(time.time(), timezone.utc).isoformat(timespec="seconds")
