@@ -53,7 +53,7 @@ def stage_configs(cfg: RunConfig, out: str) -> tuple[PrecomputeConfig, TrainConf
         if clash:
             raise ConfigError(f"config key '{stage}_options': {', '.join(clash)} are set by the chain itself "
                               f"(use the run's own keys: data, model, refs, runs, eval_refs)")
-        return from_mapping(cls, {**values, **options, **owned}, source=f"{stage}_options")
+        return from_mapping(cls, {**values, **options, **owned}, source=f"config key '{stage}_options'")
 
     pre = build(PrecomputeConfig, "precompute", {**shared, "num_workers": cfg.num_workers},
                 {"data": cfg.data, "model": cfg.model, "output": cfg.refs})

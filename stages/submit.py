@@ -1,8 +1,8 @@
 """Submit a Ray Jobs spec (jobs/*.yaml) to a cluster through Ray's JobSubmissionClient.
 
-${VAR} in the spec is filled from the submitting environment (credentials stay out of files);
-extra CLI arguments are appended to the entrypoint. With --wait it follows the job to the end
-and exits non-zero unless it SUCCEEDED.
+${VAR} in the spec is filled from the submitting environment; extra CLI arguments are appended
+to the entrypoint (later flags win, so they replace a spec's YOUR_... example values). With --wait
+it follows the job to the end and exits non-zero unless it SUCCEEDED.
 """
 
 from __future__ import annotations
@@ -79,7 +79,19 @@ def load_spec(path: str, extra_args: list[str]) -> dict:
         spec["runtime_env"]["working_dir"] = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)),
                                                                            "..", wd))
     spec["entrypoint"] = " ".join([spec["entrypoint"].strip(), *extra_args])
+    left = placeholders_left(spec["entrypoint"])
+    if left:
+        raise SubmitError(f"{path}: the entrypoint still holds {', '.join(f'{f} {v}' for f, v in left)}: edit the "
+                          f"spec or give your values after `--` (`pipeline.py submit {path} -- "
+                          f"{' '.join(f'{f} VALUE' for f, _ in left)}`); later flags win")
     return spec
+
+
+def placeholders_left(entrypoint: str) -> list[tuple[str, str]]:
+    """(flag, value) of each YOUR_... example value that no later flag of the same name replaces."""
+    words = entrypoint.split()
+    return [(words[i - 1], w) for i, w in enumerate(words)
+            if "YOUR_" in w and i and words[i - 1].startswith("--") and words[i - 1] not in words[i + 1:]]
 
 
 def _submit(client, spec: dict, patience_s: float = 60.0) -> tuple[str, bool]:

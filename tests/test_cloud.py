@@ -197,47 +197,6 @@ def test_s3_outage_mid_precompute_then_rerun(s3, tiny_model_dir):
     assert shard_files == markers
 
 
-def test_every_job_yaml_is_valid(monkeypatch):
-    import re
-
-    import yaml
-
-    from stages.submit import load_spec
-
-    cron = re.compile(r"^(\S+\s+){4}\S+$")
-    seen = set()
-    for path in sorted((ROOT / "jobs").rglob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            kind = doc.get("kind")
-            if kind is None:  # a Ray Jobs spec
-                assert "python pipeline.py" in doc["entrypoint"], path
-                env_vars = doc["runtime_env"]["env_vars"]
-                assert doc["runtime_env"]["working_dir"] and "AWS_DEFAULT_REGION" in env_vars
-                assert not [k for k in env_vars if "SECRET" in k or "KEY" in k or "TOKEN" in k], path  # no credentials
-                for k in ("DATA_URL", "MODEL", "REFS_URL", "RUN_URL", "NUM_WORKERS"):
-                    monkeypatch.setenv(k, "x")
-                spec = load_spec(str(path), ["--limit", "5"])
-                assert spec["entrypoint"].endswith("--limit 5") and "${" not in spec["entrypoint"]
-                seen.add("spec")
-                continue
-            seen.add(kind)
-            if kind == "Secret":
-                continue
-            assert doc["apiVersion"] == "ray.io/v1", path
-            job = doc["spec"]["jobTemplate"] if kind == "RayCronJob" else doc["spec"]
-            if kind == "RayCronJob":
-                assert cron.match(doc["spec"]["schedule"]), doc["spec"]["schedule"]
-                fields = doc["spec"]["schedule"].split()
-                assert all(f == "*" or f.replace("*/", "").replace(",", "").replace("-", "").isdigit() for f in fields)
-            assert "python pipeline.py" in job["entrypoint"]
-            cluster = job["rayClusterSpec"]
-            containers = [c for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
-                          for c in g["template"]["spec"]["containers"]]
-            assert all(c["envFrom"][0]["secretRef"]["name"] == "dpo-s3-credentials" for c in containers)
-            assert "s3://" in job["entrypoint"]
-    assert seen == {"spec", "RayJob", "RayCronJob", "Secret"}
-
-
 @pytest.fixture()
 def ray_head(tmp_path):
     """A Ray head on 127.0.0.1 (token auth on, as shipped), stopped by its process group at the end."""
@@ -280,21 +239,31 @@ def ray_head(tmp_path):
     Path("/tmp/ray/ray_current_cluster").unlink(missing_ok=True)
 
 
-def test_jobs_submitted_to_a_ray_head(s3, ray_head, tiny_model_dir):
-    put_rows(s3, "jobs-in/a.jsonl", short_rows(8, start=60))
-    env = {**ray_head["env"], "DATA_URL": "s3://dpo/jobs-in/", "MODEL": tiny_model_dir, "NUM_WORKERS": "1",
-           "REFS_URL": "s3://dpo/job-refs", "RUN_URL": "s3://dpo/job-run"}
-    for spec, extra in (("precompute.yaml", ["--max-length", "256"]),
-                        ("train.yaml", ["--max-steps", "2", "--batch-size", "4"])):
-        p = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "submit", str(ROOT / "jobs" / spec),
-                            "--address", ray_head["address"], "--wait", "--timeout", "300", "--", *extra],
-                           capture_output=True, text=True, env=env)
+def test_the_nightly_chain_as_one_ray_job_two_nights(s3, ray_head, tiny_model_dir):
+    """jobs/nightly.yaml submitted to a Ray head (token auth) against S3, two nights: the second scores
+    only the rows added in between and trains into a new dated folder. The stage options come from a
+    config file on S3; the spec's example values are replaced by flags after `--`."""
+    put_rows(s3, "nightly-in/a.jsonl", short_rows(8, start=60))
+    s3_client(s3).put_object(Bucket="dpo", Key="nightly/config.yaml", Body=(
+        b"precompute_options: {max_length: 256, rows_per_shard: 4}\n"
+        b"train_options: {max_steps: 2, batch_size: 4}\n"))
+    flags = ["--config", "s3://dpo/nightly/config.yaml", "--data", "s3://dpo/nightly-in/", "--model", tiny_model_dir,
+             "--refs", "s3://dpo/nightly/refs", "--runs", "s3://dpo/nightly/runs"]
+    for date, rows_added in (("2026-11-25", 8), ("2026-11-26", 4)):
+        if date == "2026-11-26":
+            put_rows(s3, "nightly-in/b.jsonl", short_rows(4, start=80))
+        p = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "submit", str(ROOT / "jobs" / "nightly.yaml"),
+                            "--address", ray_head["address"], "--wait", "--timeout", "300", "--", *flags,
+                            "--date", date], capture_output=True, text=True, env=ray_head["env"])
         assert p.returncode == 0 and "SUCCEEDED" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
         assert SECRET not in p.stdout + p.stderr
-    manifest, rows = read_shard_rows(s3, "job-refs")
-    assert manifest["rows_written"] == len(rows) == 8 and manifest["dtype"] == "bfloat16"
-    got = keys(s3, "job-run/")
-    assert "job-run/final/model.safetensors" in got and "job-run/metrics.jsonl" in got
+        record = storage.read_json(f"s3://dpo/nightly/runs/nightly-{date}/run.json")
+        assert record["stages"]["precompute"]["last_run"]["pairs_written"] == rows_added
+        assert record["stages"]["train"]["outcome"] == "finished"
+        assert f"nightly/runs/nightly-{date}/final/model.safetensors" in keys(s3, f"nightly/runs/nightly-{date}/")
+    manifest, rows = read_shard_rows(s3, "nightly/refs")
+    assert manifest["rows_written"] == len(rows) == 12 and manifest["dtype"] == "bfloat16"
+    assert storage.read_json("s3://dpo/nightly/runs/latest.json")["run"] == "s3://dpo/nightly/runs/nightly-2026-11-26"
 
 
 def test_an_output_lease_on_s3_has_one_holder(s3, monkeypatch):

@@ -28,10 +28,17 @@ def test_settings_that_are_not_secret_pass_and_the_shipped_specs_load(tmp_path, 
     spec = load_spec(spec_file(tmp_path, runtime_env={"env_vars": {"AWS_ENDPOINT_URL": "http://s3:9000",
                                                                    "HF_HUB_OFFLINE": "1"}}), [])
     assert spec["runtime_env"]["env_vars"] == {"AWS_ENDPOINT_URL": "http://s3:9000", "HF_HUB_OFFLINE": "1"}
-    for name in ("DATA_URL", "MODEL", "REFS_URL", "NUM_WORKERS", "RUN_URL"):
-        monkeypatch.setenv(name, "x")
-    for job in ("precompute.yaml", "train.yaml"):
-        assert load_spec(str(ROOT / "jobs" / job), [])["entrypoint"].startswith("python pipeline.py")
+    values = {"precompute.yaml": ["--data", "s3://b/prefs", "--model", "org/m", "--output", "s3://b/refs"],
+              "train.yaml": ["--refs", "s3://b/refs", "--output", "s3://b/run"],
+              "nightly.yaml": ["--data", "s3://b/prefs", "--model", "org/m", "--refs", "s3://b/refs",
+                               "--runs", "s3://b/runs"]}
+    assert sorted(values) == sorted(p.name for p in (ROOT / "jobs").glob("*.yaml"))
+    for job, flags in values.items():
+        entrypoint = load_spec(str(ROOT / "jobs" / job), ["--", *flags][1:])["entrypoint"]
+        assert entrypoint.startswith("python pipeline.py") and entrypoint.endswith(" ".join(flags))
+        with pytest.raises(SubmitError, match=rf"jobs/{job}: the entrypoint still holds {flags[-2]} "
+                                              r"s3://YOUR_BUCKET/.*`pipeline.py submit .* -- "):
+            load_spec(str(ROOT / "jobs" / job), flags[:-2])  # one example value left unreplaced
 
 
 def test_unknown_keys_are_refused_by_name(tmp_path):

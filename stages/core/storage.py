@@ -110,8 +110,13 @@ def cache_dir() -> Path:
 
 
 def filesystem(url: str, storage_options: dict | None = None):
-    """(fs, path) for a local path or fsspec URL."""
-    return url_to_fs(url, **(storage_options if storage_options is not None else _OPTIONS))
+    """(fs, path) for a local path or fsspec URL. No listing cache on object stores: Ray tasks and
+    actors in other processes write the files this process reads next (a cached listing of shards/
+    from before they wrote would call a new shard missing)."""
+    options = dict(storage_options if storage_options is not None else _OPTIONS)
+    if not is_local(url):
+        options.setdefault("use_listings_cache", False)
+    return url_to_fs(url, **options)
 
 
 def is_transient(error: BaseException) -> bool:

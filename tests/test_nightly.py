@@ -1,0 +1,94 @@
+"""`pipeline.py run`: the nightly chain in one process. Night after night the precompute scores only
+the rows added since, training goes to a new dated folder, and a retried night repeats nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import HH_SAMPLE, read_jsonl_gz
+
+import pipeline
+from stages.core import storage
+from stages.core.config import ConfigError, RunConfig
+
+
+def rows(n):
+    found = [r for r in read_jsonl_gz(HH_SAMPLE, 200) if r["chosen"] != r["rejected"] and len(r["chosen"]) < 600]
+    return found[:n]
+
+
+def write(path, some):
+    path.write_text("".join(json.dumps(r) + "\n" for r in some))
+
+
+def test_two_nights_and_a_retried_one(tmp_path, tiny_model_dir, ray_session, capsys):
+    data, held = tmp_path / "prefs.jsonl", tmp_path / "held.jsonl"
+    write(held, rows(30)[24:])
+    assert pipeline.main(["precompute", "--data", str(held), "--model", tiny_model_dir, "--output",
+                          str(tmp_path / "held-refs"), "--format", "hh", "--progress", "false"]) == 0
+    config = tmp_path / "nightly.yaml"  # stage options as YAML mappings
+    config.write_text(f"data: {data}\nmodel: {tiny_model_dir}\nrefs: {tmp_path / 'refs'}\nruns: {tmp_path / 'runs'}\n"
+                      "precompute_options: {format: hh, rows_per_shard: 5}\n"
+                      "train_options: {max_steps: 2, batch_size: 4, learning_rate: 1.0e-3}\n")
+    night = ["run", "--config", str(config), "--progress", "false"]
+
+    write(data, rows(10))
+    assert pipeline.main([*night, "--date", "2026-11-24"]) == 0
+    first = json.loads((tmp_path / "runs" / "nightly-2026-11-24" / "run.json").read_text())
+    assert first["stages"]["precompute"]["last_run"]["pairs_written"] == 10
+    assert first["stages"]["train"]["outcome"] == "finished" and "eval" not in first["stages"]
+
+    write(data, rows(16))  # six rows arrive during the day
+    assert pipeline.main([*night, "--date", "2026-11-25", "--eval-refs", str(tmp_path / "held-refs")]) == 0
+    out = capsys.readouterr().out
+    second_dir = tmp_path / "runs" / "nightly-2026-11-25"
+    second = json.loads((second_dir / "run.json").read_text())
+    assert second["stages"]["precompute"]["last_run"]["pairs_written"] == 6  # only the new rows were scored
+    assert second["stages"]["precompute"]["rows_written"] == 16
+    assert (second_dir / "final" / "model.safetensors").exists() and (second_dir / "eval" / "eval.json").exists()
+    assert second["stages"]["eval"]["pairs"] == 6 and "eval/rewards/accuracies" in second["stages"]["eval"]
+    assert "run: " + str(second_dir) in out and "new pairs" in out
+    assert json.loads((tmp_path / "runs" / "latest.json").read_text())["run"] == str(second_dir)
+    assert (tmp_path / "runs" / "nightly-2026-11-24" / "final").exists()  # the first night's run is kept
+
+    metrics = (second_dir / "metrics.jsonl").read_text()
+    assert pipeline.main([*night, "--date", "2026-11-25", "--eval-refs", str(tmp_path / "held-refs")]) == 0
+    err = capsys.readouterr().err
+    assert "train already finished on these refs" in err
+    assert (second_dir / "metrics.jsonl").read_text() == metrics  # a retried night repeats no training
+    again = json.loads((second_dir / "run.json").read_text())
+    assert again["stages"]["precompute"]["last_run"]["pairs_written"] == 0 and again["stages"]["eval"]
+
+
+def test_stage_options_cannot_take_the_chains_own_keys(tmp_path):
+    from stages.nightly import stage_configs
+
+    cfg = RunConfig(train_options=json.dumps({"output": "elsewhere", "beta": 0.2}))
+    with pytest.raises(ConfigError, match="'train_options': output are set by the chain itself"):
+        stage_configs(cfg, "runs/x")
+    cfg = RunConfig(train_options='{"beta": 0.2}', precompute_options='{"num_workers": 3}', num_workers=2,
+                    device="cpu", dtype="bfloat16")
+    pre, train, ev = stage_configs(cfg, "runs/x")
+    assert (pre.num_workers, train.num_workers, train.beta, train.resume, train.output) == (3, 2, 0.2, "auto", "runs/x")
+    assert pre.device == train.device == "cpu" and pre.dtype == train.dtype == "bfloat16" and ev is None
+    with pytest.raises(ConfigError, match="'train_options': unknown key"):
+        stage_configs(RunConfig(train_options='{"betta": 1}'), "runs/x")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("date", "26/11/2026", "expected YYYY-MM-DD"), ("run_name", "a/{date}", "must name one folder"),
+    ("run_name", "{day}", "may use only {date}"), ("eval_options", "[1]", "expected a mapping")])
+def test_bad_run_settings_name_the_key(key, value, message):
+    with pytest.raises(ConfigError, match=f"config key '{key}'.*{message}"):
+        RunConfig(**{key: value})
+
+
+def test_the_run_folder_is_dated_by_the_program():
+    from datetime import datetime, timezone
+
+    from stages.nightly import run_dir
+
+    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    assert run_dir(RunConfig(runs="s3://b/runs")) in (f"s3://b/runs/nightly-{today}",)
+    assert run_dir(RunConfig(runs="r", run_name="dpo-{date}", date="2026-01-02")) == storage.join("r", "dpo-2026-01-02")
