@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -74,6 +75,23 @@ def ray_session():
         ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def ray_in_this_env():
+    """Ray restarted in the current environment (a test's AWS_* variables): stages' tasks and actors
+    read and write storage themselves, and Ray's workers take the environment Ray was started in.
+    Afterwards Ray is started again without the AWS_* variables, for the tests that come next."""
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        for k in [k for k in os.environ if k.startswith("AWS_")]:
+            mp.delenv(k)
+        ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
 
 
 def read_jsonl_gz(path, n=None):

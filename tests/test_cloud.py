@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import HH_SAMPLE, ROOT, read_jsonl_gz
+from conftest import HH_SAMPLE, ROOT, ray_in_this_env, read_jsonl_gz
 
 from stages.core import storage
 
@@ -314,21 +314,46 @@ def test_an_output_lease_on_s3_has_one_holder(s3, monkeypatch):
     assert storage.read_json(f"{url}/_lease.json")["run_id"] == stale["run_id"]  # not ours: left alone
 
 
-def test_a_precompute_into_an_output_another_run_holds_stops_with_one_line(s3, tiny_model_dir, capsys):
-    """The first run's lease is live (held here, on moto): the second run stops before writing anything."""
+def test_two_overlapping_precomputes_into_one_output(s3, tiny_model_dir, ray_session, capsys, monkeypatch):
+    """Two precomputes into one output on moto: the first takes the lease and (held at a gate once it
+    has it) is still running when the second starts; the second stops with one line naming the holder,
+    before writing anything; the first then finishes its output."""
+    import threading
+
     import pipeline
-    from stages.core.lease import Lease
+    from stages import precompute
+    from stages.core.config import PrecomputeConfig
 
     put_rows(s3, "overlap/in.jsonl", short_rows(4))
     args = ["precompute", "--data", "s3://dpo/overlap/in.jsonl", "--model", tiny_model_dir, "--output",
             "s3://dpo/overlap/refs", "--format", "hh", "--progress", "false"]
-    with Lease("s3://dpo/overlap/refs", "precompute", ttl=60) as first:
-        capsys.readouterr()
-        assert pipeline.main(args) == 2
-        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-        assert len(err) == 1 and "being written by another run (precompute on" in err[0], err
-        assert first.run_id[:12] in err[0]
-        assert keys(s3, "overlap/refs/") == ["overlap/refs/_lease.json"]  # nothing else written
+    holding, gate, result = threading.Event(), threading.Event(), {}
+    real_run = precompute._Run.run
+
+    def gated_run(self):  # the first run, inside its lease
+        holding.set()
+        assert gate.wait(120)
+        return real_run(self)
+
+    monkeypatch.setattr(precompute._Run, "run", gated_run)
+    first = threading.Thread(target=lambda: result.update(manifest=precompute.run(PrecomputeConfig(
+        data="s3://dpo/overlap/in.jsonl", model=tiny_model_dir, output="s3://dpo/overlap/refs", format="hh",
+        progress=False))))
+    with ray_in_this_env():  # the first run's tasks read S3 themselves
+        first.start()
+        try:
+            assert holding.wait(120)
+            holder = storage.read_json("s3://dpo/overlap/refs/_lease.json")
+            capsys.readouterr()
+            assert pipeline.main(args) == 2
+            err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+            assert len(err) == 1 and "being written by another run (precompute on" in err[0], err
+            assert holder["run_id"][:12] in err[0]
+        finally:
+            gate.set()
+            first.join(300)
+    assert result["manifest"]["rows_written"] == 4  # the holder was not disturbed
+    assert not storage.exists("s3://dpo/overlap/refs/_lease.json")  # and let go of its lease
 
 
 def test_sharded_checkpoint_on_s3_written_by_each_worker_resumed_by_one(s3, refs, tmp_path):

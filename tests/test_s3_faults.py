@@ -10,13 +10,12 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import os
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import HH_SAMPLE, read_jsonl_gz
+from conftest import HH_SAMPLE, ray_in_this_env, read_jsonl_gz
 from test_train import untimed
 
 from stages import precompute, train
@@ -132,19 +131,9 @@ def slow_s3():
 
 @pytest.fixture
 def ray_in_s3_env(slow_s3, ray_session):
-    """Ray restarted inside slow_s3's environment: the precompute's tasks and actors read and write the
-    storage themselves, and Ray's workers take the environment Ray was started in. Afterwards Ray is
-    started again without the AWS_* variables, for the tests that come next."""
-    import ray
-
-    ray.shutdown()
-    ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-    with pytest.MonkeyPatch.context() as mp:
-        for k in [k for k in os.environ if k.startswith("AWS_")]:
-            mp.delenv(k)
-        ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
+    """Ray restarted inside slow_s3's environment (see conftest.ray_in_this_env)."""
+    with ray_in_this_env():
+        yield
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ come within `--gpu-wait-seconds`; `cpu` never touches a GPU.
 from __future__ import annotations
 
 import os
-import sys
 
 from stages.core.errors import PipelineError
 
@@ -20,7 +19,7 @@ class NoGpu(PipelineError):
 
 def pick_device(requested: str = "auto", what: str | None = None) -> str:
     """The device for work in this process: 'cuda' or 'cpu'. With `what`, an `auto` choice is said
-    on stderr with its reason."""
+    on stdout with its reason."""
     import torch
 
     if requested == "cpu":
@@ -37,8 +36,8 @@ def pick_device(requested: str = "auto", what: str | None = None) -> str:
 
 
 def say(message: str) -> None:
-    """One line on stderr (stdout keeps the stage's summary)."""
-    print(message, file=sys.stderr, flush=True)
+    """One line of the stage's report, on stdout (stderr is for the progress bar and errors)."""
+    print(message, flush=True)
 
 
 def ray_use_gpu(requested: str, what: str, workers: int, gpus_each: int, timeout_s: float,
@@ -46,7 +45,7 @@ def ray_use_gpu(requested: str, what: str, workers: int, gpus_each: int, timeout
     """Whether `workers` Ray workers of `what` each get `gpus_each` GPUs.
 
     auto: when the cluster has them now (`need_all`: a GPU for every worker, else any), said on
-    stderr with the reason. cuda: waits up to `timeout_s` for the cluster to hold them all at once
+    stdout with the reason. cuda: waits up to `timeout_s` for the cluster to hold them all at once
     (a placement group asks an autoscaler for the nodes) and raises `NoGpu` if it never does. cpu: no."""
     import ray
 
