@@ -1,7 +1,7 @@
 """Contracts between the stages. Imports only pyarrow (and the standard library)."""
 
 from schemas.manifest import FORMAT_VERSION, MANIFEST_KEYS, validate_manifest
-from schemas.shards import REJECT_SCHEMA, SHARD_SCHEMA, SchemaError, validate_table
+from schemas.shards import REJECT_SCHEMA, SHARD_SCHEMA, UNPAIRED_SHARD_SCHEMA, SchemaError, validate_table
 
-__all__ = ["SHARD_SCHEMA", "REJECT_SCHEMA", "SchemaError", "validate_table", "FORMAT_VERSION", "MANIFEST_KEYS",
-           "validate_manifest"]
+__all__ = ["SHARD_SCHEMA", "UNPAIRED_SHARD_SCHEMA", "REJECT_SCHEMA", "SchemaError", "validate_table",
+           "FORMAT_VERSION", "MANIFEST_KEYS", "validate_manifest"]

@@ -25,6 +25,24 @@ SHARD_SCHEMA = pa.schema([
     pa.field("rejected_scored_tokens", pa.int32(), nullable=False),
 ])
 
+# An unpaired shard (`kind: "unpaired"` in the manifest; KTO): one row per example, a completion with a
+# desirable / undesirable label, and for the KL term the completion of another example of the same shard
+# (`kl_completion_ids`) scored after this prompt (`ref_kl_logps`). An example without such a partner (a
+# shard of one example, or of identical completions) has empty kl_completion_ids and a null ref_kl_logps.
+UNPAIRED_SHARD_SCHEMA = pa.schema([
+    pa.field("example_id", pa.string(), nullable=False),      # sha256 of the normalised prompt/completion/label
+    pa.field("source_index", pa.int64(), nullable=False),
+    pa.field("row_key", pa.string(), nullable=False),
+    pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("completion_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("label", pa.bool_(), nullable=False),               # true: desirable
+    pa.field("ref_logps", pa.float64(), nullable=False),         # sum of log pi_ref over scored completion tokens
+    pa.field("completion_scored_tokens", pa.int32(), nullable=False),
+    pa.field("kl_completion_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("ref_kl_logps", pa.float64()),                      # null: no KL partner
+    pa.field("kl_scored_tokens", pa.int32(), nullable=False),
+])
+
 # One row per rejected input row: why it was not scored, and the row itself as JSON.
 REJECT_SCHEMA = pa.schema([
     pa.field("source_index", pa.int64(), nullable=False),

@@ -64,7 +64,7 @@ from stages.core.formats import detect
 from stages.core.lease import LEASE_FILE, Lease
 from stages.core.models import load_tokenizer, resolve_model, tokenizer_hashes, weights_hash
 from stages.core.ray_runtime import init_ray, quiet_ray_data
-from stages.core.row_plan import Plan, Source, build_plan, content_hash, pair_id  # noqa: F401 (re-exported)
+from stages.core.row_plan import KL_PAIRING, Plan, Source, build_plan, content_hash, pair_id, pair_kl  # noqa: F401
 from stages.core.scorer import PairProgress, ReferenceScorer, tokenize_batch
 from stages.core.shard_writer import (
     ShardWriter,
@@ -76,6 +76,7 @@ from stages.core.shard_writer import (
     shard_index,
     shard_name,
 )
+from stages.core.unpaired import is_unpaired
 from stages.inspect_refs import damaged_files
 
 SCORER_ATTEMPTS = 3   # scorer pools one run starts: a pool fails as a whole when one of its processes dies
@@ -155,6 +156,28 @@ def _check_output(cfg: PrecomputeConfig, identity: dict) -> None:
         lines = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
         raise OutputMismatch(f"{cfg.output} was made with other settings ({lines}); "
                              "pass --overwrite to replace it, or choose another --output")
+
+
+def _with_kind(cfg: PrecomputeConfig, identity: dict, layout: str) -> dict:
+    """The identity with the output's kind: paired (preference pairs) or unpaired (KTO examples, with
+    the settings of their KL pairing). An output holds one kind; a run of the other is refused."""
+    kind = "unpaired" if layout == "unpaired" else "paired"
+    ident = {**identity, "kind": kind}
+    if kind == "unpaired":
+        ident.update(completion_column=cfg.completion_column, label_column=cfg.label_column, kl_seed=cfg.kl_seed)
+    run_file = storage.join(cfg.output, "_progress", "run.json")
+    if storage.exists(run_file):
+        previous = storage.read_json(run_file)
+        before = previous.get("kind", "paired")
+        if before != kind:
+            raise OutputMismatch(f"{cfg.output} holds {before} data and {cfg.data} is {kind} ({layout} rows): an "
+                                 "output holds one kind; choose another --output")
+        diff = {k: (previous.get(k), ident[k]) for k in ident if k not in identity and previous.get(k) != ident[k]}
+        if diff:
+            lines = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
+            raise OutputMismatch(f"{cfg.output} was made with other settings ({lines}); "
+                                 "pass --overwrite to replace it, or choose another --output")
+    return ident
 
 
 def _read_markers(cfg: PrecomputeConfig) -> dict[int, dict | None]:
@@ -239,7 +262,7 @@ def _layout(cfg: PrecomputeConfig) -> str:
     for _, raw in read_rows(cfg.data, cfg.split, cfg.limit):
         if not isinstance(raw, MalformedRow):
             if cfg.format == "auto":
-                layout = embedded_layout(cfg.data) or detect(raw)
+                layout = embedded_layout(cfg.data) or ("unpaired" if is_unpaired(raw, cfg) else detect(raw))
             check_columns(raw, layout, cfg)
             return layout
     return "standard" if cfg.format == "auto" else cfg.format  # no row parses: every one is a reject
@@ -423,7 +446,10 @@ class _Run:
         first = max(set(markers) | keys, default=-1) + 1
         init_ray(cfg.num_workers + 1)
         quiet_ray_data()
-        return done, build_plan(cfg, self.source, self.layout, _known_files(done, keys - set(done)), first)
+        plan = build_plan(cfg, self.source, self.layout, _known_files(done, keys - set(done)), first)
+        if self.layout == "unpaired" and plan.rows:
+            plan = pair_kl(plan, cfg.kl_seed)  # each example's KL completion, from its own shard
+        return done, plan
 
     def run(self) -> dict[int, dict]:
         try:
@@ -510,6 +536,7 @@ def run(cfg: PrecomputeConfig) -> dict:
         _check_output(cfg, identity)
         _check_source(cfg, _read_markers(cfg))
         layout = _layout(cfg)
+        identity = _with_kind(cfg, identity, layout)
         storage.write_json(storage.join(cfg.output, "_progress", "run.json"), identity)
         storage.write_bytes_atomic(storage.join(cfg.output, "config.yaml"), to_yaml(cfg).encode())
         job = _Run(cfg, model_path, Source.of(cfg.data, cfg.split, cfg.storage_options_dict or None), layout,
@@ -563,6 +590,7 @@ def _manifest(cfg: PrecomputeConfig, model_path: str, identity: dict, done: dict
         "data_source": cfg.data,
         "data_sources": sorted({s["data"] for s in shards}),
         "data_path": resolve_source(cfg.data),
+        "kind": identity.get("kind", "paired"),
         "pair_ids_fingerprint": fingerprint(_pair_ids_sums(cfg, done)),
         "max_length": cfg.max_length,
         "max_prompt_length": cfg.max_prompt_length,
@@ -577,6 +605,8 @@ def _manifest(cfg: PrecomputeConfig, model_path: str, identity: dict, done: dict
         "config": public(cfg),
         "last_run": last_run,  # what this invocation did: re-runs skip finished shards
     }
+    if manifest["kind"] == "unpaired":
+        manifest["kl_pairing"] = {"scope": "shard", "seed": cfg.kl_seed, "method": KL_PAIRING}
     validate_manifest(manifest)
     storage.write_json(storage.join(cfg.output, "manifest.json"), manifest)
     return manifest

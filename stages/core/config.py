@@ -115,12 +115,17 @@ class PrecomputeConfig(Common):
     model: str = doc("reference model: local dir, hub name, or 'embedded:smollm2-135m-instruct'",
                      default="embedded:smollm2-135m-instruct")
     output: str = doc("output directory or fsspec URL for shards, rejects and manifest.json", default="runs/demo")
-    format: Literal["auto", "standard", "hh", "ultrafeedback", "helpsteer3", "openai", "sharegpt"] = doc(
-        "input layout; auto detects openai/sharegpt/helpsteer3 and otherwise reads TRL's standard or "
-        "conversational rows as-is (hh text is only parsed into turns with --format hh)", default="auto")
+    format: Literal["auto", "standard", "hh", "ultrafeedback", "helpsteer3", "openai", "sharegpt", "unpaired"] = doc(
+        "input layout; auto detects openai/sharegpt/helpsteer3 and unpaired (prompt, completion, label: KTO) "
+        "rows and otherwise reads TRL's standard or conversational pairs as-is (hh text is only parsed into "
+        "turns with --format hh)", default="auto")
     prompt_column: str = doc("column holding the prompt (optional: implicit prompts are extracted)", default="prompt")
     chosen_column: str = doc("column holding the chosen answer", default="chosen")
     rejected_column: str = doc("column holding the rejected answer", default="rejected")
+    completion_column: str = doc("column holding the completion of an unpaired example", default="completion")
+    label_column: str = doc("column holding an unpaired example's label (true: desirable)", default="label")
+    kl_seed: int = doc("seed of the KL pairing of unpaired examples (each with another example's completion "
+                       "of its shard)", default=0)
     split: str = doc("split to read from a DatasetDict / hub dataset", default="train")
     max_length: int | None = doc("max tokens of prompt+completion, TRL's max_length (None: no limit)", default=1024)
     max_prompt_length: int | None = doc("max prompt tokens before max_length applies (None: no limit)", default=None)

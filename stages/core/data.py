@@ -379,6 +379,7 @@ def check_columns(first_row: Any, layout: str, cfg: Any) -> None:
         "openai": ["input", "preferred_output", "non_preferred_output"],
         "sharegpt": ["conversations", "chosen", "rejected"],
         "helpsteer3": ["context", "response1", "response2", "overall_preference"],
+        "unpaired": [cfg.prompt_column, cfg.completion_column, cfg.label_column],
     }[layout]
     # The default prompt column is optional (prompts are then taken from chosen/rejected); one the
     # user named is not: without this, a typo would silently switch to implicit prompts.

@@ -48,6 +48,7 @@ from stages.core.data import (
     resolve_source,
 )
 from stages.core.formats import RowRejected, normalise
+from stages.core.unpaired import normalise_unpaired
 
 READ_ROWS = 2048        # rows per block a read task yields
 DATASET_ROWS = 50_000   # rows of a save_to_disk folder one read task takes
@@ -76,9 +77,11 @@ def _json(value) -> str:
 
 
 def pair_id(row: dict) -> str:
-    """Content hash of the normalised prompt/chosen/rejected: stable across runs, file order and index."""
-    body = json.dumps([row["prompt"], row["chosen"], row["rejected"], row.get("tools")],
-                      sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    """Content hash of the normalised prompt/chosen/rejected (an unpaired example's prompt/completion/label:
+    its example_id): stable across runs, file order and index."""
+    fields = ([row["prompt"], row["completion"], row["label"]] if "completion" in row
+              else [row["prompt"], row["chosen"], row["rejected"]])
+    body = json.dumps([*fields, row.get("tools")], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(body.encode("utf-8")).hexdigest()[:32]
 
 
@@ -175,7 +178,7 @@ def _plan_row(index: int, raw, layout: str, cfg) -> dict:
     try:
         if isinstance(raw, MalformedRow):
             raise RowRejected(getattr(raw, "reason", "malformed_json"), f"{raw.file} line {raw.line}: {raw.error}")
-        row = normalise(raw, layout, cfg)
+        row = normalise_unpaired(raw, cfg) if layout == "unpaired" else normalise(raw, layout, cfg)
         return {"source_index": index, "h": h, "pair_id": pair_id(row), "raw": _json(raw), "row_json": _json(row),
                 "kind": INPUT}
     except RowRejected as e:
@@ -211,7 +214,9 @@ def read_known(batch: pa.Table, output: str, options: dict | None):
             keys = _redo_keys(url)
         else:
             with storage.open_binary(url) as fh:
-                table = pq.read_table(fh, columns=["row_key"] + (["pair_id"] if item["what"] == "shard" else []))
+                names = pq.ParquetFile(fh).schema_arrow.names
+                id_column = "pair_id" if "pair_id" in names else "example_id"  # a paired or an unpaired shard
+                table = pq.read_table(fh, columns=["row_key"] + ([id_column] if item["what"] == "shard" else []))
             keys = table.column("row_key").to_pylist()
         h, n = zip(*(k.rsplit(":", 1) for k in keys)) if keys else ((), ())
         kind = REDO if item["what"] == "redo" else KNOWN
@@ -219,7 +224,7 @@ def read_known(batch: pa.Table, output: str, options: dict | None):
                                           "shard": [item["shard"]] * len(keys)},
                                          schema=_part(PLAN_SCHEMA, "h", "n", "kind", "shard")))
         if item["what"] == "shard":
-            pairs = table.column("pair_id")
+            pairs = table.column(id_column)
             yield _full(pa.Table.from_pydict({"pair_id": pairs, "kind": pa.array([PAIR] * len(pairs), pa.int8()),
                                               "held_in": [item["path"]] * len(pairs)},
                                              schema=_part(PLAN_SCHEMA, "pair_id", "kind", "held_in")))
@@ -399,6 +404,78 @@ def build_plan(cfg, source: Source, layout: str, known_files: list[dict], first:
                                   fn_kwargs=dict(kind=INPUT, paired=False))
     ordered = checked.union(unpaired).sort("source_index").materialize()
     return _assign_shards(cfg, ordered.to_arrow_refs(), first, already_done, total - already_done)
+
+
+# --- 6. KL pairing (unpaired data) -----------------------------------------------------------------
+
+KL_PAIRING = ("each example's KL completion is the completion_ids of the next example, on a cycle through its "
+              "shard's examples in the order of random.Random(f'{seed}:{shard}').shuffle, whose completion "
+              "differs from its own; none when no example of the shard does")
+
+
+def kl_partners(completions: list, seed: int, shard: int) -> list[int | None]:
+    """For each example of a shard (in source_index order), the example whose completion is its KL
+    completion: a seeded shuffle of the shard laid out as one cycle, each example paired with the next
+    one on it whose completion differs (never itself, never an identical completion); None when the
+    shard has no such example. Depends only on the shard's examples, the seed and the shard index, so
+    not on batch size, workers or shuffling; every completion serves as a KL completion about once."""
+    import random
+
+    n = len(completions)
+    order = list(range(n))
+    random.Random(f"{seed}:{shard}").shuffle(order)
+    keys = [json.dumps(c, sort_keys=True, ensure_ascii=False) for c in completions]
+    partners: list[int | None] = [None] * n
+    for j, i in enumerate(order):
+        for step in range(1, n):
+            k = order[(j + step) % n]
+            if keys[k] != keys[i]:
+                partners[i] = k
+                break
+    return partners
+
+
+def pair_shard(shard: int, seed: int, chunk: int, pieces: int, *chunks: pa.Table) -> list[pa.Table] | pa.Table:
+    """Ray task: shard `shard`'s rows gathered from the chunks that hold them, each kept unpaired row's
+    normalised JSON given the `kl_completion` of its partner (`kl_partners`; null without one); cut into
+    `pieces` chunks of up to `chunk` rows."""
+    table = pa.concat_tables(chunks)
+    table = table.filter(pc.equal(table["shard"], shard)).sort_by("source_index")
+    kept = pc.is_null(table["reject_reason"]).to_pylist()
+    texts = table.column("row_json").to_pylist()
+    rows = {i: json.loads(t) for i, (t, ok) in enumerate(zip(texts, kept)) if ok}
+    at = sorted(rows)
+    partners = kl_partners([rows[i]["completion"] for i in at], seed, shard)
+    for i, p in zip(at, partners):  # the partner's prompt too: its completion is tokenized as it is (TRL)
+        partner = rows[at[p]] if p is not None else {}
+        texts[i] = _json({**rows[i], "kl_prompt": partner.get("prompt"), "kl_completion": partner.get("completion")})
+    table = table.set_column(table.schema.get_field_index("row_json"), "row_json", pa.array(texts, pa.string()))
+    parts = [table.slice(i * chunk, chunk) for i in range(pieces)]
+    return parts if pieces > 1 else parts[0]
+
+
+def shards_in(block: pa.Table) -> list[int]:
+    return pc.unique(block["shard"]).to_pylist()
+
+
+def pair_kl(plan: "Plan", seed: int, chunk_rows: int = CHUNK_ROWS) -> "Plan":
+    """The plan's chunks regrouped by shard with each example's KL completion (unpaired data): one
+    task per shard reads the chunks holding its rows (the driver holds one list of shard numbers per
+    chunk). A shard scored again (a repair) gets the same pairing, since it gets the same rows."""
+    import ray
+
+    covers = ray.get([ray.remote(num_cpus=0.1)(shards_in).remote(c) for c in plan.chunks])
+    holding: dict[int, list] = {}
+    for ref, shards in zip(plan.chunks, covers):
+        for k in shards:
+            holding.setdefault(k, []).append(ref)
+    task = ray.remote(num_cpus=0.25)(pair_shard)
+    chunks = []
+    for k in sorted(holding):
+        pieces = max(1, -(-plan.rows_read[k] // chunk_rows))
+        out = task.options(num_returns=pieces).remote(k, seed, chunk_rows, pieces, *holding[k])
+        chunks += out if pieces > 1 else [out]
+    return Plan(chunks, plan.rows_read, plan.already_done, plan.rows)
 
 
 def plan_in_one_task(*blocks: pa.Table) -> tuple[pa.Table, int]:

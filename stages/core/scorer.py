@@ -32,11 +32,14 @@ from stages.core.layout import (
 from stages.core.logprobs import scored_logps, sequence_logps
 from stages.core.models import gpu_memory, load_model, load_tokenizer
 from stages.core.tokenization import scored_sequence, tokenize_row, truncate
+from stages.core.unpaired import tokenize_unpaired_row
 
 TOKENIZED_SCHEMA = pa.schema([
     ("pair_id", pa.string()), ("row_key", pa.string()), ("source_index", pa.int64()), ("shard", pa.int64()),
     ("prompt_ids", pa.list_(pa.int32())), ("chosen_ids", pa.list_(pa.int32())), ("rejected_ids", pa.list_(pa.int32())),
     ("reject_reason", pa.string()), ("reject_detail", pa.string()), ("row_json", pa.string()),
+    # unpaired examples (KTO): the label, and whether the KL completion (as rejected_ids) is another example's
+    ("label", pa.bool_()), ("kl", pa.bool_()),
 ])
 
 
@@ -54,10 +57,15 @@ def tokenize_batch(batch: pa.Table, model_path: str, max_length: int | None, max
     empty = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
     for rec in batch.to_pylist():
         ids, reason, detail, row_json = empty, rec.get("reject_reason"), rec.get("reject_detail"), rec["row_json"]
+        label = kl = None
         if reason is None:
             try:
-                ids = truncate(tokenize_row(tokenizer, json.loads(row_json)), max_length, max_prompt_length,
-                               truncation_mode)
+                row = json.loads(row_json)
+                if "completion" in row:
+                    label, (ids, kl) = row["label"], _unpaired_ids(tokenizer, row)
+                else:
+                    ids = tokenize_row(tokenizer, row)
+                ids = truncate(ids, max_length, max_prompt_length, truncation_mode)
                 row_json = None
             except RowRejected as e:
                 reason, detail = e.reason, e.detail
@@ -68,7 +76,27 @@ def tokenize_batch(batch: pa.Table, model_path: str, max_length: int | None, max
         out["reject_reason"].append(reason)
         out["reject_detail"].append(detail)
         out["row_json"].append(row_json)
+        out["label"].append(label if reason is None else None)
+        out["kl"].append(kl if reason is None else None)
     return pa.Table.from_pydict(out, schema=TOKENIZED_SCHEMA)
+
+
+def _unpaired_ids(tokenizer, row: dict) -> tuple[dict[str, list[int]], bool]:
+    """An unpaired example as the scorer's pair: its completion as chosen, and as rejected the KL
+    completion, which is its partner's completion_ids as the partner tokenizes them, after this prompt
+    (TRL's KL_completion_ids). Without a partner (or one that cannot be tokenized) the example's own
+    completion stands in, and `kl` is False: the writer keeps no KL value for it."""
+    own = tokenize_unpaired_row(tokenizer, row)
+    kl_ids = None
+    if row.get("kl_completion") is not None:
+        try:
+            kl_ids = tokenize_unpaired_row(tokenizer, {**row, "prompt": row["kl_prompt"],
+                                                       "completion": row["kl_completion"]})["completion_ids"]
+        except RowRejected:
+            kl_ids = None
+    kl = bool(kl_ids)
+    return {"prompt_ids": own["prompt_ids"], "chosen_ids": own["completion_ids"],
+            "rejected_ids": kl_ids if kl else own["completion_ids"]}, kl
 
 
 class PairProgress:

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas import REJECT_SCHEMA, SHARD_SCHEMA, validate_table
+from schemas import REJECT_SCHEMA, SHARD_SCHEMA, UNPAIRED_SHARD_SCHEMA, validate_table
 from stages.core import storage
 
 ROW_GROUP_SIZE = 256  # rows per Parquet row group: the trainer's unit of streaming
@@ -61,6 +61,18 @@ def pair_tokens(r: dict) -> int:
     return len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"])
 
 
+def unpaired_row(r: dict) -> dict:
+    """A scored unpaired example (the scorer saw it as a pair: completion as chosen, the KL completion as
+    rejected) in the columns of UNPAIRED_SHARD_SCHEMA."""
+    kl = bool(r["kl"])
+    return {"example_id": r["pair_id"], "source_index": r["source_index"], "row_key": r["row_key"],
+            "prompt_ids": r["prompt_ids"], "completion_ids": r["chosen_ids"], "label": r["label"],
+            "ref_logps": r["ref_chosen_logps"], "completion_scored_tokens": r["chosen_scored_tokens"],
+            "kl_completion_ids": r["rejected_ids"] if kl else [],
+            "ref_kl_logps": r["ref_rejected_logps"] if kl else None,
+            "kl_scored_tokens": r["rejected_scored_tokens"] if kl else 0}
+
+
 def parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, row_group_size=ROW_GROUP_SIZE, compression="zstd")
@@ -73,8 +85,11 @@ def write_shard(output: str, k: int, results: list[dict], rows_read: int, data: 
     rows = [r for r in results if r["reject_reason"] is None]
     rejects = [{"source_index": r["source_index"], "row_key": r["row_key"], "reason": r["reject_reason"],
                 "detail": r["reject_detail"], "row": r["row_json"]} for r in results if r["reject_reason"] is not None]
-    table = pa.Table.from_pylist([{f: r[f] for f in SHARD_SCHEMA.names} for r in rows], schema=SHARD_SCHEMA)
-    validate_table(table, SHARD_SCHEMA, shard_name(k))
+    unpaired = any(r.get("label") is not None for r in results)
+    schema = UNPAIRED_SHARD_SCHEMA if unpaired else SHARD_SCHEMA
+    table = pa.Table.from_pylist([unpaired_row(r) if unpaired else {f: r[f] for f in SHARD_SCHEMA.names}
+                                  for r in rows], schema=schema)
+    validate_table(table, schema, shard_name(k))
     rej_data = parquet_bytes(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))
     shard_data = parquet_bytes(table)
     keys = pa.table({"row_key": pa.array([r["row_key"] for r in results], pa.string())})
