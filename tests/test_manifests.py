@@ -1,7 +1,7 @@
 """The Kubernetes side, checked without a cluster, Ray or the network.
 
-- Every RayJob/RayCronJob under jobs/kuberay/ and jobs/examples/ against the KubeRay CRDs (shared/kuberay/, copied
-  from the v1.6.0 and v1.7.0 tags) with the API server's structural-schema rules: a field the schema does not
+- Every RayJob/RayCronJob under jobs/kuberay/ and jobs/examples/ against the KubeRay CRDs (tests/kuberay/, gzipped
+  copies from the v1.6.0 and v1.7.0 tags) with the API server's structural-schema rules: a field the schema does not
   list is an error. A manifest's header says the oldest KubeRay it needs (`# kuberay: >=1.7`); it must validate
   against every copied release from that one on, and must fail against the older ones (else the marker is wrong).
 - The settings that keep a job from holding GPUs forever (deadlines, clean-up) and KubeRay's own rules on them.
@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import gzip
 import json
 import os
 import re
@@ -28,9 +29,9 @@ from conftest import ROOT
 from jsonschema import Draft7Validator
 from packaging.specifiers import SpecifierSet
 
-CRDS = ROOT.parent / "shared" / "kuberay"
+CRDS = ROOT / "tests" / "kuberay"  # KubeRay's CRDs, copied unchanged (tests/kuberay/SOURCES.md)
 RELEASES = {(1, 6): "v1.6.0", (1, 7): "v1.7.0"}
-CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCronJob": "ray.io_raycronjobs.yaml"}
+CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml.gz", "RayCronJob": "ray.io_raycronjobs.yaml.gz"}
 KUBERAY = ROOT / "jobs" / "kuberay"
 EXAMPLES = ROOT / "jobs" / "examples"
 MARKER = re.compile(r"^# kuberay: >=(\d+)\.(\d+)$", re.M)
@@ -134,8 +135,7 @@ def structural(node):
 @lru_cache(maxsize=None)
 def validator(release: str, kind: str) -> Draft7Validator:
     path = CRDS / release / CRD_FILES[kind]
-    assert path.exists(), f"{path} is missing: the CRDs come from shared/kuberay/ beside the repository"
-    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    crd = yaml.load(gzip.decompress(path.read_bytes()), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     assert crd["spec"]["names"]["kind"] == kind
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = structural(v1["schema"]["openAPIV3Schema"])
