@@ -57,6 +57,10 @@ def load_refs(root: str, vocab_size: int | None = None) -> Refs:
         validate_manifest(manifest, url)
     except (json.JSONDecodeError, SchemaError) as e:
         raise ShardError(f"{url}: {e}") from None
+    if manifest.get("kind", "paired") != "paired":
+        raise ShardError(f"{root} holds {manifest['kind']} examples (manifest kind {manifest['kind']!r}): train and "
+                         "eval read preference pairs (kind 'paired') only; KTO training on unpaired shards is not "
+                         "built yet")
     return Refs(root, manifest, vocab_size)
 
 
