@@ -19,9 +19,9 @@ from stages.core.formats import RowRejected, normalise
 from stages.core.tokenization import scored_sequence
 from stages.core.unpaired import (
     is_unpaired,
-    kl_partners,
     normalise_unpaired,
     tokenize_unpaired_row,
+    trl_kl_partners,
     truncate_unpaired,
     unpair,
     unpair_rows,
@@ -75,7 +75,7 @@ def assert_same_ids(trl_rows, our_ids):
 
 
 def assert_kl_pairing(trl_rows, batch_size):
-    partners = kl_partners(len(trl_rows), batch_size)
+    partners = trl_kl_partners(len(trl_rows), batch_size)
     for i, j in enumerate(partners):
         assert trl_rows[i]["KL_completion_ids"] == trl_rows[j]["completion_ids"], f"row {i}: KL partner is not {j}"
 
@@ -183,9 +183,9 @@ def test_truncate_keep_end_and_max_prompt_length():
 
 
 def test_kl_partners():
-    assert kl_partners(5, 2) == [1, 0, 3, 2, 4]
-    assert kl_partners(4, 4) == [3, 0, 1, 2]
-    assert kl_partners(0, 3) == []
+    assert trl_kl_partners(5, 2) == [1, 0, 3, 2, 4]
+    assert trl_kl_partners(4, 4) == [3, 0, 1, 2]
+    assert trl_kl_partners(0, 3) == []
 
 
 @pytest.mark.parametrize("value, expected", [(True, True), (False, False), (1, True), (0, False),
@@ -241,7 +241,7 @@ def test_rejects_after_tokenization(tokenizer):
     assert e.value.reason == "prompt_too_long"
     assert e.value.detail == f"prompt is {len(ids['prompt_ids'])} tokens, leaving no room under max_length 20"
     assert truncate_unpaired(ids, 20, None, "keep_end")["completion_ids"] == ids["completion_ids"]
-    with pytest.raises(RowRejected, match="empty_completion: the completion tokenizes to no tokens"):
+    with pytest.raises(RowRejected, match="empty_completion: a completion tokenizes to no tokens"):
         truncate_unpaired({"prompt_ids": [1], "completion_ids": []}, None, None, "keep_start")
     with pytest.raises(RowRejected, match="empty_prompt: the prompt tokenizes to no tokens"):
         truncate_unpaired({"prompt_ids": [], "completion_ids": [1]}, None, None, "keep_start")

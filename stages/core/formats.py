@@ -243,23 +243,26 @@ def detect(row: dict) -> str:
     return "standard"
 
 
+def check_text(key: str, value: Any) -> None:
+    """A prompt or completion is a string or a non-empty list of well-formed messages."""
+    if isinstance(value, list):
+        if not value:
+            raise RowRejected(f"empty_{key}", f"{key} is an empty list")
+        if not is_messages(value):
+            raise RowRejected("bad_type", f"{key} is a list but not of messages with 'role'")
+        _check_messages(key, value)
+    elif not isinstance(value, str):
+        raise RowRejected("bad_type", f"{key} is {type(value).__name__}, expected a string or messages")
+
+
 def normalise(row: dict, layout: str, cfg: Any) -> dict:
     """Raw row -> TRL row with an explicit prompt, validated; raises RowRejected."""
     if not isinstance(row, dict):
         raise RowRejected("bad_type", f"row is {type(row).__name__}, expected an object")
     out = ADAPTERS[layout](row, cfg)
     for key in ("prompt", "chosen", "rejected"):
-        if key not in out:
-            continue
-        value = out[key]
-        if isinstance(value, list):
-            if not value:
-                raise RowRejected(f"empty_{key}", f"{key} is an empty list")
-            if not is_messages(value):
-                raise RowRejected("bad_type", f"{key} is a list but not of messages with 'role'")
-            _check_messages(key, value)
-        elif not isinstance(value, str):
-            raise RowRejected("bad_type", f"{key} is {type(value).__name__}, expected a string or messages")
+        if key in out:
+            check_text(key, out[key])
     _check_template_inputs(out)
     if is_messages(out["chosen"]) != is_messages(out["rejected"]):
         raise RowRejected("bad_type", "chosen and rejected mix strings and messages")

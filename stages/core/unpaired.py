@@ -21,7 +21,7 @@ What trl 1.16.0's `KTOTrainer._prepare_dataset` does, in order, and where it liv
    completion starts where the two token lists part (`tokenize_unpaired_row`), as for DPO.
 5. With max_length set, rows whose prompt alone has >= max_length tokens are dropped (here: rejected,
    `prompt_too_long`, in `truncate_unpaired`).
-6. KL completions, see `kl_partners`.
+6. KL completions, see `trl_kl_partners`.
 
 Truncation (`DataCollatorForUnpairedPreference`): prompt_ids + completion_ids cut to max_length from the right,
 per sequence. KTOConfig 1.16.0 has no truncation_mode, no max_prompt_length and no max_completion_length (those
@@ -33,11 +33,10 @@ for DPO.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from stages.core.formats import RowRejected, _check_messages, _check_template_inputs, _is_blank, is_messages
-from stages.core.tokenization import _common_prefix_length, _ids
+from stages.core.formats import RowRejected, _check_template_inputs, _is_blank, check_text, is_messages
+from stages.core.tokenization import tokenize_row, truncate
 
 # TRL map(batched=True) default: `unpair_preference_dataset` works on blocks of this many paired rows.
 TRL_MAP_BATCH_SIZE = 1000
@@ -100,15 +99,7 @@ def normalise_unpaired(row: dict, cfg: Any) -> dict:
         if row.get(key) is not None:
             out[key] = row[key]
     for key in ("prompt", "completion"):
-        value = out[key]
-        if isinstance(value, list):
-            if not value:
-                raise RowRejected(f"empty_{key}", f"{key} is an empty list")
-            if not is_messages(value):
-                raise RowRejected("bad_type", f"{key} is a list but not of messages with 'role'")
-            _check_messages(key, value)
-        elif not isinstance(value, str):
-            raise RowRejected("bad_type", f"{key} is {type(value).__name__}, expected a string or messages")
+        check_text(key, out[key])
     _check_template_inputs(out)
     if is_messages(out["prompt"]) != is_messages(out["completion"]):
         raise RowRejected("bad_type", "prompt and completion mix strings and messages")
@@ -135,7 +126,7 @@ def unpair_rows(rows: list[dict], batch_size: int = TRL_MAP_BATCH_SIZE) -> list[
     """Paired rows -> unpaired rows in `unpair_preference_dataset`'s order (map with `batch_size`).
 
     Per block of `batch_size` paired rows: the block's chosen rows, then its rejected rows. The order
-    matters for KTO: the KL completions are taken from neighbours (`kl_partners`). With dataset_num_proc > 1
+    matters for KTO: the KL completions are taken from neighbours (`trl_kl_partners`). With dataset_num_proc > 1
     TRL maps each contiguous shard separately, so its blocks restart at shard boundaries.
     """
     out: list[dict] = []
@@ -152,20 +143,9 @@ def tokenize_unpaired_row(tokenizer: Any, row: dict) -> dict[str, list[int]]:
     A template that cannot render the row is a `template_error` reject (as on the DPO path). TRL may leave the
     prompt with no tokens (they merged into the completion): that is `truncate_unpaired`'s empty_prompt.
     """
-    prompt, completion = row["prompt"], row["completion"]
-    if is_messages(completion):
-        tools = row.get("tools")
-        tools = json.loads(tools) if isinstance(tools, str) else tools
-        kwargs = {"tools": tools, **(row.get("chat_template_kwargs") or {})}
-        prompt_ids = _ids(tokenizer, prompt, add_generation_prompt=True, **kwargs)
-        prompt_completion = _ids(tokenizer, prompt + completion, **kwargs)
-    else:
-        eos = tokenizer.eos_token
-        completion = completion if completion.endswith(eos) else completion + eos
-        prompt_ids = _ids(tokenizer, prompt)
-        prompt_completion = _ids(tokenizer, prompt + completion)
-    n = _common_prefix_length(prompt_ids, prompt_completion)
-    return {"prompt_ids": prompt_ids[:n], "completion_ids": prompt_completion[n:]}
+    # KTOTrainer's tokenize_fn is DPOTrainer's for one completion: the pair rule with the completion twice.
+    ids = tokenize_row(tokenizer, {**row, "chosen": row["completion"], "rejected": row["completion"]})
+    return {"prompt_ids": ids["prompt_ids"], "completion_ids": ids["chosen_ids"]}
 
 
 def truncate_unpaired(ids: dict[str, list[int]], max_length: int | None, max_prompt_length: int | None,
@@ -181,26 +161,13 @@ def truncate_unpaired(ids: dict[str, list[int]], max_length: int | None, max_pro
     """
     if truncation_mode not in ("keep_start", "keep_end"):
         raise ValueError(f"truncation_mode must be keep_start or keep_end, got {truncation_mode!r}")
-    prompt, completion = ids["prompt_ids"], ids["completion_ids"]
-    if max_prompt_length is not None and len(prompt) > max_prompt_length:
-        prompt = prompt[:max_prompt_length] if truncation_mode == "keep_start" else prompt[-max_prompt_length:]
-    if not prompt:
-        raise RowRejected("empty_prompt", "the prompt tokenizes to no tokens")
-    if not completion:
-        raise RowRejected("empty_completion", "the completion tokenizes to no tokens")
-    if max_length is not None:
-        if truncation_mode == "keep_start":
-            room = max_length - len(prompt)
-            if room <= 0:
-                raise RowRejected("prompt_too_long",
-                                  f"prompt is {len(prompt)} tokens, leaving no room under max_length {max_length}")
-            completion = completion[:room]
-        else:
-            completion = completion[-max_length:]
-    return {"prompt_ids": prompt, "completion_ids": completion}
+    # The pair rule with the completion in both places: the same cuts and rejects as the DPO path.
+    out = truncate({"prompt_ids": ids["prompt_ids"], "chosen_ids": ids["completion_ids"],
+                    "rejected_ids": ids["completion_ids"]}, max_length, max_prompt_length, truncation_mode)
+    return {"prompt_ids": out["prompt_ids"], "completion_ids": out["chosen_ids"]}
 
 
-def kl_partners(n: int, batch_size: int) -> list[int]:
+def trl_kl_partners(n: int, batch_size: int) -> list[int]:
     """For each of n rows, the row whose completion TRL pairs with its prompt for the KL term.
 
     trl 1.16.0 (`_prepare_dataset`, after tokenizing and after dropping too-long prompts, so positions are
