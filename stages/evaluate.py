@@ -38,9 +38,12 @@ ROWS = [("preference accuracy", "eval/rewards/accuracies"), ("mean margin", "eva
         ("log-ratio rejected (per token)", "eval/logratio_per_token/rejected"),
         ("KL(policy || reference), sampled (per seq)", "eval/kl_sampled"),
         ("KL(policy || reference), sampled (per token)", "eval/kl_sampled_per_token"),
+        ("KL estimate, mismatched completions (KTO)", "eval/kl"),
+        ("desirable examples", "eval/count/desirable"), ("undesirable examples", "eval/count/undesirable"),
         ("loss", "eval/loss")]
 # The loss settings a run trained with; eval scores its loss with them unless told otherwise.
-LOSS_KEYS = ("loss_type", "loss_weights", "label_smoothing", "discopop_tau", "simpo_gamma")
+LOSS_KEYS = ("loss_type", "loss_weights", "label_smoothing", "discopop_tau", "simpo_gamma", "desirable_weight",
+             "undesirable_weight")
 
 
 def output_dir(cfg: EvalConfig) -> str:
@@ -72,14 +75,15 @@ def _run_config(model: str | None) -> dict:
     return {}
 
 
-def with_run_settings(cfg: EvalConfig) -> tuple[EvalConfig, str | None]:
+def with_run_settings(cfg: EvalConfig, kind: str = "paired") -> tuple[EvalConfig, str | None]:
     """Fill an unset --loss-type / --beta from the run's train_config.yaml (the loss's own parameters
-    come with its type), else sigmoid / 0.1; returns the config and where the values came from."""
+    come with its type), else sigmoid (kto for unpaired shards, `kind`) / 0.1; returns the config and
+    where the values came from."""
     run = _run_config(cfg.model)
     values: dict = {}
     if cfg.loss_type is None:
         values.update({k: run[k] for k in LOSS_KEYS if k in run})
-        values.setdefault("loss_type", "sigmoid")
+        values.setdefault("loss_type", "kto" if kind == "unpaired" else "sigmoid")
     if cfg.beta is None:
         values["beta"] = float(run.get("beta", 0.1))
     used_run = any(k in run for k in values)
@@ -138,8 +142,8 @@ def samples_markdown(rows: list[dict], cfg: EvalConfig) -> str:
 
 def run(cfg: EvalConfig) -> dict:
     storage.configure(cfg.storage_options_dict)
-    cfg, loss_source = with_run_settings(cfg)
     refs = load_refs(cfg.refs)
+    cfg, loss_source = with_run_settings(cfg, refs.kind)
     reference_path = refs.manifest["reference_model"]["path"]
     device = pick_device(cfg.device, "evaluation")
     policy_path = resolve_model(cfg.model or reference_path)

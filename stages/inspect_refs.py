@@ -96,9 +96,31 @@ def collect(refs: Refs) -> dict:
             "ref_prefers_chosen": sum(m > 0 for m in margins) / len(margins), "margins": margins}
 
 
+def collect_unpaired(refs: Refs) -> dict:
+    """An unpaired output (KTO examples): lengths, the label balance, the reference's per-token log-prob
+    of desirable and of undesirable completions, and how many examples have a KL completion."""
+    prompt, completion, labels, per_token, with_kl = [], [], [], [], 0
+    for url in refs.shard_urls():
+        with storage.open_binary(url) as fh:
+            t = pq.read_table(fh, columns=["prompt_ids", "completion_scored_tokens", "label", "ref_logps",
+                                           "ref_kl_logps"])
+        prompt += pc.list_value_length(t.column("prompt_ids")).to_pylist()
+        completion += t.column("completion_scored_tokens").to_pylist()
+        labels += t.column("label").to_pylist()
+        per_token += pc.divide(t.column("ref_logps"), pc.cast(t.column("completion_scored_tokens"),
+                                                                  "float64")).to_pylist()
+        with_kl += len(t) - t.column("ref_kl_logps").null_count
+    if not labels:
+        return {"rows": 0}
+    return {"rows": len(labels), "desirable": sum(labels), "undesirable": len(labels) - sum(labels),
+            "with_kl": with_kl, "prompt_tokens": _stats(prompt), "completion_tokens": _stats(completion),
+            "ref_logp_per_token_desirable": _stats([v for v, d in zip(per_token, labels) if d]),
+            "ref_logp_per_token_undesirable": _stats([v for v, d in zip(per_token, labels) if not d])}
+
+
 def report(refs: Refs, examples: int = 2) -> tuple[str, dict]:
     m = refs.manifest
-    info = collect(refs)
+    info = collect(refs) if refs.kind == "paired" else collect_unpaired(refs)
     lines = [f"refs: {refs.root}",
              f"  reference model: {m['reference_model']['name']} "
              f"(weights {m['reference_model']['weights_hash'][:12]}), "
@@ -115,7 +137,16 @@ def report(refs: Refs, examples: int = 2) -> tuple[str, dict]:
         if s:
             lines.append(f"  {key:<16} mean {s['mean']:9.2f}  p50 {s['p50']:9.2f}  p95 {s['p95']:9.2f}  "
                          f"min {s['min']:9.2f}  max {s['max']:9.2f}")
-    if info.get("rows"):
+    if refs.kind == "unpaired" and info.get("rows"):
+        lines.append(f"  unpaired examples (KTO): {info['desirable']} desirable, {info['undesirable']} undesirable; "
+                     f"{info['with_kl']} with a KL completion ({m.get('kl_pairing', {}).get('scope', '?')} pairing, "
+                     f"seed {m.get('kl_pairing', {}).get('seed', '?')})")
+        for key in ("completion_tokens", "ref_logp_per_token_desirable", "ref_logp_per_token_undesirable"):
+            st = info.get(key)
+            if st:
+                lines.append(f"  {key:<30} mean {st['mean']:9.3f}  p50 {st['p50']:9.3f}  min {st['min']:9.3f}  "
+                             f"max {st['max']:9.3f}")
+    elif info.get("rows"):
         lines.append(f"  the reference already prefers chosen in {info['ref_prefers_chosen']:.1%} of pairs")
     if examples:
         lines += _examples(refs, examples)
@@ -130,8 +161,16 @@ def _examples(refs: Refs, n: int) -> list[str]:
     except Exception as e:  # the model folder may live elsewhere (another machine, a hub name offline)
         return [f"  (no decoded pairs: tokenizer not available here: {type(e).__name__})"]
     out, shown = [], 0
-    for p in iter_rows(refs.shard_urls()[0]) if refs.shard_urls() else []:
+    for p in iter_rows(refs.shard_urls()[0], refs.kind) if refs.shard_urls() else []:
         cut = lambda ids: tok.decode(ids, skip_special_tokens=False)[-300:].replace("\n", "\\n")  # noqa: E731
+        if refs.kind == "unpaired":
+            out += [f"  --- example {p['pair_id'][:12]} ({'desirable' if p['label'] else 'undesirable'}, "
+                    f"ref log-prob {p['ref_chosen_logps']:.2f})", f"    prompt     ...{cut(p['prompt_ids'])}",
+                    f"    completion {cut(p['chosen_ids'])[:300]}"]
+            shown += 1
+            if shown == n:
+                break
+            continue
         out += [f"  --- pair {p['pair_id'][:12]} (ref margin {p['ref_chosen_logps'] - p['ref_rejected_logps']:+.2f})",
                 f"    prompt  ...{cut(p['prompt_ids'])}", f"    chosen   {cut(p['chosen_ids'])[:300]}",
                 f"    rejected {cut(p['rejected_ids'])[:300]}"]

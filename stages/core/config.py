@@ -39,6 +39,8 @@ def doc(help_text: str, **kwargs: Any) -> Any:
 # The loss family by name; `stages.core.losses.LOSSES` implements exactly these (a test holds them equal).
 LOSS_NAMES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "simpo", "orpo")
+# Losses on unpaired examples (KTO shards); `stages.core.unpaired_losses.UNPAIRED_LOSSES` implements these.
+UNPAIRED_LOSS_NAMES = ("kto", "apo_zero_unpaired")
 Dtype = Literal["float32", "bfloat16"]
 _SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
 
@@ -46,10 +48,15 @@ _SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
 def parse_loss_types(loss_type: str, loss_weights: str | None) -> list[tuple[str, float]]:
     """'sigmoid,sft' + '1,0.2' -> [('sigmoid', 1.0), ('sft', 0.2)]; errors name the bad entry."""
     names = [n.strip() for n in loss_type.split(",") if n.strip()]
-    unknown = [n for n in names if n not in LOSS_NAMES]
+    unknown = [n for n in names if n not in LOSS_NAMES + UNPAIRED_LOSS_NAMES]
     if not names or unknown:
         raise ConfigError(f"config key 'loss_type': unknown loss {', '.join(unknown) or repr(loss_type)}; "
-                          f"choose from {', '.join(LOSS_NAMES)}")
+                          f"choose from {', '.join(LOSS_NAMES)} (pairs) or {', '.join(UNPAIRED_LOSS_NAMES)} "
+                          "(unpaired examples)")
+    unpaired = [n for n in names if n in UNPAIRED_LOSS_NAMES]
+    if unpaired and len(names) > 1:
+        raise ConfigError(f"config key 'loss_type': {', '.join(unpaired)} (unpaired examples) cannot be combined "
+                          "with other losses")
     if loss_weights in (None, ""):
         return [(n, 1.0) for n in names]
     try:
@@ -158,13 +165,16 @@ class PrecomputeConfig(Common):
 class PolicyPass(Common):
     """What a pass of the policy over shard pairs needs: the loss, its parameters, batching, dtype."""
 
-    loss_type: str = doc("loss or comma list: " + ", ".join(LOSS_NAMES), default="sigmoid")
+    loss_type: str = doc("loss or comma list: " + ", ".join(LOSS_NAMES) + "; on unpaired shards (KTO examples): "
+                         + " or ".join(UNPAIRED_LOSS_NAMES), default="sigmoid")
     loss_weights: str | None = doc("comma list of weights, one per loss (default: all 1)", default=None)
     beta: float = doc("KL strength beta (IPO tau, ORPO lambda)", default=0.1)
     label_smoothing: float = doc("assumed label-flip rate for robust / exo_pair / aot / simpo", default=0.0)
     discopop_tau: float = doc("DiscoPOP temperature", default=0.05)
     simpo_gamma: float = doc("SimPO target reward margin gamma, in the units of beta * average log-prob",
                              default=0.5)
+    desirable_weight: float = doc("KTO: weight of each desirable example's loss (lambda_D)", default=1.0)
+    undesirable_weight: float = doc("KTO: weight of each undesirable example's loss (lambda_U)", default=1.0)
     micro_batch_size: int = doc("pairs per forward/backward on one worker", default=2)
     dtype: Dtype = doc("compute dtype (bfloat16: autocast over float32 weights)", default="float32")
     pack_prompts: bool = doc("run each prompt once for both answers (packed rows, 4D mask): fewer tokens, "
@@ -172,7 +182,7 @@ class PolicyPass(Common):
 
     def check(self) -> None:
         super().check()
-        _positive(self, "micro_batch_size", "discopop_tau")
+        _positive(self, "micro_batch_size", "discopop_tau", "desirable_weight", "undesirable_weight")
         # The sweep's beta is a list (checked there); eval's may be unset (the run's, filled in by eval).
         if isinstance(self.beta, float) and self.beta <= 0:
             raise ConfigError(f"config key 'beta': must be positive, got {self.beta}")

@@ -13,13 +13,23 @@ from typing import Callable, Iterable, Iterator
 import torch
 from transformers import PreTrainedModel
 
-from stages.core.config import PolicyPass
+from stages.core.config import ConfigError, PolicyPass
 from stages.core.layout import pack_rows, pad_batch, pair_rows, row_width, supports_4d_mask
 from stages.core.logprobs import scored_logps, sequence_logps
 from stages.core.losses import Batch, LossParams, combined_loss, rewards
 from stages.core.models import load_model, load_tokenizer, tokenizer_hashes
 from stages.core.shard_stream import Refs, check_tokenizer, epoch_pairs
 from stages.core.tokenization import scored_sequence
+from stages.core.unpaired_losses import (
+    KL_LOSSES,
+    UNPAIRED_LOSSES,
+    UNPAIRED_SUM_KEYS,
+    UnpairedBatch,
+    UnpairedParams,
+    kl_estimate,
+    unpaired_metrics,
+    unpaired_rewards,
+)
 
 # Per-pair means reported as metrics. logratio/* is the mean log(pi/pi_ref) of the data's chosen and
 # rejected answers: how far the policy moved on them. It is not a KL (the answers are not samples of
@@ -29,6 +39,9 @@ PAIR_MEANS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies"
 # Extra sums: pairs, tokens in the forward, completion tokens and log-ratio sums (per-token KL).
 COUNTS = ["pairs", "tokens", "chosen_tokens", "rejected_tokens"]
 SUM_KEYS = PAIR_MEANS + COUNTS
+# Unpaired examples (KTO): the loss, TRL's reward and log-prob sums per class and the class counts, then
+# examples and tokens; the KL estimate is the step's, not a sum.
+UNPAIRED_KEYS = ["loss", *UNPAIRED_SUM_KEYS, "pairs", "tokens"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,16 @@ class PassContext:
     terms: tuple[tuple[str, float], ...]   # (loss name, weight)
     params: LossParams
     pack_prompts: bool = True
+    unpaired: UnpairedParams | None = None  # set for the losses on unpaired examples (KTO shards)
+
+    @property
+    def sum_keys(self) -> list[str]:
+        return UNPAIRED_KEYS if self.unpaired is not None else SUM_KEYS
+
+    @property
+    def needs_kl(self) -> bool:
+        """Whether a step first estimates the KL term over its batch (KTO)."""
+        return self.unpaired is not None and self.terms[0][0] in KL_LOSSES
 
     def for_refs(self, refs: Refs) -> PassContext:
         """The same pass over another precompute output (its own truncation rule)."""
@@ -55,8 +78,17 @@ def pass_context(cfg: PolicyPass, manifest: dict, pad_id: int, device: str) -> P
     """The one way to build a PassContext: from a train or eval config and the shards' manifest
     (its `max_length` and `truncation_mode`: the pass cuts sequences as the precompute did)."""
     params = LossParams(cfg.beta, cfg.label_smoothing, cfg.discopop_tau, cfg.simpo_gamma)
+    terms = tuple(cfg.loss_terms)
+    unpaired = terms[0][0] in UNPAIRED_LOSSES
+    kind = manifest.get("kind", "paired")
+    if unpaired != (kind == "unpaired"):
+        wants = "unpaired examples (KTO shards)" if unpaired else "preference pairs"
+        other = "--loss-type " + " or ".join(UNPAIRED_LOSSES) if kind == "unpaired" else "a pair loss (sigmoid, ...)"
+        raise ConfigError(f"loss {cfg.loss_type!r} takes {wants}, and the shards hold {kind} data (manifest kind "
+                          f"{kind!r}): use {other}, or shards of the other kind")
     return PassContext(cfg.micro_batch_size, manifest["max_length"], manifest["truncation_mode"], pad_id,
-                       device, cfg.dtype, tuple(cfg.loss_terms), params, cfg.pack_prompts)
+                       device, cfg.dtype, terms, params, cfg.pack_prompts,
+                       UnpairedParams(cfg.beta, cfg.desirable_weight, cfg.undesirable_weight) if unpaired else None)
 
 
 def load_policy(model_path: str, refs: Refs, device: str):
@@ -100,6 +132,41 @@ def loss_batch(pairs: list[dict], chosen: torch.Tensor, rejected: torch.Tensor, 
                  t("rejected_scored_tokens"), total_chosen_tokens)
 
 
+def unpaired_batch(pairs: list[dict], chosen: torch.Tensor, rejected: torch.Tensor) -> UnpairedBatch:
+    """Examples in the shape of pairs (`shard_stream.as_pair`): chosen is the completion, rejected the KL one."""
+    t = lambda key: torch.tensor([p[key] for p in pairs], dtype=torch.float64, device=chosen.device)  # noqa: E731
+    return UnpairedBatch(chosen, t("ref_chosen_logps"), rejected, t("ref_rejected_logps"),
+                         torch.tensor([bool(p["label"]) for p in pairs], device=chosen.device))
+
+
+def _unpaired_sums(b: UnpairedBatch, per_example: torch.Tensor, ctx: PassContext, tokens: int) -> torch.Tensor:
+    r = unpaired_rewards(b, ctx.unpaired, 0.0)
+    values = {"loss": per_example.detach().sum(), "pairs": per_example.numel(), "tokens": tokens,
+              **{k: r[k] for k in UNPAIRED_SUM_KEYS}}
+    return torch.tensor([float(values[k]) for k in UNPAIRED_KEYS], dtype=torch.float64)
+
+
+def kl_sums(model, pairs: list[dict], ctx: PassContext, rounds: int | None = None,
+            ghost: list[dict] | None = None) -> torch.Tensor:
+    """(sum, count) of log pi(y'|x) - log pi_ref(y'|x) over the examples that have a KL completion, without
+    gradients: a step adds them over its workers and then takes KTO's KL estimate (`kl_estimate`). With
+    workers every one runs `rounds` forwards (a ghost at weight zero), as in `run_pairs`."""
+    out = torch.zeros(2, dtype=torch.float64)
+    micros = [pairs[i:i + ctx.micro_batch_size] for i in range(0, len(pairs), ctx.micro_batch_size)]
+    rounds = len(micros) if rounds is None else rounds
+    with torch.no_grad():
+        for k in range(rounds):
+            micro = micros[k] if k < len(micros) else ghost
+            _, rejected, _ = _score(model, micro, ctx)
+            if k < len(micros):
+                has = torch.tensor([bool(p["kl"]) for p in micro], device=rejected.device)
+                ref = torch.tensor([p["ref_rejected_logps"] for p in micro], dtype=torch.float64,
+                                   device=rejected.device)
+                out += torch.stack([torch.where(has, rejected.double() - ref, 0.0).sum().cpu(),
+                                    has.sum().double().cpu()])
+    return out
+
+
 def _micro_sums(b: Batch, per_pair: torch.Tensor, ctx: PassContext, tokens: int) -> torch.Tensor:
     """One micro-batch's contribution to SUM_KEYS."""
     r = rewards(b, ctx.params)
@@ -118,7 +185,7 @@ def _score(model, micro: list[dict], ctx: PassContext):
 
 
 def run_pairs(model, pairs: list[dict], ctx: PassContext, batch_size_total: float, batch_chosen_tokens: float,
-              train: bool, rounds: int | None = None, ghost: list[dict] | None = None) -> torch.Tensor:
+              train: bool, rounds: int | None = None, ghost: list[dict] | None = None, kl: float = 0.0) -> torch.Tensor:
     """Forward (and backward, scaled for the whole optimizer batch) in micro-batches -> sums (SUM_KEYS,).
 
     `batch_size_total` and `batch_chosen_tokens` describe the whole optimizer batch over all
@@ -130,7 +197,7 @@ def run_pairs(model, pairs: list[dict], ctx: PassContext, batch_size_total: floa
     """
     from stages.core.parallel import grad_sync
 
-    sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
+    sums = torch.zeros(len(ctx.sum_keys), dtype=torch.float64)
     # Micro-batches of similar lengths pad less. Every loss is per pair and the step's gradient a
     # sum over pairs, so how pairs are grouped into micro-batches does not change it.
     pairs = sorted(pairs, key=lambda p: len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]))
@@ -140,13 +207,28 @@ def run_pairs(model, pairs: list[dict], ctx: PassContext, batch_size_total: floa
         micro, weight = (micros[k], 1.0) if k < len(micros) else (ghost, 0.0)
         with torch.set_grad_enabled(train), grad_sync(model, not train or k == rounds - 1):
             chosen, rejected, tokens = _score(model, micro, ctx)
-            b = loss_batch(micro, chosen, rejected, batch_chosen_tokens)
-            per_pair = combined_loss(b, ctx.params, list(ctx.terms))
+            if ctx.unpaired is not None:  # KTO: the KL estimate `kl` is the step's, fixed before this pass
+                b = unpaired_batch(micro, chosen, rejected)
+                per_pair = UNPAIRED_LOSSES[ctx.terms[0][0]](b, ctx.unpaired, kl)
+            else:
+                b = loss_batch(micro, chosen, rejected, batch_chosen_tokens)
+                per_pair = combined_loss(b, ctx.params, list(ctx.terms))
             if train:
                 (per_pair.sum() * (weight / batch_size_total)).backward()
         if weight:
-            sums += _micro_sums(b, per_pair, ctx, tokens)
+            sums += (_unpaired_sums(b, per_pair, ctx, tokens) if ctx.unpaired is not None
+                     else _micro_sums(b, per_pair, ctx, tokens))
     return sums
+
+
+def metrics_of(sums: torch.Tensor, ctx: PassContext, prefix: str = "", kl: float = 0.0) -> dict:
+    """The metrics of a pass from its summed values: `means` for pairs; for unpaired examples TRL's KTO
+    metrics (per-class means, margins, kl) with the loss averaged over examples."""
+    if ctx.unpaired is None:
+        return means(sums, prefix)
+    s = dict(zip(UNPAIRED_KEYS, sums.tolist()))
+    out = {"loss": s["loss"] / max(s["pairs"], 1.0), **unpaired_metrics({**s, "kl": kl})}
+    return {prefix + k: v for k, v in out.items()}
 
 
 def means(sums: torch.Tensor, prefix: str = "") -> dict:
@@ -178,14 +260,18 @@ def reference_metrics(refs: Refs, ctx: PassContext) -> dict:
     log-probs are the shards' (rewards, margins and log-ratios are 0 by definition; the loss is
     each loss's value there). The baseline a policy's figures are read against."""
     ctx = ctx.for_refs(refs)
-    sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
+    sums = torch.zeros(len(ctx.sum_keys), dtype=torch.float64)
     for chunk, _ in _chunks(epoch_pairs(refs, 0, 0, 1), ctx.micro_batch_size, 0, 1):
         ref_chosen, ref_rejected = (torch.tensor([p[key] for p in chunk], dtype=torch.float64)
                                     for key in ("ref_chosen_logps", "ref_rejected_logps"))
+        if ctx.unpaired is not None:  # log-ratios, rewards and the KL estimate are 0
+            b = unpaired_batch(chunk, ref_chosen, ref_rejected)
+            sums += _unpaired_sums(b, UNPAIRED_LOSSES[ctx.terms[0][0]](b, ctx.unpaired, 0.0), ctx, 0)
+            continue
         chosen_tokens = float(sum(p["chosen_scored_tokens"] for p in chunk))
         b = loss_batch(chunk, ref_chosen, ref_rejected, chosen_tokens)
         sums += _micro_sums(b, combined_loss(b, ctx.params, list(ctx.terms)), ctx, 0)
-    return means(sums, "eval/")
+    return metrics_of(sums, ctx, "eval/")
 
 
 def heldout_metrics(model, refs: Refs, ctx: PassContext, rank: int = 0, world: int = 1,
@@ -195,12 +281,18 @@ def heldout_metrics(model, refs: Refs, ctx: PassContext, rank: int = 0, world: i
     was_training = model.training
     model.eval()
     ctx = ctx.for_refs(refs)
-    sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
+    sums = torch.zeros(len(ctx.sum_keys), dtype=torch.float64)
+    kl = 0.0
     with torch.no_grad():
+        if ctx.needs_kl:  # KTO: the KL estimate over the whole held-out set first
+            parts = torch.zeros(2, dtype=torch.float64)
+            for chunk, ghost in _chunks(epoch_pairs(refs, 0, 0, 1), ctx.micro_batch_size, rank, world):
+                parts += kl_sums(model, chunk, ctx, rounds=1, ghost=ghost)
+            kl = float(kl_estimate(*reduce(parts)))
         for chunk, ghost in _chunks(epoch_pairs(refs, 0, 0, 1), ctx.micro_batch_size, rank, world):
             chosen_tokens = float(sum(p["chosen_scored_tokens"] for p in chunk))
             sums += run_pairs(model, chunk, ctx, max(len(chunk), 1), chosen_tokens, train=False, rounds=1,
-                              ghost=ghost)
+                              ghost=ghost, kl=kl)
     if was_training:
         model.train()
-    return means(reduce(sums), "eval/")
+    return metrics_of(reduce(sums), ctx, "eval/", kl)

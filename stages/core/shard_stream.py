@@ -20,12 +20,14 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from schemas import SHARD_SCHEMA, SchemaError, validate_manifest
+from schemas import SHARD_SCHEMA, UNPAIRED_SHARD_SCHEMA, SchemaError, validate_manifest
 from stages.core import storage
 from stages.core.errors import PipelineError
 
 COLUMNS = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps",
            "chosen_scored_tokens", "rejected_scored_tokens"]
+UNPAIRED_COLUMNS = ["example_id", "prompt_ids", "completion_ids", "label", "ref_logps", "completion_scored_tokens",
+                    "kl_completion_ids", "ref_kl_logps", "kl_scored_tokens"]
 
 
 class ShardError(PipelineError):
@@ -44,6 +46,11 @@ class Refs:
     def num_pairs(self) -> int:
         return self.manifest["rows_written"]
 
+    @property
+    def kind(self) -> str:
+        """'paired' (preference pairs) or 'unpaired' (KTO examples)."""
+        return self.manifest.get("kind", "paired")
+
     def shard_urls(self) -> list[str]:
         return [storage.join(self.root, s["path"]) for s in self.manifest["shards"]]
 
@@ -57,10 +64,6 @@ def load_refs(root: str, vocab_size: int | None = None) -> Refs:
         validate_manifest(manifest, url)
     except (json.JSONDecodeError, SchemaError) as e:
         raise ShardError(f"{url}: {e}") from None
-    if manifest.get("kind", "paired") != "paired":
-        raise ShardError(f"{root} holds {manifest['kind']} examples (manifest kind {manifest['kind']!r}): train and "
-                         "eval read preference pairs (kind 'paired') only; KTO training on unpaired shards is not "
-                         "built yet")
     return Refs(root, manifest, vocab_size)
 
 
@@ -76,7 +79,7 @@ def check_tokenizer(refs: Refs, hashes: dict[str, str]) -> None:
 _verified: set[tuple[str, str]] = set()
 
 
-def verify_shard(url: str, sha256: str) -> None:
+def verify_shard(url: str, sha256: str, kind: str = "paired") -> None:
     """Stream-hash the file (no copy kept) and check the schema; once per file per process."""
     if (url, sha256) in _verified:
         return
@@ -93,22 +96,39 @@ def verify_shard(url: str, sha256: str) -> None:
             schema = pq.ParquetFile(fh).schema_arrow
     except Exception as e:  # pyarrow raises several types for a damaged file
         raise ShardError(f"shard {url} is not readable Parquet: {e}") from None
-    for field in SHARD_SCHEMA:
+    expected, columns = (UNPAIRED_SHARD_SCHEMA, UNPAIRED_COLUMNS) if kind == "unpaired" else (SHARD_SCHEMA, COLUMNS)
+    for field in expected:
         found = schema.field(field.name).type if field.name in schema.names else None
-        if field.name in COLUMNS and (found is None or not found.equals(field.type)):
+        if field.name in columns and (found is None or not found.equals(field.type)):
             raise ShardError(f"shard {url}: column '{field.name}' missing or not {field.type}")
     _verified.add((url, sha256))
 
 
-def iter_rows(url: str) -> Iterator[dict]:
-    """Rows of one shard, a row group at a time."""
+def iter_rows(url: str, kind: str = "paired") -> Iterator[dict]:
+    """Rows of one shard, a row group at a time; unpaired examples in the shape of a pair (`as_pair`)."""
     try:
         with storage.open_binary(url) as fh:
             pf = pq.ParquetFile(fh)
             for i in range(pf.num_row_groups):
-                yield from pf.read_row_group(i, columns=COLUMNS).to_pylist()
+                if kind == "unpaired":
+                    yield from map(as_pair, pf.read_row_group(i, columns=UNPAIRED_COLUMNS).to_pylist())
+                else:
+                    yield from pf.read_row_group(i, columns=COLUMNS).to_pylist()
     except (OSError, ValueError) as e:
         raise ShardError(f"shard {url} could not be read: {e}") from None
+
+
+def as_pair(row: dict) -> dict:
+    """An unpaired example as the policy pass runs it: the completion as chosen, the KL completion as
+    rejected (one packed row, the prompt once), plus `label` and `kl` (whether it has a KL completion;
+    without one the completion stands in, and its KL values are not used)."""
+    kl = row["ref_kl_logps"] is not None
+    return {"pair_id": row["example_id"], "prompt_ids": row["prompt_ids"], "chosen_ids": row["completion_ids"],
+            "rejected_ids": row["kl_completion_ids"] if kl else row["completion_ids"],
+            "ref_chosen_logps": row["ref_logps"], "ref_rejected_logps": row["ref_kl_logps"] if kl else row["ref_logps"],
+            "chosen_scored_tokens": row["completion_scored_tokens"],
+            "rejected_scored_tokens": row["kl_scored_tokens"] if kl else row["completion_scored_tokens"],
+            "label": row["label"], "kl": kl}
 
 
 def scored_count(prompt_len: int, completion_len: int, max_length: int | None, truncation_mode: str) -> int:
@@ -173,8 +193,8 @@ def epoch_pairs(refs: Refs, epoch: int, seed: int, buffer_size: int, verify: boo
     for shard in shards:
         url = storage.join(refs.root, shard["path"])
         if verify:
-            verify_shard(url, shard["sha256"])
-        for row in iter_rows(url):
+            verify_shard(url, shard["sha256"], refs.kind)
+        for row in iter_rows(url, refs.kind):
             problem = row_problem(row, max_length, mode, refs.vocab_size)
             if problem is not None:
                 raise ShardError(f"shard {url}: pair {row['pair_id']}: {problem}")

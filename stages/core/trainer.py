@@ -32,9 +32,18 @@ from stages.core.early_stopping import EarlyStopping
 from stages.core.errors import PipelineError
 from stages.core.metrics import MetricsLog, read
 from stages.core.plots import training_curves
-from stages.core.policy_pass import SUM_KEYS, PassContext, heldout_metrics, load_policy, means, pass_context, run_pairs
+from stages.core.policy_pass import (
+    PassContext,
+    heldout_metrics,
+    kl_sums,
+    load_policy,
+    metrics_of,
+    pass_context,
+    run_pairs,
+)
 from stages.core.preemption import Preemption
 from stages.core.shard_stream import Refs, batches, check_tokenizer, load_refs
+from stages.core.unpaired_losses import kl_estimate
 
 # What a run writes in OUTPUT; `--overwrite` removes exactly these before starting over.
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "final", "best", "curves.png", "train_config.yaml",
@@ -217,9 +226,12 @@ def train_step(run: Run, epoch: int, consumed: int, batch: list[dict]) -> dict:
     # DDP and FSDP2 average gradients over workers: each scales its slice by `world` so the average
     # is the batch's sum. Every worker runs as many micro-batches as the one with the most pairs.
     rounds = math.ceil(math.ceil(len(batch) / world) / run.cfg.micro_batch_size)
+    kl = 0.0
+    if run.ctx.needs_kl:  # KTO: the KL estimate over the whole optimizer batch and every worker, first
+        kl = float(kl_estimate(*run.dist.sum_(kl_sums(run.wrapped, mine, run.ctx, rounds, batch[:1]))))
     sums = run.dist.sum_(run_pairs(run.wrapped, mine, run.ctx, len(batch) / world, chosen_tokens, train=True,
-                                   rounds=rounds, ghost=batch[:1]))
-    metrics = means(sums)
+                                   rounds=rounds, ghost=batch[:1], kl=kl))
+    metrics = metrics_of(sums, run.ctx, kl=kl)
     if not math.isfinite(metrics["loss"]):
         ids = ", ".join(p["pair_id"][:12] for p in batch[:8])
         raise TrainingError(f"non-finite loss {metrics['loss']} at step {run.step + 1} (epoch {epoch}); "
@@ -230,7 +242,7 @@ def train_step(run: Run, epoch: int, consumed: int, batch: list[dict]) -> dict:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step, run.epoch, run.consumed = run.step + 1, epoch, consumed
-    tokens_per_s = float(sums[SUM_KEYS.index("tokens")]) / max(time.time() - t0, 1e-9)
+    tokens_per_s = float(sums[run.ctx.sum_keys.index("tokens")]) / max(time.time() - t0, 1e-9)
     return {"step": run.step, "epoch": round(epoch + consumed / run.refs.num_pairs, 4), **metrics,
             "grad_norm": float(norm), "lr": lr, "tokens/s": tokens_per_s}
 
