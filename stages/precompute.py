@@ -56,7 +56,7 @@ import pyarrow.parquet as pq
 
 from schemas import FORMAT_VERSION, validate_manifest
 from stages.core import storage
-from stages.core.config import PrecomputeConfig, public, to_yaml
+from stages.core.config import ConfigError, PrecomputeConfig, public, to_yaml
 from stages.core.data import MalformedRow, check_columns, embedded_layout, read_rows, resolve_source
 from stages.core.devices import ray_use_gpu, threads_per_worker
 from stages.core.errors import PipelineError
@@ -165,6 +165,8 @@ def _with_kind(cfg: PrecomputeConfig, identity: dict, layout: str) -> dict:
     ident = {**identity, "kind": kind}
     if kind == "unpaired":
         ident.update(completion_column=cfg.completion_column, label_column=cfg.label_column, kl_seed=cfg.kl_seed)
+    if cfg.unpair:
+        ident["unpair"] = True
     run_file = storage.join(cfg.output, "_progress", "run.json")
     if storage.exists(run_file):
         previous = storage.read_json(run_file)
@@ -392,7 +394,8 @@ def _score(cfg: PrecomputeConfig, model_path: str, plan: Plan, use_gpu: bool, on
 
     counter = ray.remote(num_cpus=0)(PairProgress).remote() if on_progress else None
     writer = ray.remote(num_cpus=0, max_restarts=0)(ShardWriter)
-    writers = [writer.remote(cfg.output, plan.rows_read, cfg.data, _source(cfg.data), cfg.storage_options_dict)
+    writers = [writer.remote(cfg.output, plan.rows_read, cfg.data, _source(cfg.data), cfg.storage_options_dict,
+                             plan.unpaired)
                for _ in range(max(1, min(cfg.num_workers, len(plan.rows_read))))]
     entries: list[dict] = []
     try:
@@ -447,7 +450,7 @@ class _Run:
         init_ray(cfg.num_workers + 1)
         quiet_ray_data()
         plan = build_plan(cfg, self.source, self.layout, _known_files(done, keys - set(done)), first)
-        if self.layout == "unpaired" and plan.rows:
+        if (self.layout == "unpaired" or cfg.unpair) and plan.rows:
             plan = pair_kl(plan, cfg.kl_seed)  # each example's KL completion, from its own shard
         return done, plan
 
@@ -536,7 +539,9 @@ def run(cfg: PrecomputeConfig) -> dict:
         _check_output(cfg, identity)
         _check_source(cfg, _read_markers(cfg))
         layout = _layout(cfg)
-        identity = _with_kind(cfg, identity, layout)
+        if cfg.unpair and layout == "unpaired":
+            raise ConfigError(f"--unpair turns pairs into unpaired examples, and {cfg.data} is already unpaired")
+        identity = _with_kind(cfg, identity, "unpaired" if cfg.unpair else layout)
         storage.write_json(storage.join(cfg.output, "_progress", "run.json"), identity)
         storage.write_bytes_atomic(storage.join(cfg.output, "config.yaml"), to_yaml(cfg).encode())
         job = _Run(cfg, model_path, Source.of(cfg.data, cfg.split, cfg.storage_options_dict or None), layout,

@@ -13,7 +13,7 @@ from oracle import exact_logps
 
 from schemas import UNPAIRED_SHARD_SCHEMA
 from stages import precompute
-from stages.core.config import PrecomputeConfig
+from stages.core.config import ConfigError, PrecomputeConfig
 from stages.core.row_plan import kl_partners
 from stages.precompute import OutputMismatch
 
@@ -102,3 +102,28 @@ def test_kl_partners_never_the_example_or_its_completion():
         assert p is not None and p != i and completions[p] != completions[i]
     assert kl_partners(["x"], 0, 0) == [None] and kl_partners(["x", "x"], 0, 0) == [None, None]
     assert sorted(kl_partners(list("abcdefg"), 5, 1)) == list(range(7))  # each completion used once
+
+
+def test_unpair_turns_each_pair_into_two_examples(tmp_path, tiny_model_dir, ray_session):
+    from stages.core.formats import normalise
+    from stages.core.models import load_tokenizer
+    from stages.core.unpaired import tokenize_unpaired_row, unpair
+
+    pairs = [r for r in read_jsonl_gz(HH_SAMPLE, 60) if r["chosen"] != r["rejected"] and len(r["chosen"]) < 600][:5]
+    same = "\n\nHuman: Hi\n\nAssistant: Hello"
+    pairs.append({"chosen": same, "rejected": same})  # not a usable pair: one reject
+    manifest, out = run(tmp_path, pairs, "pairs", model=tiny_model_dir, unpair=True, format="hh")
+    assert manifest["kind"] == "unpaired" and manifest["rows_read"] == 11 and manifest["rows_written"] == 10
+    assert manifest["rejects_by_reason"] == {"identical_pair": 1}
+    got = [r for _, r in shard_rows(out, manifest)]
+    assert [(r["source_index"], r["label"]) for r in got] == [(i, i % 2 == 0) for i in range(10)]
+    tok = load_tokenizer(tiny_model_dir)
+    for i, pair in enumerate(pairs[:5]):
+        for half, example in enumerate(unpair(normalise(pair, "hh", PrecomputeConfig(format="hh")))):
+            ids = tokenize_unpaired_row(tok, example)
+            assert got[2 * i + half]["completion_ids"] == ids["completion_ids"]
+    again, _ = run(tmp_path, pairs, "pairs", model=tiny_model_dir, unpair=True, format="hh")
+    assert again["last_run"]["pairs_written"] == 0 and again["last_run"]["rows_already_done"] == 11
+
+    with pytest.raises(ConfigError, match="--unpair turns pairs into unpaired examples, and .* is already unpaired"):
+        run(tmp_path, examples(3), "u", model=tiny_model_dir, unpair=True)

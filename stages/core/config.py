@@ -131,6 +131,8 @@ class PrecomputeConfig(Common):
     rejected_column: str = doc("column holding the rejected answer", default="rejected")
     completion_column: str = doc("column holding the completion of an unpaired example", default="completion")
     label_column: str = doc("column holding an unpaired example's label (true: desirable)", default="label")
+    unpair: bool = doc("turn each pair into two unpaired examples (chosen: desirable, rejected: undesirable; "
+                       "source_index 2i and 2i+1), as TRL's unpair_preference_dataset, for KTO", default=False)
     kl_seed: int = doc("seed of the KL pairing of unpaired examples (each with another example's completion "
                        "of its shard)", default=0)
     split: str = doc("split to read from a DatasetDict / hub dataset", default="train")

@@ -48,7 +48,7 @@ from stages.core.data import (
     resolve_source,
 )
 from stages.core.formats import RowRejected, normalise
-from stages.core.unpaired import normalise_unpaired
+from stages.core.unpaired import normalise_unpaired, unpair
 
 READ_ROWS = 2048        # rows per block a read task yields
 DATASET_ROWS = 50_000   # rows of a save_to_disk folder one read task takes
@@ -187,17 +187,36 @@ def _plan_row(index: int, raw, layout: str, cfg) -> dict:
                 "kind": INPUT}
 
 
+def _unpaired_halves(index: int, raw, layout: str, cfg) -> list[dict]:
+    """--unpair: input row `index` (a pair) -> its two examples, source_index 2*index (chosen, desirable)
+    and 2*index + 1 (rejected, undesirable), as TRL's unpair_preference_dataset; each half has its own
+    content hash, so copies and re-runs work per example. A row that is no usable pair is one reject."""
+    row = _plan_row(index, raw, layout, cfg)
+    if row.get("reject_reason") is not None:
+        return [{**row, "source_index": 2 * index}]
+    out = []
+    for half, example in enumerate(unpair(json.loads(row["row_json"]))):
+        h = hashlib.sha256(f"{row['h']}:{half}".encode()).hexdigest()[:32]
+        out.append({**row, "source_index": 2 * index + half, "h": h, "pair_id": pair_id(example),
+                    "row_json": _json(example)})
+    return out
+
+
 def read_units(batch: pa.Table, source: Source, layout: str, cfg, total: int):
-    """Ray Data step: each unit of the batch -> blocks of plan rows (source_index below `total`)."""
+    """Ray Data step: each unit of the batch -> blocks of plan rows (input rows below `total`)."""
     storage.configure(source.options)
+    unpairing = getattr(cfg, "unpair", False)
     for unit in batch.to_pylist():
         rows, index = [], unit["first"]
         for raw in _unit_rows(source, unit):
             if index >= total:
                 break
-            rows.append(_plan_row(index, raw, layout, cfg))
+            if unpairing:
+                rows += _unpaired_halves(index, raw, layout, cfg)
+            else:
+                rows.append(_plan_row(index, raw, layout, cfg))
             index += 1
-            if len(rows) == READ_ROWS:
+            if len(rows) >= READ_ROWS:
                 yield pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
                 rows = []
         if rows:
@@ -346,6 +365,7 @@ class Plan:
     rows_read: dict[int, int]  # rows each shard of this run takes (rejects included)
     already_done: int
     rows: int               # rows this run sends through the pipeline
+    unpaired: bool = False  # unpaired examples (KTO), their KL completions set (`pair_kl`)
 
 
 def shard_rows(new_rows: int, first: int, rows_per_shard: int, redo: Counter) -> dict[int, int]:
@@ -367,13 +387,17 @@ def build_plan(cfg, source: Source, layout: str, known_files: list[dict], first:
     import ray
     import ray.data
 
-    unit_list, total = units(source, cfg.limit)
-    if not total:
+    unit_list, inputs = units(source, cfg.limit)
+    if not inputs:
         return Plan([], {}, 0, 0)
-    parts = max(1, -(-total // PARTITION_ROWS))
+    total = inputs  # plan rows: with --unpair, up to two per input row (a rejected pair is one)
     rows = ray.data.from_items(unit_list, override_num_blocks=len(unit_list)).map_batches(
         read_units, batch_size=1, batch_format="pyarrow",
-        fn_kwargs=dict(source=source, layout=layout, cfg=cfg, total=total))
+        fn_kwargs=dict(source=source, layout=layout, cfg=cfg, total=inputs))
+    if getattr(cfg, "unpair", False):
+        rows = rows.materialize()
+        total = rows.count()  # the examples (and rejected rows) the input rows made
+    parts = max(1, -(-total // PARTITION_ROWS))
     known = None
     if known_files:
         known = ray.data.from_items(known_files, override_num_blocks=min(len(known_files), 64)).map_batches(
@@ -475,7 +499,7 @@ def pair_kl(plan: "Plan", seed: int, chunk_rows: int = CHUNK_ROWS) -> "Plan":
         pieces = max(1, -(-plan.rows_read[k] // chunk_rows))
         out = task.options(num_returns=pieces).remote(k, seed, chunk_rows, pieces, *holding[k])
         chunks += out if pieces > 1 else [out]
-    return Plan(chunks, plan.rows_read, plan.already_done, plan.rows)
+    return Plan(chunks, plan.rows_read, plan.already_done, plan.rows, unpaired=True)
 
 
 def plan_in_one_task(*blocks: pa.Table) -> tuple[pa.Table, int]:

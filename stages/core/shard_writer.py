@@ -79,13 +79,14 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def write_shard(output: str, k: int, results: list[dict], rows_read: int, data: str, source: str) -> dict:
-    """Write shard k from its scored rows (rejects carry their reason); returns its manifest entry."""
+def write_shard(output: str, k: int, results: list[dict], rows_read: int, data: str, source: str,
+                unpaired: bool = False) -> dict:
+    """Write shard k from its scored rows (rejects carry their reason); returns its manifest entry.
+    `unpaired`: the rows are KTO examples (UNPAIRED_SHARD_SCHEMA), even in a shard of rejects only."""
     results = sorted(results, key=lambda r: r["source_index"])
     rows = [r for r in results if r["reject_reason"] is None]
     rejects = [{"source_index": r["source_index"], "row_key": r["row_key"], "reason": r["reject_reason"],
                 "detail": r["reject_detail"], "row": r["row_json"]} for r in results if r["reject_reason"] is not None]
-    unpaired = any(r.get("label") is not None for r in results)
     schema = UNPAIRED_SHARD_SCHEMA if unpaired else SHARD_SCHEMA
     table = pa.Table.from_pylist([unpaired_row(r) if unpaired else {f: r[f] for f in SHARD_SCHEMA.names}
                                   for r in rows], schema=schema)
@@ -116,9 +117,11 @@ class ShardWriter:
     `rows_read`: shard index -> rows it takes this run (its own shards among them). Rows are kept by row
     key: a row delivered twice (a retried task) can neither appear twice nor finish its shard early."""
 
-    def __init__(self, output: str, rows_read: dict[int, int], data: str, source: str, options: dict | None):
+    def __init__(self, output: str, rows_read: dict[int, int], data: str, source: str, options: dict | None,
+                 unpaired: bool = False):
         storage.configure(options)
         self.output, self.rows_read, self.data, self.source = output, rows_read, data, source
+        self.unpaired = unpaired
         self.pending: dict[int, dict[str, dict]] = {}
 
     def add(self, k: int, table: pa.Table) -> list[dict]:
@@ -129,7 +132,8 @@ class ShardWriter:
         if len(rows) < self.rows_read[k]:
             return []
         del self.pending[k]
-        return [write_shard(self.output, k, list(rows.values()), self.rows_read[k], self.data, self.source)]
+        return [write_shard(self.output, k, list(rows.values()), self.rows_read[k], self.data, self.source,
+                            self.unpaired)]
 
 
 def deliver(batch: pa.Table, writers: list) -> pa.Table:
