@@ -108,13 +108,11 @@ def test_both_stages_on_s3_match_local_disk(s3, tmp_path, tiny_model_dir):
         [s["sha256"] for s in local_manifest["shards"]]
     assert {"refs/manifest.json", "refs/config.yaml", "refs/rejects/shard-00000.parquet"} <= set(keys(s3, "refs/"))
 
-    # Train from s3 to s3, stopped at step 2 and resumed from the s3 checkpoint; local run for comparison.
+    # Train from s3 to s3 (checkpoints on s3; resuming from them is the sharded-checkpoint test below);
+    # a local run for comparison.
     train = ["--max-steps", "4", "--batch-size", "4", "--micro-batch-size", "2", "--learning-rate", "1e-3",
              "--save-every", "2"]
-    p2 = cli("train", "--refs", "s3://dpo/refs", "--output", "s3://dpo/run", "--stop-at-step", "2",
-             "--storage-options", opts, *train)
-    assert "run/checkpoints/step-2/state.json" in keys(s3, "run/")
-    p3 = cli("train", "--refs", "s3://dpo/refs", "--output", "s3://dpo/run", "--resume", *train)
+    p2 = cli("train", "--refs", "s3://dpo/refs", "--output", "s3://dpo/run", "--storage-options", opts, *train)
     cli("train", "--refs", str(tmp_path / "refs"), "--output", str(tmp_path / "run"), *train)
     got = keys(s3, "run/")
     for k in ("run/final/model.safetensors", "run/final/config.json", "run/metrics.jsonl", "run/curves.png",
@@ -132,7 +130,7 @@ def test_both_stages_on_s3_match_local_disk(s3, tmp_path, tiny_model_dir):
     for k in got + keys(s3, "refs/"):
         if k.endswith((".json", ".yaml", ".jsonl")):
             assert SECRET not in fs.cat_file(f"dpo/{k}").decode(), k
-    for p in (p1, p2, p3):
+    for p in (p1, p2):
         assert SECRET not in p.stdout + p.stderr
     # A grown input on S3 (only the new rows scored) is the nightly chain's second night, below.
 
@@ -218,7 +216,7 @@ def ray_head(tmp_path):
             assert head.poll() is None and time.time() < deadline, "ray head did not start"
             time.sleep(1)
     yield {"address": address, "env": env}
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+    for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 5)):  # a throwaway head: no need to wait long
         try:
             os.killpg(head.pid, sig)
         except ProcessLookupError:

@@ -28,7 +28,7 @@ def unpaired_refs(tmp_path_factory, tiny_model_dir, ray_session):
 
 def kto_cfg(refs, out, **kw) -> TrainConfig:
     base = dict(refs=str(refs), output=str(out), loss_type="kto", batch_size=8, micro_batch_size=2,
-                learning_rate=1e-3, shuffle_buffer=8, progress=False, seed=1, max_steps=6, warmup_ratio=0.0,
+                learning_rate=1e-3, shuffle_buffer=8, progress=False, seed=1, max_steps=4, warmup_ratio=0.0,
                 **WEIGHTS)
     return TrainConfig(**{**base, **kw})
 
