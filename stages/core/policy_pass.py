@@ -167,6 +167,19 @@ def kl_sums(model, pairs: list[dict], ctx: PassContext, rounds: int | None = Non
     return out
 
 
+def _losses(micro: list[dict], chosen: torch.Tensor, rejected: torch.Tensor, ctx: PassContext, chosen_tokens: float,
+            kl: float, tokens: int) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+    """(per-example loss, its contribution to `ctx.sum_keys` on demand) for one micro-batch: pairs, or
+    unpaired examples whose KL estimate `kl` is fixed for the pass."""
+    if ctx.unpaired is not None:
+        u = unpaired_batch(micro, chosen, rejected)
+        per_example = UNPAIRED_LOSSES[ctx.terms[0][0]](u, ctx.unpaired, kl)
+        return per_example, lambda: _unpaired_sums(u, per_example, ctx, tokens)
+    b = loss_batch(micro, chosen, rejected, chosen_tokens)
+    per_pair = combined_loss(b, ctx.params, list(ctx.terms))
+    return per_pair, lambda: _micro_sums(b, per_pair, ctx, tokens)
+
+
 def _micro_sums(b: Batch, per_pair: torch.Tensor, ctx: PassContext, tokens: int) -> torch.Tensor:
     """One micro-batch's contribution to SUM_KEYS."""
     r = rewards(b, ctx.params)
@@ -207,17 +220,12 @@ def run_pairs(model, pairs: list[dict], ctx: PassContext, batch_size_total: floa
         micro, weight = (micros[k], 1.0) if k < len(micros) else (ghost, 0.0)
         with torch.set_grad_enabled(train), grad_sync(model, not train or k == rounds - 1):
             chosen, rejected, tokens = _score(model, micro, ctx)
-            if ctx.unpaired is not None:  # KTO: the KL estimate `kl` is the step's, fixed before this pass
-                b = unpaired_batch(micro, chosen, rejected)
-                per_pair = UNPAIRED_LOSSES[ctx.terms[0][0]](b, ctx.unpaired, kl)
-            else:
-                b = loss_batch(micro, chosen, rejected, batch_chosen_tokens)
-                per_pair = combined_loss(b, ctx.params, list(ctx.terms))
+            # KTO: `kl`, the step's KL estimate, was fixed before this pass (`kl_sums`)
+            per_pair, micro_sums = _losses(micro, chosen, rejected, ctx, batch_chosen_tokens, kl, tokens)
             if train:
                 (per_pair.sum() * (weight / batch_size_total)).backward()
         if weight:
-            sums += (_unpaired_sums(b, per_pair, ctx, tokens) if ctx.unpaired is not None
-                     else _micro_sums(b, per_pair, ctx, tokens))
+            sums += micro_sums()
     return sums
 
 
@@ -264,13 +272,8 @@ def reference_metrics(refs: Refs, ctx: PassContext) -> dict:
     for chunk, _ in _chunks(epoch_pairs(refs, 0, 0, 1), ctx.micro_batch_size, 0, 1):
         ref_chosen, ref_rejected = (torch.tensor([p[key] for p in chunk], dtype=torch.float64)
                                     for key in ("ref_chosen_logps", "ref_rejected_logps"))
-        if ctx.unpaired is not None:  # log-ratios, rewards and the KL estimate are 0
-            b = unpaired_batch(chunk, ref_chosen, ref_rejected)
-            sums += _unpaired_sums(b, UNPAIRED_LOSSES[ctx.terms[0][0]](b, ctx.unpaired, 0.0), ctx, 0)
-            continue
         chosen_tokens = float(sum(p["chosen_scored_tokens"] for p in chunk))
-        b = loss_batch(chunk, ref_chosen, ref_rejected, chosen_tokens)
-        sums += _micro_sums(b, combined_loss(b, ctx.params, list(ctx.terms)), ctx, 0)
+        sums += _losses(chunk, ref_chosen, ref_rejected, ctx, chosen_tokens, 0.0, 0)[1]()  # KTO: kl is 0 here
     return metrics_of(sums, ctx, "eval/")
 
 
