@@ -7,6 +7,10 @@
     python pipeline.py sweep      --refs REFS --eval-refs HELDOUT_REFS --beta 0.01,0.05,0.1,0.5
     python pipeline.py inspect    REFS
     python pipeline.py run        --data DATA --refs REFS --runs RUNS [--eval-refs HELDOUT_REFS] [--flags ...]
+    python pipeline.py generate   --prompts PROMPTS --model MODEL --output CANDIDATES [--num-samples N]
+    python pipeline.py judge      --candidates CANDIDATES --output PAIRS --reward-fn mod:fn
+                                  (or --reward-model M, --labels SHEET, --implicit POLICY --refs REFS)
+    python pipeline.py iterate    --prompts PROMPTS --model SFT --output ONLINE --rounds K [--eval-refs HELDOUT_REFS]
     python pipeline.py submit     jobs/precompute.yaml --address http://HEAD:8265 [--wait] [-- extra flags]
 
 Thin on purpose: parse the config, call a stage, print its summary.
@@ -74,6 +78,38 @@ def _run(argv: list[str]) -> int:
     return 0
 
 
+def _generate(argv: list[str]) -> int:
+    from stages import generate
+    from stages.core.config import GenerateConfig, parse_args
+
+    cfg = parse_args(GenerateConfig, argv, prog="pipeline.py generate",
+                     description="Sample N responses per prompt from a model (Ray actors); Parquet + manifest.")
+    print(generate.summary(generate.run(cfg), cfg.output))
+    return 0
+
+
+def _judge(argv: list[str]) -> int:
+    from stages import judge
+    from stages.core.config import JudgeConfig, parse_args
+
+    cfg = parse_args(JudgeConfig, argv, prog="pipeline.py judge",
+                     description="Score candidates (reward model, function, human labels or implicit reward) and "
+                                 "write preference pairs that precompute reads.")
+    print(judge.summary(judge.run(cfg), cfg))
+    return 0
+
+
+def _iterate(argv: list[str]) -> int:
+    from stages import iterate
+    from stages.core.config import IterateConfig, parse_args
+
+    cfg = parse_args(IterateConfig, argv, prog="pipeline.py iterate",
+                     description="On-policy DPO rounds: generate -> judge -> precompute -> train (-> eval), "
+                                 "round k+1 sampling from round k's policy; resumable.")
+    print(iterate.summary_text(iterate.run(cfg)))
+    return 0
+
+
 def _inspect(argv: list[str]) -> int:
     from stages import inspect_refs
 
@@ -87,7 +123,7 @@ def _submit(argv: list[str]) -> int:
 
 
 COMMANDS = {"precompute": _precompute, "train": _train, "eval": _eval, "inspect": _inspect, "sweep": _sweep,
-            "run": _run, "submit": _submit}
+            "run": _run, "generate": _generate, "judge": _judge, "iterate": _iterate, "submit": _submit}
 
 
 def main(argv: list[str] | None = None) -> int:

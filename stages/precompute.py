@@ -40,13 +40,11 @@ line giving the reject counts, after writing the rejects and manifest so that `i
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import sys
 import threading
 import time
-import warnings
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
@@ -63,7 +61,7 @@ from stages.core.errors import PipelineError
 from stages.core.formats import detect
 from stages.core.lease import LEASE_FILE, Lease
 from stages.core.models import load_tokenizer, resolve_model, tokenizer_hashes, weights_hash
-from stages.core.ray_runtime import init_ray, quiet_ray_data
+from stages.core.ray_runtime import actor_pool_map, init_ray, quiet_ray_data
 from stages.core.row_plan import KL_PAIRING, Plan, Source, build_plan, content_hash, pair_id, pair_kl  # noqa: F401
 from stages.core.scorer import PairProgress, ReferenceScorer, tokenize_batch
 from stages.core.shard_writer import (
@@ -320,12 +318,8 @@ def _dataset(cfg: PrecomputeConfig, model_path: str, plan: Plan, progress, write
                        # Scoring on CPU, a tokenize task would take the cores the scorers score on; the
                        # scorer tokenizes its own batch instead, and its rows skip a trip through Ray.
                        tokenize=None if apart else tokenize, device="cuda" if use_gpu else "cpu")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-        ds = ds.map_batches(ReferenceScorer, batch_format="pyarrow", batch_size=cfg.batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
-                            num_gpus=cfg.gpus_per_worker if use_gpu else 0,
-                            num_cpus=1, fn_constructor_kwargs=scorer_args, **_without_restarts(ds))
+    ds = actor_pool_map(ds, ReferenceScorer, batch_size=cfg.batch_size, size=cfg.num_workers,
+                        num_gpus=cfg.gpus_per_worker if use_gpu else 0, num_cpus=1, fn_constructor_kwargs=scorer_args)
     return ds.map_batches(deliver, batch_format="pyarrow", batch_size=None, num_cpus=0.1,
                           fn_kwargs=dict(writers=writers))
 
@@ -334,17 +328,6 @@ def _tokenize_apart(use_gpu: bool) -> bool:
     """Tokenize in tasks of their own (GPU scorers), or in the scorer's call (CPU scorers: measured in
     bench/precompute_scale.py, tasks beside CPU scorers only take their cores; BENCHMARKS.md)."""
     return use_gpu
-
-
-def _without_restarts(ds) -> dict:
-    """max_restarts=0 for the scorer pool. Ray Data's default (restart a dead actor, retry its calls)
-    makes Ray log an error-level line on every run (ray-project/ray#57733: the pool's constructor
-    arguments live in the object store) and retries without end a batch that kills its process each
-    time. Without restarts a pool that loses a process fails, and `_Run` starts a new one for the
-    shards not yet finished. Ray Data takes the setting only among its free-form remote arguments,
-    deprecated since Ray 2.60 (the warning is silenced in `_dataset`): where they are gone, nothing."""
-    params = inspect.signature(ds.map_batches).parameters.values()
-    return {"max_restarts": 0} if any(p.kind is p.VAR_KEYWORD for p in params) else {}
 
 
 @contextmanager

@@ -29,6 +29,8 @@ REPO_DATA = Path(__file__).resolve().parents[2] / "data"  # the repository's dat
 EMBEDDED_DATA = {
     "embedded:hh-rlhf-helpful": (REPO_DATA / "hh_rlhf_helpful_base_demo_train.jsonl.gz", "hh"),
     "embedded:hh-rlhf-helpful-heldout": (REPO_DATA / "hh_rlhf_helpful_base_demo_heldout.jsonl.gz", "hh"),
+    # prompts only, for generate / iterate: single-turn user messages (no answers)
+    "embedded:hh-rlhf-helpful-prompts": (REPO_DATA / "hh_rlhf_helpful_base_prompts.jsonl", "standard"),
 }
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, as some Windows tools write at the start of a file

@@ -129,3 +129,25 @@ def run_train_workers(worker: Callable[[dict], None], config: dict, num_workers:
         signal.signal(signal.SIGTERM, previous)
         ray.kill(flag)
     return bool(got)
+
+
+def actor_pool_map(ds, cls, batch_size: int, size: int, **remote_args):
+    """`ds.map_batches(cls)` (pyarrow batches) on a pool of `size` actors that are never restarted.
+
+    Ray Data's default (restart a dead actor, retry its calls) makes Ray log an error-level line on
+    every run (ray-project/ray#57733: the pool's constructor arguments live in the object store) and
+    retries without end a batch that kills its process each time. Without restarts a pool that loses a
+    process fails the stage, whose re-run goes on from what it wrote. Ray Data takes the setting only
+    among its free-form remote arguments, deprecated since Ray 2.60 (the warning is silenced here):
+    where they are gone, nothing."""
+    import inspect
+    import warnings
+
+    import ray.data
+
+    params = inspect.signature(ds.map_batches).parameters.values()
+    extra = {"max_restarts": 0} if any(p.kind is p.VAR_KEYWORD for p in params) else {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        return ds.map_batches(cls, batch_format="pyarrow", batch_size=batch_size,
+                              compute=ray.data.ActorPoolStrategy(size=size), **remote_args, **extra)

@@ -37,13 +37,29 @@ def _ids(tokenizer: Any, value: Any, **template_kwargs) -> list[int]:
     return list(tokenizer(text=value)["input_ids"])
 
 
+def template_kwargs(row: dict | None) -> dict:
+    """apply_chat_template's extra arguments from a row: its tools (a list, or JSON text of one) and
+    chat_template_kwargs."""
+    row = row or {}
+    tools = row.get("tools")
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    return {"tools": tools, **(row.get("chat_template_kwargs") or {})}
+
+
+def prompt_token_ids(tokenizer: Any, prompt: Any, template: dict | None = None) -> list[int]:
+    """A prompt's tokens as `tokenize_row` makes them for the trainer: messages through the chat template
+    with the generation prompt (and the row's tools / template arguments), a string as it is. Sampling
+    from these tokens gives answers that continue exactly what the trainer will score."""
+    if is_messages(prompt):
+        return _ids(tokenizer, prompt, add_generation_prompt=True, **template_kwargs(template))
+    return _ids(tokenizer, prompt)
+
+
 def tokenize_row(tokenizer: Any, row: dict) -> dict[str, list[int]]:
     """TRL row (explicit prompt) -> untruncated prompt_ids / chosen_ids / rejected_ids."""
     prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
     if is_messages(chosen):
-        tools = row.get("tools")
-        tools = json.loads(tools) if isinstance(tools, str) else tools
-        kwargs = {"tools": tools, **(row.get("chat_template_kwargs") or {})}
+        kwargs = template_kwargs(row)
         prompt_ids = _ids(tokenizer, prompt, add_generation_prompt=True, **kwargs)
         prompt_chosen = _ids(tokenizer, prompt + chosen, **kwargs)
         prompt_rejected = _ids(tokenizer, prompt + rejected, **kwargs)

@@ -1,0 +1,99 @@
+"""Prompts for sampling, from whatever a user has: a preference set precompute reads (its prompt, given
+or extracted as TRL extracts it), prompt-only rows, or a plain list of prompts / message lists.
+
+A prompt is a string (a standard prompt, tokenized as is) or a list of messages (conversational: the
+chat template with the generation prompt), exactly what the trainer will see as the pair's prompt.
+Rows without a usable prompt are rejects with a reason, as in precompute: rows read = prompts + rejects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+from stages.core import storage
+from stages.core.data import MalformedRow, embedded_layout, read_rows, resolve_source
+from stages.core.formats import (
+    ADAPTERS,
+    RowRejected,
+    _check_template_inputs,
+    _is_blank,
+    check_text,
+    detect,
+    is_messages,
+    normalise,
+)
+from stages.core.unpaired import is_unpaired
+
+TEMPLATE_KEYS = ("tools", "chat_template_kwargs")  # row keys that change how a conversational prompt renders
+
+
+def prompt_id(prompt: Any, template: dict | None = None) -> str:
+    """Content hash of a prompt (and its template inputs): the same prompt gets the same id in every file."""
+    body = json.dumps([prompt, template or None], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()[:32]
+
+
+def prompt_of(raw: Any, layout: str, columns: SimpleNamespace) -> tuple[Any, dict | None]:
+    """(prompt, template inputs or None) of one raw row; raises RowRejected."""
+    if isinstance(raw, MalformedRow):
+        raise RowRejected(raw.reason, f"{raw.file} line {raw.line}: {raw.error}")
+    template = None
+    if isinstance(raw, str) or is_messages(raw):
+        value = raw
+    elif isinstance(raw, dict):
+        if columns.prompt_column in raw:
+            value = raw[columns.prompt_column]
+        elif layout in ADAPTERS and not is_unpaired(raw):
+            # a pair's prompt, as precompute reads it (openai / hh turns; TRL's implicit prompt: the common
+            # start of chosen and rejected)
+            value = normalise(raw, layout, columns)["prompt"]
+        else:
+            raise RowRejected("missing_field", f"no '{columns.prompt_column}' in the row "
+                                               f"(has: {', '.join(map(str, list(raw)[:8]))})")
+        template = {k: raw[k] for k in TEMPLATE_KEYS if raw.get(k) is not None} or None
+        if template:
+            _check_template_inputs(dict(template))
+    else:
+        raise RowRejected("bad_type", f"row is {type(raw).__name__}, expected a prompt, messages or an object")
+    if value is None:
+        raise RowRejected("missing_field", f"'{columns.prompt_column}' is null")
+    check_text("prompt", value)
+    if _is_blank(value):
+        raise RowRejected("empty_prompt", "the prompt is empty or whitespace only")
+    if template and not is_messages(value):
+        template = None  # tools and template arguments only apply to a chat template
+    return value, template
+
+
+def _text_rows(url: str, options: dict | None) -> Iterator[tuple[int, Any]]:
+    """A .txt file: one prompt per non-blank line (a line is the prompt, as written)."""
+    with storage.open_text(url, options, encoding="utf-8") as fh:
+        for index, line in enumerate(x.rstrip("\n").rstrip("\r") for x in fh if x.strip()):
+            yield index, line
+
+
+def read_prompts(source: str, fmt: str, prompt_column: str, split: str, limit: int | None,
+                 options: dict | None) -> Iterator[tuple[int, Any, dict | None, RowRejected | None, Any]]:
+    """(source_index, prompt, template inputs, reject or None, raw row) for every input row, in order."""
+    path = resolve_source(source)
+    if path.endswith(".txt"):
+        rows: Iterator = _text_rows(path, options)
+        if limit is not None:
+            rows = ((i, r) for i, r in rows if i < limit)
+    else:
+        rows = read_rows(source, split, limit, options)
+    layout = None if fmt == "auto" else fmt
+    layout = layout or embedded_layout(source)
+    columns = SimpleNamespace(prompt_column=prompt_column, chosen_column="chosen", rejected_column="rejected",
+                              completion_column="completion", label_column="label")
+    for index, raw in rows:
+        if layout is None and isinstance(raw, dict):
+            layout = detect(raw)
+        try:
+            prompt, template = prompt_of(raw, layout or "standard", columns)
+            yield index, prompt, template, None, raw
+        except RowRejected as e:
+            yield index, None, None, e, raw

@@ -1,0 +1,236 @@
+"""`pipeline.py generate`: N sampled responses per prompt, from a Ray Data pool of sampler actors.
+
+prompts (any input precompute reads, prompt-only rows, or a plain list) -> the driver reads the prompts
+(one small row each: prompt sets are far smaller than preference sets) -> sampler actors, one per GPU
+or CPU worker, each call a batch of `batch_size` prompts x `num_samples` rows, left-padded -> Parquet
+files `candidates-NNNNN.parquet` of `rows_per_file` prompts, in input order, written as they complete
+-> `manifest.json` last (model and weights hash, sampling settings, seed, counts, throughput).
+
+A finished output (its manifest) with the same settings is not generated again: the command says so and
+returns; other settings are refused unless --overwrite. The same command with the same seed gives the
+same samples (`stages.core.sampling`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stages.core import storage
+from stages.core.config import ConfigError, GenerateConfig, public
+from stages.core.data import MalformedRow
+from stages.core.devices import ray_use_gpu, say, threads_per_worker
+from stages.core.lease import Lease
+from stages.core.models import load_tokenizer, resolve_model, tokenizer_hashes, weights_hash
+from stages.core.prompts import prompt_id, read_prompts
+from stages.core.ray_runtime import actor_pool_map, init_ray, quiet_ray_data
+from stages.core.sampling import CANDIDATE_SCHEMA, Sampler
+
+FORMAT_VERSION = 1
+SETTINGS = ("prompts", "format", "prompt_column", "split", "limit", "num_samples", "temperature", "top_p",
+            "max_new_tokens", "seed", "dtype")
+
+
+def _engine(cfg: GenerateConfig, use_gpu: bool) -> str:
+    import importlib.util
+
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if cfg.engine == "vllm" and not (has_vllm and use_gpu):
+        raise ConfigError("config key 'engine': vllm needs the vllm package and a GPU "
+                          f"({'no vllm' if not has_vllm else 'no GPU for the samplers'}); use --engine hf")
+    return "vllm" if cfg.engine == "vllm" or (cfg.engine == "auto" and has_vllm and use_gpu) else "hf"
+
+
+def settings_of(cfg: GenerateConfig, model_path: str) -> dict:
+    tok = load_tokenizer(model_path)
+    return {**{k: getattr(cfg, k) for k in SETTINGS}, "model": cfg.model, "weights_hash": weights_hash(model_path),
+            **tokenizer_hashes(tok)}
+
+
+def finished(output: str, settings: dict, overwrite: bool) -> dict | None:
+    """The manifest of a finished output made with these settings (None: generate). Other settings: an
+    error naming the keys that differ, unless overwrite."""
+    url = storage.join(output, "manifest.json")
+    if not storage.exists(url):
+        return None
+    manifest = storage.read_json(url)
+    differ = sorted(k for k in settings if manifest.get("settings", {}).get(k) != settings[k])
+    if not differ:
+        return manifest
+    if not overwrite:
+        raise ConfigError(f"{output} holds candidates made with other settings ({', '.join(differ)} differ: "
+                          + "; ".join(f"{k} {manifest.get('settings', {}).get(k)!r} -> {settings[k]!r}"
+                                      for k in differ[:4])
+                          + "); use another --output, or --overwrite")
+    return None
+
+
+def _clear(output: str) -> None:
+    for name in storage.list_names(output):
+        if name.startswith("candidates-") or name in ("rejects.jsonl", "manifest.json"):
+            storage.remove(storage.join(output, name))
+
+
+def _reject(index: int, reason: str, detail: str, raw) -> dict:
+    row = raw.text if isinstance(raw, MalformedRow) else raw
+    return {"source_index": index, "reason": reason, "detail": detail, "row": row}
+
+
+def run(cfg: GenerateConfig) -> dict:
+    """Generate; returns the manifest (with `skipped`: True when a finished output was kept)."""
+    storage.configure(cfg.storage_options_dict)
+    model_path = resolve_model(cfg.model)
+    settings = settings_of(cfg, model_path)
+    done = finished(cfg.output, settings, cfg.overwrite)
+    if done is not None:
+        say(f"generate: {cfg.output} already holds these samples ({done['counts']['samples']} from "
+            f"{done['counts']['prompts']} prompts): not generated again")
+        return {**done, "skipped": True}
+    with Lease(cfg.output, "generate"):
+        _clear(cfg.output)
+        return _generate(cfg, model_path, settings)
+
+
+def _generate(cfg: GenerateConfig, model_path: str, settings: dict) -> dict:
+    import ray
+
+    started = time.time()
+    items, rejects, rows_read = [], [], 0
+    for index, prompt, template, error, raw in read_prompts(cfg.prompts, cfg.format, cfg.prompt_column, cfg.split,
+                                                            cfg.limit, cfg.storage_options_dict):
+        rows_read += 1
+        if error is not None:
+            rejects.append(_reject(index, error.reason, error.detail, raw))
+            continue
+        conversational = isinstance(prompt, list)
+        items.append({"prompt_index": index, "prompt_id": prompt_id(prompt, template),
+                      "prompt": json.dumps(prompt, ensure_ascii=False) if conversational else prompt,
+                      "conversational": conversational,
+                      "template_json": json.dumps(template, ensure_ascii=False) if template else None})
+    if not items:
+        raise ConfigError(f"--prompts {cfg.prompts}: no usable prompt in {rows_read} rows"
+                          + (f" (first reject: {rejects[0]['reason']}: {rejects[0]['detail']})" if rejects else ""))
+    init_ray(cfg.num_workers + 1)
+    quiet_ray_data()
+    use_gpu = ray_use_gpu(cfg.device, f"{cfg.num_workers} sampler(s)", cfg.num_workers, 1, cfg.gpu_wait_seconds)
+    engine = _engine(cfg, use_gpu)
+    ctx = ray.data.DataContext.get_current()
+    kept_order = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # the same batches, so the same padding, on every run
+    try:
+        return _sample(cfg, ds_items=items, rejects=rejects, rows_read=rows_read, started=started,
+                       model_path=model_path, settings=settings, use_gpu=use_gpu, engine=engine)
+    finally:
+        ctx.execution_options.preserve_order = kept_order
+
+
+def _sample(cfg: GenerateConfig, ds_items: list[dict], rejects: list[dict], rows_read: int, started: float,
+            model_path: str, settings: dict, use_gpu: bool, engine: str) -> dict:
+    import ray
+
+    items = ds_items
+    sampling = {k: getattr(cfg, k) for k in ("num_samples", "temperature", "top_p", "max_new_tokens", "seed")}
+    ds = ray.data.from_arrow(pa.Table.from_pylist(items, schema=pa.schema(
+        [CANDIDATE_SCHEMA.field(n) for n in ("prompt_index", "prompt_id", "prompt", "conversational",
+                                             "template_json")])))
+    ds = actor_pool_map(ds, Sampler, batch_size=cfg.batch_size, size=cfg.num_workers,
+                        num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
+                        fn_constructor_kwargs={"model_path": model_path, "dtype": cfg.dtype, "sampling": sampling,
+                                               "device": "cuda" if use_gpu else "cpu", "engine": engine,
+                                               "threads": None if use_gpu else threads_per_worker(cfg.num_workers)})
+    files, buffer, counts = [], [], {"samples": 0, "stop": 0, "length": 0, "prompt_tokens": 0, "response_tokens": 0}
+    bar = _bar(cfg, len(items))
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for rec in batch.to_pylist():
+            if rec["reject_reason"]:
+                rejects.append(_reject(rec["prompt_index"], rec["reject_reason"], rec["reject_detail"],
+                                       rec["prompt"]))
+            else:
+                buffer.append(rec)
+                counts["samples"] += len(rec["responses"])
+                counts["prompt_tokens"] += rec["prompt_tokens"]
+                counts["response_tokens"] += sum(rec["response_tokens"])
+                for reason in rec["finish_reasons"]:
+                    counts[reason] += 1
+            if len(buffer) >= cfg.rows_per_file:
+                files.append(_write(cfg.output, len(files), buffer))
+                buffer = []
+        if bar is not None:
+            bar.update(batch.num_rows)
+            bar.set_postfix_str(f"{counts['response_tokens'] / max(time.time() - started, 1e-9):.1f} tokens/s")
+    if buffer:
+        files.append(_write(cfg.output, len(files), buffer))
+    if bar is not None:
+        bar.close()
+    rejects.sort(key=lambda r: r["source_index"])
+    storage.write_bytes_atomic(storage.join(cfg.output, "rejects.jsonl"), "".join(
+        json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects).encode())
+    elapsed = time.time() - started
+    prompts = sum(f["rows"] for f in files)
+    manifest = {
+        "format_version": FORMAT_VERSION, "kind": "candidates", "model": {"name": cfg.model, "path": model_path},
+        "settings": settings, "engine": engine,
+        "counts": {"rows_read": rows_read, "prompts": prompts, "prompts_rejected": len(rejects),
+                   "samples": counts["samples"], "finish_reasons": {"stop": counts["stop"], "length": counts["length"]},
+                   "prompt_tokens": counts["prompt_tokens"], "response_tokens": counts["response_tokens"]},
+        "rejects_by_reason": _by_reason(rejects), "files": files, "elapsed_s": round(elapsed, 2),
+        "prompts_per_s": round(prompts / elapsed, 3), "tokens_per_s": round(counts["response_tokens"] / elapsed, 2),
+        "config": public(cfg)}
+    assert rows_read == prompts + len(rejects), (rows_read, prompts, len(rejects))
+    storage.write_json(storage.join(cfg.output, "manifest.json"), manifest)
+    return manifest
+
+
+def _by_reason(rejects: list[dict]) -> dict:
+    out: dict[str, int] = {}
+    for r in rejects:
+        out[r["reason"]] = out.get(r["reason"], 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _bar(cfg: GenerateConfig, total: int):
+    if not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="prompt", desc="generate", file=sys.stderr, dynamic_ncols=True)
+
+
+def _write(output: str, k: int, rows: list[dict]) -> dict:
+    name = f"candidates-{k:05d}.parquet"
+    table = pa.Table.from_pylist(rows, schema=CANDIDATE_SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    data = sink.getvalue().to_pybytes()
+    storage.write_bytes_atomic(storage.join(output, name), data)
+    return {"name": name, "rows": len(rows), "first_prompt_index": rows[0]["prompt_index"],
+            "sha256": storage.sha256_bytes(data)}
+
+
+def read_candidates(output: str) -> tuple[dict, list[dict]]:
+    """A finished generate output: (manifest, candidate rows in prompt order)."""
+    url = storage.join(output, "manifest.json")
+    if not storage.exists(url):
+        from stages.core.data import DataError
+
+        raise DataError(f"{output}: no manifest.json: not a finished generate output (run pipeline.py generate)")
+    manifest = storage.read_json(url)
+    rows: list[dict] = []
+    for entry in manifest["files"]:
+        with storage.open_binary(storage.join(output, entry["name"])) as fh:
+            rows += pq.read_table(fh).to_pylist()
+    return manifest, rows
+
+
+def summary(manifest: dict, output: str) -> str:
+    c = manifest["counts"]
+    if manifest.get("skipped"):
+        return f"generate: {output} kept ({c['samples']} samples of {c['prompts']} prompts)"
+    return (f"generate: {c['prompts']} prompts x {manifest['settings']['num_samples']} -> {c['samples']} samples "
+            f"({c['finish_reasons']['stop']} stopped, {c['finish_reasons']['length']} at max_new_tokens), "
+            f"{c['prompts_rejected']} prompts rejected, {manifest['prompts_per_s']} prompts/s, "
+            f"{manifest['tokens_per_s']} tokens/s ({manifest['engine']}) -> {output}")
