@@ -121,15 +121,18 @@ class ReferenceScorer:
     `progress`: a `PairProgress` actor handle (or anything with `report.remote(key, pairs_done)`),
     told after every forward how many of the call's pairs are done; None reports nothing.
     `gpus` above 1: the model is spread over that many of the GPUs this process sees (`gpu_memory`);
-    batches then go to the GPU of its input embeddings."""
+    batches then go to the GPU of its input embeddings. `model`: score with this model instead of
+    loading one from `model_path` (whose tokenizer still gives the padding id)."""
 
     def __init__(self, model_path: str, dtype: str, max_length: int | None, truncation_mode: str,
                  threads: int | None = None, tokens_per_forward: int = TOKENS_PER_FORWARD, pack_prompts: bool = True,
-                 progress=None, gpus: int = 1, tokenize: dict | None = None, device: str = "auto"):
+                 progress=None, gpus: int = 1, tokenize: dict | None = None, device: str = "auto", model=None):
         if threads:
             torch.set_num_threads(threads)
         self.device = pick_device(device)  # "cuda" or "cpu": also what the forward planning is tuned for
-        if gpus > 1:
+        if model is not None:  # a model loaded by the caller (a trained policy: judge --implicit)
+            self.model, self.input_device = model.to(self.device).eval(), self.device
+        elif gpus > 1:
             self.model = load_model(model_path, dtype, max_memory=gpu_memory(gpus)).eval()
             self.input_device = str(self.model.get_input_embeddings().weight.device)
         else:

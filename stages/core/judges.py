@@ -1,0 +1,214 @@
+"""The judges of `pipeline.py judge`, and how their scores become pairs.
+
+Each judge gives every candidate (prompt, response) a score, higher is better:
+- `RewardScorer` (a Ray actor): a sequence-classification reward model with one logit, on the chat
+  template's rendering of prompt + response (a string prompt: prompt + response as text);
+- `load_reward_fn`: a Python callable (prompt, response) -> float, for verifiable tasks;
+- `ImplicitScorer` (a Ray actor): a DPO policy's implicit reward beta * (log pi(y|x) - log pi_ref(y|x)),
+  both log-probs from precompute's scorer (`ReferenceScorer.score_sequences`, THE log-prob function),
+  over the tokens precompute and the trainer use for that response.
+Human labels come as A / B / tie on a sheet (`stages.judge`), not as scores.
+
+`select_pairs` turns one prompt's scores into pairs (best-worst, all, random) and gives every candidate
+it leaves out its reason: tie (score differences below --min-margin, or none), not_selected, or
+single_response.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import random
+import sys
+from typing import Any, Callable
+
+import pyarrow as pa
+import torch
+
+from stages.core.config import ConfigError
+from stages.core.devices import pick_device
+from stages.core.formats import RowRejected, is_messages
+from stages.core.models import load_tokenizer
+from stages.core.tokenization import _ids, scored_sequence, template_kwargs
+from stages.core.unpaired import tokenize_unpaired_row, truncate_unpaired
+
+SCORE_SCHEMA = pa.schema([("key", pa.string()), ("score", pa.float64()), ("error", pa.string())])
+
+
+def candidate_prompt(rec: dict) -> Any:
+    """A candidate row's prompt as the user gave it: text, or a message list."""
+    return json.loads(rec["prompt"]) if rec["conversational"] else rec["prompt"]
+
+
+def load_reward_fn(spec: str) -> Callable[[Any, str], float]:
+    """`package.module:function` (importable from here or the working folder) or `path/file.py:function`."""
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise ConfigError(f"config key 'reward_fn': {spec!r} is not module:function or file.py:function")
+    try:
+        if target.endswith(".py"):
+            if not os.path.exists(target):
+                raise ConfigError(f"config key 'reward_fn': no file {target}")
+            loader = importlib.util.spec_from_file_location(f"reward_fn_{abs(hash(target))}", target)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.append(os.getcwd())
+            module = importlib.import_module(target)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001  an import error of any kind, in the user's module
+        raise ConfigError(f"config key 'reward_fn': cannot import {target}: {type(e).__name__}: {e}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"config key 'reward_fn': {target} has no function {name!r}")
+    return fn
+
+
+def call_reward_fn(fn: Callable, prompt: Any, response: str) -> float:
+    """The function's score as a finite float; anything else raises RowRejected('judge_error')."""
+    try:
+        value = fn(prompt, response)
+    except Exception as e:  # noqa: BLE001  the user's function; its failure is one candidate's reject
+        raise RowRejected("judge_error", f"the reward function raised {type(e).__name__}: {str(e)[:300]}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RowRejected("judge_error", f"the reward function returned {value!r}, not a finite number")
+    return float(value)
+
+
+def reward_model_ids(tokenizer, prompt: Any, response: str, template: dict | None, max_length: int) -> list[int]:
+    """What a reward model reads: the chat template over prompt + the response as the assistant turn
+    (a string prompt: the text prompt + response), cut to max_length tokens from the start."""
+    if is_messages(prompt):
+        ids = _ids(tokenizer, prompt + [{"role": "assistant", "content": response}], **template_kwargs(template))
+    else:
+        ids = _ids(tokenizer, prompt + response)
+    return ids[:max_length]
+
+
+class RewardScorer:
+    """A sequence-classification reward model (one logit); each call scores a batch of candidates."""
+
+    def __init__(self, model_path: str, dtype: str, max_length: int, device: str = "auto",
+                 threads: int | None = None):
+        from transformers import AutoModelForSequenceClassification
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = pick_device(device)
+        self.tokenizer = load_tokenizer(model_path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        self.model = self.model.to(self.device).eval()
+        if self.model.config.num_labels != 1:
+            raise ConfigError(f"--reward-model {model_path}: has {self.model.config.num_labels} outputs; a reward "
+                              "model has one (num_labels 1)")
+        if self.model.config.pad_token_id is None:  # the model finds each sequence's last token by its padding
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.max_length = max_length
+
+    def scores(self, sequences: list[list[int]]) -> list[float]:
+        """One forward, right-padded; the model reads each sequence's last real token."""
+        width = max(len(s) for s in sequences)
+        pad = self.model.config.pad_token_id
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences], device=self.device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=self.device)
+        with torch.inference_mode():
+            return self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu().tolist()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        keys, seqs, errors = [], [], {}
+        for rec in batch.to_pylist():
+            keys.append(rec["key"])
+            template = json.loads(rec["template_json"]) if rec["template_json"] else None
+            try:
+                seqs.append(reward_model_ids(self.tokenizer, candidate_prompt(rec), rec["response"], template,
+                                             self.max_length))
+            except RowRejected as e:
+                errors[rec["key"]] = e.detail
+                seqs.append(None)
+        good = [s for s in seqs if s is not None]
+        values = iter(self.scores(good) if good else [])
+        return pa.Table.from_pylist([{"key": k, "score": None if s is None else next(values),
+                                      "error": errors.get(k)} for k, s in zip(keys, seqs)], schema=SCORE_SCHEMA)
+
+
+class ImplicitScorer:
+    """beta * (log pi(y|x) - log pi_ref(y|x)) of each candidate, on the tokens precompute scores: the
+    response is tokenized as an unpaired completion (TRL's rule: EOS after a string response) and cut by
+    the reference output's max_length / truncation settings."""
+
+    def __init__(self, policy_path: str, reference_path: str, beta: float, max_length: int | None,
+                 max_prompt_length: int | None, truncation_mode: str, dtype: str = "float32", device: str = "auto",
+                 threads: int | None = None):
+        from stages.core.checkpoint import load_policy_model
+        from stages.core.scorer import ReferenceScorer
+
+        device = pick_device(device)
+        args = dict(dtype=dtype, max_length=max_length, truncation_mode=truncation_mode, threads=threads,
+                    device=device)
+        self.reference = ReferenceScorer(reference_path, **args)
+        self.policy = ReferenceScorer(reference_path, model=load_policy_model(policy_path, device), **args)
+        self.tokenizer = load_tokenizer(reference_path)
+        self.beta, self.max_length, self.max_prompt_length = beta, max_length, max_prompt_length
+        self.truncation_mode = truncation_mode
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        keys, seqs, errors = [], [], {}
+        for rec in batch.to_pylist():
+            keys.append(rec["key"])
+            template = json.loads(rec["template_json"]) if rec["template_json"] else {}
+            prompt, response = candidate_prompt(rec), rec["response"]
+            completion = [{"role": "assistant", "content": response}] if is_messages(prompt) else response
+            try:
+                ids = tokenize_unpaired_row(self.tokenizer, {**template, "prompt": prompt, "completion": completion})
+                ids = truncate_unpaired(ids, self.max_length, self.max_prompt_length, self.truncation_mode)
+                seqs.append(scored_sequence(ids["prompt_ids"], ids["completion_ids"], self.max_length,
+                                            self.truncation_mode))
+            except RowRejected as e:
+                errors[rec["key"]] = f"{e.reason}: {e.detail}"
+                seqs.append(None)
+        good = [s for s in seqs if s is not None]
+        pi = iter(self.policy.score_sequences(good) if good else [])
+        ref = iter(self.reference.score_sequences(good) if good else [])
+        out = []
+        for k, s in zip(keys, seqs):
+            out.append({"key": k, "score": None if s is None else self.beta * (next(pi) - next(ref)),
+                        "error": errors.get(k)})
+        return pa.Table.from_pylist(out, schema=SCORE_SCHEMA)
+
+
+def select_pairs(scores: dict[int, float], mode: str, min_margin: float,
+                 rng: random.Random) -> tuple[list[tuple[int, int]], dict[int, tuple[str, str]]]:
+    """One prompt's usable candidates {response index: score} -> (pairs as (chosen, rejected) indices,
+    {left-out index: (reason, detail)}). A pair needs a score difference above 0 and at least min_margin."""
+    order = sorted(scores, key=lambda i: (-scores[i], i))  # best first; equal scores: the earlier response
+    if len(order) < 2:
+        return [], {i: ("single_response", "only one usable response for this prompt") for i in order}
+
+    def apart(a: int, b: int) -> bool:
+        margin = scores[a] - scores[b]
+        return margin > 0 and margin >= min_margin
+
+    def tie_detail(a: int, b: int) -> str:
+        return (f"score difference {scores[a] - scores[b]:.6g} between responses {a} and {b} is below "
+                f"--min-margin {min_margin:g}" if scores[a] != scores[b] else f"responses {a} and {b} score the same")
+
+    if mode == "all":
+        pairs = [(a, b) for a in order for b in order if apart(a, b)]
+        used = {i for p in pairs for i in p}
+        best = order[0]
+        return pairs, {i: ("tie", "no other response scores apart from it by --min-margin "
+                                  f"(best {best}: {scores[best]:.6g}, this: {scores[i]:.6g})")
+                       for i in order if i not in used}
+    if mode == "random":
+        a, b = sorted(rng.sample(order, 2), key=lambda i: (-scores[i], i))
+    else:  # best-worst
+        a, b = order[0], order[-1]
+    if not apart(a, b):
+        return [], {i: ("tie", tie_detail(a, b)) for i in order}
+    return [(a, b)], {i: ("not_selected", f"{mode}: responses {a} and {b} were paired") for i in order
+                      if i not in (a, b)}

@@ -1,0 +1,351 @@
+"""`pipeline.py judge`: candidates (generate's output) -> preference pairs that precompute reads.
+
+Every candidate response gets a score from one judge (`stages.core.judges`: a reward model or the implicit
+reward in Ray actors, a Python function here) or a human label from a sheet; `select_pairs` makes the pairs.
+Written to --output:
+
+- `pairs.jsonl`: prompt, chosen, rejected (message lists when the prompts are: precompute's
+  conversational rows), their scores and margin, which responses they were;
+- `scores.jsonl`: every candidate's score (and how many pairs it is in);
+- `rejects.jsonl`: every candidate in no pair, with its reason (empty_response, duplicate_response,
+  judge_error, tie, not_selected, single_response; from a sheet also unlabelled, bad_label);
+- `manifest.json`: settings, counts (candidates = paired + rejected, always), mean score.
+
+`--export-sheet FILE` instead writes a sheet for people: per prompt two responses, A and B, in a seeded
+random order recorded on the sheet; `--labels FILE` reads it back marked A, B or tie.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import time
+
+import pyarrow as pa
+
+from stages.core import storage
+from stages.core.config import ConfigError, JudgeConfig, public
+from stages.core.data import DataError
+from stages.core.devices import ray_use_gpu, say, threads_per_worker
+from stages.core.formats import RowRejected, _is_blank
+from stages.core.judges import (
+    ImplicitScorer,
+    RewardScorer,
+    call_reward_fn,
+    candidate_prompt,
+    load_reward_fn,
+    select_pairs,
+)
+from stages.core.lease import Lease
+from stages.generate import finished, read_candidates
+
+SHEET_COLUMNS = ("sheet_id", "prompt_index", "prompt_id", "prompt", "response_a", "response_b", "a_index", "b_index",
+                 "label")
+
+
+def _settings(cfg: JudgeConfig, manifest: dict) -> dict:
+    judge = cfg.judge
+    spec = getattr(cfg, judge)
+    if judge == "labels":  # the sheet's content, not its name: a sheet marked further is new input
+        spec = storage.sha256_bytes(storage.read_bytes(cfg.labels))
+    return {"candidates": cfg.candidates, "candidates_files": [f["sha256"] for f in manifest["files"]],
+            "judge": judge, "judge_spec": spec, "pairs": cfg.pairs, "min_margin": cfg.min_margin,
+            "missing_eos_penalty": cfg.missing_eos_penalty, "seed": cfg.seed, "beta": cfg.beta, "refs": cfg.refs,
+            "max_length": cfg.max_length}
+
+
+def flatten(rows: list[dict]) -> tuple[list[dict], dict[str, tuple[str, str]]]:
+    """Candidates as one row each (key "prompt_index:response_index"), and the rejects before judging:
+    an empty response, or one the same as an earlier response to its prompt."""
+    out, rejects = [], {}
+    for rec in rows:
+        seen: dict[str, int] = {}
+        for j, (text, reason) in enumerate(zip(rec["responses"], rec["finish_reasons"])):
+            key = f"{rec['prompt_index']}:{j}"
+            if _is_blank(text):
+                rejects[key] = ("empty_response", f"response {j} is empty (finish reason {reason})")
+                continue
+            if text in seen:
+                rejects[key] = ("duplicate_response", f"response {j} is the same text as response {seen[text]}")
+                continue
+            seen[text] = j
+            out.append({"key": key, "prompt_index": rec["prompt_index"], "response_index": j,
+                        "prompt": rec["prompt"], "conversational": rec["conversational"],
+                        "template_json": rec["template_json"], "response": text, "finish_reason": reason})
+    return out, rejects
+
+
+def _score_with_actors(cfg: JudgeConfig, cands: list[dict], actor, args: dict) -> dict[str, tuple[float | None, str]]:
+    import ray
+
+    from stages.core.ray_runtime import actor_pool_map, init_ray, quiet_ray_data
+
+    init_ray(cfg.num_workers + 1)
+    quiet_ray_data()
+    use_gpu = ray_use_gpu(cfg.device, f"{cfg.num_workers} judge(s)", cfg.num_workers, 1, cfg.gpu_wait_seconds)
+    table = pa.Table.from_pylist([{k: c[k] for k in ("key", "prompt", "conversational", "template_json", "response")}
+                                  for c in cands])
+    ds = actor_pool_map(ray.data.from_arrow(table), actor, batch_size=cfg.batch_size, size=cfg.num_workers,
+                        num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
+                        fn_constructor_kwargs={**args, "device": "cuda" if use_gpu else "cpu",
+                                               "threads": None if use_gpu else threads_per_worker(cfg.num_workers)})
+    out = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for r in batch.to_pylist():
+            out[r["key"]] = (r["score"], r["error"])
+    return out
+
+
+def _implicit_args(cfg: JudgeConfig) -> dict:
+    from stages.evaluate import _run_config
+    from stages.core.models import resolve_model
+    from stages.core.shard_stream import load_refs
+
+    refs = load_refs(cfg.refs)
+    m = refs.manifest
+    beta = cfg.beta if cfg.beta is not None else float(_run_config(cfg.implicit).get("beta", 0.1))
+    return {"policy_path": cfg.implicit, "reference_path": resolve_model(m["reference_model"]["path"]), "beta": beta,
+            "max_length": m["max_length"], "max_prompt_length": m["max_prompt_length"],
+            "truncation_mode": m["truncation_mode"], "dtype": cfg.dtype}
+
+
+def score(cfg: JudgeConfig, cands: list[dict]) -> tuple[dict[str, float], dict[str, tuple[str, str]]]:
+    """Every usable candidate's score, or its reject (judge_error)."""
+    scores: dict[str, float] = {}
+    rejects: dict[str, tuple[str, str]] = {}
+    if cfg.judge == "reward_fn":
+        fn = load_reward_fn(cfg.reward_fn)
+        for c in cands:
+            try:
+                scores[c["key"]] = call_reward_fn(fn, candidate_prompt(c), c["response"])
+            except RowRejected as e:
+                rejects[c["key"]] = (e.reason, e.detail)
+        return scores, rejects
+    if cfg.judge == "reward_model":
+        from stages.core.models import resolve_model
+
+        raw = _score_with_actors(cfg, cands, RewardScorer, {"model_path": resolve_model(cfg.reward_model),
+                                                            "dtype": cfg.dtype, "max_length": cfg.max_length})
+    else:
+        raw = _score_with_actors(cfg, cands, ImplicitScorer, _implicit_args(cfg))
+    for key, (value, error) in raw.items():
+        if value is None:
+            rejects[key] = ("judge_error", error or "no score")
+        else:
+            scores[key] = value
+    return scores, rejects
+
+
+def _by_prompt(cands: list[dict]) -> dict[int, list[dict]]:
+    out: dict[int, list[dict]] = {}
+    for c in cands:
+        out.setdefault(c["prompt_index"], []).append(c)
+    return out
+
+
+def _rng(seed: int, rec: dict) -> random.Random:
+    return random.Random(f"{seed}:{rec['prompt_id']}:{rec['prompt_index']}")
+
+
+def _pair_row(rec: dict, chosen: int, rejected: int, scores: dict[int, float]) -> dict:
+    prompt = candidate_prompt(rec)
+    answer = (lambda t: [{"role": "assistant", "content": t}]) if rec["conversational"] else (lambda t: t)
+    row = {"prompt": prompt, "chosen": answer(rec["responses"][chosen]), "rejected": answer(rec["responses"][rejected]),
+           "chosen_score": scores.get(chosen), "rejected_score": scores.get(rejected),
+           "margin": None if chosen not in scores else scores[chosen] - scores[rejected],
+           "prompt_index": rec["prompt_index"], "prompt_id": rec["prompt_id"], "chosen_index": chosen,
+           "rejected_index": rejected}
+    if rec["template_json"]:
+        row.update(json.loads(rec["template_json"]))
+    return row
+
+
+def run(cfg: JudgeConfig) -> dict:
+    storage.configure(cfg.storage_options_dict)
+    if cfg.judge == "sheet" and not cfg.export_sheet:
+        raise ConfigError("judge: give one of --reward-model, --reward-fn, --labels, --implicit (or --export-sheet)")
+    manifest, rows = read_candidates(cfg.candidates)
+    if cfg.export_sheet:
+        return export_sheet(cfg, rows)
+    settings = _settings(cfg, manifest)
+    done = finished(cfg.output, settings, cfg.overwrite)
+    if done is not None:
+        say(f"judge: {cfg.output} already holds these pairs ({done['counts']['pairs']}): not judged again")
+        return {**done, "skipped": True}
+    with Lease(cfg.output, "judge"):
+        return _judge(cfg, manifest, rows, settings)
+
+
+def _judge(cfg: JudgeConfig, manifest: dict, rows: list[dict], settings: dict) -> dict:
+    started = time.time()
+    cands, rejects = flatten(rows)
+    by_key = {c["key"]: c for c in cands}
+    if cfg.labels:
+        pairs_of, label_rejects, scores = read_labels(cfg.labels, rows, set(by_key))
+        rejects.update(label_rejects)
+    else:
+        scores, judge_rejects = score(cfg, cands)
+        rejects.update(judge_rejects)
+        for key, c in by_key.items():  # TRL online DPO's missing_eos_penalty: a response cut short scores less
+            if key in scores and c["finish_reason"] == "length":
+                scores[key] -= cfg.missing_eos_penalty
+        pairs_of = None
+    pairs, in_pairs, by_prompt = [], {}, _by_prompt(cands)
+    for rec in rows:
+        i = rec["prompt_index"]
+        usable = {c["response_index"]: scores[c["key"]] for c in by_prompt.get(i, [])
+                  if c["key"] in scores and c["key"] not in rejects} if pairs_of is None else None
+        if pairs_of is None:
+            chosen_pairs, left = select_pairs(usable, cfg.pairs, cfg.min_margin, _rng(cfg.seed, rec))
+            for j, (reason, detail) in left.items():
+                rejects[f"{i}:{j}"] = (reason, detail)
+            local = usable
+        else:
+            chosen_pairs = pairs_of.get(i, [])
+            local = {j: scores[f"{i}:{j}"] for j in range(len(rec["responses"])) if f"{i}:{j}" in scores}
+        for a, b in chosen_pairs:
+            pairs.append(_pair_row(rec, a, b, local))
+            for j in (a, b):
+                in_pairs[f"{i}:{j}"] = in_pairs.get(f"{i}:{j}", 0) + 1
+    all_keys = [f"{rec['prompt_index']}:{j}" for rec in rows for j in range(len(rec["responses"]))]
+    for key in all_keys:  # a candidate neither paired nor given a reason would be lost: there is none
+        if key not in in_pairs and key not in rejects:
+            rejects[key] = ("not_selected", "not paired")
+    rejects = {k: v for k, v in rejects.items() if k not in in_pairs}
+    finish_of = {f"{rec['prompt_index']}:{j}": r for rec in rows for j, r in enumerate(rec["finish_reasons"])}
+    score_rows = [{"prompt_index": int(k.split(":")[0]), "response_index": int(k.split(":")[1]),
+                   "score": scores.get(k), "finish_reason": finish_of[k], "in_pairs": in_pairs.get(k, 0)}
+                  for k in all_keys]
+    reject_rows = [{"prompt_index": int(k.split(":")[0]), "response_index": int(k.split(":")[1]), "reason": r,
+                    "detail": d, "score": scores.get(k)} for k, (r, d) in rejects.items()]
+    reject_rows.sort(key=lambda r: (r["prompt_index"], r["response_index"]))
+    _write_jsonl(storage.join(cfg.output, "pairs.jsonl"), pairs)
+    _write_jsonl(storage.join(cfg.output, "scores.jsonl"), score_rows)
+    _write_jsonl(storage.join(cfg.output, "rejects.jsonl"), reject_rows)
+    judged = [s["score"] for s in score_rows if s["score"] is not None]
+    by_reason: dict[str, int] = {}
+    for r in reject_rows:
+        by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1
+    counts = {"prompts": len(rows), "candidates": len(all_keys), "pairs": len(pairs),
+              "candidates_paired": len(in_pairs), "candidates_rejected": len(reject_rows),
+              "prompts_with_pairs": len({p["prompt_index"] for p in pairs})}
+    if counts["candidates"] != counts["candidates_paired"] + counts["candidates_rejected"]:
+        raise RuntimeError(f"judge lost candidates: {counts}")  # a bug, never an input problem
+    out = {"format_version": 1, "kind": "pairs", "settings": settings, "judge": cfg.judge, "counts": counts,
+           "rejects_by_reason": dict(sorted(by_reason.items())),
+           "mean_score": sum(judged) / len(judged) if judged else None, "scored": len(judged),
+           "mean_margin": (sum(p["margin"] for p in pairs if p["margin"] is not None) / len(pairs)) if pairs else None,
+           "generator": manifest["model"], "elapsed_s": round(time.time() - started, 2), "config": public(cfg)}
+    storage.write_json(storage.join(cfg.output, "manifest.json"), out)
+    return out
+
+
+def _write_jsonl(url: str, rows: list[dict]) -> None:
+    storage.write_bytes_atomic(url, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+
+
+# --- human labels ---------------------------------------------------------------------------------
+
+def export_sheet(cfg: JudgeConfig, rows: list[dict]) -> dict:
+    """Per prompt, two distinct responses (a seeded random two when there are more) as A and B, in a seeded
+    random order; the order is on the sheet (a_index, b_index), so reading it back needs nothing else."""
+    cands, _ = flatten(rows)
+    by_prompt = _by_prompt(cands)
+    sheet = []
+    for rec in rows:
+        usable = [c["response_index"] for c in by_prompt.get(rec["prompt_index"], [])]
+        if len(usable) < 2:
+            continue
+        rng = _rng(cfg.seed, rec)
+        a, b = rng.sample(usable, 2)
+        sheet.append({"sheet_id": f"{rec['prompt_index']}-{a}-{b}", "prompt_index": rec["prompt_index"],
+                      "prompt_id": rec["prompt_id"], "prompt": rec["prompt"], "response_a": rec["responses"][a],
+                      "response_b": rec["responses"][b], "a_index": a, "b_index": b, "label": ""})
+    if cfg.export_sheet.endswith(".csv"):
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=SHEET_COLUMNS)
+        writer.writeheader()
+        writer.writerows(sheet)
+        data = buf.getvalue()
+    elif cfg.export_sheet.endswith(".jsonl"):
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sheet)
+    else:
+        raise ConfigError(f"config key 'export_sheet': {cfg.export_sheet} must end in .csv or .jsonl")
+    storage.write_bytes_atomic(cfg.export_sheet, data.encode())
+    return {"sheet": cfg.export_sheet, "rows": len(sheet), "prompts": len(rows)}
+
+
+def _sheet_rows(path: str) -> list[tuple[int, dict]]:
+    text = storage.read_bytes(path).decode("utf-8-sig")
+    if path.endswith(".csv"):
+        return list(enumerate(csv.DictReader(io.StringIO(text)), start=2))  # line 1 is the header
+    if path.endswith(".jsonl"):
+        out = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    out.append((n, json.loads(line)))
+                except ValueError as e:
+                    raise DataError(f"{path} line {n}: not JSON ({e})") from None
+        return out
+    raise DataError(f"--labels {path}: expected a .csv or .jsonl sheet")
+
+
+def read_labels(path: str, rows: list[dict], usable: set[str]):
+    """A marked sheet -> ({prompt_index: [(chosen, rejected)]}, rejects, scores: 1 chosen, 0 rejected).
+    A sheet row that does not match the candidates (another generate run, edited responses) is an error
+    naming its line; a row marked neither A, B nor tie is a reject (unlabelled, bad_label)."""
+    by_index = {rec["prompt_index"]: rec for rec in rows}
+    pairs: dict[int, list[tuple[int, int]]] = {}
+    rejects: dict[str, tuple[str, str]] = {}
+    scores: dict[str, float] = {}
+    seen: set[str] = set()
+    for line, r in _sheet_rows(path):
+        missing = [c for c in ("sheet_id", "prompt_index", "response_a", "response_b", "a_index", "b_index", "label")
+                   if c not in r]
+        if missing:
+            raise DataError(f"{path} line {line}: no column(s) {', '.join(missing)}")
+        try:
+            i, a, b = int(r["prompt_index"]), int(r["a_index"]), int(r["b_index"])
+        except (TypeError, ValueError):
+            raise DataError(f"{path} line {line}: prompt_index / a_index / b_index are not integers") from None
+        rec = by_index.get(i)
+        if rec is None or not (0 <= a < len(rec["responses"]) and 0 <= b < len(rec["responses"])) or a == b:
+            raise DataError(f"{path} line {line}: prompt {i}, responses {a} / {b} are not in these candidates")
+        if rec["responses"][a] != r["response_a"] or rec["responses"][b] != r["response_b"]:
+            raise DataError(f"{path} line {line}: the responses differ from the candidates' (prompt {i}); the "
+                            "sheet belongs to other candidates or was edited")
+        if r["sheet_id"] in seen:
+            raise DataError(f"{path} line {line}: sheet_id {r['sheet_id']} appears twice")
+        seen.add(r["sheet_id"])
+        ka, kb = f"{i}:{a}", f"{i}:{b}"
+        label = str(r["label"] if r["label"] is not None else "").strip().lower()
+        if label in ("a", "b"):
+            chosen, rejected = (a, b) if label == "a" else (b, a)
+            pairs.setdefault(i, []).append((chosen, rejected))
+            scores[f"{i}:{chosen}"], scores[f"{i}:{rejected}"] = 1.0, 0.0
+        else:
+            reason = {"tie": "tie", "": "unlabelled"}.get(label, "bad_label")
+            detail = {"tie": f"marked tie on {path} line {line}", "unlabelled": f"no label on {path} line {line}"
+                      }.get(reason, f"label {r['label']!r} on {path} line {line} is not A, B or tie")
+            rejects[ka] = rejects[kb] = (reason, detail)
+    for key in usable:
+        if key not in scores and key not in rejects:
+            rejects[key] = ("not_selected", "not on the sheet")
+    return pairs, rejects, scores
+
+
+def summary(result: dict, cfg: JudgeConfig) -> str:
+    if "sheet" in result:
+        return (f"judge: sheet of {result['rows']} rows ({result['prompts']} prompts) -> {result['sheet']}; mark "
+                f"label A, B or tie, then: pipeline.py judge --candidates {cfg.candidates} --labels {result['sheet']}")
+    c = result["counts"]
+    if result.get("skipped"):
+        return f"judge: {cfg.output} kept ({c['pairs']} pairs)"
+    reasons = ", ".join(f"{k} {v}" for k, v in result["rejects_by_reason"].items()) or "none"
+    mean = "" if result["mean_score"] is None else f", mean score {result['mean_score']:.4f}"
+    return (f"judge ({result['judge']}): {c['candidates']} candidates of {c['prompts']} prompts -> {c['pairs']} pairs "
+            f"({c['candidates_paired']} candidates paired, {c['candidates_rejected']} rejected: {reasons}){mean} "
+            f"-> {cfg.output}/pairs.jsonl")
