@@ -99,9 +99,9 @@ def _score_with_actors(cfg: JudgeConfig, cands: list[dict], actor, args: dict) -
 
 
 def _implicit_args(cfg: JudgeConfig) -> dict:
-    from stages.evaluate import _run_config
     from stages.core.models import resolve_model
     from stages.core.shard_stream import load_refs
+    from stages.evaluate import _run_config
 
     refs = load_refs(cfg.refs)
     m = refs.manifest

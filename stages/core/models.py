@@ -67,10 +67,43 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model")
 
 
+def fetch_remote_model(url: str) -> str:
+    """A model folder on object storage (s3://.../final, a policy an earlier job trained), copied once
+    into the cache: the copy is keyed by the URL and every file's name, size and ETag (or mtime), so a
+    model written again at the same URL is fetched again."""
+    from stages.core import storage
+
+    fs, path = storage.filesystem(url)
+    try:
+        files = storage.retrying(url, fs.find, path, detail=True)
+    except FileNotFoundError:
+        files = {}
+    rel = {os.path.relpath(k, path.rstrip("/")): v for k, v in files.items()}
+    if "config.json" not in rel and "adapter_config.json" not in rel:
+        has = ", ".join(sorted(rel)[:12]) or "nothing"
+        raise ModelError(f"{url} is not a model folder: no config.json (has: {has})")
+    identity = sorted((k, v.get("size"), str(v.get("ETag") or v.get("etag") or v.get("mtime") or v.get("LastModified")))
+                      for k, v in rel.items())
+    key = hashlib.sha256(json.dumps([url, identity]).encode()).hexdigest()[:24]
+    target = storage.cache_dir() / "remote-models" / key
+    if (target / "config.json").exists() or (target / "adapter_config.json").exists():
+        return str(target)
+    tmp = target.parent / f".tmp-{uuid.uuid4().hex}"
+    storage.download(url, str(tmp))
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+    return str(target)
+
+
 def resolve_model(name: str) -> str:
-    """The embedded model's cache folder, a local folder (checked: it must hold a model), or a hub id."""
+    """The embedded model's cache folder, a local folder (checked: it must hold a model), a model folder on
+    object storage (fetched into the cache), or a hub id."""
     if name == EMBEDDED_MODEL:
         return str(embedded_model_path())
+    if "://" in name and not name.startswith("file://"):
+        return fetch_remote_model(name)
     folder = Path(name).expanduser()
     if folder.is_dir():
         names = sorted(p.name for p in folder.iterdir())

@@ -1,0 +1,309 @@
+"""`pipeline.py iterate`: on-policy ("online", iterative) DPO in rounds, one command.
+
+    round k:  policy k-1 --generate--> candidates --judge--> pairs --precompute--> refs --train--> policy k
+                                                                                               (--eval--> held-out)
+
+Policy 0 is --model (the SFT model). Every round lives in OUTPUT/round-k/ (candidates/, pairs/, policy/,
+eval/, and refs/ with --reference previous); OUTPUT/iterate.json records what each finished stage did.
+
+--reference initial: every round's pairs are scored by the initial model into one OUTPUT/refs, which only
+scores what is new (precompute is incremental; `append`: each round is another data source), and round k
+trains policy k-1 further on all pairs so far. --reference previous: round k's pairs are scored by policy
+k-1 into round-k/refs, and round k trains policy k-1 on them alone (the usual iterative DPO).
+
+Resumable at stage granularity: a stage recorded as finished (and its output still there) is not run
+again, so a re-run after a crash or a kill goes on with the stage that was cut off; asking for more
+--rounds adds rounds. Each stage also takes its own output's lease, and is itself safe to re-run.
+summary.md and rounds.png show, per round, held-out accuracy and margin, KL to the initial model (sampled
+on held-out prompts) and the mean judge score of the policy's own samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from datetime import datetime, timezone
+
+from stages import evaluate, generate, judge, precompute, train
+from stages.core import storage
+from stages.core.config import (
+    ConfigError,
+    EvalConfig,
+    GenerateConfig,
+    IterateConfig,
+    JudgeConfig,
+    PrecomputeConfig,
+    TrainConfig,
+    from_mapping,
+    parse_options,
+)
+from stages.core.devices import say
+from stages.core.errors import PipelineError
+from stages.core.lease import Lease
+
+DEFAULT_REWARD_FN = "stages.rewards:concise"
+
+
+class IterateError(PipelineError):
+    """A round that cannot go on (its judge made no pairs); the message says what to change."""
+
+# Keys iterate sets itself in each stage: a stage's options may not set them.
+OWNED = {"generate": ("prompts", "model", "output"), "judge": ("candidates", "output"),
+         "precompute": ("data", "model", "output", "append"), "train": ("refs", "model", "output", "resume"),
+         "eval": ("refs", "model", "output")}
+STAGES = ("generate", "judge", "precompute", "train", "eval")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _absolute(url: str | None) -> str | None:
+    return os.path.abspath(url) if url and storage.is_local(url) else url
+
+
+class Rounds:
+    """The stage configs of each round, from the iterate config and its per-stage options."""
+
+    def __init__(self, cfg: IterateConfig):
+        self.cfg = cfg
+        self.out = cfg.output
+        self.shared = dict(storage_options=cfg.storage_options, progress=cfg.progress, device=cfg.device,
+                           gpu_wait_seconds=cfg.gpu_wait_seconds, dtype=cfg.dtype)
+        for stage in OWNED:
+            options = parse_options(f"{stage}_options", getattr(cfg, f"{stage}_options"))
+            clash = sorted(set(options) & set(OWNED[stage]))
+            if clash:
+                raise ConfigError(f"config key '{stage}_options': {', '.join(clash)} are set by iterate itself")
+
+    def _build(self, cls, stage: str, values: dict, owned: dict):
+        options = parse_options(f"{stage}_options", getattr(self.cfg, f"{stage}_options"))
+        return from_mapping(cls, {**values, **options, **owned}, source=f"config key '{stage}_options'")
+
+    def dir(self, k: int | str) -> str:
+        return storage.join(self.out, f"round-{k}" if isinstance(k, int) else k)
+
+    def generate(self, where: str, model: str, seed: int) -> GenerateConfig:
+        c = self.cfg
+        sampling = {k: getattr(c, k) for k in ("num_samples", "temperature", "top_p", "max_new_tokens")}
+        return self._build(GenerateConfig, "generate", {**self.shared, **sampling, "seed": seed,
+                                                        "num_workers": c.num_workers},
+                           {"prompts": c.prompts, "model": model, "output": storage.join(where, "candidates")})
+
+    def judge(self, where: str) -> JudgeConfig:
+        c = self.cfg
+        judge_key = ({"reward_model": c.reward_model} if c.reward_model
+                     else {"reward_fn": c.reward_fn or DEFAULT_REWARD_FN})
+        return self._build(JudgeConfig, "judge", {**self.shared, "num_workers": c.num_workers, "pairs": c.pairs,
+                                                  "min_margin": c.min_margin, **judge_key},
+                           {"candidates": storage.join(where, "candidates"), "output": storage.join(where, "pairs")})
+
+    def refs(self, k: int) -> str:
+        return storage.join(self.out, "refs") if self.cfg.reference == "initial" else storage.join(self.dir(k), "refs")
+
+    def precompute(self, k: int, reference: str) -> PrecomputeConfig:
+        return self._build(PrecomputeConfig, "precompute", {**self.shared, "num_workers": self.cfg.num_workers},
+                           {"data": storage.join(self.dir(k), "pairs", "pairs.jsonl"), "model": reference,
+                            "output": self.refs(k), "append": True})
+
+    def train(self, k: int, start: str) -> TrainConfig:
+        return self._build(TrainConfig, "train", {**self.shared, "num_workers": self.cfg.num_workers},
+                           {"refs": self.refs(k), "model": start, "output": storage.join(self.dir(k), "policy"),
+                            "resume": "auto"})
+
+    def eval(self, k: int, model: str) -> EvalConfig:
+        return self._build(EvalConfig, "eval", {**self.shared, "samples": 8,
+                                                "max_new_tokens": self.cfg.max_new_tokens},
+                           {"refs": self.cfg.eval_refs, "model": model, "output": storage.join(self.dir(k), "eval")})
+
+
+def _done(entry: dict | None, *urls: str) -> bool:
+    """A stage recorded as finished whose outputs are still there."""
+    return bool(entry and entry.get("finished_at")) and all(storage.exists(u) for u in urls)
+
+
+def run(cfg: IterateConfig) -> dict:
+    """Run (or go on with) the rounds; returns iterate.json's content."""
+    storage.configure(cfg.storage_options_dict)
+    cfg = dataclasses.replace(cfg, output=_absolute(cfg.output), eval_refs=_absolute(cfg.eval_refs),
+                              prompts=_absolute(cfg.prompts) if os.path.exists(cfg.prompts) else cfg.prompts,
+                              model=_absolute(cfg.model) if os.path.isdir(cfg.model) else cfg.model)
+    rounds = Rounds(cfg)
+    state_url = storage.join(cfg.output, "iterate.json")
+    state = storage.read_json(state_url) if storage.exists(state_url) else {}
+    if state and state.get("reference") != cfg.reference:
+        raise ConfigError(f"{cfg.output} holds rounds made with --reference {state.get('reference')}; "
+                          f"this run asks for {cfg.reference}: use another --output")
+    if state and state.get("model") != cfg.model:
+        raise ConfigError(f"{cfg.output} holds rounds that started from --model {state.get('model')}; this run "
+                          f"asks for {cfg.model}: use another --output")
+    state.update(model=cfg.model, reference=cfg.reference, prompts=cfg.prompts)
+    all_rounds = state.setdefault("rounds", {})
+    if not (cfg.reward_model or cfg.reward_fn):
+        say(f"iterate: judge: --reward-fn {DEFAULT_REWARD_FN} (no judge given; see stages/rewards.py)")
+
+    def save() -> None:
+        storage.write_json(state_url, state)
+
+    with Lease(cfg.output, "iterate"):
+        policy = cfg.model
+        for k in range(1, cfg.rounds + 1):
+            policy = _round(cfg, rounds, k, policy, all_rounds.setdefault(str(k), {}), save)
+        if cfg.score_final:
+            final = state.setdefault("final", {})
+            _sample_and_judge(rounds, rounds.dir("final"), policy, cfg.seed + cfg.rounds, final, save,
+                              f"final policy {policy}")
+        state["finished_at"] = _now()
+        save()
+        write_summary(cfg, state)
+    return state
+
+
+def _sample_and_judge(rounds: Rounds, where: str, model: str, seed: int, record: dict, save, who: str) -> None:
+    gen_cfg, judge_cfg = rounds.generate(where, model, seed), rounds.judge(where)
+    if _done(record.get("generate"), storage.join(gen_cfg.output, "manifest.json")):
+        say(f"iterate: {who}: generate done before, kept ({gen_cfg.output})")
+    else:
+        say(f"iterate: {who}: generate -> {gen_cfg.output}")
+        m = generate.run(gen_cfg)
+        print(generate.summary(m, gen_cfg.output), flush=True)
+        record["generate"] = {"model": model, "seed": seed, **m["counts"], "finished_at": _now()}
+        record.pop("judge", None)
+        save()
+    if _done(record.get("judge"), storage.join(judge_cfg.output, "manifest.json")):
+        say(f"iterate: {who}: judge done before, kept ({judge_cfg.output})")
+    else:
+        say(f"iterate: {who}: judge -> {judge_cfg.output}")
+        m = judge.run(judge_cfg)
+        print(judge.summary(m, judge_cfg), flush=True)
+        record["judge"] = {**m["counts"], "mean_score": m["mean_score"], "mean_margin": m["mean_margin"],
+                           "rejects_by_reason": m["rejects_by_reason"], "finished_at": _now()}
+        save()
+
+
+def _round(cfg: IterateConfig, rounds: Rounds, k: int, previous: str, record: dict, save) -> str:
+    """Round k from policy k-1 (`previous`); returns policy k."""
+    where = rounds.dir(k)
+    _sample_and_judge(rounds, where, previous, cfg.seed + k - 1, record, save, f"round {k}")
+
+    pairs = record["judge"]["pairs"]
+    if pairs == 0:
+        reasons = ", ".join(f"{k} {v}" for k, v in record["judge"]["rejects_by_reason"].items())
+        raise IterateError(f"round {k}: the judge made no pairs from {record['judge']['candidates']} candidates "
+                           f"({reasons}): nothing to train on. Sample more (--num-samples, --temperature), lower "
+                           "--min-margin, or use another judge")
+    reference = cfg.model if cfg.reference == "initial" else previous
+    pre_cfg = rounds.precompute(k, reference)
+    if _done(record.get("precompute"), storage.join(pre_cfg.output, "manifest.json")):
+        say(f"iterate: round {k}: precompute done before, kept ({pre_cfg.output})")
+    else:
+        say(f"iterate: round {k}: precompute (reference {reference}) -> {pre_cfg.output}")
+        m = precompute.run(pre_cfg)
+        print(precompute.summary(m, pre_cfg.output), flush=True)
+        record["precompute"] = {"reference": reference, "new_pairs": m["last_run"]["pairs_written"],
+                                "pairs_in_refs": m["rows_written"], "finished_at": _now()}
+        record.pop("train", None)
+        save()
+
+    train_cfg = rounds.train(k, previous)
+    if _done(record.get("train"), storage.join(record.get("train", {}).get("weights", "") or where, "config.json")):
+        say(f"iterate: round {k}: train done before, kept ({record['train']['weights']})")
+    else:
+        say(f"iterate: round {k}: train {previous} on {train_cfg.refs} -> {train_cfg.output}")
+        started = time.time()
+        result = train.run(train_cfg)
+        print(train.summary_text(result), flush=True)
+        record["train"] = {"start": previous, "outcome": result["outcome"], "steps": result["steps"],
+                           "weights": result["weights"], "last": result.get("last"),
+                           "seconds": round(time.time() - started, 1), "finished_at": _now()}
+        record.pop("eval", None)
+        save()
+    policy = record["train"]["weights"]
+
+    if cfg.eval_refs:
+        eval_cfg = rounds.eval(k, policy)
+        if _done(record.get("eval"), storage.join(eval_cfg.output, "eval.json")):
+            say(f"iterate: round {k}: eval done before, kept ({eval_cfg.output})")
+        else:
+            say(f"iterate: round {k}: eval {cfg.eval_refs} with {policy}")
+            results = evaluate.run(eval_cfg)
+            print(evaluate.summary_text(results), flush=True)
+            record["eval"] = {key: v for key, v in results.items() if key.startswith("eval/") or key == "pairs"}
+            record["eval"]["finished_at"] = _now()
+            save()
+    return policy
+
+
+# --- the report ---------------------------------------------------------------------------------------
+
+def table_rows(state: dict) -> list[dict]:
+    """One row per policy: 0 (the initial model) .. K. A policy's judge score is that of its own samples:
+    round k+1's candidates (policy K: the final sampling)."""
+    rounds = state.get("rounds", {})
+    ks = sorted(int(k) for k in rounds)
+    rows = []
+    for k in [0] + ks:
+        r = rounds.get(str(k), {})
+        sampled_by_it = rounds.get(str(k + 1), {}) if k + 1 in ks else state.get("final", {})
+        ev = r.get("eval", {})
+        rows.append({"round": k, "policy": "initial" if k == 0 else r.get("train", {}).get("weights"),
+                     "new_pairs": r.get("precompute", {}).get("new_pairs"),
+                     "steps": r.get("train", {}).get("steps"),
+                     "accuracy": ev.get("eval/rewards/accuracies"), "margin": ev.get("eval/rewards/margins"),
+                     "kl": ev.get("eval/kl_sampled"), "judge_score": sampled_by_it.get("judge", {}).get("mean_score")})
+    return rows
+
+
+def write_summary(cfg: IterateConfig, state: dict) -> None:
+    rows = table_rows(state)
+    fmt = lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = ["# On-policy rounds\n",
+             f"initial model `{cfg.model}`, prompts `{cfg.prompts}`, reference: {cfg.reference}, judge: "
+             f"{cfg.reward_model or cfg.reward_fn or DEFAULT_REWARD_FN}, {cfg.num_samples} samples per prompt "
+             f"(temperature {cfg.temperature}, top_p {cfg.top_p}, max {cfg.max_new_tokens} new tokens).\n",
+             "Round 0 is the initial model. Held-out figures are against the initial model as reference "
+             f"({cfg.eval_refs or 'no --eval-refs: none'}); the judge score is the mean over the policy's own "
+             "samples (those the next round judged).\n",
+             "| round | new pairs | steps | held-out accuracy | held-out margin | KL to initial (sampled, nats/seq) "
+             "| mean judge score of its samples |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['round']} | {fmt(r['new_pairs'])} | {fmt(r['steps'])} | {fmt(r['accuracy'])} | "
+                     f"{fmt(r['margin'])} | {fmt(r['kl'])} | {fmt(r['judge_score'])} |")
+    lines.append("\n![rounds](rounds.png)\n")
+    storage.write_bytes_atomic(storage.join(cfg.output, "summary.md"), "\n".join(lines).encode())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "rounds.png")
+        rounds_plot(rows, path)
+        with open(path, "rb") as fh:
+            storage.write_bytes_atomic(storage.join(cfg.output, "rounds.png"), fh.read())
+
+
+def rounds_plot(rows: list[dict], path: str) -> str:
+    from stages.core.plots import figure
+
+    panels = [("held-out accuracy", "accuracy"), ("held-out margin", "margin"), ("KL to initial (sampled)", "kl"),
+              ("mean judge score of its samples", "judge_score")]
+    with figure(path, len(panels), (3.6, 3.0), "on-policy rounds (round 0: the initial model)") as axes:
+        for ax, (name, key) in zip(axes, panels):
+            points = [(r["round"], r[key]) for r in rows if r[key] is not None]
+            if points:
+                ax.plot(*zip(*points), "o-", color="#4c72b0")
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("round")
+            ax.set_xticks([r["round"] for r in rows])
+            ax.grid(alpha=0.3)
+    return path
+
+
+def summary_text(state: dict) -> str:
+    lines = [f"iterate: {len(state.get('rounds', {}))} rounds -> summary.md, rounds.png"]
+    for r in table_rows(state):
+        parts = [f"round {r['round']}"]
+        for key, name in (("new_pairs", "new pairs"), ("accuracy", "accuracy"), ("margin", "margin"),
+                          ("kl", "KL"), ("judge_score", "judge score")):
+            if r[key] is not None:
+                parts.append(f"{name} {r[key]:.4f}" if isinstance(r[key], float) else f"{name} {r[key]}")
+        lines.append("  " + ", ".join(parts))
+    return "\n".join(lines)
