@@ -70,7 +70,7 @@ def prompt_of(raw: Any, layout: str, columns: SimpleNamespace) -> tuple[Any, dic
 
 def _text_rows(url: str, options: dict | None) -> Iterator[tuple[int, Any]]:
     """A .txt file: one prompt per non-blank line (a line is the prompt, as written)."""
-    with storage.open_text(url, options, encoding="utf-8") as fh:
+    with storage.open_text(url, options) as fh:
         for index, line in enumerate(x.rstrip("\n").rstrip("\r") for x in fh if x.strip()):
             yield index, line
 

@@ -1,0 +1,345 @@
+"""On-policy rounds: generate (seeded samples), judge (reward model, function, people, implicit reward)
+and their building blocks, with tiny random models. The rounds themselves: tests/test_iterate.py."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import ROOT
+
+from stages import generate, judge
+from stages.core.config import ConfigError, GenerateConfig, JudgeConfig, PrecomputeConfig
+from stages.core.data import DataError
+from stages.core.judges import RewardScorer, reward_model_ids, select_pairs
+from stages.core.prompts import read_prompts
+from stages.core.sampling import Sampler, finish, sample_seed, top_p_filter
+from stages.core.tokenization import prompt_token_ids, tokenize_row
+
+REWARDS = ROOT / "tests" / "online_rewards.py"
+PROMPTS = [
+    "Write one sentence about rivers.",
+    [{"role": "user", "content": "Name a colour."}],
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}]},
+    {"prompt": "Count to three:"},
+    {"chosen": "\n\nHuman: hi there\n\nAssistant: hello!", "rejected": "\n\nHuman: hi there\n\nAssistant: go away"},
+    {"completion": "x", "label": True},  # unpaired without a prompt: no prompt to sample from
+    "   ",
+]
+
+
+# --- building blocks --------------------------------------------------------------------------------
+
+def test_select_pairs_best_worst_all_random_and_ties():
+    rng = random.Random(0)
+    pairs, left = select_pairs({0: 0.5, 1: 2.0, 2: -1.0, 3: 2.0}, "best-worst", 0.0, rng)
+    assert pairs == [(1, 2)] and set(left) == {0, 3} and {r for r, _ in left.values()} == {"not_selected"}
+    pairs, left = select_pairs({0: 1.0, 1: 1.2}, "best-worst", 0.5, rng)
+    assert pairs == [] and {r for r, _ in left.values()} == {"tie"} and set(left) == {0, 1}
+    pairs, left = select_pairs({0: 1.0, 1: 1.0}, "best-worst", 0.0, rng)  # equal scores: a tie even at margin 0
+    assert pairs == [] and "score the same" in left[0][1]
+    pairs, left = select_pairs({0: 0.0, 1: 1.0, 2: 3.0, 3: 3.05}, "all", 0.5, rng)
+    assert sorted(pairs) == [(1, 0), (2, 0), (2, 1), (3, 0), (3, 1)] and left == {}
+    pairs, left = select_pairs({0: 0.0, 1: 0.1, 2: 5.0}, "all", 1.0, rng)
+    assert sorted(pairs) == [(2, 0), (2, 1)] and left == {}
+    pairs, left = select_pairs({0: 3.0}, "best-worst", 0.0, rng)
+    assert pairs == [] and left[0][0] == "single_response"
+    for seed in range(20):
+        pairs, left = select_pairs({0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}, "random", 0.0, random.Random(seed))
+        (a, b), = pairs
+        assert a != b and {0: 1, 1: 2, 2: 3, 3: 4}[a] > {0: 1, 1: 2, 2: 3, 3: 4}[b] and len(left) == 2
+
+
+def test_top_p_and_sample_seeds():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    assert torch.allclose(top_p_filter(probs, 0.7), torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    assert torch.allclose(top_p_filter(probs, 0.1), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))  # the top token stays
+    assert torch.equal(top_p_filter(probs, 1.0), probs)
+    assert sample_seed(0, "p", 1) == sample_seed(0, "p", 1) != sample_seed(0, "p", 2) != sample_seed(1, "p", 1)
+
+
+def test_prompts_from_any_input_and_their_rejects(tmp_path, tokenizer):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS) + "{not json\n")
+    got = list(read_prompts(str(path), "auto", "prompt", "train", None, None))
+    assert [g[0] for g in got] == list(range(8))
+    prompts = [g[1] for g in got]
+    assert prompts[0] == PROMPTS[0] and prompts[1] == PROMPTS[1] and prompts[2] == PROMPTS[2]["prompt"]
+    assert prompts[4] == "\n\nHuman: hi there\n\nAssistant:"  # TRL's implicit prompt of a raw HH pair
+    assert [g[3].reason if g[3] else None for g in got] == [None] * 5 + ["missing_field", "empty_prompt",
+                                                                         "malformed_json"]
+    # --format hh reads the same pair's prompt as turns for the chat template, as precompute does
+    hh = list(read_prompts(str(path), "hh", "prompt", "train", 5, None))
+    assert hh[4][1] == [{"role": "user", "content": "hi there"}]
+    # a .txt file: one prompt per line
+    (tmp_path / "p.txt").write_text("first prompt\n\nsecond prompt\n")
+    assert [g[1] for g in read_prompts(str(tmp_path / "p.txt"), "auto", "prompt", "train", None, None)] == [
+        "first prompt", "second prompt"]
+    # the prompt's tokens are the ones the trainer scores the pair's completions after
+    row = {"prompt": PROMPTS[1], "chosen": [{"role": "assistant", "content": "Red."}],
+           "rejected": [{"role": "assistant", "content": "Blue."}]}
+    assert prompt_token_ids(tokenizer, PROMPTS[1]) == tokenize_row(tokenizer, row)["prompt_ids"]
+    row = {"prompt": PROMPTS[0], "chosen": " Rivers flow.", "rejected": " No."}
+    assert prompt_token_ids(tokenizer, PROMPTS[0]) == tokenize_row(tokenizer, row)["prompt_ids"]
+
+
+def _sampler(model_dir, **over):
+    sampling = {"num_samples": 3, "temperature": 1.0, "top_p": 0.9, "max_new_tokens": 7, "seed": 5, **over}
+    return Sampler(model_dir, "float32", sampling, device="cpu")
+
+
+def _batch(prompts):
+    import pyarrow as pa
+
+    from stages.core.prompts import prompt_id
+
+    return pa.Table.from_pylist([{"prompt_index": i, "prompt_id": prompt_id(p),
+                                  "prompt": json.dumps(p) if isinstance(p, list) else p,
+                                  "conversational": isinstance(p, list), "template_json": None}
+                                 for i, p in enumerate(prompts)])
+
+
+def test_a_sample_depends_on_its_seed_not_on_its_batch(tiny_model_dir):
+    sampler = _sampler(tiny_model_dir)
+    prompts = [PROMPTS[0], PROMPTS[1], "A much longer prompt, so that the others are left-padded in its batch."]
+    together = sampler(_batch(prompts)).to_pylist()
+    again = sampler(_batch(prompts)).to_pylist()
+    alone = sampler(_batch(prompts[:1])).to_pylist()
+    assert [r["responses"] for r in together] == [r["responses"] for r in again]
+    assert alone[0]["responses"] == together[0]["responses"]  # padded beside a longer prompt, or not
+    for r in together:
+        assert len(r["responses"]) == 3 and len(set(r["responses"])) == 3
+        assert all(1 <= n <= 7 for n in r["response_tokens"])
+        assert all(f == "length" for f, n in zip(r["finish_reasons"], r["response_tokens"]) if n == 7 and f != "stop")
+    other_seed = _sampler(tiny_model_dir, seed=6)(_batch(prompts[:1])).to_pylist()
+    assert other_seed[0]["responses"] != alone[0]["responses"]
+    greedy = _sampler(tiny_model_dir, temperature=0.0)(_batch(prompts[:1])).to_pylist()
+    assert len(set(greedy[0]["responses"])) == 1
+
+
+def test_a_response_ends_at_its_first_stop_token():
+    eos, pad = 2, 2
+    assert finish([5, 7, eos, pad, pad], [eos], pad) == ([5, 7], "stop", 3)  # EOS counted, not in the text
+    assert finish([5, 7, 8], [eos], pad) == ([5, 7, 8], "length", 3)
+    assert finish([eos, pad], [eos, 9], pad) == ([], "stop", 1)
+    assert finish([4, 9, 3], [eos, 9], pad) == ([4], "stop", 2)  # any of the model's stop tokens
+
+
+# --- generate (Ray) ---------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_generate_is_reproducible_and_counts_match(tmp_path, tiny_model_dir, ray_session):
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    base = dict(prompts=str(tmp_path / "p.jsonl"), model=tiny_model_dir, num_samples=3, max_new_tokens=6,
+                temperature=1.0, seed=3, batch_size=2, rows_per_file=3, progress=False)
+    a = generate.run(GenerateConfig(output=str(tmp_path / "a"), **base))
+    b = generate.run(GenerateConfig(output=str(tmp_path / "b"), **base))
+    _, rows_a = generate.read_candidates(str(tmp_path / "a"))
+    _, rows_b = generate.read_candidates(str(tmp_path / "b"))
+    assert [r["responses"] for r in rows_a] == [r["responses"] for r in rows_b]
+    assert [f["name"] for f in a["files"]] == ["candidates-00000.parquet", "candidates-00001.parquet"]
+    c = a["counts"]
+    assert c["rows_read"] == 7 and c["prompts"] == 5 == len(rows_a) and c["prompts_rejected"] == 2
+    assert a["rejects_by_reason"] == {"empty_prompt": 1, "missing_field": 1}
+    assert c["samples"] == 15 == sum(len(r["responses"]) for r in rows_a)
+    assert c["finish_reasons"]["stop"] + c["finish_reasons"]["length"] == 15
+    assert c["response_tokens"] == sum(sum(r["response_tokens"]) for r in rows_a)
+    assert all(1 <= n <= 6 for r in rows_a for n in r["response_tokens"])
+    assert [r["prompt_index"] for r in rows_a] == [0, 1, 2, 3, 4]
+    assert a["settings"]["seed"] == 3 and a["settings"]["weights_hash"] == b["settings"]["weights_hash"]
+    rejects = [json.loads(x) for x in (tmp_path / "a" / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["source_index"], r["reason"]) for r in rejects] == [(5, "missing_field"), (6, "empty_prompt")]
+    # plain Parquet
+    assert pq.read_table(tmp_path / "a" / "candidates-00000.parquet").num_rows == 3
+    # the same command again keeps the output; other settings are refused unless --overwrite
+    assert generate.run(GenerateConfig(output=str(tmp_path / "a"), **base))["skipped"]
+    with pytest.raises(ConfigError, match="seed"):
+        generate.run(GenerateConfig(output=str(tmp_path / "a"), **{**base, "seed": 4}))
+    other = generate.run(GenerateConfig(output=str(tmp_path / "a"), overwrite=True, **{**base, "seed": 4}))
+    _, rows_c = generate.read_candidates(str(tmp_path / "a"))
+    assert not other.get("skipped") and [r["responses"] for r in rows_c] != [r["responses"] for r in rows_b]
+
+
+# --- judge ------------------------------------------------------------------------------------------
+
+def write_candidates(folder: Path, rows: list[dict]) -> None:
+    """A generate output made by hand: prompts with given responses."""
+    full = []
+    for i, r in enumerate(rows):
+        conversational = isinstance(r["prompt"], list)
+        n = len(r["responses"])
+        full.append({"prompt_index": i, "prompt_id": f"p{i}",
+                     "prompt": json.dumps(r["prompt"]) if conversational else r["prompt"],
+                     "conversational": conversational, "template_json": None, "prompt_tokens": 5,
+                     "responses": r["responses"], "finish_reasons": r.get("finish", ["stop"] * n),
+                     "response_tokens": [3] * n, "reject_reason": None, "reject_detail": None})
+    folder.mkdir(parents=True, exist_ok=True)
+    entry = generate._write(str(folder), 0, full)
+    (folder / "manifest.json").write_text(json.dumps({"files": [entry], "model": {"name": "hand"},
+                                                      "counts": {"prompts": len(rows)}}))
+
+
+CANDIDATES = [
+    {"prompt": [{"role": "user", "content": "Hi?"}], "responses": ["a", "abc", "ab", "abc", ""]},
+    {"prompt": "Say something:", "responses": [" one", " four", " three"], "finish": ["stop", "length", "stop"]},
+    {"prompt": "Tie:", "responses": ["xx", "yy"]},
+    {"prompt": "Alone:", "responses": ["only", ""]},
+]
+
+
+def _read(folder: Path, name: str) -> list[dict]:
+    return [json.loads(x) for x in (folder / name).read_text().splitlines()]
+
+
+def test_judge_with_a_reward_function_accounts_for_every_candidate(tmp_path):
+    write_candidates(tmp_path / "cands", CANDIDATES)
+    cfg = JudgeConfig(candidates=str(tmp_path / "cands"), output=str(tmp_path / "pairs"),
+                      reward_fn=f"{REWARDS}:chars", progress=False)
+    m = judge.run(cfg)
+    pairs = _read(tmp_path / "pairs", "pairs.jsonl")
+    assert [(p["prompt_index"], p["chosen_index"], p["rejected_index"]) for p in pairs] == [(0, 1, 0), (1, 2, 0)]
+    assert pairs[0]["prompt"] == CANDIDATES[0]["prompt"] and pairs[0]["chosen"] == [
+        {"role": "assistant", "content": "abc"}]  # conversational prompts give conversational pairs
+    assert pairs[1]["chosen"] == " three" and pairs[1]["margin"] == 2.0
+    reasons = {(r["prompt_index"], r["response_index"]): r["reason"]
+               for r in _read(tmp_path / "pairs", "rejects.jsonl")}
+    assert reasons == {(0, 2): "not_selected", (0, 3): "duplicate_response", (0, 4): "empty_response",
+                       (1, 1): "not_selected", (2, 0): "tie", (2, 1): "tie", (3, 0): "single_response",
+                       (3, 1): "empty_response"}
+    c = m["counts"]
+    assert (c["candidates"], c["candidates_paired"], c["candidates_rejected"]) == (12, 4, 8)
+    assert c["pairs"] == 2 and c["prompts_with_pairs"] == 2
+    assert len(_read(tmp_path / "pairs", "scores.jsonl")) == 12
+    # TRL's missing_eos_penalty: " four" was cut at max_new_tokens
+    m2 = judge.run(JudgeConfig(candidates=str(tmp_path / "cands"), output=str(tmp_path / "pairs2"),
+                               reward_fn=f"{REWARDS}:chars", missing_eos_penalty=10.0, pairs="all", progress=False))
+    pairs2 = _read(tmp_path / "pairs2", "pairs.jsonl")
+    assert (1, 0, 1) in [(p["prompt_index"], p["chosen_index"], p["rejected_index"]) for p in pairs2]
+    assert m2["counts"]["candidates"] == m2["counts"]["candidates_paired"] + m2["counts"]["candidates_rejected"]
+    # min-margin: both pairs are 2 apart, a tie under a margin of 2.01, every response of theirs rejected
+    m3 = judge.run(JudgeConfig(candidates=str(tmp_path / "cands"), output=str(tmp_path / "pairs3"),
+                               reward_fn=f"{REWARDS}:chars", min_margin=2.01, progress=False))
+    assert m3["counts"]["pairs"] == 0 and m3["rejects_by_reason"]["tie"] == 2 + 3 + 3
+    # a function that raises or returns no number rejects that response only
+    write_candidates(tmp_path / "c2", [{"prompt": "P", "responses": ["abc", "eee", "zz", "zzzz"]}])
+    judge.run(JudgeConfig(candidates=str(tmp_path / "c2"), output=str(tmp_path / "p4"),
+                          reward_fn=f"{REWARDS}:picky", progress=False))
+    rej = {r["response_index"]: r for r in _read(tmp_path / "p4", "rejects.jsonl")}
+    assert rej[0]["reason"] == rej[1]["reason"] == "judge_error" and "ValueError" in rej[0]["detail"]
+    assert "'high'" in rej[1]["detail"]
+    # precompute reads the pairs as they are
+    from stages.core.formats import detect, normalise
+
+    for p in pairs:
+        row = normalise(p, detect(p), PrecomputeConfig())  # the default column names
+        assert row["chosen"] == p["chosen"]
+
+
+def test_judge_settings_and_errors(tmp_path):
+    write_candidates(tmp_path / "cands", CANDIDATES)
+    with pytest.raises(ConfigError, match="exactly one"):
+        JudgeConfig(reward_fn="a:b", labels="x.csv")
+    with pytest.raises(ConfigError, match="give one of"):
+        judge.run(JudgeConfig(candidates=str(tmp_path / "cands"), output=str(tmp_path / "o")))
+    with pytest.raises(ConfigError, match="no function"):
+        judge.run(JudgeConfig(candidates=str(tmp_path / "cands"), output=str(tmp_path / "o"),
+                              reward_fn=f"{REWARDS}:nope"))
+    with pytest.raises(ConfigError, match="needs --refs"):
+        JudgeConfig(implicit="policy")
+    with pytest.raises(DataError, match="not a finished generate output"):
+        judge.run(JudgeConfig(candidates=str(tmp_path / "none"), output=str(tmp_path / "o"), reward_fn="x:y"))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_the_human_sheet_round_trip(tmp_path, suffix):
+    many = [{"prompt": f"Prompt {i}?", "responses": [f"r{i}-0", f"r{i}-1", f"r{i}-2"]} for i in range(12)]
+    write_candidates(tmp_path / "cands", many)
+    sheet = tmp_path / f"sheet{suffix}"
+    out = judge.run(JudgeConfig(candidates=str(tmp_path / "cands"), export_sheet=str(sheet), seed=1))
+    assert out["rows"] == 12
+    if suffix == ".csv":
+        rows = list(csv.DictReader(sheet.open()))
+    else:
+        rows = [json.loads(x) for x in sheet.read_text().splitlines()]
+    assert {int(r["a_index"]) < int(r["b_index"]) for r in rows} == {True, False}  # the order is randomised
+    # people prefer the response with the higher number, whichever side it is on; two rows are ties / blank
+    for k, r in enumerate(rows):
+        a, b = int(r["a_index"]), int(r["b_index"])
+        r["label"] = "tie" if k == 0 else "" if k == 1 else "maybe" if k == 2 else ("A" if a > b else "b")
+    if suffix == ".csv":
+        with sheet.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=rows[0].keys())
+            w.writeheader()
+            w.writerows(rows)
+    else:
+        sheet.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = judge.run(JudgeConfig(candidates=str(tmp_path / "cands"), output=str(tmp_path / "pairs"), labels=str(sheet)))
+    pairs = _read(tmp_path / "pairs", "pairs.jsonl")
+    assert len(pairs) == 9 and all(p["chosen_index"] > p["rejected_index"] for p in pairs)
+    for p in pairs:
+        assert p["chosen"] == f"r{p['prompt_index']}-{p['chosen_index']}"
+    assert m["rejects_by_reason"] == {"bad_label": 2, "not_selected": 12, "tie": 2, "unlabelled": 2}
+    assert m["counts"]["candidates"] == 36 == m["counts"]["candidates_paired"] + m["counts"]["candidates_rejected"]
+    # a sheet that does not match the candidates names its line
+    rows[3]["response_a"] = "edited"
+    sheet.write_text("".join(json.dumps(r) + "\n" for r in rows)) if suffix == ".jsonl" else None
+    if suffix == ".csv":
+        with sheet.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=rows[0].keys())
+            w.writeheader()
+            w.writerows(rows)
+    line = 5 if suffix == ".csv" else 4
+    with pytest.raises(DataError, match=f"line {line}: the responses differ"):
+        judge.run(JudgeConfig(candidates=str(tmp_path / "cands"), output=str(tmp_path / "p2"), labels=str(sheet)))
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory, tokenizer) -> str:
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("reward-model")
+    LlamaForSequenceClassification(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_judge_with_a_reward_model_pairs_best_and_worst_by_its_scores(tmp_path, reward_model_dir, ray_session):
+    from transformers import AutoModelForSequenceClassification
+
+    cands = [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
+              "responses": [f"Answer {i} {'x' * j}" for j in range(4)]} for i in range(5)]
+    cands.append({"prompt": "A plain prompt:", "responses": [" short", " a longer answer here", " mid one"]})
+    write_candidates(tmp_path / "cands", cands)
+    m = judge.run(JudgeConfig(candidates=str(tmp_path / "cands"), output=str(tmp_path / "pairs"), batch_size=5,
+                              reward_model=reward_model_dir, num_workers=1, progress=False))
+    model = AutoModelForSequenceClassification.from_pretrained(reward_model_dir).eval()
+    scorer_tok = RewardScorer(reward_model_dir, "float32", 2048, device="cpu").tokenizer
+    scores = {(s["prompt_index"], s["response_index"]): s["score"] for s in _read(tmp_path / "pairs", "scores.jsonl")}
+    for i, c in enumerate(cands):
+        direct = []
+        for j, resp in enumerate(c["responses"]):
+            ids = reward_model_ids(scorer_tok, c["prompt"], resp, None, 2048)
+            with torch.no_grad():  # one sequence at a time, no padding
+                direct.append(float(model(input_ids=torch.tensor([ids])).logits[0, 0]))
+            assert abs(scores[(i, j)] - direct[j]) < 1e-5
+        best, worst = max(range(len(direct)), key=direct.__getitem__), min(range(len(direct)), key=direct.__getitem__)
+        pair, = [p for p in _read(tmp_path / "pairs", "pairs.jsonl") if p["prompt_index"] == i]
+        assert (pair["chosen_index"], pair["rejected_index"]) == (best, worst)
+    c = m["counts"]
+    assert c["pairs"] == 6 and c["candidates"] == 23 == c["candidates_paired"] + c["candidates_rejected"]
+    # a margin wider than every prompt's spread: all ties, every candidate rejected
+    spread = max(max(v for (i, _), v in scores.items() if i == k) - min(v for (i, _), v in scores.items() if i == k)
+                 for k in range(6))
+    m2 = judge.run(JudgeConfig(candidates=str(tmp_path / "cands"), output=str(tmp_path / "ties"),
+                               reward_model=reward_model_dir, min_margin=spread + 1, progress=False))
+    assert m2["counts"]["pairs"] == 0 and m2["rejects_by_reason"] == {"tie": 23}
