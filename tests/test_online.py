@@ -343,3 +343,42 @@ def test_judge_with_a_reward_model_pairs_best_and_worst_by_its_scores(tmp_path, 
     m2 = judge.run(JudgeConfig(candidates=str(tmp_path / "cands"), output=str(tmp_path / "ties"),
                                reward_model=reward_model_dir, min_margin=spread + 1, progress=False))
     assert m2["counts"]["pairs"] == 0 and m2["rejects_by_reason"] == {"tie": 23}
+
+
+@pytest.mark.slow
+def test_the_implicit_judge_prefers_what_the_policy_was_trained_toward(tmp_path, refs, ray_session):
+    from stages import train
+    from stages.core.config import TrainConfig
+    from stages.core.formats import hh
+
+    policy = train.run(TrainConfig(refs=str(refs), output=str(tmp_path / "run"), max_steps=12, batch_size=4,
+                                   learning_rate=5e-3, warmup_ratio=0.0, beta=0.1, progress=False))["weights"]
+    rows = [json.loads(x) for x in (refs.parent / "in.jsonl").read_text().splitlines()]
+    cands = []
+    for r in rows:  # the training pairs, as candidates: response 0 chosen, 1 rejected (and the other way round)
+        t = hh(r, PrecomputeConfig())
+        cands.append({"prompt": t["prompt"], "responses": [t["chosen"][0]["content"], t["rejected"][0]["content"]]})
+    write_candidates(tmp_path / "cands", cands)
+    m = judge.run(JudgeConfig(candidates=str(tmp_path / "cands"), output=str(tmp_path / "pairs"), implicit=policy,
+                              refs=str(refs), progress=False))
+    pairs = _read(tmp_path / "pairs", "pairs.jsonl")
+    toward = sum(p["chosen_index"] == 0 for p in pairs)
+    assert m["counts"]["pairs"] == len(pairs) >= 18 and toward / len(pairs) >= 0.9, (toward, len(pairs))
+    # the score is beta * (log pi - log pi_ref) of the tokens precompute scored: the pair's reward margin
+    import pyarrow as pa
+
+    shard = pa.concat_tables([pq.read_table(p) for p in sorted((refs / "shards").glob("*.parquet"))]).to_pylist()
+    assert len(shard) == 20
+    scores = {(s["prompt_index"], s["response_index"]): s["score"] for s in _read(tmp_path / "pairs", "scores.jsonl")}
+    from stages.core.layout import pad_batch
+    from stages.core.logprobs import sequence_logps
+    from stages.core.models import load_model
+    from stages.core.tokenization import scored_sequence
+
+    row = next(r for r in shard if r["source_index"] == 0)
+    model = load_model(policy, "float32", "cpu").eval()
+    seq, start = scored_sequence(row["prompt_ids"], row["chosen_ids"], 256, "keep_start")
+    ids, mask, comp = pad_batch([seq], [start], 0, "cpu")
+    with torch.no_grad():
+        logp = float(sequence_logps(model, ids, mask, comp)[0])
+    assert abs(scores[(0, 0)] - 0.1 * (logp - row["ref_chosen_logps"])) < 1e-4

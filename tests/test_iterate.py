@@ -1,0 +1,76 @@
+"""`pipeline.py iterate`: on-policy rounds end to end with tiny models; a kill in round 2 and the re-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from stages import iterate
+from stages.core.config import ConfigError, IterateConfig
+
+pytestmark = pytest.mark.slow  # every test here runs rounds of Ray stages
+REWARDS = ROOT / "tests" / "online_rewards.py"
+PROMPTS = ["Tell me about rivers.", "Name a colour.", "Why is the sky blue?", "Count to three.", "Say hello."]
+
+
+def options(out: Path, model: str, **extra) -> list[str]:
+    flags = {"--model": model, "--output": str(out), "--rounds": "2", "--num-samples": "3", "--max-new-tokens": "8",
+             "--temperature": "1.0", "--progress": "false",
+             "--precompute-options": json.dumps({"max_length": 128, "rows_per_shard": 4}),
+             "--train-options": json.dumps({"batch_size": 2, "learning_rate": 1e-3, "save_every": 1}), **extra}
+    return [x for k, v in flags.items() for x in (k, v)]
+
+
+def test_two_rounds_killed_in_round_two_resume_without_redoing_round_one(tmp_path, tiny_model_dir, refs,
+                                                                        ray_session):
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    out = tmp_path / "online"
+    flags = options(out, tiny_model_dir, **{"--prompts": str(tmp_path / "prompts.jsonl"), "--eval-refs": str(refs),
+                                            "--reward-fn": f"{REWARDS}:chars_then_die",
+                                            "--eval-options": json.dumps({"samples": 2})})
+    # The judge kills its own process (SIGKILL: no clean-up) in round 2, once round 2's samples are written.
+    env = {**os.environ, "RAY_ADDRESS": "", "DPO_TEST_KILL_WHEN": str(out / "round-2" / "candidates" / "manifest.json")}
+    killed = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "iterate", *flags], env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    state = json.loads((out / "iterate.json").read_text())
+    assert set(state["rounds"]["1"]) == {"generate", "judge", "precompute", "train", "eval"}
+    assert set(state["rounds"]["2"]) == {"generate"} and not (out / "round-2" / "pairs" / "manifest.json").exists()
+    round_one = {p: p.stat().st_mtime_ns for p in (out / "round-1").rglob("*") if p.is_file()}
+    refs_after_one = json.loads((out / "refs" / "manifest.json").read_text())
+
+    # The same command again (in this process): round 1 and round 2's samples are kept, the rest is done.
+    cfg = IterateConfig(prompts=str(tmp_path / "prompts.jsonl"), model=tiny_model_dir, output=str(out), rounds=2,
+                        num_samples=3, max_new_tokens=8, temperature=1.0, progress=False, eval_refs=str(refs),
+                        reward_fn=f"{REWARDS}:chars", eval_options=json.dumps({"samples": 2}),
+                        precompute_options=json.dumps({"max_length": 128, "rows_per_shard": 4}),
+                        train_options=json.dumps({"batch_size": 2, "learning_rate": 1e-3, "save_every": 1}))
+    state = iterate.run(cfg)
+    assert {p: p.stat().st_mtime_ns for p in (out / "round-1").rglob("*") if p.is_file()} == round_one
+    r1, r2 = state["rounds"]["1"], state["rounds"]["2"]
+    assert r2["train"]["start"] == r1["train"]["weights"] == str(out / "round-1" / "policy" / "final")
+    # --reference initial: round 2's precompute scored round 2's new pairs only, into the same refs
+    refs_now = json.loads((out / "refs" / "manifest.json").read_text())
+    assert r2["precompute"]["new_pairs"] == r2["judge"]["pairs"] == refs_now["last_run"]["pairs_scored"] > 0
+    assert refs_now["rows_written"] == refs_after_one["rows_written"] + r2["judge"]["pairs"]
+    assert refs_now["shards"][:len(refs_after_one["shards"])] == refs_after_one["shards"]
+    assert refs_now["reference_model"]["path"] == tiny_model_dir
+    # round k+1 sampled from round k's policy
+    gen2 = json.loads((out / "round-2" / "candidates" / "manifest.json").read_text())
+    assert gen2["settings"]["model"] == r1["train"]["weights"] and r2["generate"]["seed"] == 1
+    summary = (out / "summary.md").read_text()
+    assert "| 0 |" in summary and "| 2 |" in summary and (out / "rounds.png").stat().st_size > 1000
+    rows = iterate.table_rows(state)
+    assert [r["round"] for r in rows] == [0, 1, 2] and all(r["judge_score"] is not None for r in rows)
+    assert all(r["accuracy"] is not None and r["kl"] is not None for r in rows[1:])
+    # a finished run is kept as it is; another reference choice for the same output is refused
+    again = iterate.run(cfg)
+    assert again["rounds"] == state["rounds"]
+    with pytest.raises(ConfigError, match="--reference initial"):
+        iterate.run(IterateConfig(**{**cfg.__dict__, "reference": "previous"}))
