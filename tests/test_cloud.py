@@ -369,3 +369,33 @@ def test_sharded_checkpoint_on_s3_written_by_each_worker_resumed_by_one(s3, refs
     local = load_file(tmp_path / "whole" / "final" / "model.safetensors")
     assert remote.keys() == local.keys()
     assert max(float((remote[k] - local[k]).abs().max()) for k in local) < 5e-4  # see test_parallel.assert_same_run
+
+
+def test_on_policy_rounds_on_s3_with_the_previous_policy_as_reference(s3, tiny_model_dir):
+    from stages import iterate
+    from stages.core.config import IterateConfig
+
+    put_rows(s3, "prompts/p.jsonl", [{"prompt": p} for p in ("Tell me about rivers.", "Name a colour.",
+                                                               "Why is the sky blue?", "Count to three.")])
+    cfg = IterateConfig(prompts="s3://dpo/prompts/p.jsonl", model=tiny_model_dir, output="s3://dpo/online", rounds=2,
+                        reference="previous", num_samples=3, max_new_tokens=8, temperature=1.0, progress=False,
+                        score_final=False, reward_fn=f"{ROOT / 'tests' / 'online_rewards.py'}:chars",
+                        precompute_options=json.dumps({"max_length": 128}),
+                        train_options=json.dumps({"batch_size": 2, "learning_rate": 1e-3}))
+    with ray_in_this_env():  # precompute's tasks read the pairs from S3 themselves
+        state = iterate.run(cfg)
+    got = set(keys(s3, "online/"))
+    for k in ("online/iterate.json", "online/summary.md", "online/rounds.png",
+              "online/round-1/candidates/manifest.json", "online/round-1/pairs/pairs.jsonl", "online/round-1/refs/manifest.json",
+              "online/round-2/refs/manifest.json", "online/round-2/policy/final/model.safetensors"):
+        assert k in got, k
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    r2_refs = json.loads(fs.cat_file("dpo/online/round-2/refs/manifest.json"))
+    r1_policy = state["rounds"]["1"]["train"]["weights"]
+    # --reference previous: round 2's pairs were scored by round 1's policy, fetched from S3
+    assert r1_policy == "s3://dpo/online/round-1/policy/final" and r2_refs["reference_model"]["name"] == r1_policy
+    assert r2_refs["rows_written"] == state["rounds"]["2"]["judge"]["pairs"] > 0
+    gen2 = json.loads(fs.cat_file("dpo/online/round-2/candidates/manifest.json"))
+    assert gen2["settings"]["model"] == r1_policy
