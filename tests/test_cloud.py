@@ -387,7 +387,8 @@ def test_on_policy_rounds_on_s3_with_the_previous_policy_as_reference(s3, tiny_m
     got = set(keys(s3, "online/"))
     for k in ("online/iterate.json", "online/summary.md", "online/rounds.png",
               "online/round-1/candidates/manifest.json", "online/round-1/pairs/pairs.jsonl",
-              "online/round-1/refs/manifest.json", "online/round-2/refs/manifest.json", "online/round-2/policy/final/model.safetensors"):
+              "online/round-1/refs/manifest.json", "online/round-2/refs/manifest.json",
+              "online/round-2/policy/final/model.safetensors"):
         assert k in got, k
     import s3fs
 
