@@ -4,7 +4,9 @@
                                                                                                (--eval--> held-out)
 
 Policy 0 is --model (the SFT model). Every round lives in OUTPUT/round-k/ (candidates/, pairs/, policy/,
-eval/, and refs/ with --reference previous); OUTPUT/iterate.json records what each finished stage did.
+eval/, and refs/ with --reference previous; samples/: the last policy's own samples, judged, for the
+report); OUTPUT/iterate.json records what each finished stage did. --new-rounds N stops after N rounds
+not yet finished: a nightly job that runs one round a night.
 
 --reference initial: every round's pairs are scored by the initial model into one OUTPUT/refs, which only
 scores what is new (precompute is incremental; `append`: each round is another data source), and round k
@@ -148,17 +150,32 @@ def run(cfg: IterateConfig) -> dict:
         storage.write_json(state_url, state)
 
     with Lease(cfg.output, "iterate"):
-        policy = cfg.model
+        policy, ran, last = cfg.model, 0, 0
         for k in range(1, cfg.rounds + 1):
-            policy = _round(cfg, rounds, k, policy, all_rounds.setdefault(str(k), {}), save)
-        if cfg.score_final:
-            final = state.setdefault("final", {})
-            _sample_and_judge(rounds, rounds.dir("final"), policy, cfg.seed + cfg.rounds, final, save,
-                              f"final policy {policy}")
+            record = all_rounds.setdefault(str(k), {})
+            if not _finished(cfg, record):
+                if cfg.new_rounds and ran >= cfg.new_rounds:
+                    if not record:
+                        del all_rounds[str(k)]
+                    say(f"iterate: stopping before round {k} (--new-rounds {cfg.new_rounds}); the same command "
+                        "runs it next time")
+                    break
+                ran += 1
+            policy, last = _round(cfg, rounds, k, policy, record, save), k
+        if cfg.score_final and last and str(last + 1) not in all_rounds:
+            # the last policy's own samples, for its judge score (round k+1 judges policy k's samples otherwise)
+            samples = all_rounds[str(last)].setdefault("samples", {})
+            _sample_and_judge(rounds, storage.join(rounds.dir(last), "samples"), policy, cfg.seed + last, samples,
+                              save, f"round {last} policy")
         state["finished_at"] = _now()
         save()
         write_summary(cfg, state)
     return state
+
+
+def _finished(cfg: IterateConfig, record: dict) -> bool:
+    """Whether a round's last stage is recorded as done."""
+    return bool(record.get("eval" if cfg.eval_refs else "train", {}).get("finished_at"))
 
 
 def _sample_and_judge(rounds: Rounds, where: str, model: str, seed: int, record: dict, save, who: str) -> None:
@@ -240,13 +257,13 @@ def _round(cfg: IterateConfig, rounds: Rounds, k: int, previous: str, record: di
 
 def table_rows(state: dict) -> list[dict]:
     """One row per policy: 0 (the initial model) .. K. A policy's judge score is that of its own samples:
-    round k+1's candidates (policy K: the final sampling)."""
+    round k+1's candidates (the last policy: its round's samples/, with --score-final)."""
     rounds = state.get("rounds", {})
     ks = sorted(int(k) for k in rounds)
     rows = []
     for k in [0] + ks:
         r = rounds.get(str(k), {})
-        sampled_by_it = rounds.get(str(k + 1), {}) if k + 1 in ks else state.get("final", {})
+        sampled_by_it = rounds.get(str(k + 1), {}) if k + 1 in ks else r.get("samples", {})
         ev = r.get("eval", {})
         rows.append({"round": k, "policy": "initial" if k == 0 else r.get("train", {}).get("weights"),
                      "new_pairs": r.get("precompute", {}).get("new_pairs"),

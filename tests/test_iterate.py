@@ -74,3 +74,9 @@ def test_two_rounds_killed_in_round_two_resume_without_redoing_round_one(tmp_pat
     assert again["rounds"] == state["rounds"]
     with pytest.raises(ConfigError, match="--reference initial"):
         iterate.run(IterateConfig(**{**cfg.__dict__, "reference": "previous"}))
+    # a nightly job: --new-rounds 1 runs round 3 only, and stops before round 4
+    nightly = iterate.run(IterateConfig(**{**cfg.__dict__, "rounds": 4, "new_rounds": 1, "score_final": False,
+                                           "eval_refs": None}))
+    assert sorted(nightly["rounds"]) == ["1", "2", "3"] and "train" in nightly["rounds"]["3"]
+    assert nightly["rounds"]["3"]["train"]["start"] == r2["train"]["weights"]
+    assert nightly["rounds"]["2"] == state["rounds"]["2"]

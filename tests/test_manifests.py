@@ -93,9 +93,9 @@ def _containers(spec: dict) -> list[dict]:
 
 def test_the_manifests_are_there():
     names = {p.name for p in RAY_MANIFESTS}
-    assert {"rayjob-precompute.yaml", "rayjob-train.yaml", "rayjob-nightly.yaml",
-            "raycronjob-nightly.yaml"} <= names, names
-    assert {_rel(p) for p in JOB_SPECS} >= {"jobs/precompute.yaml", "jobs/train.yaml"}
+    assert {"rayjob-precompute.yaml", "rayjob-train.yaml", "rayjob-nightly.yaml", "raycronjob-nightly.yaml",
+            "rayjob-online-round.yaml", "raycronjob-online.yaml"} <= names, names
+    assert {_rel(p) for p in JOB_SPECS} >= {"jobs/precompute.yaml", "jobs/train.yaml", "jobs/iterate.yaml"}
     assert all(len(_docs(p)) == 1 for p in RAY_MANIFESTS), "one object per manifest file"
 
 
@@ -324,7 +324,8 @@ def test_the_entrypoint_is_one_plain_command(where, entrypoint):
     assert not static_problems(entrypoint), f"{where}: {static_problems(entrypoint)}\n{entrypoint}"
 
 
-CONFIGS = {"precompute": "PrecomputeConfig", "train": "TrainConfig", "run": "RunConfig", "eval": "EvalConfig"}
+CONFIGS = {"precompute": "PrecomputeConfig", "train": "TrainConfig", "run": "RunConfig", "eval": "EvalConfig",
+           "iterate": "IterateConfig", "generate": "GenerateConfig", "judge": "JudgeConfig"}
 
 
 def parse_entrypoint(entrypoint: str):

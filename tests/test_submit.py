@@ -31,7 +31,9 @@ def test_settings_that_are_not_secret_pass_and_the_shipped_specs_load(tmp_path, 
     values = {"precompute.yaml": ["--data", "s3://b/prefs", "--model", "org/m", "--output", "s3://b/refs"],
               "train.yaml": ["--refs", "s3://b/refs", "--output", "s3://b/run"],
               "nightly.yaml": ["--data", "s3://b/prefs", "--model", "org/m", "--refs", "s3://b/refs",
-                               "--runs", "s3://b/runs"]}
+                               "--runs", "s3://b/runs"],
+              "iterate.yaml": ["--prompts", "s3://b/p.jsonl", "--model", "org/m", "--reward-model", "org/rm",
+                               "--output", "s3://b/online"]}
     assert sorted(values) == sorted(p.name for p in (ROOT / "jobs").glob("*.yaml"))
     for job, flags in values.items():
         entrypoint = load_spec(str(ROOT / "jobs" / job), ["--", *flags][1:])["entrypoint"]

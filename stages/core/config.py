@@ -480,6 +480,8 @@ class IterateConfig(Sampling, Common):
     output: str = doc("folder or fsspec URL: OUTPUT/round-K/{candidates,pairs,refs,policy}, iterate.json, "
                       "summary.md, rounds.png", default="runs/online")
     rounds: int = doc("rounds to have run when this command ends (a re-run with more adds rounds)", default=2)
+    new_rounds: int = doc("run at most this many rounds not yet finished, then stop (0: every round up to "
+                          "--rounds); a scheduled job with --new-rounds 1 runs one round a night", default=0)
     reference: Literal["initial", "previous"] = doc(
         "reference of each round's precompute: initial (the initial model for all rounds: one refs output, each "
         "round scores and appends only its new pairs, training sees every round's pairs) or previous (last "
@@ -491,8 +493,8 @@ class IterateConfig(Sampling, Common):
     min_margin: float = doc("ties under this score difference are rejected, as judge's --min-margin", default=0.0)
     eval_refs: str | None = doc("precompute output of a held-out set (scored by the initial model): evaluated "
                                 "after each round", default=None)
-    score_final: bool = doc("after the last round, sample and judge the final policy once more, for the "
-                            "summary's judge score", default=True)
+    score_final: bool = doc("after the last round of this run, sample and judge its policy once more (into "
+                            "round-K/samples), for the summary's judge score", default=True)
     num_workers: int = doc("sampler, judge, scorer actors and training workers", default=1)
     dtype: Dtype = doc("model dtype in every stage", default="float32")
     generate_options: str | None = doc("generate keys, JSON or a YAML mapping (not prompts, model, output)",
@@ -508,6 +510,8 @@ class IterateConfig(Sampling, Common):
         super().check()
         self.check_sampling()
         _positive(self, "rounds", "num_workers")
+        if self.new_rounds < 0:
+            raise ConfigError(f"config key 'new_rounds': must be 0 (all) or positive, got {self.new_rounds}")
         if self.reward_model and self.reward_fn:
             raise ConfigError("iterate: give one judge, --reward-model or --reward-fn, not both")
         for key in ("generate_options", "judge_options", "precompute_options", "train_options", "eval_options"):
