@@ -25,7 +25,7 @@ from stages.core.config import ConfigError, GenerateConfig, public
 from stages.core.data import MalformedRow
 from stages.core.devices import ray_use_gpu, say, threads_per_worker
 from stages.core.lease import Lease
-from stages.core.models import load_tokenizer, resolve_model, tokenizer_hashes, weights_hash
+from stages.core.models import for_workers, load_tokenizer, resolve_model, tokenizer_hashes, weights_hash
 from stages.core.prompts import prompt_id, read_prompts
 from stages.core.ray_runtime import actor_pool_map, init_ray, quiet_ray_data
 from stages.core.sampling import CANDIDATE_SCHEMA, Sampler
@@ -139,7 +139,8 @@ def _sample(cfg: GenerateConfig, ds_items: list[dict], rejects: list[dict], rows
                                              "template_json")])))
     ds = actor_pool_map(ds, Sampler, batch_size=cfg.batch_size, size=cfg.num_workers,
                         num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
-                        fn_constructor_kwargs={"model_path": model_path, "dtype": cfg.dtype, "sampling": sampling,
+                        fn_constructor_kwargs={"model_path": for_workers(cfg.model, model_path), "dtype": cfg.dtype,
+                                               "sampling": sampling,
                                                "device": "cuda" if use_gpu else "cpu", "engine": engine,
                                                "threads": None if use_gpu else threads_per_worker(cfg.num_workers)})
     files, buffer, counts = [], [], {"samples": 0, "stop": 0, "length": 0, "prompt_tokens": 0, "response_tokens": 0}

@@ -124,9 +124,10 @@ def score(cfg: JudgeConfig, cands: list[dict]) -> tuple[dict[str, float], dict[s
                 rejects[c["key"]] = (e.reason, e.detail)
         return scores, rejects
     if cfg.judge == "reward_model":
-        from stages.core.models import resolve_model
+        from stages.core.models import for_workers, resolve_model
 
-        raw = _score_with_actors(cfg, cands, RewardScorer, {"model_path": resolve_model(cfg.reward_model),
+        raw = _score_with_actors(cfg, cands, RewardScorer, {"model_path": for_workers(cfg.reward_model,
+                                                                                      resolve_model(cfg.reward_model)),
                                                             "dtype": cfg.dtype, "max_length": cfg.max_length})
     else:
         raw = _score_with_actors(cfg, cands, ImplicitScorer, _implicit_args(cfg))

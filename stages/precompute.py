@@ -60,7 +60,7 @@ from stages.core.devices import ray_use_gpu, threads_per_worker
 from stages.core.errors import PipelineError
 from stages.core.formats import detect
 from stages.core.lease import LEASE_FILE, Lease
-from stages.core.models import load_tokenizer, resolve_model, tokenizer_hashes, weights_hash
+from stages.core.models import for_workers, load_tokenizer, resolve_model, tokenizer_hashes, weights_hash
 from stages.core.ray_runtime import actor_pool_map, init_ray, quiet_ray_data
 from stages.core.row_plan import KL_PAIRING, Plan, Source, build_plan, content_hash, pair_id, pair_kl  # noqa: F401
 from stages.core.scorer import PairProgress, ReferenceScorer, tokenize_batch
@@ -304,6 +304,7 @@ def _dataset(cfg: PrecomputeConfig, model_path: str, plan: Plan, progress, write
     import ray.data
 
     ds = ray.data.from_arrow_refs(plan.chunks)
+    model_path = for_workers(cfg.model, model_path)  # resolved again by each task and actor, on its node
     tokenize = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                     truncation_mode=cfg.truncation_mode)
     apart = _tokenize_apart(use_gpu)

@@ -31,7 +31,7 @@ import torch
 from stages.core.config import ConfigError
 from stages.core.devices import pick_device
 from stages.core.formats import RowRejected, is_messages
-from stages.core.models import load_tokenizer
+from stages.core.models import load_tokenizer, resolve_model
 from stages.core.tokenization import _ids, scored_sequence, template_kwargs
 from stages.core.unpaired import tokenize_unpaired_row, truncate_unpaired
 
@@ -100,6 +100,7 @@ class RewardScorer:
         if threads:
             torch.set_num_threads(threads)
         self.device = pick_device(device)
+        model_path = resolve_model(model_path)  # on this node: an s3:// model is fetched into its cache
         self.tokenizer = load_tokenizer(model_path)
         self.model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=getattr(torch, dtype))
         self.model = self.model.to(self.device).eval()
@@ -148,6 +149,8 @@ class ImplicitScorer:
         from stages.core.scorer import ReferenceScorer
 
         device = pick_device(device)
+        if "://" in policy_path:  # a policy on object storage: fetched into this node's cache
+            policy_path = resolve_model(policy_path)
         args = dict(dtype=dtype, max_length=max_length, truncation_mode=truncation_mode, threads=threads,
                     device=device)
         self.reference = ReferenceScorer(reference_path, **args)

@@ -97,6 +97,13 @@ def fetch_remote_model(url: str) -> str:
     return str(target)
 
 
+def for_workers(name: str, resolved: str) -> str:
+    """The model name to hand to Ray actors and tasks, which load it on their own node: a folder on object
+    storage by its URL (each node fetches it into its own cache: the driver's copy is not on the others),
+    anything else as resolved here."""
+    return name if "://" in name and not name.startswith("file://") else resolved
+
+
 def resolve_model(name: str) -> str:
     """The embedded model's cache folder, a local folder (checked: it must hold a model), a model folder on
     object storage (fetched into the cache), or a hub id."""

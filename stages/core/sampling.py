@@ -22,7 +22,7 @@ import torch
 
 from stages.core.devices import pick_device
 from stages.core.formats import RowRejected
-from stages.core.models import load_model, load_tokenizer
+from stages.core.models import load_model, load_tokenizer, resolve_model
 from stages.core.tokenization import prompt_token_ids
 
 CANDIDATE_SCHEMA = pa.schema([
@@ -104,6 +104,7 @@ class Sampler:
         if threads:
             torch.set_num_threads(threads)
         self.sampling = sampling
+        model_path = resolve_model(model_path)  # on this node: an s3:// policy is fetched into its cache
         self.tokenizer = _tokenizer(model_path)
         self.engine = engine
         if engine == "vllm":

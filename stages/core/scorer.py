@@ -30,7 +30,7 @@ from stages.core.layout import (
     supports_4d_mask,
 )
 from stages.core.logprobs import scored_logps, sequence_logps
-from stages.core.models import gpu_memory, load_model, load_tokenizer
+from stages.core.models import gpu_memory, load_model, load_tokenizer, resolve_model
 from stages.core.tokenization import scored_sequence, tokenize_row, truncate
 from stages.core.unpaired import tokenize_unpaired_row
 
@@ -45,7 +45,7 @@ TOKENIZED_SCHEMA = pa.schema([
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(model_path: str):
-    return load_tokenizer(model_path)
+    return load_tokenizer(resolve_model(model_path))  # an s3:// policy: fetched into this node's cache
 
 
 def tokenize_batch(batch: pa.Table, model_path: str, max_length: int | None, max_prompt_length: int | None,
@@ -130,6 +130,7 @@ class ReferenceScorer:
         if threads:
             torch.set_num_threads(threads)
         self.device = pick_device(device)  # "cuda" or "cpu": also what the forward planning is tuned for
+        model_path = resolve_model(model_path)  # on this node: an s3:// policy is fetched into its cache
         if model is not None:  # a model loaded by the caller (a trained policy: judge --implicit)
             self.model, self.input_device = model.to(self.device).eval(), self.device
         elif gpus > 1:
