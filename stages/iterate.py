@@ -178,78 +178,85 @@ def _finished(cfg: IterateConfig, record: dict) -> bool:
     return bool(record.get("eval" if cfg.eval_refs else "train", {}).get("finished_at"))
 
 
+def _step(record: dict, name: str, done_url: str, who: str, what: str, action, save) -> None:
+    """Run one stage of a round unless it is recorded as finished and its output is there; a stage run
+    again makes the later stages of its round stale (they run again too)."""
+    if _done(record.get(name), done_url):
+        say(f"iterate: {who}: {name} done before, kept")
+        return
+    say(f"iterate: {who}: {name} {what}")
+    record[name] = {**action(), "finished_at": _now()}
+    for later in STAGES[STAGES.index(name) + 1:]:
+        record.pop(later, None)
+    save()
+
+
 def _sample_and_judge(rounds: Rounds, where: str, model: str, seed: int, record: dict, save, who: str) -> None:
     gen_cfg, judge_cfg = rounds.generate(where, model, seed), rounds.judge(where)
-    if _done(record.get("generate"), storage.join(gen_cfg.output, "manifest.json")):
-        say(f"iterate: {who}: generate done before, kept ({gen_cfg.output})")
-    else:
-        say(f"iterate: {who}: generate -> {gen_cfg.output}")
+
+    def sample() -> dict:
         m = generate.run(gen_cfg)
         print(generate.summary(m, gen_cfg.output), flush=True)
-        record["generate"] = {"model": model, "seed": seed, **m["counts"], "finished_at": _now()}
-        record.pop("judge", None)
-        save()
-    if _done(record.get("judge"), storage.join(judge_cfg.output, "manifest.json")):
-        say(f"iterate: {who}: judge done before, kept ({judge_cfg.output})")
-    else:
-        say(f"iterate: {who}: judge -> {judge_cfg.output}")
+        return {"model": model, "seed": seed, **m["counts"]}
+
+    def judged() -> dict:
         m = judge.run(judge_cfg)
         print(judge.summary(m, judge_cfg), flush=True)
-        record["judge"] = {**m["counts"], "mean_score": m["mean_score"], "mean_margin": m["mean_margin"],
-                           "rejects_by_reason": m["rejects_by_reason"], "finished_at": _now()}
-        save()
+        return {**m["counts"], "mean_score": m["mean_score"], "mean_margin": m["mean_margin"],
+                "rejects_by_reason": m["rejects_by_reason"]}
+
+    _step(record, "generate", storage.join(gen_cfg.output, "manifest.json"), who, f"-> {gen_cfg.output}", sample,
+          save)
+    _step(record, "judge", storage.join(judge_cfg.output, "manifest.json"), who, f"-> {judge_cfg.output}", judged,
+          save)
 
 
 def _round(cfg: IterateConfig, rounds: Rounds, k: int, previous: str, record: dict, save) -> str:
     """Round k from policy k-1 (`previous`); returns policy k."""
-    where = rounds.dir(k)
-    _sample_and_judge(rounds, where, previous, cfg.seed + k - 1, record, save, f"round {k}")
+    who = f"round {k}"
+    _sample_and_judge(rounds, rounds.dir(k), previous, cfg.seed + k - 1, record, save, who)
+    judged = record["judge"]
+    if judged["pairs"] == 0:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in judged["rejects_by_reason"].items())
+        raise IterateError(f"round {k}: the judge made no pairs from {judged['candidates']} candidates ({reasons}): "
+                           "nothing to train on. Sample more (--num-samples, --temperature), lower --min-margin, "
+                           "or use another judge")
 
-    pairs = record["judge"]["pairs"]
-    if pairs == 0:
-        reasons = ", ".join(f"{k} {v}" for k, v in record["judge"]["rejects_by_reason"].items())
-        raise IterateError(f"round {k}: the judge made no pairs from {record['judge']['candidates']} candidates "
-                           f"({reasons}): nothing to train on. Sample more (--num-samples, --temperature), lower "
-                           "--min-margin, or use another judge")
     reference = cfg.model if cfg.reference == "initial" else previous
     pre_cfg = rounds.precompute(k, reference)
-    if _done(record.get("precompute"), storage.join(pre_cfg.output, "manifest.json")):
-        say(f"iterate: round {k}: precompute done before, kept ({pre_cfg.output})")
-    else:
-        say(f"iterate: round {k}: precompute (reference {reference}) -> {pre_cfg.output}")
+
+    def scored() -> dict:
         m = precompute.run(pre_cfg)
         print(precompute.summary(m, pre_cfg.output), flush=True)
-        record["precompute"] = {"reference": reference, "new_pairs": m["last_run"]["pairs_written"],
-                                "pairs_in_refs": m["rows_written"], "finished_at": _now()}
-        record.pop("train", None)
-        save()
+        return {"reference": reference, "new_pairs": m["last_run"]["pairs_written"], "pairs_in_refs": m["rows_written"]}
+
+    _step(record, "precompute", storage.join(pre_cfg.output, "manifest.json"), who,
+          f"(reference {reference}) -> {pre_cfg.output}", scored, save)
 
     train_cfg = rounds.train(k, previous)
-    if _done(record.get("train"), storage.join(record.get("train", {}).get("weights", "") or where, "config.json")):
-        say(f"iterate: round {k}: train done before, kept ({record['train']['weights']})")
-    else:
-        say(f"iterate: round {k}: train {previous} on {train_cfg.refs} -> {train_cfg.output}")
+
+    def trained() -> dict:
         started = time.time()
         result = train.run(train_cfg)
         print(train.summary_text(result), flush=True)
-        record["train"] = {"start": previous, "outcome": result["outcome"], "steps": result["steps"],
-                           "weights": result["weights"], "last": result.get("last"),
-                           "seconds": round(time.time() - started, 1), "finished_at": _now()}
-        record.pop("eval", None)
-        save()
+        return {"start": previous, "outcome": result["outcome"], "steps": result["steps"],
+                "weights": result["weights"], "last": result.get("last"), "seconds": round(time.time() - started, 1)}
+
+    weights = record.get("train", {}).get("weights")
+    _step(record, "train", storage.join(weights, "config.json") if weights else train_cfg.output, who,
+          f"{previous} on {train_cfg.refs} -> {train_cfg.output}", trained, save)
     policy = record["train"]["weights"]
 
     if cfg.eval_refs:
         eval_cfg = rounds.eval(k, policy)
-        if _done(record.get("eval"), storage.join(eval_cfg.output, "eval.json")):
-            say(f"iterate: round {k}: eval done before, kept ({eval_cfg.output})")
-        else:
-            say(f"iterate: round {k}: eval {cfg.eval_refs} with {policy}")
+
+        def evaluated() -> dict:
             results = evaluate.run(eval_cfg)
             print(evaluate.summary_text(results), flush=True)
-            record["eval"] = {key: v for key, v in results.items() if key.startswith("eval/") or key == "pairs"}
-            record["eval"]["finished_at"] = _now()
-            save()
+            return {key: v for key, v in results.items() if key.startswith("eval/") or key == "pairs"}
+
+        _step(record, "eval", storage.join(eval_cfg.output, "eval.json"), who, f"{cfg.eval_refs} with {policy}",
+              evaluated, save)
     return policy
 
 

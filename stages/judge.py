@@ -163,6 +163,30 @@ def _pair_row(rec: dict, chosen: int, rejected: int, scores: dict[int, float]) -
     return row
 
 
+def make_pairs(cfg: JudgeConfig, rows: list[dict], cands: list[dict], scores: dict[str, float],
+               rejects: dict[str, tuple[str, str]], pairs_of: dict | None) -> tuple[list[dict], dict[str, int]]:
+    """Pair rows, and how many pairs each candidate is in. Scores go through `select_pairs` (its rejects
+    are added to `rejects`); a sheet's labels (`pairs_of`) are the pairs as they are."""
+    pairs, in_pairs, by_prompt = [], {}, _by_prompt(cands)
+    for rec in rows:
+        i = rec["prompt_index"]
+        if pairs_of is None:
+            usable = {c["response_index"]: scores[c["key"]] for c in by_prompt.get(i, [])
+                      if c["key"] in scores and c["key"] not in rejects}
+            chosen_pairs, left = select_pairs(usable, cfg.pairs, cfg.min_margin, _rng(cfg.seed, rec))
+            for j, (reason, detail) in left.items():
+                rejects[f"{i}:{j}"] = (reason, detail)
+            local = usable
+        else:
+            chosen_pairs = pairs_of.get(i, [])
+            local = {j: scores[f"{i}:{j}"] for j in range(len(rec["responses"])) if f"{i}:{j}" in scores}
+        for a, b in chosen_pairs:
+            pairs.append(_pair_row(rec, a, b, local))
+            for j in (a, b):
+                in_pairs[f"{i}:{j}"] = in_pairs.get(f"{i}:{j}", 0) + 1
+    return pairs, in_pairs
+
+
 def run(cfg: JudgeConfig) -> dict:
     storage.configure(cfg.storage_options_dict)
     if cfg.judge == "sheet" and not cfg.export_sheet:
@@ -193,23 +217,7 @@ def _judge(cfg: JudgeConfig, manifest: dict, rows: list[dict], settings: dict) -
             if key in scores and c["finish_reason"] == "length":
                 scores[key] -= cfg.missing_eos_penalty
         pairs_of = None
-    pairs, in_pairs, by_prompt = [], {}, _by_prompt(cands)
-    for rec in rows:
-        i = rec["prompt_index"]
-        usable = {c["response_index"]: scores[c["key"]] for c in by_prompt.get(i, [])
-                  if c["key"] in scores and c["key"] not in rejects} if pairs_of is None else None
-        if pairs_of is None:
-            chosen_pairs, left = select_pairs(usable, cfg.pairs, cfg.min_margin, _rng(cfg.seed, rec))
-            for j, (reason, detail) in left.items():
-                rejects[f"{i}:{j}"] = (reason, detail)
-            local = usable
-        else:
-            chosen_pairs = pairs_of.get(i, [])
-            local = {j: scores[f"{i}:{j}"] for j in range(len(rec["responses"])) if f"{i}:{j}" in scores}
-        for a, b in chosen_pairs:
-            pairs.append(_pair_row(rec, a, b, local))
-            for j in (a, b):
-                in_pairs[f"{i}:{j}"] = in_pairs.get(f"{i}:{j}", 0) + 1
+    pairs, in_pairs = make_pairs(cfg, rows, cands, scores, rejects, pairs_of)
     all_keys = [f"{rec['prompt_index']}:{j}" for rec in rows for j in range(len(rec["responses"]))]
     for key in all_keys:  # a candidate neither paired nor given a reason would be lost: there is none
         if key not in in_pairs and key not in rejects:
