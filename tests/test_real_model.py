@@ -25,13 +25,13 @@ def _rows(out, manifest):
 
 
 def test_smollm_logps_exact_and_batch_invariant(tmp_path, smollm_path, ray_session):
-    rows = [r for r in read_jsonl_gz(HH_SAMPLE, 40) if max(len(r["chosen"]), len(r["rejected"])) < 1200][:8]
+    rows = [r for r in read_jsonl_gz(HH_SAMPLE, 40) if max(len(r["chosen"]), len(r["rejected"])) < 1200][:5]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = dict(data=str(tmp_path / "in.jsonl"), model=smollm_path, format="hh", max_length=512, progress=False)
     m1 = precompute.run(PrecomputeConfig(output=str(tmp_path / "a"), batch_size=1, num_workers=1, **base))
     m2 = precompute.run(PrecomputeConfig(output=str(tmp_path / "b"), batch_size=5, num_workers=2, **base))
     a, b = _rows(tmp_path / "a", m1), {r["pair_id"]: r for r in _rows(tmp_path / "b", m2)}
-    assert len(a) == len(b) == 8
+    assert len(a) == len(b) == 5
     model = load_model(smollm_path)
     worst_exact = worst_batch = 0.0
     for r in a:
@@ -45,14 +45,14 @@ def test_smollm_logps_exact_and_batch_invariant(tmp_path, smollm_path, ray_sessi
 
 def test_embedded_default_cli(tmp_path, tokenizer):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "precompute", "--limit", "6",
+    proc = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "precompute", "--limit", "3",
                            "--output", str(out), "--progress", "false"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "rows read 6" in proc.stdout
+    assert "rows read 3" in proc.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["reference_model"]["name"] == "embedded:smollm2-135m-instruct"
     assert manifest["data_source"] == "embedded:hh-rlhf-helpful"
-    assert manifest["rows_read"] == manifest["rows_written"] + manifest["rows_rejected"] == 6
+    assert manifest["rows_read"] == manifest["rows_written"] + manifest["rows_rejected"] == 3
     first = pq.read_table(out / manifest["shards"][0]["path"]).to_pylist()[0]
     assert first["ref_chosen_logps"] < 0
     # The HH text went through the chat template: the completion is the last Assistant turn.

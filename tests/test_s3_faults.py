@@ -188,14 +188,14 @@ def test_both_stages_through_throttling_match_an_unthrottled_run(slow_s3, tmp_pa
     """Every 3rd request answered 503 SlowDown: precompute and training on s3:// finish with the
     shards and metrics of the same runs on local disk, within the documented bound of attempts."""
     # Own prefixes: moto keeps one store per process, shared with test_cloud.py's buckets.
-    text = "".join(json.dumps(r) + "\n" for r in _rows(12))
+    text = "".join(json.dumps(r) + "\n" for r in _rows(8))
     (tmp_path / "in.jsonl").write_text(text)
     storage.write_bytes_atomic("s3://dpo/throttled/in/in.jsonl", text.encode())
     common = dict(model=tiny_model_dir, format="hh", rows_per_shard=5, max_length=256, progress=False)
     local_manifest = precompute.run(PrecomputeConfig(data=str(tmp_path / "in.jsonl"), output=str(tmp_path / "refs"),
                                                      **common))
     run = dict(batch_size=4, micro_batch_size=2, learning_rate=1e-3, shuffle_buffer=6, progress=False, seed=3,
-               max_steps=3, save_every=2)
+               max_steps=2, save_every=2)
     train.run(TrainConfig(refs=str(tmp_path / "refs"), output=str(tmp_path / "run"), **run))
 
     slow_s3.reset(every=3)
@@ -209,7 +209,7 @@ def test_both_stages_through_throttling_match_an_unthrottled_run(slow_s3, tmp_pa
 
     assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in local_manifest["shards"]]
     assert manifest["pair_ids_fingerprint"] == local_manifest["pair_ids_fingerprint"]
-    assert summary["outcome"] == "finished" and summary["steps"] == 3
+    assert summary["outcome"] == "finished" and summary["steps"] == 2
     local_metrics = untimed(read(str(tmp_path / "run" / "metrics.jsonl")))
     assert untimed(read("s3://dpo/throttled/run/metrics.jsonl")) == local_metrics
     assert storage.exists("s3://dpo/throttled/run/checkpoints/step-2/state.json")
