@@ -272,6 +272,10 @@ def table_rows(state: dict) -> list[dict]:
         r = rounds.get(str(k), {})
         sampled_by_it = rounds.get(str(k + 1), {}) if k + 1 in ks else r.get("samples", {})
         ev = r.get("eval", {})
+        if k == 0 and any("eval" in rounds.get(str(j), {}) for j in ks):
+            # the initial model against itself as reference: no margin, no KL, by definition (its "accuracy"
+            # would be 0, every reward 0: a tie, not a preference, so it is left out)
+            ev = {"eval/rewards/margins": 0.0, "eval/kl_sampled": 0.0}
         rows.append({"round": k, "policy": "initial" if k == 0 else r.get("train", {}).get("weights"),
                      "new_pairs": r.get("precompute", {}).get("new_pairs"),
                      "steps": r.get("train", {}).get("steps"),

@@ -131,7 +131,7 @@ def _cli(tmp_path, model, out):
 
 @pytest.mark.slow
 def test_sigkill_and_rerun_gives_the_same_pairs(tmp_path, tiny_model_dir):
-    rows = [r for r in read_jsonl_gz(HH_SAMPLE, 400) if r["chosen"] != r["rejected"]][:60]
+    rows = [r for r in read_jsonl_gz(HH_SAMPLE, 400) if r["chosen"] != r["rejected"]][:42]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {**os.environ, "RAY_ADDRESS": ""}
     ref = subprocess.run(_cli(tmp_path, tiny_model_dir, tmp_path / "whole"), env=env, capture_output=True, text=True)
@@ -157,12 +157,12 @@ def test_sigkill_and_rerun_gives_the_same_pairs(tmp_path, tiny_model_dir):
         time.sleep(1)
         count = len(list(progress.glob("shard-*.json")))
         settled, finished_at_kill = (settled + 1, count) if count == finished_at_kill else (0, count)
-    assert finished_at_kill < 20 and not (out / "manifest.json").exists()
+    assert finished_at_kill < 14 and not (out / "manifest.json").exists()
 
     again = subprocess.run(_cli(tmp_path, tiny_model_dir, out), env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = json.loads((out / "manifest.json").read_text())
-    assert 0 < resumed["last_run"]["pairs_scored"] < 60
+    assert 0 < resumed["last_run"]["pairs_scored"] < 42
     assert resumed["last_run"]["rows_already_done"] == sum(s["rows_read"] for s in resumed["shards"][:finished_at_kill])
     ids = [r["pair_id"] for r in read_shards(out, resumed)]
     assert len(ids) == len(set(ids)) == whole["rows_written"]
