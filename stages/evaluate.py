@@ -168,6 +168,23 @@ def run(cfg: EvalConfig) -> dict:
     return results
 
 
+def run_on_its_device(cfg: EvalConfig) -> dict:
+    """`run` where its device is: here, or, for --device cuda in a driver without a GPU (a Ray job's
+    driver on a CPU head node: the nightly chain, on-policy rounds), in a Ray task that asks for one."""
+    import torch
+
+    if cfg.device != "cuda" or torch.cuda.is_available():
+        return run(cfg)
+    import ray
+
+    from stages.core.devices import wait_for_gpus
+    from stages.core.ray_runtime import init_ray
+
+    init_ray(1)
+    wait_for_gpus("evaluation", 1, 1, cfg.gpu_wait_seconds)
+    return ray.get(ray.remote(num_gpus=1, num_cpus=1)(run).remote(cfg))
+
+
 def summary_text(results: dict) -> str:
     return (f"eval: {results['pairs']} held-out pairs, model {results['model']} -> "
             f"{os.path.join(results['output'], 'eval.json')} (loss settings: {results['loss_settings_from']})\n"

@@ -251,7 +251,7 @@ def _round(cfg: IterateConfig, rounds: Rounds, k: int, previous: str, record: di
         eval_cfg = rounds.eval(k, policy)
 
         def evaluated() -> dict:
-            results = evaluate.run(eval_cfg)
+            results = evaluate.run_on_its_device(eval_cfg)
             print(evaluate.summary_text(results), flush=True)
             return {key: v for key, v in results.items() if key.startswith("eval/") or key == "pairs"}
 

@@ -99,7 +99,7 @@ def run(cfg: RunConfig) -> dict:
     if eval_cfg is not None and "eval" not in stages:
         eval_cfg = dataclasses.replace(eval_cfg, model=stages["train"]["weights"])
         say(f"run: eval {cfg.eval_refs} with {eval_cfg.model}")
-        results = _evaluate(eval_cfg)
+        results = evaluate.run_on_its_device(eval_cfg)
         print(evaluate.summary_text(results), flush=True)
         stages["eval"] = {k: v for k, v in results.items() if k.startswith("eval/") or k == "pairs"}
         stages["eval"]["finished_at"] = _now()
@@ -108,23 +108,6 @@ def run(cfg: RunConfig) -> dict:
     storage.write_json(storage.join(cfg.runs, "latest.json"),
                        {"run": out, "weights": stages["train"]["weights"], "date": record["finished_at"]})
     return record
-
-
-def _evaluate(cfg: EvalConfig) -> dict:
-    """Eval runs where its device is: here, or, for --device cuda in a driver without a GPU (a Ray
-    job's driver on a CPU head node), in a Ray task that asks for one."""
-    import torch
-
-    if cfg.device != "cuda" or torch.cuda.is_available():
-        return evaluate.run(cfg)
-    import ray
-
-    from stages.core.devices import wait_for_gpus
-    from stages.core.ray_runtime import init_ray
-
-    init_ray(1)
-    wait_for_gpus("evaluation", 1, 1, cfg.gpu_wait_seconds)
-    return ray.get(ray.remote(num_gpus=1, num_cpus=1)(evaluate.run).remote(cfg))
 
 
 def summary_text(record: dict) -> str:
