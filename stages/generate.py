@@ -122,17 +122,16 @@ def _generate(cfg: GenerateConfig, model_path: str, settings: dict) -> dict:
     kept_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # the same batches, so the same padding, on every run
     try:
-        return _sample(cfg, ds_items=items, rejects=rejects, rows_read=rows_read, started=started,
-                       model_path=model_path, settings=settings, use_gpu=use_gpu, engine=engine)
+        return _sample(cfg, items, rejects, rows_read, started, model_path, settings, use_gpu, engine)
     finally:
         ctx.execution_options.preserve_order = kept_order
 
 
-def _sample(cfg: GenerateConfig, ds_items: list[dict], rejects: list[dict], rows_read: int, started: float,
+def _sample(cfg: GenerateConfig, items: list[dict], rejects: list[dict], rows_read: int, started: float,
             model_path: str, settings: dict, use_gpu: bool, engine: str) -> dict:
+    """The sampler pool over the prompts; candidate files written as they complete, then the manifest."""
     import ray
 
-    items = ds_items
     sampling = {k: getattr(cfg, k) for k in ("num_samples", "temperature", "top_p", "max_new_tokens", "seed")}
     ds = ray.data.from_arrow(pa.Table.from_pylist(items, schema=pa.schema(
         [CANDIDATE_SCHEMA.field(n) for n in ("prompt_index", "prompt_id", "prompt", "conversational",
