@@ -34,12 +34,12 @@ demo: $(STAMP)
 	$(PY) pipeline.py eval --refs runs/demo-heldout --model runs/demo/policy/final --samples 3
 	@echo "look at: runs/demo/policy/final/eval/samples.md, runs/demo/policy/curves.png, runs/demo/policy/final/eval/eval.json"
 
-# Two short on-policy rounds on the embedded model: sample 4 answers to 32 bundled prompts, judge them with
+# Two short on-policy rounds on the embedded model: sample 4 answers to 24 bundled prompts, judge them with
 # stages.rewards:concise (short, non-repetitive, finished answers score highest), precompute the new pairs,
 # train, evaluate on the held-out pairs; then runs/online/summary.md and rounds.png.
 ONLINE_OPTIONS := --rounds 2 --num-samples 4 --max-new-tokens 64 --eval-refs runs/demo-heldout \
-	--generate-options '{"limit": 32, "batch_size": 8}' --judge-options '{"missing_eos_penalty": 0.5}' \
-	--train-options '{"learning_rate": 3e-5, "epochs": 2, "batch_size": 8}' --eval-options '{"samples": 8}'
+	--generate-options '{"limit": 24, "batch_size": 8}' --judge-options '{"missing_eos_penalty": 0.5}' \
+	--train-options '{"learning_rate": 3e-5, "epochs": 2, "batch_size": 8}' --eval-options '{"samples": 4}'
 demo-online: $(STAMP)
 	$(PY) pipeline.py precompute --data embedded:hh-rlhf-helpful-heldout --output runs/demo-heldout
 	$(PY) pipeline.py iterate --output runs/online $(ONLINE_OPTIONS)
