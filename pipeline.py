@@ -143,6 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as e:  # every user-facing error; anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a write refused (no space, no permission, read-only), wherever a stage made it
+        from stages.core.storage import write_refused
+
+        refused = write_refused(e)
+        if refused is None:
+            raise
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # Ctrl-C: finished shards and checkpoints are kept; the same command goes on
         print(f"\ninterrupted: run `pipeline.py {argv[0]}` again to continue (precompute skips finished shards; "
               "train continues from its last checkpoint with --resume)", file=sys.stderr)

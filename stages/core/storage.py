@@ -15,8 +15,9 @@ between its attempts); a HEAD (exists, size, the first step of a read) sees (1 +
 30, about a minute, as its 503 has no body for s3fs to recognise. Anything else (a missing
 object, access denied, a bad argument, a bug) fails at once.
 
-A full local disk (ENOSPC, EDQUOT), however a writer reports it, becomes one StorageError naming
-the file or folder (`local_write`).
+A full local disk (ENOSPC, EDQUOT), a folder the user may not write (EACCES, EPERM) or a read-only
+file system (EROFS), however a writer reports it, becomes one StorageError naming the file or folder
+(`write_refused`, applied by `local_write` and to whatever escapes a stage in pipeline.py).
 """
 
 from __future__ import annotations
@@ -62,38 +63,70 @@ class StorageError(PipelineError):
     """A storage operation that failed for good; the message names the URL, never a secret."""
 
 
+def _causes(error: BaseException | None) -> Iterator[BaseException]:
+    """The error and what it was raised from: a short cause chain (never looping on a cycle), into
+    Ray's wrappers (`RayTaskError.cause`) and torch.distributed.checkpoint's per-worker failures."""
+    for _ in range(8):
+        if error is None:
+            return
+        yield error
+        failures = getattr(error, "failures", None)
+        if isinstance(failures, dict):
+            for f in failures.values():
+                yield from _causes(f[0] if isinstance(f, tuple) else f)
+        cause = getattr(error, "cause", None)
+        if isinstance(cause, BaseException) and cause is not error:
+            yield from _causes(cause)
+        error = error.__cause__ if error.__cause__ is not None or error.__suppress_context__ else error.__context__
+
+
 def is_disk_full(error: BaseException | None) -> bool:
     """Whether a write failed for want of space or quota, however the writer reported it (the error
     or anything it was raised from)."""
-    for _ in range(8):  # a short cause chain; never loop on a cycle
-        if error is None:
-            return False
-        if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNO:
-            return True
-        if any(text in str(error) for text in _DISK_FULL_TEXT):
-            return True
-        # torch.distributed.checkpoint raises one CheckpointException with each worker's error in it
-        failures = getattr(error, "failures", None)
-        if isinstance(failures, dict) and any(is_disk_full(f[0] if isinstance(f, tuple) else f)
-                                              for f in failures.values()):
-            return True
-        error = error.__cause__ if error.__cause__ is not None or error.__suppress_context__ else error.__context__
-    return False
+    return any((isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNO) or any(t in str(e) for t in _DISK_FULL_TEXT)
+               for e in _causes(error))
+
+
+# A folder the user may not write, or a read-only file system (a mounted snapshot, a read-only volume).
+_REFUSED_ERRNO = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def write_refused(error: BaseException | None, path: str | None = None) -> StorageError | None:
+    """The one-line StorageError for a write that failed for good on a local disk (no space, no
+    permission, a read-only file system), naming the file or folder; None for any other failure.
+    `local_write` raises it where the path is known; pipeline.py applies it to whatever escapes a
+    stage (from a Ray worker, a library's own write), so no stage prints a traceback for these."""
+    for e in _causes(error):
+        if isinstance(e, StorageError):
+            return e  # already named (an inner, more precise path)
+    if is_disk_full(error):
+        quota = " (disk quota exceeded)" if "quota" in str(error).lower() else ""
+        return StorageError(f"cannot write {path or _filename(error) or 'the output'}: no space left on device{quota}")
+    for e in _causes(error):
+        if isinstance(e, OSError) and e.errno in _REFUSED_ERRNO:
+            where = e.filename or path or "the output"
+            return StorageError(f"cannot write {where}: {os.strerror(e.errno).lower()}")
+    return None
+
+
+def _filename(error: BaseException | None) -> str | None:
+    return next((e.filename for e in _causes(error) if isinstance(e, OSError) and e.filename), None)
 
 
 @contextlib.contextmanager
 def local_write(path: str) -> Iterator[None]:
-    """Writes to a local `path` (file or folder) inside this block that fail on a full disk end in
-    one StorageError naming it; any other failure passes through as it is."""
+    """Writes to a local `path` (file or folder) inside this block that fail for want of space,
+    permission or a writable file system end in one StorageError naming it; any other failure
+    passes through as it is."""
     try:
         yield
-    except StorageError:
-        raise  # already named (an inner, more precise path)
     except BaseException as e:  # also torch.distributed.checkpoint's CheckpointException, a BaseException
-        if not is_disk_full(e):
+        refused = write_refused(e, path)
+        if refused is None:
             raise
-        raise StorageError(f"cannot write {path}: no space left on device"
-                           f"{' (disk quota exceeded)' if 'quota' in str(e).lower() else ''}") from None
+        if refused is e:
+            raise
+        raise refused from None
 
 
 def configure(options: dict | None) -> None:
