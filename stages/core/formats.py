@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from typing import Any, Callable
 
 
@@ -230,8 +231,26 @@ ADAPTERS: dict[str, Callable[[dict, Any], dict]] = {
 }
 
 
+HH_NOTICE = ("note: the rows look like raw HH-RLHF transcripts (\"\\n\\nHuman: ...\\n\\nAssistant: ...\"); "
+             "--format auto reads them as TRL does: plain text with an implicit prompt (the common start of "
+             "chosen and rejected), no chat template. --format hh parses them into turns for the chat template, "
+             "as the bundled HH data is read.")
+
+
+def looks_like_hh(row: Any) -> bool:
+    """Raw HH-RLHF text in the default chosen / rejected columns: both start with a Human turn and hold an
+    Assistant turn."""
+    if not isinstance(row, dict):
+        return False
+    texts = [row.get("chosen"), row.get("rejected")]
+    return all(isinstance(t, str) and t.lstrip(" ").startswith("\n\nHuman:") and "\n\nAssistant:" in t
+               for t in texts)
+
+
 def detect(row: dict) -> str:
-    """The layout of a raw row (format=auto). Raw HH text stays 'standard', as TRL reads it."""
+    """The layout of a raw row (format=auto). Raw HH text stays 'standard', as TRL reads it; since that
+    differs from how the bundled HH data is read (turns), a note on stderr says so. The stages call this
+    once per run, on the first row, so the note comes once."""
     if not isinstance(row, dict):  # a first line that is a list or a string: normalise rejects it
         return "standard"
     if "preferred_output" in row and "input" in row:
@@ -240,6 +259,8 @@ def detect(row: dict) -> str:
         return "sharegpt"
     if "response1" in row and "response2" in row and "context" in row:
         return "helpsteer3"
+    if looks_like_hh(row):
+        print(HH_NOTICE, file=sys.stderr, flush=True)
     return "standard"
 
 
