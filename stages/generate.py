@@ -20,7 +20,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.core import storage
+from stages.core import sampling, storage
 from stages.core.config import ConfigError, GenerateConfig, public
 from stages.core.data import MalformedRow
 from stages.core.devices import ray_use_gpu, say, threads_per_worker
@@ -212,18 +212,8 @@ def _write(output: str, k: int, rows: list[dict]) -> dict:
 
 
 def read_candidates(output: str) -> tuple[dict, list[dict]]:
-    """A finished generate output: (manifest, candidate rows in prompt order)."""
-    url = storage.join(output, "manifest.json")
-    if not storage.exists(url):
-        from stages.core.data import DataError
-
-        raise DataError(f"{output}: no manifest.json: not a finished generate output (run pipeline.py generate)")
-    manifest = storage.read_json(url)
-    rows: list[dict] = []
-    for entry in manifest["files"]:
-        with storage.open_binary(storage.join(output, entry["name"])) as fh:
-            rows += pq.read_table(fh).to_pylist()
-    return manifest, rows
+    """A finished generate output: (manifest, candidate rows in prompt order); see sampling.read_candidates."""
+    return sampling.read_candidates(output)
 
 
 def summary(manifest: dict, output: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -155,3 +156,78 @@ def test_a_row_the_chat_template_cannot_render_is_rejected(tokenizer):
            "rejected": [{"role": "assistant", "content": "b"}]}
     with pytest.raises(RowRejected, match="chat template cannot render"):
         tokenize_row(tokenizer, row)
+
+
+# --- the project's own output folders as input --------------------------------------------------
+
+def _pairs_folder(tmp_path):
+    """What `judge` writes: pairs.jsonl beside scores.jsonl, rejects.jsonl and manifest.json."""
+    from test_online import REWARDS, write_candidates
+
+    from stages import judge
+    from stages.core.config import JudgeConfig
+
+    write_candidates(tmp_path / "cands", [{"prompt": f"Q{i}:", "responses": [" a", " abc", " ab"]} for i in range(3)]
+                     + [{"prompt": [{"role": "user", "content": "Hi?"}], "responses": ["yo", "hello"]}])
+    judge.run(JudgeConfig(candidates=str(tmp_path / "cands"), output=str(tmp_path / "pairs"),
+                          reward_fn=f"{REWARDS}:chars", progress=False))
+    return tmp_path / "pairs"
+
+
+def test_a_judge_output_folder_reads_as_its_pairs(tmp_path):
+    from stages.core.row_plan import Source
+    from stages.precompute import _layout
+
+    pairs = _pairs_folder(tmp_path)
+    assert _rows(pairs) == _rows(pairs / "pairs.jsonl") and len(_rows(pairs)) == 4
+    assert Source.of(str(pairs), "train", None).files == (str(pairs / "pairs.jsonl"),)
+    assert _layout(PrecomputeConfig(data=str(pairs))) == "standard"  # not the manifest's keys as columns
+
+
+def test_a_generate_output_folder_is_prompts_not_pairs(tmp_path):
+    from stages.core.prompts import read_prompts
+
+    _pairs_folder(tmp_path)
+    cands = tmp_path / "cands"
+    # generate --prompts: the candidates' prompts, as they were given (messages stay messages)
+    got = [(i, p, reject) for i, p, _, reject, _ in read_prompts(str(cands), "auto", "prompt", "train", None, None)]
+    assert got == [(0, "Q0:", None), (1, "Q1:", None), (2, "Q2:", None),
+                   (3, [{"role": "user", "content": "Hi?"}], None)]
+    # precompute --data: no pairs in it yet; the error says how to make them
+    with pytest.raises(DataError, match=r"generate's output.*pipeline.py judge --candidates"):
+        _rows(cands)
+
+
+def test_a_precompute_output_folder_is_not_input_data(tmp_path):
+    refs = tmp_path / "refs"
+    for name in ("shards/shard-00000.parquet", "rejects/shard-00000.parquet"):
+        (refs / name).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(ROWS[:1]), refs / name)
+    (refs / "manifest.json").write_text(json.dumps({"kind": "paired", "shards": [], "data_source": "in.jsonl"}))
+    with pytest.raises(DataError, match=r"precompute's output.*--refs"):
+        _rows(refs)
+    (refs / "manifest.json").unlink()  # a run cut off before its manifest: still not data
+    (refs / "_progress").mkdir()
+    (refs / "_progress" / "run.json").write_text("{}")
+    with pytest.raises(DataError, match=r"precompute's output"):
+        _rows(refs)
+
+
+def test_a_data_folder_never_reads_manifests_rejects_or_scores_as_data(tmp_path):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]))
+    (tmp_path / "manifest.json").write_text(json.dumps({"note": "about the data"}))
+    (tmp_path / "rejects.jsonl").write_text(json.dumps({"reason": "x"}) + "\n")
+    (tmp_path / "scores.jsonl").write_text(json.dumps({"score": 1}) + "\n")
+    assert _rows(tmp_path) == ROWS[:2]
+    # outputs further down: a judge's gives its pairs only; generate's is no data, and the error says so
+    pairs = _pairs_folder(tmp_path / "runs")
+    with pytest.raises(DataError, match=r"runs/cands is generate's output"):
+        _rows(tmp_path)
+    shutil.rmtree(tmp_path / "runs" / "cands")
+    assert _rows(tmp_path) == ROWS[:2] + _rows(pairs / "pairs.jsonl")
+    # only such files: the error says why they were left out
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "manifest.json").write_text("{}")
+    with pytest.raises(DataError, match=r"manifest\.json.*not data"):
+        _rows(only)

@@ -80,6 +80,10 @@ def test_prompts_from_any_input_and_their_rejects(tmp_path, tokenizer):
     (tmp_path / "p.txt").write_text("first prompt\n\nsecond prompt\n")
     assert [g[1] for g in read_prompts(str(tmp_path / "p.txt"), "auto", "prompt", "train", None, None)] == [
         "first prompt", "second prompt"]
+    assert [g[1] for g in read_prompts(str(tmp_path / "p.txt"), "auto", "prompt", "train", 1, None)] == [
+        "first prompt"]
+    with pytest.raises(DataError, match=r"input not found: .*nope\.txt.*p\.txt"):
+        list(read_prompts(str(tmp_path / "nope.txt"), "auto", "prompt", "train", None, None))
     # the prompt's tokens are the ones the trainer scores the pair's completions after
     row = {"prompt": PROMPTS[1], "chosen": [{"role": "assistant", "content": "Red."}],
            "rejected": [{"role": "assistant", "content": "Blue."}]}
@@ -250,6 +254,22 @@ def test_judge_settings_and_errors(tmp_path):
         JudgeConfig(implicit="policy")
     with pytest.raises(DataError, match="not a finished generate output"):
         judge.run(JudgeConfig(candidates=str(tmp_path / "none"), output=str(tmp_path / "o"), reward_fn="x:y"))
+
+
+def test_judge_given_what_is_not_a_finished_generate_output_says_what_it_is(tmp_path):
+    write_candidates(tmp_path / "cands", CANDIDATES)
+    run = lambda cands: judge.run(JudgeConfig(candidates=str(cands), output=str(tmp_path / "o"),  # noqa: E731
+                                              reward_fn=f"{REWARDS}:chars", progress=False))
+    run(tmp_path / "cands")
+    with pytest.raises(DataError, match=r"judge's output \(preference pairs\).*--data"):
+        run(tmp_path / "o")  # the pairs folder instead of the candidates
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "manifest.json").write_text("{}")
+    with pytest.raises(DataError, match="not generate's manifest"):
+        run(tmp_path / "odd")
+    (tmp_path / "cands" / "candidates-00000.parquet").unlink()
+    with pytest.raises(DataError, match="candidates-00000.parquet, listed in its manifest, is missing"):
+        run(tmp_path / "cands")
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])

@@ -9,12 +9,13 @@ Rows without a usable prompt are rejects with a reason, as in precompute: rows r
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from types import SimpleNamespace
 from typing import Any, Iterator
 
 from stages.core import storage
-from stages.core.data import MalformedRow, embedded_layout, read_rows, resolve_source
+from stages.core.data import MalformedRow, check_exists, embedded_layout, output_kind, read_rows, resolve_source
 from stages.core.formats import (
     ADAPTERS,
     RowRejected,
@@ -70,21 +71,37 @@ def prompt_of(raw: Any, layout: str, columns: SimpleNamespace) -> tuple[Any, dic
 
 def _text_rows(url: str, options: dict | None) -> Iterator[tuple[int, Any]]:
     """A .txt file: one prompt per non-blank line (a line is the prompt, as written)."""
+    check_exists(url, options)
     with storage.open_text(url, options) as fh:
         for index, line in enumerate(x.rstrip("\n").rstrip("\r") for x in fh if x.strip()):
             yield index, line
 
 
-def read_prompts(source: str, fmt: str, prompt_column: str, split: str, limit: int | None,
-                 options: dict | None) -> Iterator[tuple[int, Any, dict | None, RowRejected | None, Any]]:
-    """(source_index, prompt, template inputs, reject or None, raw row) for every input row, in order."""
+def _candidate_rows(url: str, prompt_column: str, options: dict | None) -> Iterator[tuple[int, Any]]:
+    """generate's output: each candidate row's prompt as it was given (text, or messages with their
+    template inputs), so earlier samples' prompts can be sampled again."""
+    from stages.core.sampling import read_candidates
+
+    for index, rec in enumerate(read_candidates(url, options)[1]):
+        prompt = json.loads(rec["prompt"]) if rec["conversational"] else rec["prompt"]
+        yield index, {prompt_column: prompt, **json.loads(rec["template_json"] or "{}")}
+
+
+def _rows(source: str, prompt_column: str, split: str, limit: int | None, options: dict | None) -> Iterator:
     path = resolve_source(source)
     if path.endswith(".txt"):
         rows: Iterator = _text_rows(path, options)
-        if limit is not None:
-            rows = ((i, r) for i, r in rows if i < limit)
+    elif output_kind(path, options) == "candidates":
+        rows = _candidate_rows(path, prompt_column, options)
     else:
-        rows = read_rows(source, split, limit, options)
+        return read_rows(source, split, limit, options)
+    return rows if limit is None else itertools.islice(rows, limit)  # stops reading at the limit
+
+
+def read_prompts(source: str, fmt: str, prompt_column: str, split: str, limit: int | None,
+                 options: dict | None) -> Iterator[tuple[int, Any, dict | None, RowRejected | None, Any]]:
+    """(source_index, prompt, template inputs, reject or None, raw row) for every input row, in order."""
+    rows = _rows(source, prompt_column, split, limit, options)
     layout = None if fmt == "auto" else fmt
     layout = layout or embedded_layout(source)
     columns = SimpleNamespace(prompt_column=prompt_column, chosen_column="chosen", rejected_column="rejected",
