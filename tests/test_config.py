@@ -118,3 +118,34 @@ def test_each_class_checks_its_own_keys():
         PrecomputeConfig(rows_per_shard=0)
     with pytest.raises(ConfigError, match="limit"):
         PrecomputeConfig(limit=-1)
+
+
+def test_every_field_of_every_command_has_a_help_group():
+    """--help is grouped from the config classes: a new key without a group would fail here, not land
+    in a flat list."""
+    from stages.core.config import GROUPS, STAGE_CONFIGS, field_group, ordered_fields
+
+    for cls in STAGE_CONFIGS.values():
+        groups = [field_group(f) for f in ordered_fields(cls)]
+        assert set(groups) <= set(GROUPS), cls.__name__
+        assert len(set(groups)) > 3, cls.__name__
+
+
+def test_a_default_is_said_once_as_it_is_typed():
+    from stages.core.config import with_default
+
+    assert with_default("weights (default: all 1)", None) == "weights (default: all 1)"
+    assert with_default("show a progress bar", True) == "show a progress bar (default: true)"
+    assert with_default("read only N rows", None) == "read only N rows (default: none)"
+    assert with_default("dtype", "float32") == "dtype (default: float32)"
+
+
+def test_flags_take_their_full_name_only(capsys):
+    """No abbreviations: `--lr` would bind to --lr-scheduler; `--flag=value` still works."""
+    from stages.core.config import TrainConfig
+
+    cfg = parse_args(TrainConfig, ["--learning-rate=1e-5", "--pack-prompts=false"], prog="t")
+    assert (cfg.learning_rate, cfg.pack_prompts) == (1e-5, False)
+    with pytest.raises(SystemExit):
+        parse_args(TrainConfig, ["--lr", "1e-5"], prog="pipeline.py train")
+    assert capsys.readouterr().err.startswith("error: pipeline.py train: unrecognized arguments: --lr 1e-5")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -31,9 +32,10 @@ class ConfigError(PipelineError, ValueError):
     """A bad config key or value; the message names the key."""
 
 
-def doc(help_text: str, **kwargs: Any) -> Any:
-    """A dataclass field with its one-line help."""
-    return field(metadata={"help": help_text}, **kwargs)
+def doc(help_text: str, group: str | None = None, **kwargs: Any) -> Any:
+    """A dataclass field with its one-line help; `group` where its --help group is not its name's
+    (`FIELD_GROUPS`): a key that means something else in one command (judge's --seed)."""
+    return field(metadata={"help": help_text, **({"group": group} if group else {})}, **kwargs)
 
 
 # The loss family by name; `stages.core.losses.LOSSES` implements exactly these (a test holds them equal).
@@ -207,7 +209,7 @@ class TrainConfig(PolicyPass):
     weight_decay: float = doc("AdamW weight decay", default=0.0)
     lr_scheduler: Literal["linear", "cosine", "constant"] = doc("decay after warmup", default="linear")
     warmup_ratio: float = doc("fraction of steps spent warming up", default=0.1)
-    batch_size: int = doc("pairs per optimizer step (global, over all workers)", default=8)
+    batch_size: int = doc("pairs per optimizer step (global, over all workers)", group="training", default=8)
     max_steps: int | None = doc("optimizer steps (wins over epochs)", default=None)
     epochs: int = doc("passes over the shards when max_steps is unset", default=1)
     max_grad_norm: float = doc("gradient clipping norm (0: off)", default=1.0)
@@ -237,7 +239,7 @@ class TrainConfig(PolicyPass):
     lora_dropout: float = doc("dropout on the LoRA branch", default=0.0)
     lora_target_modules: str = doc("comma list of module names that get adapters, or all-linear (every linear "
                                    "layer but the LM head)", default="all-linear")
-    seed: int = doc("seed for shard order, shuffle buffer and torch", default=0)
+    seed: int = doc("seed for shard order, shuffle buffer and torch", group="training", default=0)
     gradient_checkpointing: bool = doc("recompute activations in backward: less memory for more time per step "
                                        "(on, as in TRL; false for the fastest steps)", default=True)
     shuffle_buffer: int = doc("pairs held for shuffling within the stream", default=256)
@@ -325,7 +327,8 @@ class RunConfig(Common):
                     default="embedded:hh-rlhf-helpful")
     model: str = doc("reference model (and the policy's start unless train_options set model)",
                      default="embedded:smollm2-135m-instruct")
-    refs: str = doc("precompute output, updated in place by every run (incremental)", default="runs/nightly/refs")
+    refs: str = doc("precompute output, updated in place by every run (incremental)", group="output",
+                    default="runs/nightly/refs")
     runs: str = doc("folder of the training runs: each run trains into RUNS/RUN_NAME", default="runs/nightly")
     run_name: str = doc("name of this run's folder; {date} is the run's date (UTC, YYYY-MM-DD)",
                         default="nightly-{date}")
@@ -422,9 +425,9 @@ class JudgeConfig(Common):
     implicit: str | None = doc("judge: a trained policy whose DPO implicit reward beta * log(pi/pi_ref) scores "
                                "each response (needs --refs for the reference)", default=None)
     refs: str | None = doc("with --implicit: a precompute output; its reference model and settings are used",
-                           default=None)
+                           group="judge", default=None)
     beta: float | None = doc("with --implicit: beta of the implicit reward (default: the policy's run, else 0.1)",
-                             default=None)
+                             group="judge", default=None)
     export_sheet: str | None = doc("write a labelling sheet (.csv or .jsonl) of prompt, response A, response B "
                                    "(order randomised and recorded) instead of judging", default=None)
     pairs: Literal["best-worst", "all", "random"] = doc(
@@ -434,11 +437,11 @@ class JudgeConfig(Common):
                             default=0.0)
     missing_eos_penalty: float = doc("subtracted from the score of a response cut at max_new_tokens "
                                      "(finish reason 'length'), as TRL's online DPO", default=0.0)
-    seed: int = doc("seed of --pairs random and of the sheet's A/B order", default=0)
+    seed: int = doc("seed of --pairs random and of the sheet's A/B order", group="judge", default=0)
     batch_size: int = doc("responses per reward-model / policy call", default=16)
     num_workers: int = doc("judge actors (reward model or implicit reward)", default=1)
     max_length: int = doc("most tokens of prompt + response a reward model reads (longer: cut at the start's "
-                          "end, keep_start)", default=2048)
+                          "end, keep_start)", group="judge", default=2048)
     dtype: Dtype = doc("dtype of the reward model / policy", default="float32")
     overwrite: bool = doc("replace an output judged with other settings", default=False)
 
@@ -617,23 +620,120 @@ def ordered_fields(cls: type) -> list[dataclasses.Field]:
     return [by_name[n] for n in order]
 
 
+# --help groups, in the order they are shown; `FIELD_GROUPS` puts every field in one (a test holds every
+# stage's fields to it), so a new key cannot land in a flat list.
+GROUPS = ("input", "lengths and truncation", "model", "output", "training", "loss", "checkpoints", "evaluation",
+          "sampling", "judge", "rounds", "stage options", "workers and devices", "storage", "progress")
+_GROUP_FIELDS = {
+    "input": ("data", "refs", "candidates", "prompts", "format", "split", "limit", "prompt_column", "chosen_column",
+              "rejected_column", "completion_column", "label_column", "unpair", "kl_seed"),
+    "lengths and truncation": ("max_length", "max_prompt_length", "truncation_mode"),
+    "model": ("model", "dtype", "pack_prompts", "gradient_checkpointing", "lora_r", "lora_alpha", "lora_dropout",
+              "lora_target_modules"),
+    "output": ("output", "overwrite", "append", "rows_per_shard", "rows_per_file", "runs", "run_name", "date"),
+    "training": ("learning_rate", "weight_decay", "lr_scheduler", "warmup_ratio", "max_steps", "epochs",
+                 "max_grad_norm", "shuffle_buffer"),
+    "loss": ("loss_type", "loss_weights", "beta", "label_smoothing", "discopop_tau", "simpo_gamma",
+             "desirable_weight", "undesirable_weight"),
+    "checkpoints": ("save_every", "keep_checkpoints", "stop_at_step", "resume"),
+    "evaluation": ("eval_refs", "eval_every", "early_stopping_patience", "early_stopping_metric", "score_final"),
+    "sampling": ("num_samples", "temperature", "top_p", "max_new_tokens", "seed", "engine", "samples"),
+    "judge": ("reward_model", "reward_fn", "labels", "implicit", "export_sheet", "pairs", "min_margin",
+              "missing_eos_penalty"),
+    "rounds": ("rounds", "new_rounds", "reference"),
+    "stage options": ("precompute_options", "train_options", "eval_options", "generate_options", "judge_options"),
+    "workers and devices": ("device", "gpu_wait_seconds", "num_workers", "gpus_per_worker", "strategy",
+                            "max_failures", "batch_size", "micro_batch_size"),
+    "storage": ("storage_options",),
+    "progress": ("progress",),
+}
+FIELD_GROUPS = {name: group for group, names in _GROUP_FIELDS.items() for name in names}
+
+
+def field_group(f: dataclasses.Field) -> str:
+    """The --help group of a field: its own `doc(group=...)`, else its name's."""
+    return f.metadata.get("group") or FIELD_GROUPS[f.name]
+
+
+def _choices(tp: Any) -> tuple | None:
+    base, _ = _unwrap_optional(tp)
+    return typing.get_args(base) if typing.get_origin(base) is Literal else None
+
+
+def show_default(default: Any) -> str:
+    """A default as it is typed on the command line: true/false, none, a plain string."""
+    if isinstance(default, bool):
+        return str(default).lower()
+    return "none" if default is None else str(default)
+
+
+def with_default(help_text: str, default: Any) -> str:
+    """The help with its default said once: a text that already says "(default: ...)" in words keeps its own."""
+    return help_text if "(default:" in help_text else f"{help_text} (default: {show_default(default)})"
+
+
 def field_help(cls: type) -> list[tuple[str, str, Any]]:
     """(flag, help, default) per field: the CLI help, and the option tables in docs/options.md."""
     return [("--" + f.name.replace("_", "-"), f.metadata.get("help", ""), f.default) for f in ordered_fields(cls)]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, `error: PROG: ...` on stderr and exit 2 (argparse's own
+    contract, without the whole usage), naming the flag a misspelt one resembles. No abbreviations:
+    flags are config keys, and a prefix (`--lr`) would bind to whichever key starts with it."""
+
+    def __init__(self, *args: Any, unrecognized_hint: str = "", **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.unrecognized_hint = unrecognized_hint  # what to add when a word is no flag of this command
+
+    def error(self, message: str) -> typing.NoReturn:
+        if "unrecognized arguments:" in message:
+            message += self._did_you_mean(message) + (f" ({self.unrecognized_hint})" if self.unrecognized_hint else "")
+        self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
+
+    def _did_you_mean(self, message: str) -> str:
+        known = {s[2:]: s for s in self._option_string_actions if s.startswith("--")}
+        words = [w.split("=", 1)[0] for w in message.split("unrecognized arguments:", 1)[1].split()]
+        guesses: list[str] = []
+        for word in (w.lstrip("-").replace("_", "-") for w in words if w.startswith("-")):  # --learning_rate
+            close = [word] if word in known else difflib.get_close_matches(word, known, n=1, cutoff=0.75)
+            guesses += [known[g] for g in close if known[g] not in guesses]
+        return f" (did you mean {' or '.join(guesses)}?)" if guesses else ""
+
+
+def _add_field(group: Any, f: dataclasses.Field, tp: Any) -> None:
+    """One field's flag: choices and true|false shown as values, the default once."""
+    flag = "--" + f.name.replace("_", "-")
+    base, _ = _unwrap_optional(tp)
+    choices = _choices(tp)
+    # Values stay strings here (dest defaults None: "not given"); `coerce` converts them with the field's
+    # type, so a YAML key and its flag are checked alike. A flag alone means true (`--overwrite`).
+    kwargs: dict[str, Any] = {"dest": f.name, "default": None,
+                              "help": with_default(f.metadata.get("help", ""), f.default).replace("%", "%%")}
+    if choices:
+        kwargs["metavar"] = "{" + ",".join(map(str, choices)) + "}"
+    if base is bool:
+        kwargs["metavar"] = "true|false"
+    if base is bool or (choices and "true" in choices):
+        kwargs.update(nargs="?", const="true")
+    group.add_argument(flag, **kwargs)
+
+
 def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
-    """One flag per field; values stay strings here and are coerced with the field's type."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", help="YAML file of config keys (CLI flags win over it)")
+    """One flag per field, in argument groups (`GROUPS`); values stay strings here and are coerced with the
+    field's type."""
+    parser = Parser(prog=prog, description=description, usage="%(prog)s [--config FILE.yaml] [--FLAG VALUE ...]")
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys (CLI flags win over it) "
+                                                              "(default: none)")
     hints = typing.get_type_hints(cls)
-    for f, (flag, help_text, default) in zip(ordered_fields(cls), field_help(cls)):
-        base, _ = _unwrap_optional(hints[f.name])
-        text = f"{help_text} (default: {default!r})"
-        if base is bool or (typing.get_origin(base) is Literal and "true" in typing.get_args(base)):
-            parser.add_argument(flag, dest=f.name, nargs="?", const="true", default=None, help=text)
-        else:
-            parser.add_argument(flag, dest=f.name, default=None, help=text)
+    fields = ordered_fields(cls)
+    for title in GROUPS:
+        members = [f for f in fields if field_group(f) == title]
+        if members:
+            group = parser.add_argument_group(title)
+            for f in members:
+                _add_field(group, f, hints[f.name])
     return parser
 
 
@@ -681,12 +781,24 @@ def options_markdown() -> str:
              "precedence is defaults < YAML < flags. Made by `python -m stages.core.config > docs/options.md`",
              "from the config classes in `stages/core/config.py`; a test fails when this file and the code differ.\n"]
     for command, cls in STAGE_CONFIGS.items():
-        parts += [f"## `pipeline.py {command}`\n", "| flag / YAML key | default | meaning |", "|---|---|---|"]
-        for flag, help_text, default in field_help(cls):
-            key = flag[2:].replace("-", "_")
-            parts.append(f"| `{flag}` / `{key}` | `{default!r}` | {help_text.replace('|', '/')} |")
+        parts += [f"## `pipeline.py {command}`\n", "| group | flag / YAML key | default | meaning |",
+                  "|---|---|---|---|"]
+        parts += _option_rows(cls)
         parts.append("")
     return "\n".join(parts)
+
+
+def _option_rows(cls: type) -> list[str]:
+    """One table row per field, grouped as --help groups them; a Literal's values after its flag."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for title in GROUPS:
+        for f in (f for f in ordered_fields(cls) if field_group(f) == title):
+            flag, key, choices = "--" + f.name.replace("_", "-"), f.name, _choices(hints[f.name])
+            shown = f"`{flag}` `{{{','.join(map(str, choices))}}}`" if choices else f"`{flag}`"
+            help_text = f.metadata.get("help", "").replace("|", "/")
+            rows.append(f"| {title} | {shown} / `{key}` | `{show_default(f.default)}` | {help_text} |")
+    return rows
 
 
 if __name__ == "__main__":
