@@ -1,20 +1,24 @@
 """Submit a Ray Jobs spec (jobs/*.yaml) to a cluster through Ray's JobSubmissionClient.
 
-${VAR} in the spec is filled from the submitting environment; extra CLI arguments are appended
+${VAR} in the spec is filled from the submitting environment; the arguments after `--` are appended
 to the entrypoint (later flags win, so they replace a spec's YOUR_... example values). With --wait
-it follows the job to the end and exits non-zero unless it SUCCEEDED.
+it follows the job to the end and exits non-zero unless it SUCCEEDED. Every argument of this command
+is checked before Ray is asked, so a malformed one is one line, not Ray's traceback.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import math
 import os
 import re
 import sys
 import time
+import urllib.parse
 
 import yaml
 
+from stages.core.config import Parser, with_default
 from stages.core.errors import PipelineError
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -113,31 +117,125 @@ def _submit(client, spec: dict, patience_s: float = 60.0) -> tuple[str, bool]:
             time.sleep(2)
 
 
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="pipeline.py submit", description=__doc__.splitlines()[0])
-    ap.add_argument("spec", help="jobs/precompute.yaml or jobs/train.yaml")
-    ap.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"),
-                    help="Ray dashboard address (default: $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)")
-    ap.add_argument("--wait", action="store_true", help="follow the job until it ends")
-    ap.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
-    args, extra = ap.parse_known_args(argv)
-    from ray.job_submission import JobStatus, JobSubmissionClient
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# Where Ray's client looks for the address before its own argument, in this order.
+_ADDRESS_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 
-    spec = load_spec(args.spec, [a for a in extra if a != "--"])
+
+def check_address(address: str) -> str:
+    """The --address a user typed, if it is a Ray dashboard URL; Ray's own answer to a malformed one is
+    a traceback ("Invalid address format"), and one without a scheme is taken for a GCS address."""
+    parts = urllib.parse.urlsplit(address)
     try:
-        client = JobSubmissionClient(args.address)
-    except ConnectionError as e:
-        raise SubmitError(f"cannot reach the Ray dashboard at {args.address}: {e}") from None
-    job_id, created = _submit(client, spec)
-    print(f"submitted {job_id} to {args.address}" if created else
-          f"{job_id} was already submitted to {args.address}: following that job, not starting another")
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:  # a port that is not a number
+        port_ok = False
+    if parts.scheme not in ("http", "https", "ray") or not parts.hostname or not port_ok:
+        raise SubmitError(f"--address {address!r} is not a Ray dashboard address: give its URL, http://HOST:8265 "
+                          "(https://... behind TLS, or a Ray Client address ray://HOST:10001)")
+    return address
+
+
+def resolve_address(given: str | None) -> tuple[str, str]:
+    """(address, where it came from): --address, else the variables Ray's client reads, else the local
+    dashboard. Only a typed --address is checked here; Ray knows the forms its variables take ('auto')."""
+    if given is not None:
+        return check_address(given), "--address"
+    for var in _ADDRESS_VARS:
+        if os.environ.get(var):
+            return os.environ[var], f"${var}"
+    return DEFAULT_ADDRESS, "the default"
+
+
+@contextlib.contextmanager
+def _only(address: str):
+    """Ray's client takes $RAY_API_SERVER_ADDRESS (then $RAY_ADDRESS) over the address it is given: for
+    the time it starts, that variable is the address, so the job goes where this command says it goes."""
+    kept = os.environ.get(_ADDRESS_VARS[0])
+    os.environ[_ADDRESS_VARS[0]] = address
+    try:
+        yield
+    finally:
+        if kept is None:
+            os.environ.pop(_ADDRESS_VARS[0], None)
+        else:
+            os.environ[_ADDRESS_VARS[0]] = kept
+
+
+def connect(address: str, source: str):
+    """A JobSubmissionClient of the dashboard at `address`; every way of not reaching one is one line."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        with _only(address):
+            return JobSubmissionClient(address)
+    except OSError as e:  # ConnectionError, and requests' errors (timeouts, proxies) are OSErrors
+        raise SubmitError(f"cannot reach the Ray dashboard at {address} ({source}): {_first_line(e)}") from None
+    except (ValueError, RuntimeError) as e:  # a malformed address from the environment; a server that is no dashboard
+        raise SubmitError(f"{address} ({source}) is not a Ray dashboard that takes jobs: {_first_line(e)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def parser() -> Parser:
+    # A job's flag before `--` is refused, not sent on: a misspelt --adress would reach the job's command.
+    ap = Parser(prog="pipeline.py submit", description=__doc__.splitlines()[0],
+                usage="%(prog)s SPEC [--address URL] [--wait [--timeout SECONDS]] [-- FLAGS FOR THE JOB ...]",
+                unrecognized_hint="flags for the job go after `--`: `pipeline.py submit SPEC -- --data ...`")
+    ap.add_argument("spec", help="jobs/precompute.yaml, jobs/train.yaml, jobs/nightly.yaml or jobs/iterate.yaml")
+    ap.add_argument("--address", metavar="URL",
+                    help=f"Ray dashboard URL, http://HOST:8265 (default: ${_ADDRESS_VARS[0]}, else "
+                         f"${_ADDRESS_VARS[1]}, else {DEFAULT_ADDRESS})")
+    ap.add_argument("--wait", action="store_true", help="follow the job until it ends (default: off)")
+    ap.add_argument("--timeout", type=float, metavar="SECONDS",
+                    help=with_default("with --wait: seconds to wait at most", None))
+    return ap
+
+
+def _parse(argv: list[str]):
+    """This command's arguments, and the job's: everything after the first `--`."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    ap = parser()
+    args = ap.parse_args(argv[:cut])
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+        ap.error(f"--timeout: must be a positive number of seconds, got {args.timeout:g}")
+    if args.timeout is not None and not args.wait:
+        ap.error("--timeout needs --wait (without it the command returns once the job is submitted)")
+    return args, argv[cut + 1:]
+
+
+def main(argv: list[str]) -> int:
+    args, extra = _parse(argv)
+    address, source = resolve_address(args.address)
+    spec = load_spec(args.spec, extra)
+    client = connect(address, source)
+    try:
+        job_id, created = _submit(client, spec)
+    except (RuntimeError, ValueError) as e:  # the dashboard's answer (status 400, 500): its first line says why
+        raise SubmitError(f"the Ray dashboard at {address} ({source}) refused the job: {_first_line(e)}") from None
+    print(f"submitted {job_id} to {address}" if created else
+          f"{job_id} was already submitted to {address}: following that job, not starting another")
     if not args.wait:
         return 0
-    deadline = time.time() + args.timeout if args.timeout else None
+    try:
+        return _follow(client, job_id, args.timeout)
+    except KeyboardInterrupt:  # the job is the cluster's now: say so, and how to stop it
+        print(f"\nstopped following {job_id}: it keeps running on the cluster; `ray job stop {job_id} --address "
+              f"{address}` stops it", file=sys.stderr)
+        return 130
+
+
+def _follow(client, job_id: str, timeout: float | None) -> int:
+    """Wait for the job's end; 0 when it SUCCEEDED, 1 otherwise (its last logs printed) or on timeout."""
+    from ray.job_submission import JobStatus
+
+    deadline = time.time() + timeout if timeout else None
     status = client.get_job_status(job_id)
     while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         if deadline and time.time() > deadline:
-            print(f"{job_id}: still {status} after {args.timeout:.0f}s", file=sys.stderr)
+            print(f"{job_id}: still {status} after {timeout:.0f}s", file=sys.stderr)
             return 1
         time.sleep(2)
         status = client.get_job_status(job_id)
