@@ -4,6 +4,11 @@ Prints the manifest summary (model, rows, rejects by reason), token-length and r
 statistics and a few decoded pairs, and draws a histogram of reference log-prob margins
 (ref_chosen_logps - ref_rejected_logps).
 
+Before any statistics, plain `inspect` compares every shard and rejects file with the manifest by
+listing its folders (no file is read): a file that is missing or of another size than recorded is a
+`warning:` line naming it, no statistics are drawn from the damaged output, and the exit code is 2;
+`--verify` then checks every file in full.
+
 `--verify` only checks the files: every shard and rejects file against the manifest (size and
 sha256 where the manifest has them), writing nothing; it prints OK or one line per bad file and
 exits 1 on damage. Precompute runs the same check (`damaged_files`) on its finished shards before
@@ -12,16 +17,17 @@ each run, and scores a damaged shard again.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
+import sys
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stages.core import storage
+from stages.core.config import Parser, parse_storage_options, with_default
 from stages.core.plots import margin_histogram
-from stages.core.shard_stream import Refs, iter_rows, load_refs
+from stages.core.shard_stream import Refs, ShardError, iter_rows, load_refs
 
 
 def _file_problem(root: str, path: str, size: int | None, sha256: str | None) -> str | None:
@@ -68,6 +74,46 @@ def verify(root: str) -> int:
     return 0
 
 
+def size_problems(root: str, shards: list[dict]) -> list[str]:
+    """Plain `inspect`'s check, as cheap as a listing: one line per shard or rejects file that is missing
+    or whose size differs from the manifest's (sizes where recorded; older outputs record none)."""
+    listed: dict[str, int] = {}
+    for folder in {p.rsplit("/", 1)[0] for s in shards for p in (s["path"], s.get("rejects_path")) if p}:
+        listed.update(_sizes(root, folder))
+    problems = []
+    for s in shards:
+        for path, size in ((s["path"], s.get("bytes")), (s.get("rejects_path"), s.get("rejects_bytes"))):
+            if path and path not in listed:
+                problems.append(f"{path}: missing")
+            elif path and size is not None and listed[path] != size:
+                problems.append(f"{path}: {listed[path]} bytes, the manifest records {size}")
+    return problems
+
+
+def _sizes(root: str, folder: str) -> dict[str, int]:
+    """{'folder/name': size} of the files directly in one folder of an output ({} when it is not there)."""
+    url = storage.join(root, folder)
+    fs, path = storage.filesystem(url)
+    try:
+        entries = storage.retrying(url, fs.ls, path, detail=True, refresh=True)
+    except FileNotFoundError:
+        return {}
+    return {f"{folder}/{os.path.basename(e['name'].rstrip('/'))}": e["size"] for e in entries
+            if e.get("type") == "file"}
+
+
+def _read_shard(root: str, url: str, columns: list[str]):
+    """A shard's columns; a file that does not read (damaged in a way its size does not show) is one line."""
+    try:
+        with storage.open_binary(url) as fh:
+            return pq.read_table(fh, columns=columns)
+    except FileNotFoundError:
+        raise ShardError(f"shard missing: {url} (listed in the manifest)") from None
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise ShardError(f"shard {url} could not be read ({type(e).__name__}); `pipeline.py inspect {root} "
+                         "--verify` checks every file") from None
+
+
 def _stats(values: list[float]) -> dict:
     if not values:
         return {}
@@ -82,9 +128,8 @@ def collect(refs: Refs) -> dict:
     are kept (the prompt's token ids are reduced to their count as they are read)."""
     prompt, chosen, rejected, margins = [], [], [], []
     for url in refs.shard_urls():
-        with storage.open_binary(url) as fh:
-            t = pq.read_table(fh, columns=["prompt_ids", "chosen_scored_tokens", "rejected_scored_tokens",
-                                           "ref_chosen_logps", "ref_rejected_logps"])
+        t = _read_shard(refs.root, url, ["prompt_ids", "chosen_scored_tokens", "rejected_scored_tokens",
+                                         "ref_chosen_logps", "ref_rejected_logps"])
         prompt += pc.list_value_length(t.column("prompt_ids")).to_pylist()
         chosen += t.column("chosen_scored_tokens").to_pylist()
         rejected += t.column("rejected_scored_tokens").to_pylist()
@@ -101,9 +146,8 @@ def collect_unpaired(refs: Refs) -> dict:
     of desirable and of undesirable completions, and how many examples have a KL completion."""
     prompt, completion, labels, per_token, with_kl = [], [], [], [], 0
     for url in refs.shard_urls():
-        with storage.open_binary(url) as fh:
-            t = pq.read_table(fh, columns=["prompt_ids", "completion_scored_tokens", "label", "ref_logps",
-                                           "ref_kl_logps"])
+        t = _read_shard(refs.root, url, ["prompt_ids", "completion_scored_tokens", "label", "ref_logps",
+                                         "ref_kl_logps"])
         prompt += pc.list_value_length(t.column("prompt_ids")).to_pylist()
         completion += t.column("completion_scored_tokens").to_pylist()
         labels += t.column("label").to_pylist()
@@ -180,17 +224,33 @@ def _examples(refs: Refs, n: int) -> list[str]:
     return out
 
 
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="pipeline.py inspect", description=__doc__.splitlines()[0])
+def parser() -> Parser:
+    ap = Parser(prog="pipeline.py inspect", description=__doc__.splitlines()[0])
     ap.add_argument("refs", help="precompute output folder or URL")
-    ap.add_argument("--output", help="folder for ref_margins.png (default: REFS when local)")
-    ap.add_argument("--examples", type=int, default=2, help="decoded pairs to show")
+    ap.add_argument("--output", metavar="FOLDER", help="local folder for ref_margins.png (default: REFS when local)")
+    ap.add_argument("--examples", type=int, default=2, metavar="N", help=with_default("decoded pairs to show", 2))
     ap.add_argument("--verify", action="store_true",
-                    help="only check every shard and rejects file against the manifest; write nothing")
+                    help="only check every shard and rejects file against the manifest (sizes and checksums); "
+                         "write nothing (default: off)")
+    ap.add_argument("--storage-options", metavar="JSON",
+                    help=with_default("JSON of fsspec options (endpoint, profile, ...) for an fsspec URL", None))
+    return ap
+
+
+def main(argv: list[str]) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
+    if args.examples < 0:
+        ap.error(f"--examples: must be 0 or more, got {args.examples}")
+    if args.output and not storage.is_local(args.output):  # the histogram is drawn by matplotlib, on this machine
+        ap.error(f"--output {args.output}: ref_margins.png is drawn here; give a local folder")
+    storage.configure(parse_storage_options(args.storage_options))
     if args.verify:
         return verify(args.refs)
     refs = load_refs(args.refs)
+    problems = size_problems(args.refs, refs.manifest["shards"])
+    if problems:
+        return _warn_damaged(args.refs, problems)
     text, info = report(refs, args.examples)
     print(text)
     out = args.output or (args.refs if storage.is_local(args.refs) else None)
@@ -200,3 +260,13 @@ def main(argv: list[str]) -> int:
                                 f"reference margins, {info['rows']} pairs ({refs.manifest['reference_model']['name']})")
         print(f"  histogram: {path}")
     return 0
+
+
+def _warn_damaged(root: str, problems: list[str]) -> int:
+    """Statistics of a damaged output would mislead: name the files, point at the full check, exit 2."""
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    print(f"refs: {root}: {len(problems)} file(s) differ from manifest.json, so no statistics are shown; "
+          f"`pipeline.py inspect {root} --verify` checks every file in full, and re-running the precompute that "
+          "made it repairs them", file=sys.stderr)
+    return 2
