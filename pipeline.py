@@ -126,12 +126,50 @@ COMMANDS = {"precompute": _precompute, "train": _train, "eval": _eval, "inspect"
             "run": _run, "generate": _generate, "judge": _judge, "iterate": _iterate, "submit": _submit}
 
 
+# Words a user may try for a command, from the files and docs that name it so (jobs/nightly.yaml).
+ALIASES = {"nightly": "run", "evaluate": "eval", "verify": "inspect"}
+
+# What Ctrl-C leaves and what running the same command again does, per command (see each stage's docstring).
+INTERRUPTED = {
+    "precompute": "finished shards are kept: run the same `pipeline.py precompute` again and it skips them",
+    "train": "continue from the last checkpoint with `pipeline.py train ... --resume auto` (checkpoints are "
+             "written every --save-every steps, and on SIGTERM (`kill PID`) before it stops; with none it starts "
+             "over)",
+    "eval": "nothing is kept: the same `pipeline.py eval` evaluates again from the start",
+    "sweep": "the same `pipeline.py sweep` trains every beta again (each beta's run starts over: --overwrite "
+             "is on by default)",
+    "run": "re-run `pipeline.py run` with the same --date: rows already scored are not scored again and "
+           "training resumes from its latest checkpoint, if it wrote one",
+    "generate": "the same `pipeline.py generate` samples again from the start, replacing the files written so "
+                "far (the same seed gives the same samples)",
+    "judge": "the same `pipeline.py judge` judges again from the start",
+    "iterate": "finished stages are kept: the same `pipeline.py iterate` goes on with the stage that was cut off",
+    "inspect": "nothing was written by `pipeline.py inspect`; run it again",
+    "submit": "a job already submitted keeps running on the cluster (`ray job list`); `pipeline.py submit` "
+              "again submits another unless the spec sets submission_id",
+}
+
+
+def unknown_command(word: str) -> str:
+    """The one line for a first word that is no command, naming the real ones."""
+    import difflib
+
+    if word.startswith("-"):
+        return f"the command comes first (`pipeline.py COMMAND {word} ...`); commands: {', '.join(COMMANDS)}"
+    guess = ALIASES.get(word.lower()) or next(iter(difflib.get_close_matches(word, COMMANDS, n=1)), None)
+    hint = f" (did you mean '{guess}'?)" if guess else ""
+    return f"unknown command '{word}'{hint}; commands: {', '.join(COMMANDS)} (`pipeline.py --help` shows them)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         print(f"\ncommands: {', '.join(COMMANDS)}")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"error: {unknown_command(argv[0])}", file=sys.stderr)
+        return 2
     from stages.core.errors import PipelineError
     from stages.core.preemption import Preempted
 
@@ -151,9 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {refused}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: finished shards and checkpoints are kept; the same command goes on
-        print(f"\ninterrupted: run `pipeline.py {argv[0]}` again to continue (precompute skips finished shards; "
-              "train continues from its last checkpoint with --resume)", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what was kept and what the same command does next
+        print(f"\ninterrupted: {INTERRUPTED[argv[0]]}", file=sys.stderr)
         return 130
 
 
