@@ -175,8 +175,9 @@ def save(output: str, staging: str, step: int, parts: Parts, state: dict, keep: 
     url = storage.join(output, CHECKPOINTS, f"step-{step}")
     main = group.rank == 0
     if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        with storage.local_write(final):  # the first write into the output: on a read-only disk, one line
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
     group.barrier()
     try:
         with storage.local_write(final):
@@ -193,16 +194,23 @@ def save(output: str, staging: str, step: int, parts: Parts, state: dict, keep: 
             storage.upload(os.path.join(tmp, rel), storage.join(url, rel))
     group.barrier()  # every worker's part is in place before rank 0 completes the checkpoint
     if main:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for rel in _own_files(final, 0):  # state.json last: the checkpoint counts from then on
-            storage.upload(os.path.join(final, rel), storage.join(url, rel))
-        old = _steps(output)[:-keep] if keep > 0 else []
-        for s in old:
-            storage.remove_tree(storage.join(output, CHECKPOINTS, f"step-{s}"))
-            shutil.rmtree(os.path.join(local_root, f"step-{s}"), ignore_errors=True)
+        with storage.local_write(final):
+            _publish(output, local_root, tmp, final, url, keep)
     group.barrier()
     return url
+
+
+def _publish(output: str, local_root: str, tmp: str, final: str, url: str, keep: int) -> None:
+    """Rank 0: rename the written checkpoint into place, upload rank 0's files (state.json last: the
+    checkpoint counts from then on), drop all but the last `keep`."""
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for rel in _own_files(final, 0):
+        storage.upload(os.path.join(final, rel), storage.join(url, rel))
+    old = _steps(output)[:-keep] if keep > 0 else []
+    for s in old:
+        storage.remove_tree(storage.join(output, CHECKPOINTS, f"step-{s}"))
+        shutil.rmtree(os.path.join(local_root, f"step-{s}"), ignore_errors=True)
 
 
 def _reader(url: str):

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -89,6 +90,10 @@ def is_disk_full(error: BaseException | None) -> bool:
 
 # A folder the user may not write, or a read-only file system (a mounted snapshot, a read-only volume).
 _REFUSED_ERRNO = {errno.EACCES, errno.EPERM, errno.EROFS}
+# What a write goes through before its rename: write_bytes_atomic's ".NAME.HEX.partial", a checkpoint's
+# ".step-N.partial" folder; Python's tempfile ("tmpXXXXXXXX") and Rust's, which safetensors uses (".tmpXXXXXX").
+_PARTIAL = re.compile(r"^\.(?P<name>.+?)(?:\.[0-9a-f]{32})?\.partial$")
+_TEMPFILE = re.compile(r"^\.?tmp[-_A-Za-z0-9]{6,}$")
 
 
 def write_refused(error: BaseException | None, path: str | None = None) -> StorageError | None:
@@ -97,20 +102,51 @@ def write_refused(error: BaseException | None, path: str | None = None) -> Stora
     `local_write` raises it where the path is known; pipeline.py applies it to whatever escapes a
     stage (from a Ray worker, a library's own write), so no stage prints a traceback for these."""
     for e in _causes(error):
-        if isinstance(e, StorageError):
-            return e  # already named (an inner, more precise path)
+        if isinstance(e, StorageError) and not _ray_wrapper(e):
+            return e  # already named (an inner, more precise path); Ray's copy of it prints a traceback
     if is_disk_full(error):
         quota = " (disk quota exceeded)" if "quota" in str(error).lower() else ""
         return StorageError(f"cannot write {path or _filename(error) or 'the output'}: no space left on device{quota}")
     for e in _causes(error):
         if isinstance(e, OSError) and e.errno in _REFUSED_ERRNO:
-            where = e.filename or path or "the output"
-            return StorageError(f"cannot write {where}: {os.strerror(e.errno).lower()}")
+            # The file the system refused is the most precise name, but a temporary one means nothing to the
+            # user: the name it stands for instead.
+            where = real_name(os.fsdecode(e.filename)) if e.filename else path or "the output"
+            # Permission is also refused to a read: a write only on the way to `path`, what the caller writes
+            # (pipeline.py passes none: an input that may not be read is not a write).
+            writing = e.errno == errno.EROFS or (path is not None and _on_the_way(where, path))
+            return StorageError(f"cannot {'write' if writing else 'access'} {where}: {os.strerror(e.errno).lower()}")
     return None
 
 
+def _on_the_way(name: str, path: str) -> bool:
+    """Whether `name` is `path`, a file under it, or a folder above it (one a write to `path` creates)."""
+    a, b = os.path.abspath(name), os.path.abspath(path)
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def real_name(path: str) -> str:
+    """The name a temporary file or folder is written for: `DIR/.NAME.HEX.partial` -> `DIR/NAME`, a file in
+    `.step-N.partial/` -> the same in `step-N/`, a library's `DIR/tmpXXXX` -> `DIR`; others as they are."""
+    parts = path.split("/")
+    for i, part in enumerate(parts):
+        if _TEMPFILE.match(part):
+            return "/".join(parts[:i]) or path
+        partial = _PARTIAL.match(part)
+        if partial:
+            parts[i] = partial["name"]
+    return "/".join(parts)
+
+
+def _ray_wrapper(error: BaseException) -> bool:
+    """Ray's RayTaskError, also the copy that subclasses the task's own error (its str is a traceback)."""
+    exceptions = sys.modules.get("ray.exceptions")  # never imported here: only an error from Ray can be one
+    return exceptions is not None and isinstance(error, exceptions.RayError)
+
+
 def _filename(error: BaseException | None) -> str | None:
-    return next((e.filename for e in _causes(error) if isinstance(e, OSError) and e.filename), None)
+    name = next((e.filename for e in _causes(error) if isinstance(e, OSError) and e.filename), None)
+    return real_name(os.fsdecode(name)) if name else None
 
 
 @contextlib.contextmanager
@@ -274,20 +310,28 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
 def remove_partials(url: str) -> None:
     """Delete temporary files a killed writer left in a local folder."""
     if is_local(url) and os.path.isdir(url):
-        for name in os.listdir(url):
-            if name.startswith(".") and name.endswith(".partial"):
-                os.remove(os.path.join(url, name))
+        with local_write(url):
+            for name in os.listdir(url):
+                if name.startswith(".") and name.endswith(".partial"):
+                    os.remove(os.path.join(url, name))
+
+
+def _writing(url: str):
+    """`local_write(url)` for a local path; an object store's refusals are `retrying`'s to name."""
+    return local_write(url) if is_local(url) else contextlib.nullcontext()
 
 
 def remove(url: str, storage_options: dict | None = None) -> None:
     fs, path = filesystem(url, storage_options)
-    retrying(url, fs.rm_file, path)
+    with _writing(url):
+        retrying(url, fs.rm_file, path)
 
 
 def remove_tree(url: str, storage_options: dict | None = None) -> None:
     fs, path = filesystem(url, storage_options)
-    if retrying(url, fs.exists, path):
-        retrying(url, fs.rm, path, recursive=True)
+    with _writing(url):
+        if retrying(url, fs.exists, path):
+            retrying(url, fs.rm, path, recursive=True)
 
 
 def list_names(url: str, storage_options: dict | None = None) -> list[str]:
@@ -312,13 +356,14 @@ def upload(local: str, url: str, last: tuple[str, ...] = ()) -> None:
     if is_local(url) and os.path.abspath(local) == os.path.abspath(url):
         return
     fs, path = filesystem(url)
-    if os.path.isdir(local):
-        files = sorted(os.path.relpath(os.path.join(d, f), local) for d, _, fs_ in os.walk(local) for f in fs_)
-        files.sort(key=lambda f: os.path.basename(f) in last)
-        for rel in files:
-            retrying(url, fs.put_file, os.path.join(local, rel), f"{path}/{rel}")
-    else:
-        retrying(url, fs.put_file, local, path)
+    with _writing(url):
+        if os.path.isdir(local):
+            files = sorted(os.path.relpath(os.path.join(d, f), local) for d, _, fs_ in os.walk(local) for f in fs_)
+            files.sort(key=lambda f: os.path.basename(f) in last)
+            for rel in files:
+                retrying(url, fs.put_file, os.path.join(local, rel), f"{path}/{rel}")
+        else:
+            retrying(url, fs.put_file, local, path)
 
 
 def download(url: str, local: str) -> None:
@@ -326,12 +371,14 @@ def download(url: str, local: str) -> None:
     if is_local(url) and os.path.abspath(local) == os.path.abspath(url):
         return
     fs, path = filesystem(url)
-    if retrying(url, fs.isdir, path):
-        os.makedirs(local, exist_ok=True)
-        retrying(url, fs.get, path.rstrip("/") + "/", local.rstrip("/") + "/", recursive=True)
-    else:
-        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
-        retrying(url, fs.get_file, path, local)
+    is_dir = retrying(url, fs.isdir, path)
+    with local_write(local):
+        if is_dir:
+            os.makedirs(local, exist_ok=True)
+            retrying(url, fs.get, path.rstrip("/") + "/", local.rstrip("/") + "/", recursive=True)
+        else:
+            os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+            retrying(url, fs.get_file, path, local)
 
 
 def sha256_bytes(data: bytes) -> str:
