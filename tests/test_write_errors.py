@@ -1,5 +1,5 @@
 """A write the file system refuses (read-only, no permission) is one line naming the real path, from
-every stage and from inside a Ray worker."""
+every stage and from inside a Ray worker; files get the mode a plain open() gives."""
 
 from __future__ import annotations
 
@@ -237,3 +237,41 @@ def test_inspect_a_read_only_output(ro_refs, capsys):
     assert (code, err) == (2, [f"error: cannot write {ro_refs}/refs/ref_margins.png: read-only file system"])
     assert "pairs" in out
     assert not (ro_refs / "refs" / "ref_margins.png").exists()
+
+
+# --- modes: what a plain open() gives -----------------------------------------------------------------------------
+
+@pytest.fixture
+def umask_027():
+    """An unusual umask, so that a mode the test expects cannot be 0644 by chance."""
+    old = os.umask(0o027)
+    yield 0o640
+    os.umask(old)
+
+
+def _mode(path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def test_atomic_writes_have_the_mode_of_a_plain_open(tmp_path, umask_027):
+    storage.write_bytes_atomic(str(tmp_path / "a.json"), b"{}")
+    with open(tmp_path / "plain.json", "wb") as fh:
+        fh.write(b"{}")
+    assert _mode(tmp_path / "a.json") == _mode(tmp_path / "plain.json") == umask_027
+
+
+def test_a_safetensors_file_gets_the_mode_of_a_plain_open(tmp_path, umask_027):
+    """safetensors writes through a temporary file (mode 0600) and renames it: `plain_modes` gives
+    the files of a folder written that way (final/, best/) the mode everyone else's files have."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "final"
+    folder.mkdir()
+    save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text("{}")
+    os.chmod(folder / "config.json", 0o600)
+    storage.plain_modes(str(folder))
+    assert {p.name: _mode(p) for p in folder.iterdir()} == {"model.safetensors": 0o640, "config.json": 0o640}
+    storage.plain_modes(str(folder / "model.safetensors"))  # a single file too
+    assert _mode(folder / "model.safetensors") == 0o640

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import stat
 import sys
 import time
 import uuid
@@ -379,6 +380,32 @@ def download(url: str, local: str) -> None:
         else:
             os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
             retrying(url, fs.get_file, path, local)
+
+
+def plain_modes(path: str) -> None:
+    """Give a local file, or every file under a folder, the mode a plain open() gives (0666 less the
+    umask). A library that writes through a temporary file and renames it (safetensors: Rust's
+    tempfile, mode 0600) leaves a file only its owner can read: on a shared cluster, a trained model
+    nobody else, no other service, can load."""
+    mode = 0o666 & ~_umask()
+    files = [path] if not os.path.isdir(path) else [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
+    with local_write(path):
+        for f in files:
+            st = os.lstat(f)
+            if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) != mode:
+                os.chmod(f, mode)
+
+
+def _umask() -> int:
+    """This process's umask, read without setting it (os.umask sets it: a file another thread creates
+    meanwhile would get the wrong mode)."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):  # not Linux, or a kernel before 4.7
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def sha256_bytes(data: bytes) -> str:
