@@ -621,9 +621,9 @@ def ordered_fields(cls: type) -> list[dataclasses.Field]:
 
 
 # --help groups, in the order they are shown; `FIELD_GROUPS` puts every field in one (a test holds every
-# stage's fields to it), so a new key cannot land in a flat list.
+# stage's fields to it, so a new key cannot land in "other" unnoticed; the CLI still works if one does).
 GROUPS = ("input", "lengths and truncation", "model", "output", "training", "loss", "checkpoints", "evaluation",
-          "sampling", "judge", "rounds", "stage options", "workers and devices", "storage", "progress")
+          "sampling", "judge", "rounds", "stage options", "workers and devices", "storage", "progress", "other")
 _GROUP_FIELDS = {
     "input": ("data", "refs", "candidates", "prompts", "format", "split", "limit", "prompt_column", "chosen_column",
               "rejected_column", "completion_column", "label_column", "unpair", "kl_seed"),
@@ -652,7 +652,7 @@ FIELD_GROUPS = {name: group for group, names in _GROUP_FIELDS.items() for name i
 
 def field_group(f: dataclasses.Field) -> str:
     """The --help group of a field: its own `doc(group=...)`, else its name's."""
-    return f.metadata.get("group") or FIELD_GROUPS[f.name]
+    return f.metadata.get("group") or FIELD_GROUPS.get(f.name, "other")
 
 
 def _choices(tp: Any) -> tuple | None:
