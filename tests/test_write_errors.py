@@ -1,5 +1,6 @@
 """A write the file system refuses (read-only, no permission) is one line naming the real path, from
-every stage and from inside a Ray worker; files get the mode a plain open() gives."""
+every stage and from inside a Ray worker; files get the mode a plain open() gives; the plots keep
+their labels inside the picture and their tick labels apart."""
 
 from __future__ import annotations
 
@@ -121,6 +122,14 @@ def test_removing_on_a_read_only_disk_is_named(tmp_path):
             storage.remove(str(ro / "out" / "old.json"))
     finally:
         subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+@pytest.mark.slow
+def test_a_plot_on_a_read_only_disk_is_named(read_only):
+    from stages.core.plots import margin_histogram
+
+    with pytest.raises(StorageError, match=f"^cannot write {read_only}/m.png: read-only file system$"):
+        margin_histogram([0.5, -1.0, 2.0], str(read_only / "m.png"), "margins")
 
 
 @pytest.mark.slow
@@ -275,3 +284,92 @@ def test_a_safetensors_file_gets_the_mode_of_a_plain_open(tmp_path, umask_027):
     assert {p.name: _mode(p) for p in folder.iterdir()} == {"model.safetensors": 0o640, "config.json": 0o640}
     storage.plain_modes(str(folder / "model.safetensors"))  # a single file too
     assert _mode(folder / "model.safetensors") == 0o640
+
+
+def test_a_plot_gets_the_mode_of_a_plain_open(tmp_path, umask_027):
+    from stages.core.plots import margin_histogram
+
+    margin_histogram([0.5, -1.0, 2.0], str(tmp_path / "m.png"), "margins")
+    assert _mode(tmp_path / "m.png") == umask_027
+    assert [p.name for p in tmp_path.iterdir()] == ["m.png"]  # written whole under its name, nothing else
+
+
+# --- plots: nothing cut off, nothing on top of anything else -------------------------------------------------------
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The figures the plots save, with the resolution they were saved at."""
+    from matplotlib.figure import Figure
+
+    figures, savefig = [], Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        figures.append((fig, kwargs.get("dpi")))
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return figures
+
+
+def _drawn_ticks(axis) -> list:
+    lo, hi = sorted(axis.get_view_interval())
+    return [t for loc, t in zip(axis.get_ticklocs(), axis.get_ticklabels()) if lo <= loc <= hi and t.get_text()]
+
+
+def layout_problems(saved) -> list[str]:
+    """Texts outside the figure, tick labels on top of each other, an axes' texts on another axes'.
+    Drawn again as it was saved (a closed figure has lost its canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig, dpi = saved
+    if dpi:
+        fig.set_dpi(dpi)
+    FigureCanvasAgg(fig).draw()  # lays it out as saving did (a layout engine runs at draw time)
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    problems, texts = [], []
+    for i, ax in enumerate(fig.axes):
+        own = [ax.title, ax.xaxis.label, ax.yaxis.label, *ax.texts]
+        for axis in (ax.xaxis, ax.yaxis):
+            ticks = [(t.get_text(), t.get_window_extent(renderer)) for t in _drawn_ticks(axis)]
+            own += _drawn_ticks(axis)
+            problems += [f"axes {i}: {axis.axis_name} tick labels {a} and {b} overlap"
+                         for (a, ea), (b, eb) in zip(ticks, ticks[1:]) if ea.overlaps(eb)]
+        for text in own:
+            if text.get_text() and text.get_visible():
+                extent = text.get_window_extent(renderer)
+                texts.append((i, text.get_text(), extent))
+                if not (box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0 and extent.y1 <= box.y1):
+                    problems.append(f"axes {i}: {text.get_text()!r} is cut off")
+    for k, (i, a, ea) in enumerate(texts):
+        problems += [f"axes {i} {a!r} overlaps axes {j} {b!r}" for j, b, eb in texts[k + 1:]
+                     if j != i and ea.overlaps(eb)]
+        problems += [f"axes {i} {a!r} lies on axes {j}" for j, ax in enumerate(fig.axes)
+                     if j != i and ea.overlaps(ax.bbox)]
+    return problems
+
+
+def _sweep_rows(kl: list[float]) -> list[dict]:
+    return [{"beta": b, "eval/logratio/chosen": x, "eval/rewards/accuracies": a, "eval/rewards/margins": m}
+            for b, x, a, m in zip([0.01, 0.05, 0.1, 0.5], kl, [0.5, 0.55, 0.6, 0.625], [0.001, 0.0123, 0.05, 0.2])]
+
+
+@pytest.mark.parametrize("kl", [[-0.00012, -0.0041, -0.0123, -0.25], [0.001231, 0.001238, 0.001252, 0.001299],
+                                [-1234.5, -5678.9, -12000.1, -40000.3]])
+def test_sweep_plot_layout(tmp_path, saved_figures, kl):
+    from stages.core.plots import sweep_tradeoff
+
+    sweep_tradeoff(_sweep_rows(kl), str(tmp_path / "sweep.png"))
+    assert layout_problems(saved_figures[-1]) == []
+
+
+def test_training_curves_and_margins_layout(tmp_path, saved_figures):
+    from stages.core.plots import margin_histogram, training_curves
+
+    keys = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+    records = [{"step": s, **{k: 0.693 - s * 1.234e-6 for k in keys}} for s in range(1000, 251001, 1000)]
+    records += [{"step": s, **{f"eval/{k}": 0.6 for k in keys}} for s in (50000, 250000)]
+    training_curves(records, str(tmp_path / "curves.png"), "dpo, beta 0.1, lr 5e-07")
+    margin_histogram([1234.5678 + i * 0.001 for i in range(300)], str(tmp_path / "m.png"),
+                     "reference margins, 300 pairs (HuggingFaceTB/SmolLM2-135M-Instruct)")
+    assert [layout_problems(fig) for fig in saved_figures] == [[], []]
