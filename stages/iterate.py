@@ -203,12 +203,23 @@ def _sample_and_judge(rounds: Rounds, where: str, model: str, seed: int, record:
         m = judge.run(judge_cfg)
         print(judge.summary(m, judge_cfg), flush=True)
         return {**m["counts"], "mean_score": m["mean_score"], "mean_margin": m["mean_margin"],
-                "rejects_by_reason": m["rejects_by_reason"]}
+                "rejects_by_reason": m["rejects_by_reason"], "judge_errors": m.get("judge_errors")}
 
     _step(record, "generate", storage.join(gen_cfg.output, "manifest.json"), who, f"-> {gen_cfg.output}", sample,
           save)
     _step(record, "judge", storage.join(judge_cfg.output, "manifest.json"), who, f"-> {judge_cfg.output}", judged,
           save)
+
+
+def no_pairs(k: int, judged: dict) -> str:
+    """Why round k cannot train: the judge's reject reasons, and its first failure when it had any."""
+    reasons = ", ".join(f"{reason} {n}" for reason, n in judged["rejects_by_reason"].items())
+    errors = judged.get("judge_errors")
+    failed = f"; first judge error: {judge.first_error_text(errors)}" if errors else ""
+    advice = ("Fix the judge, or sample more (--num-samples, --temperature)" if errors else
+              "Sample more (--num-samples, --temperature), lower --min-margin, or use another judge")
+    return (f"round {k}: the judge made no pairs from {judged['candidates']} candidates ({reasons}{failed}): "
+            f"nothing to train on. {advice}")
 
 
 def _round(cfg: IterateConfig, rounds: Rounds, k: int, previous: str, record: dict, save) -> str:
@@ -217,10 +228,7 @@ def _round(cfg: IterateConfig, rounds: Rounds, k: int, previous: str, record: di
     _sample_and_judge(rounds, rounds.dir(k), previous, cfg.seed + k - 1, record, save, who)
     judged = record["judge"]
     if judged["pairs"] == 0:
-        reasons = ", ".join(f"{reason} {n}" for reason, n in judged["rejects_by_reason"].items())
-        raise IterateError(f"round {k}: the judge made no pairs from {judged['candidates']} candidates ({reasons}): "
-                           "nothing to train on. Sample more (--num-samples, --temperature), lower --min-margin, "
-                           "or use another judge")
+        raise IterateError(no_pairs(k, judged))
 
     reference = cfg.model if cfg.reference == "initial" else previous
     pre_cfg = rounds.precompute(k, reference)

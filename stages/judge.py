@@ -29,6 +29,7 @@ from stages.core import storage
 from stages.core.config import ConfigError, JudgeConfig, public
 from stages.core.data import DataError
 from stages.core.devices import ray_use_gpu, say, threads_per_worker
+from stages.core.errors import PipelineError
 from stages.core.formats import RowRejected, _is_blank
 from stages.core.judges import (
     ImplicitScorer,
@@ -40,6 +41,11 @@ from stages.core.judges import (
 )
 from stages.core.lease import Lease
 from stages.generate import finished, read_candidates
+
+
+class JudgeFailed(PipelineError):
+    """The judge scored no candidate: every one it was given failed (judge_error)."""
+
 
 SHEET_COLUMNS = ("sheet_id", "prompt_index", "prompt_id", "prompt", "response_a", "response_b", "a_index", "b_index",
                  "label")
@@ -205,6 +211,7 @@ def run(cfg: JudgeConfig) -> dict:
 
 def _judge(cfg: JudgeConfig, manifest: dict, rows: list[dict], settings: dict) -> dict:
     started = time.time()
+    _clear(cfg.output)
     cands, rejects = flatten(rows)
     by_key = {c["key"]: c for c in cands}
     if cfg.labels:
@@ -230,9 +237,12 @@ def _judge(cfg: JudgeConfig, manifest: dict, rows: list[dict], settings: dict) -
     reject_rows = [{"prompt_index": int(k.split(":")[0]), "response_index": int(k.split(":")[1]), "reason": r,
                     "detail": d, "score": scores.get(k)} for k, (r, d) in rejects.items()]
     reject_rows.sort(key=lambda r: (r["prompt_index"], r["response_index"]))
-    _write_jsonl(storage.join(cfg.output, "pairs.jsonl"), pairs)
     _write_jsonl(storage.join(cfg.output, "scores.jsonl"), score_rows)
     _write_jsonl(storage.join(cfg.output, "rejects.jsonl"), reject_rows)
+    errors = judge_errors(reject_rows)
+    if errors and not scores:  # written first: every candidate's reason is kept
+        raise JudgeFailed(failure(errors, reject_rows, cfg.output))
+    _write_jsonl(storage.join(cfg.output, "pairs.jsonl"), pairs)
     judged = [s["score"] for s in score_rows if s["score"] is not None]
     by_reason: dict[str, int] = {}
     for r in reject_rows:
@@ -243,12 +253,45 @@ def _judge(cfg: JudgeConfig, manifest: dict, rows: list[dict], settings: dict) -
     if counts["candidates"] != counts["candidates_paired"] + counts["candidates_rejected"]:
         raise RuntimeError(f"judge lost candidates: {counts}")  # a bug, never an input problem
     out = {"format_version": 1, "kind": "pairs", "settings": settings, "judge": cfg.judge, "counts": counts,
-           "rejects_by_reason": dict(sorted(by_reason.items())),
+           "rejects_by_reason": dict(sorted(by_reason.items())), "judge_errors": errors,
            "mean_score": sum(judged) / len(judged) if judged else None, "scored": len(judged),
            "mean_margin": (sum(p["margin"] for p in pairs if p["margin"] is not None) / len(pairs)) if pairs else None,
            "generator": manifest["model"], "elapsed_s": round(time.time() - started, 2), "config": public(cfg)}
     storage.write_json(storage.join(cfg.output, "manifest.json"), out)
     return out
+
+
+def _clear(output: str) -> None:
+    """A manifest from an earlier run (other settings, --overwrite) must not call this run's files finished,
+    nor its pairs outlive a run that makes none."""
+    for name in ("manifest.json", "pairs.jsonl"):
+        if storage.exists(storage.join(output, name)):
+            storage.remove(storage.join(output, name))
+
+
+def judge_errors(reject_rows: list[dict]) -> dict | None:
+    """How many candidates the judge failed on (judge_error), and the first of them; None when none."""
+    failed = [r for r in reject_rows if r["reason"] == "judge_error"]
+    if not failed:
+        return None
+    first = failed[0]
+    return {"count": len(failed), "first": {k: first[k] for k in ("prompt_index", "response_index", "detail")}}
+
+
+def first_error_text(errors: dict) -> str:
+    first = errors["first"]
+    return f"{first['detail']} (prompt {first['prompt_index']}, response {first['response_index']})"
+
+
+def failure(errors: dict, reject_rows: list[dict], output: str) -> str:
+    """The message of a judge that scored no candidate: its first failure, and how many failed alike."""
+    n, detail = errors["count"], errors["first"]["detail"]
+    alike = sum(r["reason"] == "judge_error" and r["detail"] == detail for r in reject_rows)
+    others = len(reject_rows) - n  # empty or duplicate responses, never given to the judge
+    return (f"judge: every one of {n} answers failed: judge_error x{n}; first: {first_error_text(errors)}"
+            + ("" if alike == n else f"; {alike} of {n} failed alike")
+            + (f" ({others} more candidates were not judged: empty or duplicate)" if others else "")
+            + f". Nothing was paired; every candidate's reason is in {output}/rejects.jsonl")
 
 
 def _write_jsonl(url: str, rows: list[dict]) -> None:
@@ -355,6 +398,7 @@ def summary(result: dict, cfg: JudgeConfig) -> str:
         return f"judge: {cfg.output} kept ({c['pairs']} pairs)"
     reasons = ", ".join(f"{k} {v}" for k, v in result["rejects_by_reason"].items()) or "none"
     mean = "" if result["mean_score"] is None else f", mean score {result['mean_score']:.4f}"
+    errors = result.get("judge_errors")
     return (f"judge ({result['judge']}): {c['candidates']} candidates of {c['prompts']} prompts -> {c['pairs']} pairs "
             f"({c['candidates_paired']} candidates paired, {c['candidates_rejected']} rejected: {reasons}){mean} "
-            f"-> {cfg.output}/pairs.jsonl")
+            f"-> {cfg.output}/pairs.jsonl" + (f"; first judge error: {first_error_text(errors)}" if errors else ""))

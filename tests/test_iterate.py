@@ -1,4 +1,5 @@
-"""`pipeline.py iterate`: on-policy rounds end to end with tiny models; a kill in round 2 and the re-run."""
+"""`pipeline.py iterate`: on-policy rounds end to end with tiny models; a kill in round 2 and the re-run; a
+round whose judge fails."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from conftest import ROOT
 from stages import iterate
 from stages.core.config import ConfigError, IterateConfig
 
-pytestmark = pytest.mark.slow  # every test here runs rounds of Ray stages
 REWARDS = ROOT / "tests" / "online_rewards.py"
 PROMPTS = ["Tell me about rivers.", "Name a colour.", "Why is the sky blue?", "Count to three.", "Say hello."]
 
@@ -27,6 +27,7 @@ def options(out: Path, model: str, **extra) -> list[str]:
     return [x for k, v in flags.items() for x in (k, v)]
 
 
+@pytest.mark.slow  # rounds of Ray stages
 def test_two_rounds_killed_in_round_two_resume_without_redoing_round_one(tmp_path, tiny_model_dir, refs,
                                                                         ray_session):
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
@@ -78,3 +79,33 @@ def test_two_rounds_killed_in_round_two_resume_without_redoing_round_one(tmp_pat
     assert again["rounds"] == state["rounds"]
     with pytest.raises(ConfigError, match="--reference initial"):
         iterate.run(IterateConfig(**{**cfg.__dict__, "reference": "previous"}))
+
+
+def _sampled_round(out: Path, prompts: Path, cands: list[dict]) -> None:
+    """An iterate output whose round 1 has its samples: generate recorded as done over hand-made candidates,
+    so the round goes on with its judge (no model, no Ray)."""
+    from test_online import write_candidates
+
+    write_candidates(out / "round-1" / "candidates", cands)
+    state = {"model": "sft-model", "reference": "initial", "prompts": str(prompts),
+             "rounds": {"1": {"generate": {"model": "sft-model", "seed": 0, "finished_at": "2025-01-01T00:00:00"}}}}
+    (out / "iterate.json").write_text(json.dumps(state))
+
+
+def test_a_round_whose_judge_fails_says_why(tmp_path, capsys):
+    import pipeline
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    (tmp_path / "boom.py").write_text("def boom(prompt, response):\n    raise ValueError('boom')\n")
+    # every answer fails: the judge's own error, with the first exception, ends the run
+    _sampled_round(tmp_path / "a", prompts, [{"prompt": p, "responses": ["x", "yy"]} for p in PROMPTS[:2]])
+    flags = ["iterate", "--prompts", str(prompts), "--model", "sft-model", "--rounds", "1", "--progress", "false"]
+    rc = pipeline.main([*flags, "--output", str(tmp_path / "a"), "--reward-fn", f"{tmp_path / 'boom.py'}:boom"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "every one of 4 answers failed: judge_error x4" in err and "ValueError('boom')" in err, err
+    # some answers fail and no pair is left: the round's error names the first failure too
+    _sampled_round(tmp_path / "b", prompts, [{"prompt": "P", "responses": ["abc", "zz"]}])
+    rc = pipeline.main([*flags, "--output", str(tmp_path / "b"), "--reward-fn", f"{REWARDS}:picky"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no pairs" in err and "ValueError(\"no a's up front\")" in err, err

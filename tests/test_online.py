@@ -256,6 +256,41 @@ def test_judge_settings_and_errors(tmp_path):
         judge.run(JudgeConfig(candidates=str(tmp_path / "none"), output=str(tmp_path / "o"), reward_fn="x:y"))
 
 
+BOOM = "def boom(prompt, response):\n    raise ValueError('boom')\n"
+
+
+def test_a_judge_that_fails_on_every_answer_is_an_error_naming_the_first_failure(tmp_path, capsys):
+    import pipeline
+
+    write_candidates(tmp_path / "cands", [{"prompt": f"P{i}", "responses": ["a", "bb", "ccc", "dddd"]}
+                                          for i in range(2)])
+    (tmp_path / "boom.py").write_text(BOOM)
+    out = tmp_path / "pairs"
+    rc = pipeline.main(["judge", "--candidates", str(tmp_path / "cands"), "--output", str(out),
+                        "--reward-fn", f"{tmp_path / 'boom.py'}:boom", "--progress", "false"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "every one of 8 answers failed: judge_error x8" in err and "ValueError('boom')" in err
+    assert "prompt 0, response 0" in err
+    # nothing is lost: every candidate's reason is written; no manifest, so a re-run judges again
+    assert [r["reason"] for r in _read(out, "rejects.jsonl")] == ["judge_error"] * 8
+    assert not (out / "manifest.json").exists()
+    m = judge.run(JudgeConfig(candidates=str(tmp_path / "cands"), output=str(out), reward_fn=f"{REWARDS}:chars",
+                              progress=False))
+    assert m["counts"]["pairs"] == 2 and not m.get("skipped")
+
+
+def test_some_answers_failing_is_no_error_but_the_summary_names_the_first_failure(tmp_path):
+    write_candidates(tmp_path / "cands", [{"prompt": "P", "responses": ["abc", "eee", "zz", "zzzz"]}])
+    cfg = JudgeConfig(candidates=str(tmp_path / "cands"), output=str(tmp_path / "p"), reward_fn=f"{REWARDS}:picky",
+                      progress=False)
+    m = judge.run(cfg)
+    assert m["counts"]["pairs"] == 1 and m["rejects_by_reason"]["judge_error"] == 2
+    assert m["judge_errors"] == {"count": 2, "first": {"prompt_index": 0, "response_index": 0, "detail": (
+        "the reward function raised ValueError(\"no a's up front\")")}}
+    assert "first judge error: the reward function raised ValueError" in judge.summary(m, cfg)
+
+
 def test_judge_given_what_is_not_a_finished_generate_output_says_what_it_is(tmp_path):
     write_candidates(tmp_path / "cands", CANDIDATES)
     run = lambda cands: judge.run(JudgeConfig(candidates=str(cands), output=str(tmp_path / "o"),  # noqa: E731

@@ -74,7 +74,7 @@ def call_reward_fn(fn: Callable, prompt: Any, response: str) -> float:
     try:
         value = fn(prompt, response)
     except Exception as e:  # noqa: BLE001  the user's function; its failure is one candidate's reject
-        raise RowRejected("judge_error", f"the reward function raised {type(e).__name__}: {str(e)[:300]}") from None
+        raise RowRejected("judge_error", f"the reward function raised {repr(e)[:300]}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise RowRejected("judge_error", f"the reward function returned {value!r}, not a finite number")
     return float(value)
