@@ -278,6 +278,11 @@ def test_a_judge_that_fails_on_every_answer_is_an_error_naming_the_first_failure
     m = judge.run(JudgeConfig(candidates=str(tmp_path / "cands"), output=str(out), reward_fn=f"{REWARDS}:chars",
                               progress=False))
     assert m["counts"]["pairs"] == 2 and not m.get("skipped")
+    # that finished output judged again by the failing function (--overwrite): its old pairs and manifest go
+    with pytest.raises(judge.JudgeFailed):
+        judge.run(JudgeConfig(candidates=str(tmp_path / "cands"), output=str(out), overwrite=True,
+                              reward_fn=f"{tmp_path / 'boom.py'}:boom", progress=False))
+    assert not (out / "manifest.json").exists() and not (out / "pairs.jsonl").exists()
 
 
 def test_some_answers_failing_is_no_error_but_the_summary_names_the_first_failure(tmp_path):
