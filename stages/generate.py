@@ -82,6 +82,10 @@ def _reject(index: int, reason: str, detail: str, raw) -> dict:
 
 def run(cfg: GenerateConfig) -> dict:
     """Generate; returns the manifest (with `skipped`: True when a finished output was kept)."""
+    if cfg.limit == 0:  # allowed by the config (0 or more); here it can only mean a mistake
+        raise ConfigError("config key 'limit': --limit 0 reads no prompts; give 1 or more, or leave it out to "
+                          "read every prompt")
+    started = time.time()
     storage.configure(cfg.storage_options_dict)
     model_path = resolve_model(cfg.model)
     settings = settings_of(cfg, model_path)
@@ -90,15 +94,16 @@ def run(cfg: GenerateConfig) -> dict:
         say(f"generate: {cfg.output} already holds these samples ({done['counts']['samples']} from "
             f"{done['counts']['prompts']} prompts): not generated again")
         return {**done, "skipped": True}
+    # Read before the output is touched: prompts that cannot be used leave an earlier output (--overwrite)
+    # as it was, and make no folder.
+    items, rejects, rows_read = _read(cfg)
     with Lease(cfg.output, "generate"):
         _clear(cfg.output)
-        return _generate(cfg, model_path, settings)
+        return _generate(cfg, model_path, settings, items, rejects, rows_read, started)
 
 
-def _generate(cfg: GenerateConfig, model_path: str, settings: dict) -> dict:
-    import ray
-
-    started = time.time()
+def _read(cfg: GenerateConfig) -> tuple[list[dict], list[dict], int]:
+    """(prompts to sample, rejects, rows read); a ConfigError when no prompt can be used."""
     items, rejects, rows_read = [], [], 0
     for index, prompt, template, error, raw in read_prompts(cfg.prompts, cfg.format, cfg.prompt_column, cfg.split,
                                                             cfg.limit, cfg.storage_options_dict):
@@ -111,9 +116,19 @@ def _generate(cfg: GenerateConfig, model_path: str, settings: dict) -> dict:
                       "prompt": json.dumps(prompt, ensure_ascii=False) if conversational else prompt,
                       "conversational": conversational,
                       "template_json": json.dumps(template, ensure_ascii=False) if template else None})
+    if not rows_read:
+        raise ConfigError(f"--prompts {cfg.prompts} holds no rows")
     if not items:
-        raise ConfigError(f"--prompts {cfg.prompts}: no usable prompt in {rows_read} rows"
-                          + (f" (first reject: {rejects[0]['reason']}: {rejects[0]['detail']})" if rejects else ""))
+        reasons = ", ".join(f"{k} {v}" for k, v in _by_reason(rejects).items())
+        raise ConfigError(f"--prompts {cfg.prompts}: none of its {rows_read} row{'s' * (rows_read != 1)} holds a "
+                          f"usable prompt ({reasons}); the first: {rejects[0]['detail']}")
+    return items, rejects, rows_read
+
+
+def _generate(cfg: GenerateConfig, model_path: str, settings: dict, items: list[dict], rejects: list[dict],
+              rows_read: int, started: float) -> dict:
+    import ray
+
     init_ray(cfg.num_workers + 1)
     quiet_ray_data()
     use_gpu = ray_use_gpu(cfg.device, f"{cfg.num_workers} sampler(s)", cfg.num_workers, 1, cfg.gpu_wait_seconds)

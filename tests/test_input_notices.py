@@ -52,3 +52,46 @@ def test_the_embedded_hh_data_needs_no_notice(capsys):
     # read as turns under auto already (data.EMBEDDED_DATA): nothing to tell
     assert _layout(PrecomputeConfig(data="embedded:hh-rlhf-helpful", limit=2)) == "hh"
     assert not _notices(capsys.readouterr().err)
+
+
+# --- generate's words when its prompts cannot be used ----------------------------------------------
+
+def test_rows_without_the_prompt_column_name_it_and_the_columns_found(tmp_path):
+    data = _write(tmp_path / "q.jsonl", [{"question": "Why?", "id": 1}])
+    (_, prompt, _, reject, _), = read_prompts(data, "auto", "prompt", "train", None, None)
+    assert prompt is None and reject.reason == "missing_field"
+    assert reject.detail.startswith("no 'prompt' column") and "'question', 'id'" in reject.detail
+    # a pair still gives its prompt (TRL's implicit prompt), and so does a --prompt-column that is there
+    (_, prompt, _, reject, _), = read_prompts(data, "auto", "question", "train", None, None)
+    assert prompt == "Why?" and reject is None
+
+
+@pytest.fixture
+def generate_cfg(tmp_path, tiny_model_dir):
+    from stages.core.config import GenerateConfig
+
+    def make(rows, **over):
+        data = _write(tmp_path / "prompts.jsonl", rows)
+        return GenerateConfig(**{"prompts": data, "model": tiny_model_dir, "output": str(tmp_path / "out"),
+                                 "progress": False, **over})
+    return make
+
+
+def test_generate_says_what_is_wrong_with_its_prompts_before_touching_its_output(tmp_path, generate_cfg):
+    from test_online import write_candidates
+
+    from stages import generate
+    from stages.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"none of its 2 rows holds a usable prompt.*no 'prompt' column.*'question'"):
+        generate.run(generate_cfg([{"question": "Why?"}, {"question": "How?"}]))
+    assert not (tmp_path / "out").exists()  # nothing made for a run that cannot start
+    with pytest.raises(ConfigError, match=r"holds no rows"):
+        generate.run(generate_cfg([]))
+    with pytest.raises(ConfigError, match=r"--limit 0 reads no prompts"):
+        generate.run(generate_cfg([{"prompt": "Hi"}], limit=0))
+    # --overwrite of an earlier output with prompts that cannot be used: the earlier output is kept
+    write_candidates(tmp_path / "out", [{"prompt": "P", "responses": ["a", "b"]}])
+    with pytest.raises(ConfigError, match="usable prompt"):
+        generate.run(generate_cfg([{"question": "Why?"}], overwrite=True))
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"candidates-00000.parquet", "manifest.json"}

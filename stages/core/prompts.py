@@ -37,6 +37,16 @@ def prompt_id(prompt: Any, template: dict | None = None) -> str:
     return hashlib.sha256(body.encode("utf-8")).hexdigest()[:32]
 
 
+def _is_pair(raw: dict, layout: str, columns: SimpleNamespace) -> bool:
+    """A row a pair's prompt can be taken from. openai, sharegpt and helpsteer3 rows were detected by their
+    own columns; the other layouts need a chosen or rejected column, or there is no pair at all (and an
+    error about a missing 'chosen' would mislead: the prompt is what is missing)."""
+    if layout not in ADAPTERS or is_unpaired(raw):
+        return False
+    return layout in ("openai", "sharegpt", "helpsteer3") or columns.chosen_column in raw or \
+        columns.rejected_column in raw
+
+
 def prompt_of(raw: Any, layout: str, columns: SimpleNamespace) -> tuple[Any, dict | None]:
     """(prompt, template inputs or None) of one raw row; raises RowRejected."""
     if isinstance(raw, MalformedRow):
@@ -47,13 +57,15 @@ def prompt_of(raw: Any, layout: str, columns: SimpleNamespace) -> tuple[Any, dic
     elif isinstance(raw, dict):
         if columns.prompt_column in raw:
             value = raw[columns.prompt_column]
-        elif layout in ADAPTERS and not is_unpaired(raw):
+        elif _is_pair(raw, layout, columns):
             # a pair's prompt, as precompute reads it (openai / hh turns; TRL's implicit prompt: the common
             # start of chosen and rejected)
             value = normalise(raw, layout, columns)["prompt"]
         else:
-            raise RowRejected("missing_field", f"no '{columns.prompt_column}' in the row "
-                                               f"(has: {', '.join(map(str, list(raw)[:8]))})")
+            raise RowRejected("missing_field", f"no '{columns.prompt_column}' column, nor a chosen / rejected pair "
+                                               f"to take the prompt from (the row has: "
+                                               f"{', '.join(map(repr, list(raw)[:8]))}); --prompt-column names "
+                                               "the column that holds it")
         template = {k: raw[k] for k in TEMPLATE_KEYS if raw.get(k) is not None} or None
         if template:
             _check_template_inputs(dict(template))
