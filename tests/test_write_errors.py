@@ -373,3 +373,15 @@ def test_training_curves_and_margins_layout(tmp_path, saved_figures):
     margin_histogram([1234.5678 + i * 0.001 for i in range(300)], str(tmp_path / "m.png"),
                      "reference margins, 300 pairs (HuggingFaceTB/SmolLM2-135M-Instruct)")
     assert [layout_problems(fig) for fig in saved_figures] == [[], []]
+
+
+def test_iterate_rounds_plot_layout_keeps_whole_rounds(tmp_path, saved_figures):
+    """iterate's plot puts a tick on every round: on many rounds they are thinned, still to whole rounds."""
+    from stages.iterate import rounds_plot
+
+    rows = [{"round": k, "accuracy": 0.5 + k / 100, "margin": k / 10, "kl": k * 1.5, "judge_score": None}
+            for k in range(31)]
+    rounds_plot(rows, str(tmp_path / "rounds.png"))
+    assert layout_problems(saved_figures[-1]) == []
+    fig, _ = saved_figures[-1]
+    assert all(float(t).is_integer() for ax in fig.axes for t in ax.get_xticks())
