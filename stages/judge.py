@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from stages.core import storage
 from stages.core.config import ConfigError, JudgeConfig, public
-from stages.core.data import DataError
+from stages.core.data import DataError, check_exists
 from stages.core.devices import ray_use_gpu, say, threads_per_worker
 from stages.core.errors import PipelineError
 from stages.core.formats import RowRejected, _is_blank
@@ -36,6 +36,7 @@ from stages.core.judges import (
     RewardScorer,
     call_reward_fn,
     candidate_prompt,
+    check_reward_model,
     load_reward_fn,
     select_pairs,
 )
@@ -55,6 +56,7 @@ def _settings(cfg: JudgeConfig, manifest: dict) -> dict:
     judge = cfg.judge
     spec = getattr(cfg, judge)
     if judge == "labels":  # the sheet's content, not its name: a sheet marked further is new input
+        check_exists(cfg.labels)
         spec = storage.sha256_bytes(storage.read_bytes(cfg.labels))
     return {"candidates": cfg.candidates, "candidates_files": [f["sha256"] for f in manifest["files"]],
             "judge": judge, "judge_spec": spec, "pairs": cfg.pairs, "min_margin": cfg.min_margin,
@@ -132,8 +134,9 @@ def score(cfg: JudgeConfig, cands: list[dict]) -> tuple[dict[str, float], dict[s
     if cfg.judge == "reward_model":
         from stages.core.models import for_workers, resolve_model
 
-        raw = _score_with_actors(cfg, cands, RewardScorer, {"model_path": for_workers(cfg.reward_model,
-                                                                                      resolve_model(cfg.reward_model)),
+        path = resolve_model(cfg.reward_model)
+        check_reward_model(path)
+        raw = _score_with_actors(cfg, cands, RewardScorer, {"model_path": for_workers(cfg.reward_model, path),
                                                             "dtype": cfg.dtype, "max_length": cfg.max_length})
     else:
         raw = _score_with_actors(cfg, cands, ImplicitScorer, _implicit_args(cfg))
@@ -211,7 +214,6 @@ def run(cfg: JudgeConfig) -> dict:
 
 def _judge(cfg: JudgeConfig, manifest: dict, rows: list[dict], settings: dict) -> dict:
     started = time.time()
-    _clear(cfg.output)
     cands, rejects = flatten(rows)
     by_key = {c["key"]: c for c in cands}
     if cfg.labels:
@@ -237,6 +239,7 @@ def _judge(cfg: JudgeConfig, manifest: dict, rows: list[dict], settings: dict) -
     reject_rows = [{"prompt_index": int(k.split(":")[0]), "response_index": int(k.split(":")[1]), "reason": r,
                     "detail": d, "score": scores.get(k)} for k, (r, d) in rejects.items()]
     reject_rows.sort(key=lambda r: (r["prompt_index"], r["response_index"]))
+    _clear(cfg.output)  # only now: a judge that cannot start leaves an earlier output as it was
     _write_jsonl(storage.join(cfg.output, "scores.jsonl"), score_rows)
     _write_jsonl(storage.join(cfg.output, "rejects.jsonl"), reject_rows)
     errors = judge_errors(reject_rows)

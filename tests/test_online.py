@@ -312,6 +312,21 @@ def test_judge_given_what_is_not_a_finished_generate_output_says_what_it_is(tmp_
         run(tmp_path / "cands")
 
 
+def test_a_judge_that_cannot_start_says_why_in_one_line(tmp_path, tiny_model_dir):
+    from stages.core.models import ModelError
+
+    write_candidates(tmp_path / "cands", CANDIDATES)
+    run = lambda **judge_key: judge.run(JudgeConfig(candidates=str(tmp_path / "cands"),  # noqa: E731
+                                                    output=str(tmp_path / "o"), progress=False, **judge_key))
+    # checked here, before any Ray actor loads it (an actor's failure would be a Ray traceback)
+    with pytest.raises(ModelError, match="not a model folder"):
+        run(reward_model=str(tmp_path / "cands"))
+    with pytest.raises(ConfigError, match="has 2 outputs; a reward model has one"):
+        run(reward_model=tiny_model_dir)  # a causal LM, not a sequence classifier with one output
+    with pytest.raises(DataError, match=r"input not found: .*sheet\.csv"):
+        run(labels=str(tmp_path / "sheet.csv"))
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_the_human_sheet_round_trip(tmp_path, suffix):
     many = [{"prompt": f"Prompt {i}?", "responses": [f"r{i}-0", f"r{i}-1", f"r{i}-2"]} for i in range(12)]

@@ -90,6 +90,27 @@ def reward_model_ids(tokenizer, prompt: Any, response: str, template: dict | Non
     return ids[:max_length]
 
 
+def _one_output(model_path: str, num_labels: int) -> None:
+    if num_labels != 1:
+        raise ConfigError(f"--reward-model {model_path}: has {num_labels} outputs; a reward model has one "
+                          "(num_labels 1)")
+
+
+def check_reward_model(model_path: str) -> None:
+    """What RewardScorer needs, checked in the driver before actors load the model: a failure inside an
+    actor reaches the user as a Ray traceback, not as this one line."""
+    from transformers import AutoConfig
+
+    from stages.core.models import _one_line
+
+    load_tokenizer(model_path)
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError) as e:
+        raise _one_line(model_path, "a model config from", e) from None
+    _one_output(model_path, config.num_labels)
+
+
 class RewardScorer:
     """A sequence-classification reward model (one logit); each call scores a batch of candidates."""
 
@@ -104,9 +125,7 @@ class RewardScorer:
         self.tokenizer = load_tokenizer(model_path)
         self.model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=getattr(torch, dtype))
         self.model = self.model.to(self.device).eval()
-        if self.model.config.num_labels != 1:
-            raise ConfigError(f"--reward-model {model_path}: has {self.model.config.num_labels} outputs; a reward "
-                              "model has one (num_labels 1)")
+        _one_output(model_path, self.model.config.num_labels)
         if self.model.config.pad_token_id is None:  # the model finds each sequence's last token by its padding
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.max_length = max_length
