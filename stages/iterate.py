@@ -41,6 +41,7 @@ from stages.core.config import (
     from_mapping,
     parse_options,
 )
+from stages.core.data import DataError
 from stages.core.devices import say
 from stages.core.errors import PipelineError
 from stages.core.lease import Lease
@@ -133,6 +134,7 @@ def run(cfg: IterateConfig) -> dict:
                               prompts=_absolute(cfg.prompts) if os.path.exists(cfg.prompts) else cfg.prompts,
                               model=_absolute(cfg.model) if os.path.isdir(cfg.model) else cfg.model)
     rounds = Rounds(cfg)
+    _check_judge_and_refs(cfg, rounds.judge(rounds.dir(1)))
     state_url = storage.join(cfg.output, "iterate.json")
     state = storage.read_json(state_url) if storage.exists(state_url) else {}
     if state and state.get("reference") != cfg.reference:
@@ -171,6 +173,21 @@ def run(cfg: IterateConfig) -> dict:
         save()
         write_summary(cfg, state)
     return state
+
+
+def _check_judge_and_refs(cfg: IterateConfig, judge_cfg: JudgeConfig) -> None:
+    """What the rounds use only after sampling (the judge) or training (the held-out refs), checked first:
+    a typo found there would cost a round."""
+    from stages.core.judges import check_reward_model, load_reward_fn
+    from stages.core.models import resolve_model
+
+    if judge_cfg.judge == "reward_model":
+        check_reward_model(resolve_model(judge_cfg.reward_model))
+    elif judge_cfg.judge == "reward_fn":
+        load_reward_fn(judge_cfg.reward_fn)
+    if cfg.eval_refs and not storage.exists(storage.join(cfg.eval_refs, "manifest.json")):
+        raise DataError(f"--eval-refs {cfg.eval_refs}: no manifest.json: not a finished precompute output (make "
+                        "held-out refs with pipeline.py precompute --data HELDOUT --output REFS)")
 
 
 def _finished(cfg: IterateConfig, record: dict) -> bool:

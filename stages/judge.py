@@ -111,6 +111,8 @@ def _implicit_args(cfg: JudgeConfig) -> dict:
     from stages.core.shard_stream import load_refs
     from stages.evaluate import _run_config
 
+    if "://" not in cfg.implicit:  # a local policy checked here: an actor that cannot load it is a Ray traceback
+        resolve_model(cfg.implicit)
     refs = load_refs(cfg.refs)
     m = refs.manifest
     beta = cfg.beta if cfg.beta is not None else float(_run_config(cfg.implicit).get("beta", 0.1))

@@ -109,3 +109,17 @@ def test_a_round_whose_judge_fails_says_why(tmp_path, capsys):
     rc = pipeline.main([*flags, "--output", str(tmp_path / "b"), "--reward-fn", f"{REWARDS}:picky"])
     err = capsys.readouterr().err
     assert rc == 2 and "no pairs" in err and "ValueError(\"no a's up front\")" in err, err
+
+
+def test_a_judge_or_held_out_refs_that_cannot_work_stop_iterate_before_round_one(tmp_path):
+    from stages.core.data import DataError
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    base = dict(prompts=str(prompts), model="sft-model", output=str(tmp_path / "online"), rounds=1, progress=False)
+    # each would otherwise be found only after a round of sampling (and, for --eval-refs, training)
+    with pytest.raises(ConfigError, match="has no function 'nope'"):
+        iterate.run(IterateConfig(**base, reward_fn=f"{REWARDS}:nope"))
+    with pytest.raises(DataError, match=r"--eval-refs .*nothere: no manifest\.json"):
+        iterate.run(IterateConfig(**base, reward_fn=f"{REWARDS}:chars", eval_refs=str(tmp_path / "nothere")))
+    assert not (tmp_path / "online").exists()

@@ -325,6 +325,8 @@ def test_a_judge_that_cannot_start_says_why_in_one_line(tmp_path, tiny_model_dir
         run(reward_model=tiny_model_dir)  # a causal LM, not a sequence classifier with one output
     with pytest.raises(DataError, match=r"input not found: .*sheet\.csv"):
         run(labels=str(tmp_path / "sheet.csv"))
+    with pytest.raises(ModelError, match="model not found"):  # the policy, before its refs are read
+        run(implicit=str(tmp_path / "run" / "final"), refs=str(tmp_path / "refs"))
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
