@@ -231,3 +231,21 @@ def test_a_data_folder_never_reads_manifests_rejects_or_scores_as_data(tmp_path)
     (only / "manifest.json").write_text("{}")
     with pytest.raises(DataError, match=r"manifest\.json.*not data"):
         _rows(only)
+
+
+def test_a_missing_local_path_is_not_taken_for_a_hub_name(tmp_path, monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'x' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "pairs").mkdir(parents=True)
+    # owner/name in form, but runs/ is a folder here: a typo of a local path, not a hub data set
+    with pytest.raises(DataError, match=r"input not found: runs/pairz \(in \S*runs: pairs\)"):
+        _rows("runs/pairz")
+    # a hub name that cannot be fetched: one line naming it
+    with pytest.raises(DataError, match=r"someorg/somedata: not a file or folder here, and the Hugging Face hub "
+                                        r"did not give it: ConnectionError"):
+        _rows("someorg/somedata")

@@ -208,7 +208,11 @@ def _is_saved_dataset(data: str, storage_options: dict | None) -> bool:
 
 
 def _looks_like_hub_name(data: str) -> bool:
-    return "://" not in data and not os.path.exists(data) and data.count("/") == 1 and not data.startswith((".", "/"))
+    """owner/name that is not a local path. When `owner` is a folder here, it is a local path mistyped:
+    "input not found" with what the folder holds says more than a failed hub download."""
+    if "://" in data or os.path.exists(data) or data.count("/") != 1 or data.startswith((".", "/")):
+        return False
+    return not os.path.isdir(data.split("/", 1)[0])
 
 
 class _Broken(Exception):
@@ -461,7 +465,12 @@ def load_split(source: str, split: str, storage_options: dict | None):
     import datasets
 
     if _looks_like_hub_name(source):
-        ds = datasets.load_dataset(source, split=split)
+        try:
+            ds = datasets.load_dataset(source, split=split)
+        except (OSError, ValueError) as e:  # no network, no such data set, no such split (datasets' errors)
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise DataError(f"{source}: not a file or folder here, and the Hugging Face hub did not give it: "
+                            f"{type(e).__name__}: {first}") from None
     else:
         ds = datasets.load_from_disk(source, storage_options=storage_options)
     if isinstance(ds, datasets.DatasetDict):
