@@ -388,6 +388,9 @@ def read_labels(path: str, rows: list[dict], usable: set[str]):
             detail = {"tie": f"marked tie on {path} line {line}", "unlabelled": f"no label on {path} line {line}"
                       }.get(reason, f"label {r['label']!r} on {path} line {line} is not A, B or tie")
             rejects[ka] = rejects[kb] = (reason, detail)
+    if seen and not scores and all(reason == "unlabelled" for reason, _ in rejects.values()):
+        raise DataError(f"none of the {len(seen)} rows of {path} is labelled: mark each row's label A, B or tie, "
+                        "then read it back")
     for key in usable:
         if key not in scores and key not in rejects:
             rejects[key] = ("not_selected", "not on the sheet")

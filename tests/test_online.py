@@ -359,6 +359,11 @@ def test_the_human_sheet_round_trip(tmp_path, suffix):
         assert p["chosen"] == f"r{p['prompt_index']}-{p['chosen_index']}"
     assert m["rejects_by_reason"] == {"bad_label": 2, "not_selected": 12, "tie": 2, "unlabelled": 2}
     assert m["counts"]["candidates"] == 36 == m["counts"]["candidates_paired"] + m["counts"]["candidates_rejected"]
+    # a sheet read back before anyone marked it: an error, not a run with no pairs
+    unmarked = tmp_path / f"unmarked{suffix}"
+    judge.run(JudgeConfig(candidates=str(tmp_path / "cands"), export_sheet=str(unmarked), seed=1))
+    with pytest.raises(DataError, match=f"none of the 12 rows of {unmarked} is labelled"):
+        judge.run(JudgeConfig(candidates=str(tmp_path / "cands"), output=str(tmp_path / "p0"), labels=str(unmarked)))
     # a sheet that does not match the candidates names its line
     rows[3]["response_a"] = "edited"
     sheet.write_text("".join(json.dumps(r) + "\n" for r in rows)) if suffix == ".jsonl" else None
