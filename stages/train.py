@@ -51,6 +51,10 @@ def _run(cfg: TrainConfig) -> dict:
     return result
 
 
+# First and last step's values in the summary: pairs have an accuracy, unpaired examples (KTO) a KL estimate.
+SUMMARY_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "kl")
+
+
 def summary_text(s: dict) -> str:
     if s["outcome"] == "stopped":
         head = (f"train: stopped at step {s['steps']} of {s['total_steps']} -> {s['weights']} "
@@ -62,7 +66,7 @@ def summary_text(s: dict) -> str:
         head = f"train: {s['steps']} steps -> {s['weights']}"
     first, last = s["first"], s["last"]
     lines = [head]
-    for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+    for key in SUMMARY_KEYS:  # those the run's records hold: pair losses and KTO log different ones
         if key in last:
             lines.append(f"  {key:<20} {first.get(key, float('nan')):>9.4f} -> {last[key]:>9.4f}")
     for key, value in s["eval"].items():

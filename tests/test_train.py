@@ -140,9 +140,42 @@ def test_resume_without_checkpoint_is_an_error(refs, tmp_path):
         train.run(cfg_for(refs, tmp_path / "run", max_steps=2, resume="true"))
 
 
+def fail_at_step_zero(refs, out, monkeypatch) -> None:
+    """A run that fails at its first step, after writing its files (config, logs): no checkpoint yet."""
+    from stages.core import trainer
+
+    def fail(*args):
+        raise TrainingError("the machine went away")
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "train_step", fail)
+        with pytest.raises(TrainingError, match="went away"):
+            train.run(cfg_for(refs, out, max_steps=1, save_every=1))
+    assert (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("resume", ["false", "auto"])
+def test_a_run_that_failed_before_its_first_checkpoint_starts_over(refs, tmp_path, monkeypatch, capsys, resume):
+    """It left logs and no checkpoint: nothing to lose. A plain re-run and --resume auto start over with
+    one notice line; --resume true still says there is no checkpoint."""
+    out = tmp_path / "run"
+    fail_at_step_zero(refs, out, monkeypatch)
+    with pytest.raises(TrainingError, match="--resume: no checkpoint under .*without --resume a run that left none"):
+        train.run(cfg_for(refs, out, max_steps=1, resume="true"))
+    capsys.readouterr()
+    assert train.run(cfg_for(refs, out, max_steps=1, resume=resume))["outcome"] == "finished"
+    notices = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: ")]
+    assert notices == [f"train: {out} holds a run that stopped before its first checkpoint: nothing to resume, "
+                       "starting over"]
+    assert [r["step"] for r in read(str(out / "metrics.jsonl"))] == [1]
+
+
 def test_existing_run_needs_resume_or_overwrite(refs, tmp_path):
-    train.run(cfg_for(refs, tmp_path / "run", max_steps=1))
-    with pytest.raises(TrainingError, match="--resume.*--overwrite"):
+    train.run(cfg_for(refs, tmp_path / "run", max_steps=2, save_every=1))
+    with pytest.raises(TrainingError, match="checkpoints: pass --resume to continue it or --overwrite"):
+        train.run(cfg_for(refs, tmp_path / "run", max_steps=2))
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # a finished run without checkpoints: its weights are kept
+    with pytest.raises(TrainingError, match=r"weights \(final/\) and no checkpoint: pass --overwrite"):
         train.run(cfg_for(refs, tmp_path / "run", max_steps=1))
     train.run(cfg_for(refs, tmp_path / "run", max_steps=1, overwrite=True))
 

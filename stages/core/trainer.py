@@ -67,20 +67,42 @@ def prepare_output(cfg: TrainConfig) -> str | None:
     checkpoint to resume from. Starting over removes the old run's files, so no stale checkpoint
     can outrank the new run's or be picked up by a later --resume."""
     out = output_dir(cfg)
-    last = checkpoint.latest(out) if cfg.resume != "false" else None
+    last = checkpoint.latest(out)
     if cfg.resume == "true" and last is None:
-        raise TrainingError(f"--resume: no checkpoint under {out}/checkpoints (run with --save-every N first)")
-    if last is not None:
+        raise TrainingError(f"--resume: no checkpoint under {out}/checkpoints (run with --save-every N first; "
+                            "without --resume a run that left none starts over)")
+    if last is not None and cfg.resume != "false":
         return last
-    has_run = any(storage.exists(storage.join(out, name)) for name in ("metrics.jsonl", "checkpoints"))
-    if has_run and not cfg.overwrite and cfg.resume != "auto":
-        raise TrainingError(f"{out} already holds a run: pass --resume to continue it or --overwrite to start over")
+    if not cfg.overwrite:
+        _check_nothing_to_lose(out, last, cfg.resume)
     staging = storage.staging_dir(out)
     for name in RUN_FILES:
         storage.remove_tree(storage.join(out, name))
         if staging != out:
             storage.remove_tree(os.path.join(staging, name))
     return None
+
+
+def _check_nothing_to_lose(out: str, last: str | None, resume: str) -> None:
+    """Refuse to start over where the old run left something to keep: a checkpoint (without --resume)
+    or weights (final/, best/; --resume auto replaces them). A run that stopped before its first
+    checkpoint left only its logs: it starts over, and says so."""
+    if last is not None:
+        raise TrainingError(f"{out} already holds a run with checkpoints: pass --resume to continue it or "
+                            "--overwrite to start over")
+    weights = [name + "/" for name in ("final", "best") if storage.exists(storage.join(out, name))]
+    if weights and resume != "auto":
+        raise TrainingError(f"{out} already holds a run's weights ({', '.join(weights)}) and no checkpoint: "
+                            "pass --overwrite to start over, or choose another --output")
+    if weights:
+        _notice(f"{out} holds a run's weights ({', '.join(weights)}) and no checkpoint: --resume auto starts over")
+    elif any(storage.exists(storage.join(out, name)) for name in ("metrics.jsonl", "checkpoints")):
+        _notice(f"{out} holds a run that stopped before its first checkpoint: nothing to resume, starting over")
+
+
+def _notice(message: str) -> None:
+    """One line on stderr about what the run does besides training."""
+    print(f"train: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -169,6 +191,8 @@ def _load_policy(cfg: TrainConfig, refs: Refs, device: str, dist: Dist):
     model_path = os.path.abspath(model_path) if os.path.isdir(model_path) else model_path
     if dist.is_main and os.path.realpath(model_path) != os.path.realpath(reference):
         print(f"note: policy starts from {model_path}, the shards' reference is {reference}", file=sys.stderr)
+    if dist.is_main and cfg.progress:  # before the bar: loading a real model takes a while on a CPU
+        _notice(f"loading the policy {model_path} ({device}{', LoRA' if cfg.lora_r else ''})")
     if not (cfg.strategy == "fsdp" and dist.world > 1):
         tokenizer, model = load_policy(model_path, refs, device)
         model, lora = _adapt(cfg, model)
@@ -329,12 +353,31 @@ def finish(run: Run) -> dict:
     return result
 
 
+# What the bar shows after a step, each where the step's record has it: pair losses log an accuracy,
+# unpaired ones (KTO) a KL estimate instead, and a KTO batch of one class has no margin.
+BAR_FIELDS = (("loss", "loss {:.4f}"), ("rewards/accuracies", "acc {:.2f}"), ("rewards/margins", "margin {:.3f}"),
+              ("kl", "kl {:.3f}"), ("tokens/s", "{:.0f} tok/s"))
+# Until the first step ends the bar sits at 0 (on a CPU, minutes with a real model): it says why.
+FIRST_STEP = "train (first step: reading shards, forward and backward)"
+
+
+def bar_postfix(record: dict) -> str:
+    return " ".join(text.format(record[key]) for key, text in BAR_FIELDS if key in record)
+
+
 def _progress_bar(run: Run):
     if not (run.cfg.progress and run.dist.is_main):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=run.steps, initial=run.step, unit="step", desc="train", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=run.steps, initial=run.step, unit="step", desc=FIRST_STEP, file=sys.stderr,
+                dynamic_ncols=True)
+
+
+def _advance(bar, record: dict) -> None:
+    bar.set_description("train", refresh=False)
+    bar.set_postfix_str(bar_postfix(record), refresh=False)
+    bar.update(1)
 
 
 def train_loop(cfg: TrainConfig, resume_from: str | None = None, preemption: Preemption | None = None) -> dict:
@@ -350,9 +393,7 @@ def train_loop(cfg: TrainConfig, resume_from: str | None = None, preemption: Pre
             if run.log is not None:
                 run.log.write(record)
             if bar is not None:
-                bar.set_postfix_str(f"loss {record['loss']:.4f} acc {record['rewards/accuracies']:.2f} "
-                                    f"{record['tokens/s']:.0f} tok/s")
-                bar.update(1)
+                _advance(bar, record)
             preempted = run.dist.any_(run.preemption.asked()) and run.step < end
             checkpoint_step(run, end, preempted)
             if preempted:
