@@ -417,6 +417,7 @@ class _Run:
         self.already_done: int | None = None
         self.received = self.stream_tokens = 0
         self.bar = None
+        self.unit = "example" if layout == "unpaired" or cfg.unpair else "pair"  # what the bar counts
         self.base = 0  # rows of shards finished before the current pool started: where its bar starts
 
     def _prepare(self) -> tuple[dict[int, dict], Plan]:
@@ -458,7 +459,7 @@ class _Run:
                 if self.cfg.progress and plan.rows:
                     from tqdm import tqdm
 
-                    self.bar = tqdm(total=plan.rows, unit="pair", desc="reference log-probs", file=sys.stderr,
+                    self.bar = tqdm(total=plan.rows, unit=self.unit, desc="reference log-probs", file=sys.stderr,
                                     dynamic_ncols=True)
             if not plan.rows:
                 return done
@@ -486,8 +487,8 @@ class _Run:
         self.stream_tokens += tokens
         if self.bar is not None:
             elapsed = max(time.time() - self.started, 1e-9)
-            self.bar.set_postfix_str(f"{self.received / elapsed:.1f} pairs/s, {self.stream_tokens / elapsed:.0f} tok/s",
-                                     refresh=False)
+            self.bar.set_postfix_str(f"{self.received / elapsed:.1f} {self.unit}s/s, "
+                                     f"{self.stream_tokens / elapsed:.0f} tok/s", refresh=False)
             self.on_progress(0)
 
     def on_progress(self, pairs_done: int) -> None:
@@ -542,10 +543,11 @@ def _check_written(cfg: PrecomputeConfig, manifest: dict) -> None:
     (`inspect` shows them). A re-run that adds nothing to an output with pairs is a success."""
     if manifest["rows_written"]:
         return
+    what = _unit(manifest)
     if not manifest["rows_read"]:
-        raise NothingWritten(f"{cfg.output} holds no pairs: {cfg.data} has no input rows")
+        raise NothingWritten(f"{cfg.output} holds no {what}: {cfg.data} has no input rows")
     reasons = ", ".join(f"{k}: {v}" for k, v in manifest["rejects_by_reason"].items())
-    raise NothingWritten(f"{cfg.output} holds no pairs: all {manifest['rows_read']} input rows were rejected "
+    raise NothingWritten(f"{cfg.output} holds no {what}: all {manifest['rows_read']} input rows were rejected "
                          f"({reasons}); see `pipeline.py inspect {cfg.output}` and {cfg.output}/rejects/")
 
 
@@ -596,24 +598,63 @@ def _manifest(cfg: PrecomputeConfig, model_path: str, identity: dict, done: dict
     }
     if manifest["kind"] == "unpaired":
         manifest["kl_pairing"] = {"scope": "shard", "seed": cfg.kl_seed, "method": KL_PAIRING}
+    # rows_read counts in the shards' units: with --unpair an example (two per input row) or a row
+    # rejected whole, so that rows_read = rows_written + rows_rejected; this is the input's count.
+    manifest["input_rows_read"] = _input_rows(cfg, done) if cfg.unpair else manifest["rows_read"]
     validate_manifest(manifest)
     storage.write_json(storage.join(cfg.output, "manifest.json"), manifest)
     return manifest
 
 
+def _input_rows(cfg: PrecomputeConfig, done: dict[int, dict]) -> int:
+    """--unpair: the input rows behind the output's shards. Input row i became examples 2i and 2i + 1,
+    or one reject 2i (no usable pair); a half rejected later keeps its index. So every row left exactly
+    one even source index in a shard or its rejects: a Ray task per file counts them."""
+    import pyarrow.compute as pc
+    import ray
+
+    def evens(path: str, options: dict) -> int:
+        storage.configure(options)
+        with storage.open_binary(storage.join(cfg.output, path)) as fh:
+            index = pq.read_table(fh, columns=["source_index"]).column("source_index")
+        return int(pc.sum(pc.equal(pc.bit_wise_and(index, 1), 0)).as_py() or 0)
+
+    paths = [e[key] for e in done.values() for key in ("path", "rejects_path") if e.get(key)]
+    if paths:
+        init_ray(1)
+    return sum(ray.get([ray.remote(num_cpus=0.25)(evens).remote(p, cfg.storage_options_dict) for p in paths]))
+
+
+def _unit(manifest: dict) -> str:
+    return "examples" if manifest.get("kind") == "unpaired" else "pairs"
+
+
+def _rows_read(manifest: dict) -> str:
+    """The input rows read; with --unpair also what they made (rows_read = examples + rows rejected whole)."""
+    inputs = manifest.get("input_rows_read", manifest["rows_read"])
+    if not manifest.get("config", {}).get("unpair"):
+        return f"rows read {inputs}"
+    whole = 2 * inputs - manifest["rows_read"]  # each usable pair made two examples, an unusable row one reject
+    made = f"{manifest['rows_read'] - whole} examples" + (f", {whole} row{'s' * (whole != 1)} rejected whole"
+                                                          if whole else "")
+    return f"rows read {inputs} (--unpair: {made})"
+
+
 def summary(manifest: dict, output: str) -> str:
     run = manifest["last_run"]
     secs = run["seconds"] or 1e-9
+    unit = _unit(manifest)
+    done = "rows" if unit == "pairs" else unit
     repaired = f", {len(run['shards_repaired'])} of them repaired" if run.get("shards_repaired") else ""
     lines = [
         f"precompute: {output}",
-        f"  rows read {manifest['rows_read']}, written {manifest['rows_written']}, rejected {manifest['rows_rejected']}"
+        f"  {_rows_read(manifest)}, written {manifest['rows_written']}, rejected {manifest['rows_rejected']}"
         + (f" ({', '.join(f'{k}: {v}' for k, v in manifest['rejects_by_reason'].items())})"
            if manifest['rejects_by_reason'] else ""),
         f"  {len(manifest['shards'])} shards, {manifest['tokens']} tokens, model {manifest['reference_model']['name']}"
         f" ({manifest['dtype']})",
-        f"  {run['pairs_written']} pairs written, {run['rows_rejected']} rejected this run "
-        f"({run['new_shards']} shards written{repaired}; {run['rows_already_done']} rows already done), "
-        f"{secs:.1f}s ({run['pairs_written'] / secs:.2f} pairs/s, {run['tokens_scored'] / secs:.0f} tokens/s)",
+        f"  {run['pairs_written']} {unit} written, {run['rows_rejected']} rejected this run "
+        f"({run['new_shards']} shards written{repaired}; {run['rows_already_done']} {done} already done), "
+        f"{secs:.1f}s ({run['pairs_written'] / secs:.2f} {unit}/s, {run['tokens_scored'] / secs:.0f} tokens/s)",
     ]
     return "\n".join(lines)

@@ -60,6 +60,7 @@ def test_shards_rejects_and_manifest(tmp_path, tiny_model_dir, ray_session):
     out = Path(cfg.output)
     validate_manifest(m)
     assert m["rows_read"] == 30 and m["rows_written"] == 24 and m["rows_rejected"] == 6
+    assert m["input_rows_read"] == 30  # pairs: the input rows are the rows read
     assert m["rejects_by_reason"] == expected
     assert json.loads((out / "manifest.json").read_text())["pair_ids_fingerprint"] == m["pair_ids_fingerprint"]
     assert (out / "config.yaml").read_text().startswith("data:")

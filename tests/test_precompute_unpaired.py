@@ -115,6 +115,11 @@ def test_unpair_turns_each_pair_into_two_examples(tmp_path, tiny_model_dir, ray_
     manifest, out = run(tmp_path, pairs, "pairs", model=tiny_model_dir, unpair=True, format="hh")
     assert manifest["kind"] == "unpaired" and manifest["rows_read"] == 11 and manifest["rows_written"] == 10
     assert manifest["rejects_by_reason"] == {"identical_pair": 1}
+    # rows_read counts examples and rows rejected whole (= written + rejected); the input had 6 rows
+    assert manifest["input_rows_read"] == 6
+    text = precompute.summary(manifest, out)
+    assert "rows read 6 (--unpair: 10 examples, 1 row rejected whole), written 10, rejected 1" in text
+    assert "10 examples written" in text and "pairs written" not in text and "pairs/s" not in text
     got = [r for _, r in shard_rows(out, manifest)]
     assert [(r["source_index"], r["label"]) for r in got] == [(i, i % 2 == 0) for i in range(10)]
     tok = load_tokenizer(tiny_model_dir)
@@ -124,6 +129,7 @@ def test_unpair_turns_each_pair_into_two_examples(tmp_path, tiny_model_dir, ray_
             assert got[2 * i + half]["completion_ids"] == ids["completion_ids"]
     again, _ = run(tmp_path, pairs, "pairs", model=tiny_model_dir, unpair=True, format="hh")
     assert again["last_run"]["pairs_written"] == 0 and again["last_run"]["rows_already_done"] == 11
+    assert again["input_rows_read"] == 6  # the output's count, not the run's
 
     with pytest.raises(ConfigError, match="--unpair turns pairs into unpaired examples, and .* is already unpaired"):
         run(tmp_path, examples(3), "u", model=tiny_model_dir, unpair=True)
