@@ -17,6 +17,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 
 import torch
 
@@ -90,6 +91,26 @@ def with_run_settings(cfg: EvalConfig, kind: str = "paired") -> tuple[EvalConfig
     return dataclasses.replace(cfg, **values), (run.get("_source") if used_run else None)
 
 
+# Chat templates' turn markers, as decoded with special tokens: role, then content up to the turn's end.
+TURN_PATTERNS = (
+    re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>|$)", re.S),  # ChatML (SmolLM2, Qwen)
+    re.compile(r"<\|start_header_id\|>(\w+)<\|end_header_id\|>\n\n(.*?)(?:<\|eot_id\|>|$)", re.S),  # Llama 3
+    re.compile(r"<start_of_turn>(\w+)\n(.*?)(?:<end_of_turn>|$)", re.S),  # Gemma
+)
+
+
+def prompt_turns(tokenizer, prompt_ids: list[int]) -> list[dict] | None:
+    """A conversational prompt's turns ({"role", "content"}), read from its chat template's markers;
+    None for a plain-text prompt or a template of another family. The empty last turn is the
+    generation prompt (the answer's role): left out."""
+    text = tokenizer.decode(prompt_ids, skip_special_tokens=False)
+    for pattern in TURN_PATTERNS:
+        turns = [{"role": role, "content": content.strip()} for role, content in pattern.findall(text)]
+        if turns:
+            return turns[:-1] if not turns[-1]["content"] else turns
+    return None
+
+
 def _generate(model, prompt_ids: list[int], cfg: EvalConfig, seed: int, eos_id: int) -> list[int]:
     torch.manual_seed(seed)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=model.device)
@@ -120,7 +141,8 @@ def samples(cfg: EvalConfig, refs: Refs, policy, tokenizer, reference_path: str)
             seed = cfg.seed + i  # the same draw for both models
             out.append({"pair_id": p["pair_id"], "prompt": decode(p["prompt_ids"]), "chosen": decode(p["chosen_ids"]),
                         "reference": decode(_generate(reference, p["prompt_ids"], cfg, seed, tokenizer.eos_token_id)),
-                        "policy": decode(_generate(policy, p["prompt_ids"], cfg, seed, tokenizer.eos_token_id))})
+                        "policy": decode(_generate(policy, p["prompt_ids"], cfg, seed, tokenizer.eos_token_id)),
+                        **_sample_extras(tokenizer, p)})
             y = _generate(policy, p["prompt_ids"], pure, seed, tokenizer.eos_token_id)
             kl += _logp(policy, p["prompt_ids"], y) - _logp(reference, p["prompt_ids"], y)
             tokens += len(y)
@@ -128,15 +150,44 @@ def samples(cfg: EvalConfig, refs: Refs, policy, tokenizer, reference_path: str)
     return out, {"eval/kl_sampled": kl / n, "eval/kl_sampled_per_token": kl / max(tokens, 1), "kl_samples": len(pairs)}
 
 
+def _sample_extras(tokenizer, p: dict) -> dict:
+    """A sample's prompt turns (conversational prompts) and, for an unpaired example, its label."""
+    extras = {}
+    turns = prompt_turns(tokenizer, p["prompt_ids"])
+    if turns:
+        extras["turns"] = turns
+    if "label" in p:
+        extras["label"] = bool(p["label"])
+    return extras
+
+
+def _quote(text: str) -> str:
+    return "\n".join("> " + line for line in (text or "(empty)").splitlines())
+
+
+def _prompt_markdown(row: dict) -> str:
+    """The prompt as a quote: one paragraph per turn, led by its role in bold, or the plain text."""
+    if not row.get("turns"):
+        return _quote(row["prompt"])
+    return "\n>\n".join(_quote(f"**{t['role']}:** {t['content']}") for t in row["turns"])
+
+
+def _data_heading(row: dict) -> str:
+    """The data's answer: a pair's chosen one, or an unpaired example's completion with its label."""
+    if "label" not in row:
+        return "Chosen (data)"
+    return f"Completion (data, {'desirable' if row['label'] else 'undesirable'})"
+
+
 def samples_markdown(rows: list[dict], cfg: EvalConfig) -> str:
-    quote = lambda text: "\n".join("> " + line for line in (text or "(empty)").splitlines())  # noqa: E731
     parts = [f"# Side-by-side samples\n\npolicy `{cfg.model}` vs its reference; decoding: temperature "
              f"{cfg.temperature}, top_p {cfg.top_p}, max {cfg.max_new_tokens} new tokens, seed {cfg.seed} + i "
              "(the same for both models).\n"]
     for i, r in enumerate(rows, 1):
-        parts.append(f"## {i}. pair `{r['pair_id'][:12]}`\n\n**Prompt**\n\n{quote(r['prompt'])}\n\n"
-                     f"**Chosen (data)**\n\n{quote(r['chosen'])}\n\n**Reference**\n\n{quote(r['reference'])}\n\n"
-                     f"**Policy**\n\n{quote(r['policy'])}\n")
+        what = "example" if "label" in r else "pair"
+        parts.append(f"## {i}. {what} `{r['pair_id'][:12]}`\n\n**Prompt**\n\n{_prompt_markdown(r)}\n\n"
+                     f"**{_data_heading(r)}**\n\n{_quote(r['chosen'])}\n\n**Reference**\n\n"
+                     f"{_quote(r['reference'])}\n\n**Policy**\n\n{_quote(r['policy'])}\n")
     return "\n".join(parts)
 
 
@@ -153,7 +204,7 @@ def run(cfg: EvalConfig) -> dict:
     # Every streamed row is checked against the manifest, token ids against this policy's vocabulary.
     refs = dataclasses.replace(refs, vocab_size=model.get_input_embeddings().num_embeddings)
     ctx = pass_context(cfg, refs.manifest, tokenizer.pad_token_id or 0, device)
-    results = {"model": cfg.model or reference_path, "refs": cfg.refs, "pairs": refs.num_pairs,
+    results = {"model": cfg.model or reference_path, "refs": cfg.refs, "pairs": refs.num_pairs, "kind": refs.kind,
                "loss_settings_from": loss_source or "eval flags / defaults", **heldout_metrics(model, refs, ctx),
                "reference": reference_metrics(refs, ctx), "config": public(cfg)}
     out = output_dir(cfg)
@@ -186,6 +237,7 @@ def run_on_its_device(cfg: EvalConfig) -> dict:
 
 
 def summary_text(results: dict) -> str:
-    return (f"eval: {results['pairs']} held-out pairs, model {results['model']} -> "
+    what = "examples" if results.get("kind") == "unpaired" else "pairs"  # `pairs` counts either
+    return (f"eval: {results['pairs']} held-out {what}, model {results['model']} -> "
             f"{os.path.join(results['output'], 'eval.json')} (loss settings: {results['loss_settings_from']})\n"
             f"{table(results)}")

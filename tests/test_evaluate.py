@@ -140,3 +140,24 @@ def test_eval_scores_with_the_runs_loss_settings_unless_told(refs, tmp_path):
                                    progress=False))
     assert (told["config"]["beta"], told["config"]["loss_type"]) == (0.2, "ipo")
     assert told["eval/rewards/chosen"] == pytest.approx(0.2 * told["eval/logratio/chosen"], rel=1e-9)
+
+
+def test_samples_md_renders_conversational_prompts_as_turns(tokenizer):
+    """A chat-template prompt reads as one paragraph per turn, led by its role in bold, not as bare role
+    lines; a plain-text prompt (HH without a template) is quoted as it is."""
+    messages = [{"role": "user", "content": "Hi there\nsecond line"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "More?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    turns = evaluate.prompt_turns(tokenizer, ids)
+    assert [t["role"] for t in turns] == ["system", "user", "assistant", "user"]  # SmolLM2's default system turn
+    assert turns[1:] == messages
+    plain = tokenizer("\n\nHuman: Hi\n\nAssistant:")["input_ids"]
+    assert evaluate.prompt_turns(tokenizer, plain) is None
+
+    row = {"pair_id": "0" * 16, "prompt": tokenizer.decode(ids, skip_special_tokens=True), "turns": turns,
+           "chosen": "Sure.", "reference": "Ok", "policy": "Yes"}
+    md = evaluate.samples_markdown([row, {**row, "turns": None, "prompt": "Human: Hi", "label": False}],
+                                   EvalConfig(model="m"))
+    assert "> **user:** Hi there\n> second line\n>\n> **assistant:** Hello\n>\n> **user:** More?\n" in md
+    assert "\n> user\n" not in md and "\n> system\n" not in md
+    assert "> Human: Hi" in md and "## 2. example `" in md and "**Completion (data, undesirable)**" in md
