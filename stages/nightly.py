@@ -81,7 +81,8 @@ def run(cfg: RunConfig) -> dict:
     manifest = precompute.run(pre_cfg)
     print(precompute.summary(manifest, cfg.refs), flush=True)
     refs_id = {"pair_ids_fingerprint": manifest["pair_ids_fingerprint"], "rows_written": manifest["rows_written"]}
-    stages["precompute"] = {**refs_id, "last_run": manifest["last_run"], "finished_at": _now()}
+    stages["precompute"] = {**refs_id, "kind": manifest["kind"], "last_run": manifest["last_run"],
+                            "finished_at": _now()}
     storage.write_json(record_path, record)
 
     done = stages.get("train", {})
@@ -101,7 +102,7 @@ def run(cfg: RunConfig) -> dict:
         say(f"run: eval {cfg.eval_refs} with {eval_cfg.model}")
         results = evaluate.run_on_its_device(eval_cfg)
         print(evaluate.summary_text(results), flush=True)
-        stages["eval"] = {k: v for k, v in results.items() if k.startswith("eval/") or k == "pairs"}
+        stages["eval"] = {k: v for k, v in results.items() if k.startswith("eval/") or k in ("pairs", "kind")}
         stages["eval"]["finished_at"] = _now()
     record["finished_at"] = _now()
     storage.write_json(record_path, record)
@@ -110,15 +111,27 @@ def run(cfg: RunConfig) -> dict:
     return record
 
 
+# The eval figures in the summary, those the run's loss reports: pairs have an accuracy, KTO a KL estimate.
+EVAL_KEYS = ("eval/rewards/accuracies", "eval/rewards/margins", "eval/kl", "eval/loss")
+
+
 def summary_text(record: dict) -> str:
     lines = [f"run: {record['run']}"]
     for name, stage in record["stages"].items():
-        detail = {"precompute": lambda s: f"{s['last_run']['pairs_written']} new pairs, {s['rows_written']} in all",
-                  "train": lambda s: f"{s['outcome']} at step {s['steps']} -> {s['weights']}",
-                  "eval": lambda s: ", ".join(f"{k} {s[k]:.4f}" for k in ("eval/rewards/accuracies",
-                                                                            "eval/rewards/margins", "eval/loss"))}
-        lines.append(f"  {name:<10} {detail[name](stage)}")
+        lines.append(f"  {name:<10} {_STAGE_LINES[name](stage)}")
     return "\n".join(lines)
+
+
+def _precompute_line(stage: dict) -> str:
+    unit = "examples" if stage.get("kind") == "unpaired" else "pairs"  # records before `kind`: pairs
+    return f"{stage['last_run']['pairs_written']} new {unit}, {stage['rows_written']} in all"
+
+
+_STAGE_LINES = {
+    "precompute": _precompute_line,
+    "train": lambda s: f"{s['outcome']} at step {s['steps']} -> {s['weights']}",
+    "eval": lambda s: ", ".join(f"{k} {s[k]:.4f}" for k in EVAL_KEYS if k in s),
+}
 
 
 def _absolute(url: str | None) -> str | None:
