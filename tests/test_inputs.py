@@ -69,6 +69,9 @@ def test_missing_file_lists_what_is_there(tmp_path):
 def test_missing_column_lists_columns():
     with pytest.raises(DataError, match=r"'chosen'.*the input has: 'question', 'rejected'"):
         check_columns({"question": "q", "rejected": "r"}, "standard", CFG)
+    # prompts without answers (generate's input, such as the embedded prompts): how to make pairs of them
+    with pytest.raises(DataError, match=r"the input has: 'prompt'\. It holds prompts only: .*generate.*judge"):
+        check_columns({"prompt": "q"}, "standard", CFG)
     cfg = PrecomputeConfig(chosen_column="better", rejected_column="worse", prompt_column="question")
     row = normalise({"question": "Q?", "better": "yes", "worse": "no"}, "standard", cfg)
     assert row == {"prompt": "Q?", "chosen": "yes", "rejected": "no"}

@@ -504,4 +504,14 @@ def check_columns(first_row: Any, layout: str, cfg: Any) -> None:
     missing = [c for c in need if c not in first_row]
     if missing:
         raise DataError(f"column(s) {', '.join(map(repr, missing))} not found for format '{layout}'; "
-                        f"the input has: {', '.join(map(repr, first_row.keys()))}")
+                        f"the input has: {', '.join(map(repr, first_row.keys()))}" + _prompts_only(first_row, cfg))
+
+
+def _prompts_only(row: dict, cfg: Any) -> str:
+    """A hint for a row with a prompt and nothing to compare (generate's input given as pairs)."""
+    answers = [getattr(cfg, k, d) for k, d in (("chosen_column", "chosen"), ("rejected_column", "rejected"),
+                                               ("completion_column", "completion"))]
+    if getattr(cfg, "prompt_column", "prompt") in row and not any(a in row for a in answers):
+        return (". It holds prompts only: sample answers with pipeline.py generate, make pairs of them with "
+                "pipeline.py judge, and give the judge's output here (pipeline.py iterate does all of it)")
+    return ""
