@@ -267,3 +267,25 @@ def test_detection():
     assert not is_unpaired(["Q", "A", True])
     for r in unpair({"prompt": "Q", "chosen": "A", "rejected": "B"}):
         assert is_unpaired(r)
+
+
+def test_a_duplicate_example_is_called_an_example_not_a_pair():
+    import json
+
+    import pyarrow as pa
+
+    from stages.core.row_plan import INPUT, PAIR, PLAN_SCHEMA, mark_duplicates, pair_id
+
+    def plan_row(index, row, kind=INPUT, held_in=None):
+        return {"source_index": index, "pair_id": pair_id(row), "row_json": json.dumps(row), "kind": kind,
+                "held_in": held_in}
+
+    example, pair = {"prompt": "Q", "completion": "A", "label": True}, {"prompt": "Q", "chosen": "A", "rejected": "B"}
+    other = {"prompt": "R", "completion": "A", "label": False}
+    block = pa.Table.from_pylist([plan_row(0, example), plan_row(1, example), plan_row(2, pair), plan_row(3, pair),
+                                  plan_row(4, other), plan_row(9, other, PAIR, "shards/shard-00000.parquet")],
+                                 schema=PLAN_SCHEMA)
+    details = {r["source_index"]: r["reject_detail"] for r in mark_duplicates(block).to_pylist()}
+    assert details[1] == "same prompt/completion/label as source_index 0"
+    assert details[3] == "same prompt/chosen/rejected as source_index 2"
+    assert details[4] == "same prompt/completion/label as an example already in shards/shard-00000.parquet"

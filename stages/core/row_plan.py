@@ -317,19 +317,25 @@ def count_kind(block: pa.Table, kind: int) -> pa.Table:
 def mark_duplicates(block: pa.Table) -> pa.Table:
     """Ray Data step after the shuffle by pair id (whole pairs per block): every input row of a pair but
     the first becomes a `duplicate` reject; all of them when the output already holds the pair."""
-    held = {p: f"a pair already in {w}" for p, w, kind in zip(*(block.column(c).to_pylist()
-                                                                 for c in ("pair_id", "held_in", "kind")))
+    held = {p: w for p, w, kind in zip(*(block.column(c).to_pylist() for c in ("pair_id", "held_in", "kind")))
             if kind == PAIR}
     rows = block.filter(pc.equal(block["kind"], INPUT)).sort_by("source_index")
     first: dict[str, str] = {}
     reasons, details = rows.column("reject_reason").to_pylist(), rows.column("reject_detail").to_pylist()
+    texts = rows.column("row_json").to_pylist()
     for i, (pid, index) in enumerate(zip(rows.column("pair_id").to_pylist(), rows.column("source_index").to_pylist())):
-        seen = held.get(pid) or first.get(pid)
-        if seen:
-            reasons[i], details[i] = "duplicate", f"same prompt/chosen/rejected as {seen}"
+        if pid in held or pid in first:
+            reasons[i], details[i] = "duplicate", _duplicate_detail(texts[i], first.get(pid), held.get(pid))
         else:
             first[pid] = f"source_index {index}"
     return _with(_with(rows, "reject_reason", reasons), "reject_detail", details)
+
+
+def _duplicate_detail(row_json: str, earlier: str | None, held_in: str | None) -> str:
+    """What a duplicate repeats, in the words of its kind: an unpaired example (KTO data, --unpair) is no pair."""
+    unpaired = "completion" in json.loads(row_json)
+    fields, what = ("prompt/completion/label", "an example") if unpaired else ("prompt/chosen/rejected", "a pair")
+    return f"same {fields} as " + (f"{what} already in {held_in}" if held_in else earlier)
 
 
 # --- 5. shards -----------------------------------------------------------------------------------
