@@ -331,9 +331,9 @@ def mark_duplicates(block: pa.Table) -> pa.Table:
     return _with(_with(rows, "reject_reason", reasons), "reject_detail", details)
 
 
-def _duplicate_detail(row_json: str, earlier: str | None, held_in: str | None) -> str:
+def _duplicate_detail(row_json: str | None, earlier: str | None, held_in: str | None) -> str:
     """What a duplicate repeats, in the words of its kind: an unpaired example (KTO data, --unpair) is no pair."""
-    unpaired = "completion" in json.loads(row_json)
+    unpaired = row_json is not None and "completion" in json.loads(row_json)
     fields, what = ("prompt/completion/label", "an example") if unpaired else ("prompt/chosen/rejected", "a pair")
     return f"same {fields} as " + (f"{what} already in {held_in}" if held_in else earlier)
 
