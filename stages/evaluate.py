@@ -53,12 +53,22 @@ def output_dir(cfg: EvalConfig) -> str:
     return storage.join(cfg.model, "eval") if cfg.model else "runs/eval"
 
 
+# KTO's figures keep TRL's keys (chosen: desirable examples, rejected: undesirable ones); the table says which.
+UNPAIRED_NAMES = {"eval/rewards/chosen": "reward desirable", "eval/rewards/rejected": "reward undesirable",
+                  "eval/rewards/margins": "mean margin (desirable - undesirable)"}
+
+
+def _cell(value: float, key: str) -> str:
+    return f"{value:.0f}" if key.startswith("eval/count/") else f"{value:.4f}"
+
+
 def table(results: dict) -> str:
     """Policy beside reference, one row per metric (the sampled KL has no reference column: it is 0)."""
     base = results.get("reference", {})
+    names = UNPAIRED_NAMES if results.get("kind") == "unpaired" else {}
     lines = ["| metric | reference | policy |", "|---|---:|---:|"]
-    cell = lambda key: f"{base[key]:.4f}" if key in base else ""  # noqa: E731
-    lines += [f"| {name} | {cell(key)} | {results[key]:.4f} |" for name, key in ROWS if key in results]
+    lines += [f"| {names.get(key, name)} | {_cell(base[key], key) if key in base else ''} | "
+              f"{_cell(results[key], key)} |" for name, key in ROWS if key in results]
     return "\n".join(lines)
 
 

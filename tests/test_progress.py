@@ -72,6 +72,8 @@ def test_the_kto_walkthrough_runs_with_the_bar(kto):
 
     out, _ = kto["eval"]
     assert "eval: 8 held-out examples" in out and "| KL estimate, mismatched completions (KTO) |" in out
+    assert "| reward desirable |" in out and "| mean margin (desirable - undesirable) |" in out
+    assert "| desirable examples | 6 | 6 |" in out  # counts, as counts
     md = (kto["root"] / "kto" / "final" / "eval" / "samples.md").read_text()
     assert "## 1. example `" in md and ("**Completion (data, desirable)**" in md
                                         or "**Completion (data, undesirable)**" in md)
