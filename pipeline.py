@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"error: {unknown_command(argv[0])}", file=sys.stderr)
         return 2
-    from stages.core.errors import PipelineError
+    from stages.core.errors import PipelineError, unwrap
     from stages.core.preemption import Preempted
 
     try:
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         print(str(e), file=sys.stderr)
         return 143
     except PipelineError as e:  # every user-facing error; anything else is a bug and keeps its traceback
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {unwrap(e) or e}", file=sys.stderr)  # raised in a Ray worker: its own line, not Ray's
         return 2
     except Exception as e:  # a write refused (no space, no permission, read-only), wherever a stage made it
         from stages.core.storage import write_refused

@@ -57,7 +57,7 @@ from stages.core import storage
 from stages.core.config import ConfigError, PrecomputeConfig, public, to_yaml
 from stages.core.data import MalformedRow, check_columns, embedded_layout, read_rows, resolve_source
 from stages.core.devices import ray_use_gpu, threads_per_worker
-from stages.core.errors import PipelineError
+from stages.core.errors import PipelineError, unwrap
 from stages.core.formats import detect
 from stages.core.lease import LEASE_FILE, Lease
 from stages.core.models import for_workers, load_tokenizer, resolve_model, tokenizer_hashes, weights_hash
@@ -355,19 +355,6 @@ def _polling(counter, on_progress):
         thread.join()
 
 
-def _pipeline_error(error: BaseException) -> PipelineError | None:
-    """The PipelineError a task or actor raised (Ray wraps it, sometimes twice), if that is what `error` is."""
-    from ray.exceptions import RayError
-
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, PipelineError) and not isinstance(error, RayError):
-            return error
-        error = getattr(error, "cause", None) or error.__cause__
-    return None
-
-
 def _score(cfg: PrecomputeConfig, model_path: str, plan: Plan, use_gpu: bool, on_batch,
            on_progress=None) -> list[dict]:
     """Score the plan's rows with one pool of scorers, their shards written by writer actors; returns the
@@ -443,7 +430,7 @@ class _Run:
         try:
             return self._attempts()
         except Exception as e:
-            error = _pipeline_error(e)  # a task's DataError, a writer's full disk: raised as itself
+            error = unwrap(e)  # a task's DataError, a writer's full disk: raised as itself
             if error is None or error is e:
                 raise
             raise error from None

@@ -385,3 +385,35 @@ def test_iterate_rounds_plot_layout_keeps_whole_rounds(tmp_path, saved_figures):
     assert layout_problems(saved_figures[-1]) == []
     fig, _ = saved_figures[-1]
     assert all(float(t).is_integer() for ax in fig.axes for t in ax.get_xticks())
+
+
+@pytest.mark.slow
+def test_pipeline_prints_a_ray_workers_own_error_line(ray_session, monkeypatch, capsys):
+    """A PipelineError raised in a Ray task reaches the user as its own line, not Ray's remote traceback."""
+    import ray
+
+    @ray.remote
+    def bad():
+        raise StorageError("cannot read s3://b/x: access denied")
+
+    error = _caught(bad.remote())
+
+    def command(argv):
+        raise error
+
+    monkeypatch.setitem(pipeline.COMMANDS, "inspect", command)
+    assert pipeline.main(["inspect", "x"]) == 2
+    assert capsys.readouterr().err == "error: cannot read s3://b/x: access denied\n"
+
+
+@pytest.mark.slow
+def test_a_trained_models_files_get_the_mode_of_a_plain_open(refs, tmp_path, umask_027):
+    """final/model.safetensors is written by safetensors through a 0600 temporary file: readable by others."""
+    from stages import train
+    from stages.core.config import TrainConfig
+
+    train.run(TrainConfig(refs=str(refs), output=str(tmp_path / "run"), max_steps=1, batch_size=2,
+                          micro_batch_size=2, progress=False))
+    final = tmp_path / "run" / "final"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in final.iterdir() if p.is_file()}
+    assert modes["model.safetensors"] == umask_027 and set(modes.values()) == {umask_027}, modes

@@ -306,6 +306,7 @@ def save_weights(run: Run, name: str) -> None:
         state = parallel.merge_lora(state, run.lora)
     run.model.save_pretrained(folder, state_dict=state, safe_serialization=True)
     run.tokenizer.save_pretrained(folder)
+    storage.plain_modes(folder)  # safetensors writes through a 0600 temporary file: others could not read it
 
 
 def checkpoint_step(run: Run, end: int, preempted: bool = False) -> None:
