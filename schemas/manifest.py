@@ -5,7 +5,8 @@ from schemas.shards import SchemaError
 FORMAT_VERSION = 1
 
 # Required keys -> expected JSON type(s). The precompute also writes data_sources (every --data an
-# output was grown from), data_path (the resolved input), tokens and last_run (what the last
+# output was grown from), data_path (the resolved input), input_rows_read (input rows: rows_read counts
+# examples under --unpair, two per row), tokens and last_run (what the last
 # invocation did: seconds, data, pairs_written, rows_rejected, pairs_scored (= pairs_written),
 # tokens_scored, new_shards, shards_repaired, rows_already_done).
 MANIFEST_KEYS = {
@@ -31,9 +32,10 @@ MANIFEST_KEYS = {
 # Required in every shard entry. The precompute also writes, per shard: bytes (the shard file's size),
 # source_indices ([first, last] input row, or null), data (the --data it came from), source (that
 # --data as an absolute path where local), rows_read, rejects_path, rejects, rejects_sha256,
-# rejects_by_reason, tokens (prompt counted once per answer), pair_ids_sum (sum mod 2**256 of
-# sha256(pair_id) over its pairs, hex), keys_path (its row keys) and finished_at (UTC, ISO 8601).
-# Outputs written before bytes, source and rejects_sha256 existed lack them; readers must not need them.
+# rejects_bytes (its size), rejects_by_reason, tokens (prompt counted once per answer), pair_ids_sum
+# (sum mod 2**256 of sha256(pair_id) over its pairs, hex), keys_path (its row keys) and finished_at (UTC,
+# ISO 8601). Outputs written before bytes, source, rejects_sha256 and rejects_bytes existed lack them;
+# readers must not need them.
 SHARD_ENTRY_KEYS = {"path": str, "rows": int, "sha256": str}
 
 

@@ -207,12 +207,12 @@ def test_plain_inspect_of_a_sound_output_exits_0(tmp_path, capsys):
     assert "rows read 3, written 3" in out.out and "warning" not in out.err
 
 
-@pytest.mark.parametrize("damage", ["truncated", "grown", "missing", "rejects missing"])
+@pytest.mark.parametrize("damage", ["truncated", "grown", "missing", "rejects missing", "rejects truncated"])
 def test_plain_inspect_warns_of_a_damaged_file_and_exits_2(damage, tmp_path, capsys):
     entry = fake_refs(tmp_path)
-    target = tmp_path / (entry["rejects_path"] if damage == "rejects missing" else entry["path"])
+    target = tmp_path / (entry["rejects_path"] if damage.startswith("rejects") else entry["path"])
     data = target.read_bytes()
-    if damage == "truncated":
+    if damage.endswith("truncated"):
         target.write_bytes(data[: len(data) // 2])
     elif damage == "grown":
         target.write_bytes(data + b"\0" * 10)
@@ -220,7 +220,7 @@ def test_plain_inspect_warns_of_a_damaged_file_and_exits_2(damage, tmp_path, cap
         target.unlink()
     assert pipeline.main(["inspect", str(tmp_path), "--examples", "0"]) == 2
     captured = capsys.readouterr()
-    name = entry["rejects_path"] if damage == "rejects missing" else entry["path"]
+    name = entry["rejects_path"] if damage.startswith("rejects") else entry["path"]
     warning = [line for line in captured.err.splitlines() if line.startswith("warning: ")]
     assert len(warning) == 1 and name in warning[0], captured.err
     assert f"pipeline.py inspect {tmp_path} --verify" in captured.err and "Traceback" not in captured.err

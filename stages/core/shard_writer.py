@@ -102,7 +102,7 @@ def write_shard(output: str, k: int, results: list[dict], rows_read: int, data: 
              "sha256": storage.sha256_bytes(shard_data), "source_indices": [idx[0], idx[-1]] if idx else None,
              "data": data, "source": source, "rows_read": rows_read,
              "rejects_path": f"rejects/{shard_name(k)}.parquet", "rejects": len(rejects),
-             "rejects_sha256": storage.sha256_bytes(rej_data),
+             "rejects_sha256": storage.sha256_bytes(rej_data), "rejects_bytes": len(rej_data),
              "rejects_by_reason": dict(Counter(r["reason"] for r in rejects)),
              "tokens": sum(pair_tokens(r) for r in rows), "keys_path": keys_path(k),
              "pair_ids_sum": f"{pair_ids_sum(r['pair_id'] for r in rows):064x}",
