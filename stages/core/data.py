@@ -82,8 +82,8 @@ NOT_DATA = {
     "candidates": "{url} is generate's output: prompts with sampled responses, not pairs. Judge them into pairs "
                   "first (pipeline.py judge --candidates {url} --output PAIRS) and read PAIRS; generate --prompts "
                   "takes this folder as it is (its prompts)",
-    "refs": "{url} is precompute's output (reference log-probs), not input data: give it to train, eval or sweep as "
-            "--refs, or give --data the file(s) it was made from",
+    "refs": "{url} is precompute's output (reference log-probs), not input data: train, eval and sweep take it "
+            "as --refs",
     "rounds": "{url} holds iterate's rounds, not input data: each round's pairs are in {url}/round-K/pairs",
 }
 
