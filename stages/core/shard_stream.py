@@ -226,5 +226,5 @@ def batches(refs: Refs, batch_size: int, seed: int, buffer_size: int, start_epoc
         if batch:
             yield epoch, consumed, batch
         if consumed == 0:
-            raise ShardError(f"{refs.root} holds no pairs")
+            raise ShardError(f"{refs.root} holds no {'examples' if refs.kind == 'unpaired' else 'pairs'}")
         epoch, skip = epoch + 1, 0
