@@ -82,9 +82,6 @@ def _reject(index: int, reason: str, detail: str, raw) -> dict:
 
 def run(cfg: GenerateConfig) -> dict:
     """Generate; returns the manifest (with `skipped`: True when a finished output was kept)."""
-    if cfg.limit == 0:  # allowed by the config (0 or more); here it can only mean a mistake
-        raise ConfigError("config key 'limit': --limit 0 reads no prompts; give 1 or more, or leave it out to "
-                          "read every prompt")
     started = time.time()
     storage.configure(cfg.storage_options_dict)
     model_path = resolve_model(cfg.model)

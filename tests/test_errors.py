@@ -31,6 +31,8 @@ def test_every_error_class_is_a_pipeline_error():
     (["train", "--batch-size", "0"], "config key 'batch_size': must be positive"),
     (["train", "--config", "no/such/config.yaml"], "no/such/config.yaml: cannot read the config file"),
     (["eval", "--refs", "no/such/refs"], "no manifest.json in no/such/refs"),
+    (["precompute", "--limit", "0"], "config key 'limit': --limit 0 reads no input rows; give 1 or more"),
+    (["generate", "--limit", "0"], "config key 'limit': --limit 0 reads no prompts; give 1 or more"),
 ])
 def test_errors_print_one_line_and_exit_2(argv, message, capsys):
     assert pipeline.main(argv) == 2

@@ -146,7 +146,7 @@ def test_a_task_error_is_one_line(tmp_path, tiny_model_dir, ray_session, capsys)
     (tmp_path / "in" / "d.json").write_text('[{"chosen": "a", "rejected": "b"}, {"cho')
     capsys.readouterr()
     args = ["precompute", "--data", str(tmp_path / "in"), "--model", tiny_model_dir, "--output",
-            str(tmp_path / "out2"), "--progress", "false"]
+            str(tmp_path / "out2"), "--progress", "false", "--format", "standard"]  # no note on HH-looking text
     assert pipeline.main(args) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "d.json: not valid JSON" in err[0], err

@@ -106,3 +106,16 @@ def test_a_full_disk_is_named_and_leaves_no_file(tmp_path, monkeypatch, code, wh
             storage.write_bytes_atomic(str(path), b"data")
     assert not new.exists() and old.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.json"]
+
+
+def test_missing_cloud_credentials_are_one_line():
+    """botocore's NoCredentialsError (no AWS_* variables, profile or role) is a StorageError naming the URL."""
+    from botocore.exceptions import NoCredentialsError
+
+    from stages.core.storage import StorageError, retrying
+
+    def no_credentials():
+        raise NoCredentialsError()
+
+    with pytest.raises(StorageError, match=r"^no credentials for s3://bucket/refs: set AWS_ACCESS_KEY_ID"):
+        retrying("s3://bucket/refs", no_credentials)

@@ -85,6 +85,13 @@ def redact(value: Any) -> Any:
     return value
 
 
+def _check_limit(limit: int | None, reads: str) -> None:
+    """--limit N reads the first N rows; 0 would read nothing, which can only be a mistake."""
+    if limit is not None and limit <= 0:
+        raise ConfigError(f"config key 'limit': --limit {limit} reads no {reads}; give 1 or more, or leave it out "
+                          f"to read every one")
+
+
 def _positive(cfg: Any, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
@@ -158,8 +165,7 @@ class PrecomputeConfig(Common):
         super().check()
         _positive(self, "batch_size", "num_workers", "gpus_per_worker", "rows_per_shard", "max_length",
                   "max_prompt_length")
-        if self.limit is not None and self.limit < 0:
-            raise ConfigError(f"config key 'limit': must be 0 or more, got {self.limit}")
+        _check_limit(self.limit, "input rows")
         ml, mpl = self.max_length, self.max_prompt_length
         if ml is not None and mpl is not None and mpl >= ml:
             raise ConfigError(f"config key 'max_prompt_length': {mpl} leaves no room under max_length {ml}")
@@ -405,8 +411,7 @@ class GenerateConfig(Sampling, Common):
         super().check()
         self.check_sampling()
         _positive(self, "batch_size", "num_workers", "rows_per_file")
-        if self.limit is not None and self.limit < 0:
-            raise ConfigError(f"config key 'limit': must be 0 or more, got {self.limit}")
+        _check_limit(self.limit, "prompts")
 
 
 @dataclass(frozen=True)

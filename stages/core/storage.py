@@ -207,6 +207,11 @@ def is_transient(error: BaseException) -> bool:
                          "ClientConnectionError", "ServerDisconnectedError", "ClientPayloadError"})
 
 
+def _is_missing_credentials(error: BaseException) -> bool:
+    """botocore's NoCredentialsError / PartialCredentialsError (matched by name: storage imports no cloud SDK)."""
+    return any(k.__name__ in ("NoCredentialsError", "PartialCredentialsError") for k in type(error).__mro__)
+
+
 def retrying(url: str, fn, *args, **kwargs):
     """Run a remote operation, retrying transient failures with exponential backoff (see the top).
 
@@ -225,6 +230,9 @@ def retrying(url: str, fn, *args, **kwargs):
             raise StorageError(f"access denied: {url}") from None
         except Exception as e:
             if not is_transient(e):
+                if _is_missing_credentials(e):
+                    raise StorageError(f"no credentials for {_public(url)}: set AWS_ACCESS_KEY_ID and "
+                                       "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, a role, or --storage-options") from None
                 if isinstance(e, OSError):
                     raise StorageError(f"storage error for {url}: {e}") from None
                 raise
