@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {unknown_command(argv[0])}", file=sys.stderr)
         return 2
     from stages.core.errors import PipelineError, unwrap
-    from stages.core.preemption import Preempted
+    from stages.core.runtime.preemption import Preempted
 
     try:
         return COMMANDS[argv[0]](argv[1:])

@@ -34,8 +34,8 @@ DATA = str(ROOT / "data" / "hh_rlhf_helpful_base_demo_train.jsonl.gz")
 def rows(n: int) -> list[dict]:
     """The first n embedded pairs as TRL rows (our hh adapter's output: the same tokens for both)."""
     from stages.core.config import PrecomputeConfig
-    from stages.core.data import read_rows
-    from stages.core.formats import normalise
+    from stages.core.inputs.formats import normalise
+    from stages.core.inputs.readers import read_rows
 
     cfg = PrecomputeConfig()
     out = []
@@ -48,14 +48,14 @@ def stream_order(refs: str) -> list[int]:
     """Source rows in the order our trainer streams them with a shuffle buffer of 1 (epoch 0, seed 0)."""
     import pyarrow.parquet as pq
 
-    from stages.core import shard_stream
+    from stages.core.refs import stream
 
-    loaded = shard_stream.load_refs(refs)
+    loaded = stream.load_refs(refs)
     index = {}
     for shard in loaded.manifest["shards"]:
         t = pq.read_table(os.path.join(refs, shard["path"]), columns=["pair_id", "source_index"])
         index.update(zip(t.column("pair_id").to_pylist(), t.column("source_index").to_pylist()))
-    return [index[p["pair_id"]] for p in shard_stream.epoch_pairs(loaded, 0, 0, 1)]
+    return [index[p["pair_id"]] for p in stream.epoch_pairs(loaded, 0, 0, 1)]
 
 
 def peak_memory_mb() -> float:
@@ -110,7 +110,7 @@ def work(mode: str, a) -> dict:
     import torch
     from datasets import Dataset
 
-    from stages.core.models import embedded_model_path, load_tokenizer
+    from stages.core.runtime.models import embedded_model_path, load_tokenizer
 
     model_path = str(embedded_model_path())
     tok = load_tokenizer(model_path)
@@ -122,7 +122,7 @@ def work(mode: str, a) -> dict:
 
         from stages import precompute
         from stages.core.config import PrecomputeConfig
-        from stages.core.scorer import ReferenceScorer, tokenize_batch
+        from stages.core.scoring.scorer import ReferenceScorer, tokenize_batch
 
         # Compute only, like TRL's number: the scorer class on tokenized pairs, model already loaded.
         recs = [{"pair_id": str(i), "row_key": str(i), "source_index": i, "shard": 0, "row_json": json.dumps(r)}
@@ -261,7 +261,7 @@ def main() -> None:
 
 def precompute_table(a, ours: dict, trl: dict) -> None:
     peak = matmul_peak(a.dtype)
-    from stages.core.models import embedded_model_path, load_model
+    from stages.core.runtime.models import embedded_model_path, load_model
 
     params = sum(p.numel() for p in load_model(str(embedded_model_path())).parameters())
     # The work the task needs: one forward over every distinct token (prompt once). MFU does not

@@ -18,7 +18,7 @@ For each size, in one run, each measurement in its own process:
     processes (raylet, GCS, the tokenize and scorer workers) have memory of their own and are not
     counted.
   * the baseline: one plain Python process, no Ray, that streams the same JSONL, tokenizes every pair
-    as TRL 1.16 does (`stages.core.tokenization`: tokenize_row, truncate, scored_sequence) and scores
+    as TRL 1.16 does (`stages.core.inputs.tokenization`: tokenize_row, truncate, scored_sequence) and scores
     chosen and rejected of B pairs at a time in one right-padded batch with a plain forward (full
     logits, log_softmax, gather). Its peak RSS: the same VmHWM, sampled by the parent and read by the
     process itself at its end.
@@ -109,7 +109,7 @@ def make_model(folder: Path, words: list[str], seed: int = 0) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
-    from stages.core.models import embedded_model_path, load_tokenizer
+    from stages.core.runtime.models import embedded_model_path, load_tokenizer
 
     smol = load_tokenizer(str(embedded_model_path()))
     template = smol.chat_template
@@ -160,9 +160,9 @@ def baseline(data: str, model_dir: str, batch_size: int, max_length: int, values
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stages.core.formats import RowRejected
-    from stages.core.models import load_tokenizer
-    from stages.core.tokenization import scored_sequence, tokenize_row, truncate
+    from stages.core.inputs.formats import RowRejected
+    from stages.core.inputs.tokenization import scored_sequence, tokenize_row, truncate
+    from stages.core.runtime.models import load_tokenizer
 
     t = time.perf_counter()
     tok = load_tokenizer(model_dir)

@@ -6,7 +6,7 @@
 Every case starts its workers afresh with torch.multiprocessing (spawn; gloo on 127.0.0.1, a free
 port). Each worker seeds, builds the same randomly initialised Llama (SmolLM2-135M's shapes with
 fewer layers), adds LoRA adapters when the case asks (r 16 on every linear layer but the LM head,
-through `stages.core.parallel.add_lora`), wraps it with `stages.core.parallel.wrap` as the trainer
+through `stages.core.training.parallel.add_lora`), wraps it with `stages.core.training.parallel.wrap` as the trainer
 does, and runs a few AdamW (fused) steps on a fixed random batch of its own, the loss being the mean
 token cross-entropy computed through the wrapper. Then it measures, in its own process:
 
@@ -69,7 +69,7 @@ def _worker(rank: int, world: int, port: int, job: dict, out_dir: str) -> None:
     import torch.distributed as dist
     from transformers import LlamaForCausalLM
 
-    from stages.core import parallel
+    from stages.core.training import parallel
 
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft's
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -78,7 +78,7 @@ def make_model(path: Path) -> list[str]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from stages.core.models import embedded_model_path, load_tokenizer
+    from stages.core.runtime.models import embedded_model_path, load_tokenizer
 
     tok = load_tokenizer(str(embedded_model_path()))
     torch.manual_seed(0)
@@ -96,10 +96,11 @@ def make_model(path: Path) -> list[str]:
 
 def hold_whole_set() -> None:
     """The failure the benchmark must catch: the trainer's stream lists the whole epoch first."""
-    from stages.core import shard_stream, trainer
+    from stages.core.refs import stream
+    from stages.core.training import trainer
 
     def batches(refs, batch_size, seed, buffer_size, start_epoch=0, skip=0, verify=True):
-        held = list(shard_stream.epoch_pairs(refs, start_epoch, seed, buffer_size, verify))  # every pair, at once
+        held = list(stream.epoch_pairs(refs, start_epoch, seed, buffer_size, verify))  # every pair, at once
         while True:
             for i in range(0, len(held), batch_size):
                 yield start_epoch, min(i + batch_size, len(held)), held[i:i + batch_size]
@@ -138,7 +139,7 @@ def work(job: dict) -> dict:
 
         import psutil
 
-        from stages.core.shard_stream import epoch_pairs, iter_rows, load_refs, verify_shard
+        from stages.core.refs.stream import epoch_pairs, iter_rows, load_refs, verify_shard
 
         refs = load_refs(job["refs"])
         for shard, url in zip(refs.manifest["shards"], refs.shard_urls()):

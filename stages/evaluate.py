@@ -22,14 +22,14 @@ import re
 import torch
 
 from stages.core import storage
-from stages.core.checkpoint import load_policy_model
 from stages.core.config import EvalConfig, public
-from stages.core.devices import pick_device
-from stages.core.layout import pad_batch
-from stages.core.logprobs import sequence_logps
-from stages.core.models import load_model, load_tokenizer, resolve_model, tokenizer_hashes
-from stages.core.policy_pass import heldout_metrics, pass_context, reference_metrics
-from stages.core.shard_stream import Refs, check_tokenizer, epoch_pairs, load_refs
+from stages.core.refs.stream import Refs, check_tokenizer, epoch_pairs, load_refs
+from stages.core.runtime.devices import pick_device
+from stages.core.runtime.models import load_model, load_tokenizer, resolve_model, tokenizer_hashes
+from stages.core.scoring.logprobs import sequence_logps
+from stages.core.scoring.packing import pad_batch
+from stages.core.training.checkpoint import load_policy_model
+from stages.core.training.policy_pass import heldout_metrics, pass_context, reference_metrics
 
 ROWS = [("preference accuracy", "eval/rewards/accuracies"), ("mean margin", "eval/rewards/margins"),
         ("reward chosen", "eval/rewards/chosen"), ("reward rejected", "eval/rewards/rejected"),
@@ -238,8 +238,8 @@ def run_on_its_device(cfg: EvalConfig) -> dict:
         return run(cfg)
     import ray
 
-    from stages.core.devices import wait_for_gpus
-    from stages.core.ray_runtime import init_ray
+    from stages.core.runtime.cluster import init_ray
+    from stages.core.runtime.devices import wait_for_gpus
 
     init_ray(1)
     wait_for_gpus("evaluation", 1, 1, cfg.gpu_wait_seconds)

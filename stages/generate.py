@@ -8,7 +8,7 @@ files `candidates-NNNNN.parquet` of `rows_per_file` prompts, in input order, wri
 
 A finished output (its manifest) with the same settings is not generated again: the command says so and
 returns; other settings are refused unless --overwrite. The same command with the same seed gives the
-same samples (`stages.core.sampling`).
+same samples (`stages.core.online.sampling`).
 """
 
 from __future__ import annotations
@@ -20,15 +20,16 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.core import sampling, storage
+from stages.core import storage
 from stages.core.config import ConfigError, GenerateConfig, public
-from stages.core.data import MalformedRow
-from stages.core.devices import ray_use_gpu, say, threads_per_worker
+from stages.core.inputs.prompts import prompt_id, read_prompts
+from stages.core.inputs.readers import MalformedRow
 from stages.core.lease import Lease
-from stages.core.models import for_workers, load_tokenizer, resolve_model, tokenizer_hashes, weights_hash
-from stages.core.prompts import prompt_id, read_prompts
-from stages.core.ray_runtime import actor_pool_map, init_ray, quiet_ray_data
-from stages.core.sampling import CANDIDATE_SCHEMA, Sampler
+from stages.core.online import sampling
+from stages.core.online.sampling import CANDIDATE_SCHEMA, Sampler
+from stages.core.runtime.cluster import actor_pool_map, init_ray, quiet_ray_data
+from stages.core.runtime.devices import ray_use_gpu, say, threads_per_worker
+from stages.core.runtime.models import for_workers, load_tokenizer, resolve_model, tokenizer_hashes, weights_hash
 
 FORMAT_VERSION = 1
 SETTINGS = ("prompts", "format", "prompt_column", "split", "limit", "num_samples", "temperature", "top_p",

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from stages.core import storage
 from stages.core.config import Parser, parse_storage_options, with_default
 from stages.core.plots import margin_histogram
-from stages.core.shard_stream import Refs, ShardError, iter_rows, load_refs
+from stages.core.refs.stream import Refs, ShardError, iter_rows, load_refs
 
 
 def _file_problem(root: str, path: str, size: int | None, sha256: str | None) -> str | None:
@@ -198,7 +198,7 @@ def report(refs: Refs, examples: int = 2) -> tuple[str, dict]:
 
 
 def _examples(refs: Refs, n: int) -> list[str]:
-    from stages.core.models import load_tokenizer, resolve_model
+    from stages.core.runtime.models import load_tokenizer, resolve_model
 
     try:
         tok = load_tokenizer(resolve_model(refs.manifest["reference_model"]["path"]))

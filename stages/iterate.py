@@ -41,10 +41,10 @@ from stages.core.config import (
     from_mapping,
     parse_options,
 )
-from stages.core.data import DataError
-from stages.core.devices import say
 from stages.core.errors import PipelineError
+from stages.core.inputs.readers import DataError
 from stages.core.lease import Lease
+from stages.core.runtime.devices import say
 
 DEFAULT_REWARD_FN = "stages.rewards:concise"
 
@@ -178,8 +178,8 @@ def run(cfg: IterateConfig) -> dict:
 def _check_judge_and_refs(cfg: IterateConfig, judge_cfg: JudgeConfig) -> None:
     """What the rounds use only after sampling (the judge) or training (the held-out refs), checked first:
     a typo found there would cost a round."""
-    from stages.core.judges import check_reward_model, load_reward_fn
-    from stages.core.models import resolve_model
+    from stages.core.online.judges import check_reward_model, load_reward_fn
+    from stages.core.runtime.models import resolve_model
 
     if judge_cfg.judge == "reward_model":
         check_reward_model(resolve_model(judge_cfg.reward_model))

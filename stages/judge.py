@@ -1,6 +1,6 @@
 """`pipeline.py judge`: candidates (generate's output) -> preference pairs that precompute reads.
 
-Every candidate response gets a score from one judge (`stages.core.judges`: a reward model or the implicit
+Every candidate response gets a score from one judge (`stages.core.online.judges`: a reward model or the implicit
 reward in Ray actors, a Python function here) or a human label from a sheet; `select_pairs` makes the pairs.
 Written to --output:
 
@@ -27,11 +27,11 @@ import pyarrow as pa
 
 from stages.core import storage
 from stages.core.config import ConfigError, JudgeConfig, public
-from stages.core.data import DataError, check_exists
-from stages.core.devices import ray_use_gpu, say, threads_per_worker
 from stages.core.errors import PipelineError
-from stages.core.formats import RowRejected, _is_blank
-from stages.core.judges import (
+from stages.core.inputs.formats import RowRejected, _is_blank
+from stages.core.inputs.readers import DataError, check_exists
+from stages.core.lease import Lease
+from stages.core.online.judges import (
     ImplicitScorer,
     RewardScorer,
     call_reward_fn,
@@ -40,7 +40,7 @@ from stages.core.judges import (
     load_reward_fn,
     select_pairs,
 )
-from stages.core.lease import Lease
+from stages.core.runtime.devices import ray_use_gpu, say, threads_per_worker
 from stages.generate import finished, read_candidates
 
 
@@ -88,7 +88,7 @@ def flatten(rows: list[dict]) -> tuple[list[dict], dict[str, tuple[str, str]]]:
 def _score_with_actors(cfg: JudgeConfig, cands: list[dict], actor, args: dict) -> dict[str, tuple[float | None, str]]:
     import ray
 
-    from stages.core.ray_runtime import actor_pool_map, init_ray, quiet_ray_data
+    from stages.core.runtime.cluster import actor_pool_map, init_ray, quiet_ray_data
 
     init_ray(cfg.num_workers + 1)
     quiet_ray_data()
@@ -107,8 +107,8 @@ def _score_with_actors(cfg: JudgeConfig, cands: list[dict], actor, args: dict) -
 
 
 def _implicit_args(cfg: JudgeConfig) -> dict:
-    from stages.core.models import resolve_model
-    from stages.core.shard_stream import load_refs
+    from stages.core.refs.stream import load_refs
+    from stages.core.runtime.models import resolve_model
     from stages.evaluate import _run_config
 
     if "://" not in cfg.implicit:  # a local policy checked here: an actor that cannot load it is a Ray traceback
@@ -134,7 +134,7 @@ def score(cfg: JudgeConfig, cands: list[dict]) -> tuple[dict[str, float], dict[s
                 rejects[c["key"]] = (e.reason, e.detail)
         return scores, rejects
     if cfg.judge == "reward_model":
-        from stages.core.models import for_workers, resolve_model
+        from stages.core.runtime.models import for_workers, resolve_model
 
         path = resolve_model(cfg.reward_model)
         check_reward_model(path)

@@ -30,7 +30,7 @@ from stages.core.config import (
     from_mapping,
     parse_options,
 )
-from stages.core.devices import say
+from stages.core.runtime.devices import say
 
 # Keys the chain sets itself in each stage: a stage's options may not set them.
 OWNED = {"precompute": ("data", "model", "output"), "train": ("refs", "output", "resume"),

@@ -55,16 +55,13 @@ import pyarrow.parquet as pq
 from schemas import FORMAT_VERSION, validate_manifest
 from stages.core import storage
 from stages.core.config import ConfigError, PrecomputeConfig, public, to_yaml
-from stages.core.data import MalformedRow, check_columns, embedded_layout, read_rows, resolve_source
-from stages.core.devices import ray_use_gpu, threads_per_worker
 from stages.core.errors import PipelineError, unwrap
-from stages.core.formats import detect
+from stages.core.inputs.formats import detect
+from stages.core.inputs.readers import MalformedRow, check_columns, embedded_layout, read_rows, resolve_source
+from stages.core.inputs.unpaired import is_unpaired
 from stages.core.lease import LEASE_FILE, Lease
-from stages.core.models import for_workers, load_tokenizer, resolve_model, tokenizer_hashes, weights_hash
-from stages.core.ray_runtime import actor_pool_map, init_ray, quiet_ray_data
-from stages.core.row_plan import KL_PAIRING, Plan, Source, build_plan, content_hash, pair_id, pair_kl  # noqa: F401
-from stages.core.scorer import PairProgress, ReferenceScorer, tokenize_batch
-from stages.core.shard_writer import (
+from stages.core.refs.plan import KL_PAIRING, Plan, Source, build_plan, content_hash, pair_id, pair_kl  # noqa: F401
+from stages.core.refs.writer import (
     ShardWriter,
     deliver,
     fingerprint,
@@ -74,7 +71,10 @@ from stages.core.shard_writer import (
     shard_index,
     shard_name,
 )
-from stages.core.unpaired import is_unpaired
+from stages.core.runtime.cluster import actor_pool_map, init_ray, quiet_ray_data
+from stages.core.runtime.devices import ray_use_gpu, threads_per_worker
+from stages.core.runtime.models import for_workers, load_tokenizer, resolve_model, tokenizer_hashes, weights_hash
+from stages.core.scoring.scorer import PairProgress, ReferenceScorer, tokenize_batch
 from stages.inspect_refs import damaged_files
 
 SCORER_ATTEMPTS = 3   # scorer pools one run starts: a pool fails as a whole when one of its processes dies

@@ -14,7 +14,7 @@ from stages import train
 from stages.core import storage
 from stages.core.config import SweepConfig
 from stages.core.plots import figure, sweep_tradeoff
-from stages.core.shard_stream import load_refs
+from stages.core.refs.stream import load_refs
 
 COLUMNS = [("beta", "beta"), ("eval accuracy", "eval/rewards/accuracies"), ("eval margin", "eval/rewards/margins"),
            ("log-ratio chosen / seq", "eval/logratio/chosen"),

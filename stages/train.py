@@ -2,7 +2,7 @@
 
 One worker trains in this process; `--num-workers N` runs the same loop on N Ray Train workers
 (so does one worker with `--device cuda` where this process has no GPU: a Ray job's driver).
-The loop itself is `stages.core.trainer`; this command decides whether the run resumes or starts
+The loop itself is `stages.core.training.trainer`; this command decides whether the run resumes or starts
 over, launches it, and reports its summary.
 """
 
@@ -16,13 +16,13 @@ import torch
 from stages.core import storage
 from stages.core.config import TrainConfig
 from stages.core.lease import Lease
-from stages.core.preemption import Preempted, Preemption
-from stages.core.ray_runtime import run_train_workers
-from stages.core.trainer import output_dir, prepare_output, ray_worker, train_loop
+from stages.core.runtime.cluster import run_train_workers
+from stages.core.runtime.preemption import Preempted, Preemption
+from stages.core.training.trainer import output_dir, prepare_output, ray_worker, train_loop
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train; returns the run's summary (`stages.core.trainer.summary`). Raises `Preempted` after
+    """Train; returns the run's summary (`stages.core.training.trainer.summary`). Raises `Preempted` after
     a SIGTERM, once the checkpoint is written."""
     storage.configure(cfg.storage_options_dict)
     with Lease(output_dir(cfg), "train"):  # one run at a time writes an output

@@ -34,14 +34,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def smollm_path() -> str:
-    from stages.core.models import embedded_model_path
+    from stages.core.runtime.models import embedded_model_path
 
     return str(embedded_model_path())
 
 
 @pytest.fixture(scope="session")
 def tokenizer(smollm_path):
-    from stages.core.models import load_tokenizer
+    from stages.core.runtime.models import load_tokenizer
 
     return load_tokenizer(smollm_path)
 

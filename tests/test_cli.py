@@ -183,7 +183,7 @@ def test_ctrl_c_says_what_a_rerun_of_that_command_does(command, says, monkeypatc
 
 def fake_refs(root) -> str:
     """A precompute output of 3 pairs in one shard, written by the shard writer (no model, no Ray)."""
-    from stages.core.shard_writer import fingerprint, write_shard
+    from stages.core.refs.writer import fingerprint, write_shard
 
     rows = [{"source_index": i, "row_key": f"k{i}", "pair_id": f"{i:064x}", "prompt_ids": [1, 2], "chosen_ids": [3],
              "rejected_ids": [4, 5], "ref_chosen_logps": -1.0 - i, "ref_rejected_logps": -2.0,

@@ -11,13 +11,13 @@ from stages.core.errors import PipelineError
 
 
 def test_every_error_class_is_a_pipeline_error():
-    from stages.core.checkpoint import CheckpointError
     from stages.core.config import ConfigError
-    from stages.core.data import DataError
-    from stages.core.models import ModelError
-    from stages.core.shard_stream import ShardError
+    from stages.core.inputs.readers import DataError
+    from stages.core.refs.stream import ShardError
+    from stages.core.runtime.models import ModelError
     from stages.core.storage import StorageError
-    from stages.core.trainer import TrainingError
+    from stages.core.training.checkpoint import CheckpointError
+    from stages.core.training.trainer import TrainingError
     from stages.precompute import NotEnoughGpus, NothingWritten, OutputMismatch, ScorerDied
     from stages.submit import SubmitError
 
@@ -41,7 +41,7 @@ def test_errors_print_one_line_and_exit_2(argv, message, capsys):
 
 
 def test_a_model_that_is_not_there_is_named(tmp_path):
-    from stages.core.models import ModelError, load_model, load_tokenizer
+    from stages.core.runtime.models import ModelError, load_model, load_tokenizer
 
     with pytest.raises(ModelError, match="cannot load a tokenizer from .*no-model"):
         load_tokenizer(str(tmp_path / "no-model"))
@@ -61,7 +61,7 @@ def test_model_paths_are_checked_before_transformers_guesses(tmp_path, tiny_mode
     or sentencepiece."""
     import shutil
 
-    from stages.core.models import ModelError, resolve_model
+    from stages.core.runtime.models import ModelError, resolve_model
 
     assert resolve_model(tiny_model_dir) == tiny_model_dir
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"  # a hub id
@@ -106,7 +106,7 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
 def test_a_hub_error_is_one_line():
     """transformers' hub errors run to many lines; the user gets the first, with the id and the hub named.
     (Built from the error text, not a real hub lookup: tests send nothing off this machine.)"""
-    from stages.core.models import _one_line
+    from stages.core.runtime.models import _one_line
 
     error = OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection...")
     message = str(_one_line("no-such-owner/no-such-model", "a tokenizer from", error))
@@ -141,8 +141,8 @@ def test_gpu_shortage_names_what_the_cluster_has():
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has 2 CUDA devices")
 def test_a_scorer_spread_over_gpus_it_does_not_see_fails(tiny_model_dir):
-    from stages.core.models import ModelError
-    from stages.core.scorer import ReferenceScorer
+    from stages.core.runtime.models import ModelError
+    from stages.core.scoring.scorer import ReferenceScorer
 
     with pytest.raises(ModelError, match="--gpus-per-worker 2: this process sees [01] CUDA devices"):
         ReferenceScorer(tiny_model_dir, "float32", None, "keep_start", gpus=2)
@@ -173,7 +173,7 @@ def test_device_cuda_without_gpus_fails_after_a_bounded_wait(command, tmp_path, 
 
 
 def test_device_auto_says_what_it_chose_and_why(ray_session, capsys):
-    from stages.core.devices import pick_device, ray_use_gpu
+    from stages.core.runtime.devices import pick_device, ray_use_gpu
 
     assert ray_use_gpu("auto", "2 training worker(s)", 2, 1, 1.0) is torch.cuda.is_available()
     assert pick_device("auto", "evaluation") == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -12,9 +12,9 @@ import torch
 from conftest import ROOT
 
 from stages import evaluate, sweep, train
-from stages.core import trainer
 from stages.core.config import ConfigError, EvalConfig, SweepConfig, TrainConfig, parse_args
-from stages.core.metrics import read
+from stages.core.training import trainer
+from stages.core.training.metrics import read
 
 
 def test_eval_of_the_reference_is_zero(refs, tmp_path):
@@ -70,7 +70,7 @@ def test_early_stopping_keeps_the_best(refs, tmp_path, monkeypatch):
     assert [r["step"] for r in read(str(tmp_path / "run" / "metrics.jsonl"))] == [1, 2, 3, 4]
     from safetensors.torch import load_file
 
-    from stages.core.checkpoint import load_policy_model
+    from stages.core.training.checkpoint import load_policy_model
 
     best = load_file(tmp_path / "run" / "best" / "model.safetensors")
     at2 = load_policy_model(str(tmp_path / "run" / "checkpoints" / "step-2")).state_dict()
@@ -107,7 +107,7 @@ def test_inspect_counts_match_the_manifest(refs, tmp_path):
 
 def test_eval_streams_the_heldout_set(refs, tmp_path, monkeypatch):
     """One micro-batch of pairs is read ahead of the forward that uses it, never the whole set."""
-    from stages.core import policy_pass
+    from stages.core.training import policy_pass
 
     pulled, seen = [0], []
     real_pairs, real_run = policy_pass.epoch_pairs, policy_pass.run_pairs

@@ -16,11 +16,11 @@ from conftest import HH_SAMPLE, make_tiny_model, read_jsonl_gz
 from oracle import exact_logps
 
 from stages.core.config import TrainConfig
-from stages.core.layout import pack_rows, pair_rows
-from stages.core.logprobs import scored_logps
-from stages.core.models import enable_activation_checkpointing
-from stages.core.policy_pass import forward, pass_context
-from stages.core.scorer import ReferenceScorer
+from stages.core.runtime.models import enable_activation_checkpointing
+from stages.core.scoring.logprobs import scored_logps
+from stages.core.scoring.packing import pack_rows, pair_rows
+from stages.core.scoring.scorer import ReferenceScorer
+from stages.core.training.policy_pass import forward, pass_context
 
 pytestmark = pytest.mark.gpu
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
@@ -113,7 +113,7 @@ def test_precompute_with_two_gpus_per_worker_matches_one(tmp_path, deep_model_di
 def test_two_gpu_workers_follow_one(refs, tmp_path, strategy):
     """NCCL: Ray Train workers on two GPUs (bf16: FSDP2 mixed precision or autocast) follow one GPU."""
     from stages import train
-    from stages.core.metrics import read
+    from stages.core.training.metrics import read
 
     kw = dict(refs=str(refs), batch_size=4, micro_batch_size=2, learning_rate=1e-3, max_steps=3, warmup_ratio=0.0,
               shuffle_buffer=6, progress=False, seed=3, dtype="bfloat16")

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from stages.core.config import PrecomputeConfig
-from stages.core.prompts import read_prompts
+from stages.core.inputs.prompts import read_prompts
 from stages.precompute import _layout
 
 HH_ROWS = [{"chosen": f"\n\nHuman: question {i}?\n\nAssistant: a good answer {i}",

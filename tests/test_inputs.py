@@ -12,8 +12,8 @@ import pytest
 from conftest import DATA
 
 from stages.core.config import PrecomputeConfig
-from stages.core.data import DataError, MalformedRow, check_columns, read_rows
-from stages.core.formats import RowRejected, detect, extract_prompt, normalise
+from stages.core.inputs.formats import RowRejected, detect, extract_prompt, normalise
+from stages.core.inputs.readers import DataError, MalformedRow, check_columns, read_rows
 
 CFG = PrecomputeConfig()
 ROWS = [{"prompt": f"Q{i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)]
@@ -127,7 +127,7 @@ def test_reject_reasons(layout, row, reason):
 
 
 def test_token_level_rejects():
-    from stages.core.tokenization import truncate
+    from stages.core.inputs.tokenization import truncate
 
     ok = {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5, 6], "rejected_ids": [7]}
     assert truncate(ok, 5, None, "keep_start") == {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [7]}
@@ -143,7 +143,7 @@ def test_token_level_rejects():
 
 def test_the_embedded_data_sets_are_found():
     """The bundled samples (data/ at the repository root) resolve by name, whatever the module layout."""
-    from stages.core.data import EMBEDDED_DATA
+    from stages.core.inputs.readers import EMBEDDED_DATA
 
     for name in EMBEDDED_DATA:
         rows = list(read_rows(name, limit=2))
@@ -153,7 +153,7 @@ def test_the_embedded_data_sets_are_found():
 
 def test_a_row_the_chat_template_cannot_render_is_rejected(tokenizer):
     """Content None passes TRL's shape rules but SmolLM2's template cannot render it: a reject, not a crash."""
-    from stages.core.tokenization import tokenize_row
+    from stages.core.inputs.tokenization import tokenize_row
 
     row = {"prompt": [{"role": "user", "content": None}], "chosen": [{"role": "assistant", "content": "a"}],
            "rejected": [{"role": "assistant", "content": "b"}]}
@@ -178,7 +178,7 @@ def _pairs_folder(tmp_path):
 
 
 def test_a_judge_output_folder_reads_as_its_pairs(tmp_path):
-    from stages.core.row_plan import Source
+    from stages.core.refs.plan import Source
     from stages.precompute import _layout
 
     pairs = _pairs_folder(tmp_path)
@@ -188,7 +188,7 @@ def test_a_judge_output_folder_reads_as_its_pairs(tmp_path):
 
 
 def test_a_generate_output_folder_is_prompts_not_pairs(tmp_path):
-    from stages.core.prompts import read_prompts
+    from stages.core.inputs.prompts import read_prompts
 
     _pairs_folder(tmp_path)
     cands = tmp_path / "cands"

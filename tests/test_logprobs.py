@@ -10,10 +10,10 @@ from conftest import make_tiny_model
 from oracle import exact_logps
 
 from stages.core.config import TrainConfig
-from stages.core.layout import pack_rows, pad_batch, pair_rows
-from stages.core.logprobs import scored_logps, sequence_logps, token_logps
-from stages.core.policy_pass import forward, pass_context
-from stages.core.tokenization import scored_sequence
+from stages.core.inputs.tokenization import scored_sequence
+from stages.core.scoring.logprobs import scored_logps, sequence_logps, token_logps
+from stages.core.scoring.packing import pack_rows, pad_batch, pair_rows
+from stages.core.training.policy_pass import forward, pass_context
 
 NO_TRUNCATION = {"max_length": None, "truncation_mode": "keep_start"}
 
@@ -68,7 +68,7 @@ def _softcapped_model(tokenizer):
 def test_custom_lm_head_takes_the_full_logits_path(tokenizer):
     """A model whose logits are post-processed (softcapping) is detected and scored through its
     own full forward: the oracle's numbers, not those of a plain lm_head(hidden)."""
-    import stages.core.logprobs as lp
+    import stages.core.scoring.logprobs as lp
 
     model = _softcapped_model(tokenizer)
     assert not lp._has_plain_head(model) and lp._has_plain_head(make_tiny_model(tokenizer))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from stages.core.config import LOSS_NAMES, ConfigError, parse_loss_types
-from stages.core.losses import LN2, LOSSES, TIE_NATS, Batch, LossParams, combined_loss, rewards
+from stages.core.training.losses import LN2, LOSSES, TIE_NATS, Batch, LossParams, combined_loss, rewards
 
 E = math.exp
 ls = lambda x: -math.log1p(E(-x))  # noqa: E731  log sigmoid
@@ -151,7 +151,7 @@ def trl_setup(tokenizer):
 
 @pytest.mark.parametrize("name", TRL_SHARED)
 def test_matches_trl_loss(trl_setup, name):
-    from stages.core.logprobs import sequence_logps
+    from stages.core.scoring.logprobs import sequence_logps
 
     trainer, model, inputs = trl_setup
     beta, eps = 0.01, 0.1 if name in ("robust", "exo_pair", "aot", "aot_unpaired") else 0.0

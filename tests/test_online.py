@@ -15,11 +15,11 @@ from conftest import ROOT
 
 from stages import generate, judge
 from stages.core.config import ConfigError, GenerateConfig, JudgeConfig, PrecomputeConfig
-from stages.core.data import DataError
-from stages.core.judges import RewardScorer, reward_model_ids, select_pairs
-from stages.core.prompts import read_prompts
-from stages.core.sampling import Sampler, finish, sample_seed, top_p_filter
-from stages.core.tokenization import prompt_token_ids, tokenize_row
+from stages.core.inputs.prompts import read_prompts
+from stages.core.inputs.readers import DataError
+from stages.core.inputs.tokenization import prompt_token_ids, tokenize_row
+from stages.core.online.judges import RewardScorer, reward_model_ids, select_pairs
+from stages.core.online.sampling import Sampler, finish, sample_seed, top_p_filter
 
 REWARDS = ROOT / "tests" / "online_rewards.py"
 PROMPTS = [
@@ -100,7 +100,7 @@ def _sampler(model_dir, **over):
 def _batch(prompts):
     import pyarrow as pa
 
-    from stages.core.prompts import prompt_id
+    from stages.core.inputs.prompts import prompt_id
 
     return pa.Table.from_pylist([{"prompt_index": i, "prompt_id": prompt_id(p),
                                   "prompt": json.dumps(p) if isinstance(p, list) else p,
@@ -234,7 +234,7 @@ def test_judge_with_a_reward_function_accounts_for_every_candidate(tmp_path):
     assert rej[0]["reason"] == rej[1]["reason"] == "judge_error" and "ValueError" in rej[0]["detail"]
     assert "'high'" in rej[1]["detail"]
     # precompute reads the pairs as they are
-    from stages.core.formats import detect, normalise
+    from stages.core.inputs.formats import detect, normalise
 
     for p in pairs:
         row = normalise(p, detect(p), PrecomputeConfig())  # the default column names
@@ -313,7 +313,7 @@ def test_judge_given_what_is_not_a_finished_generate_output_says_what_it_is(tmp_
 
 
 def test_a_judge_that_cannot_start_says_why_in_one_line(tmp_path, tiny_model_dir):
-    from stages.core.models import ModelError
+    from stages.core.runtime.models import ModelError
 
     write_candidates(tmp_path / "cands", CANDIDATES)
     run = lambda **judge_key: judge.run(JudgeConfig(candidates=str(tmp_path / "cands"),  # noqa: E731
@@ -434,7 +434,7 @@ def test_judge_with_a_reward_model_pairs_best_and_worst_by_its_scores(tmp_path, 
 def test_the_implicit_judge_prefers_what_the_policy_was_trained_toward(tmp_path, refs, ray_session):
     from stages import train
     from stages.core.config import TrainConfig
-    from stages.core.formats import hh
+    from stages.core.inputs.formats import hh
 
     policy = train.run(TrainConfig(refs=str(refs), output=str(tmp_path / "run"), max_steps=12, batch_size=4,
                                    learning_rate=5e-3, warmup_ratio=0.0, beta=0.1, progress=False))["weights"]
@@ -455,10 +455,10 @@ def test_the_implicit_judge_prefers_what_the_policy_was_trained_toward(tmp_path,
     shard = pa.concat_tables([pq.read_table(p) for p in sorted((refs / "shards").glob("*.parquet"))]).to_pylist()
     assert len(shard) == 20
     scores = {(s["prompt_index"], s["response_index"]): s["score"] for s in _read(tmp_path / "pairs", "scores.jsonl")}
-    from stages.core.layout import pad_batch
-    from stages.core.logprobs import sequence_logps
-    from stages.core.models import load_model
-    from stages.core.tokenization import scored_sequence
+    from stages.core.inputs.tokenization import scored_sequence
+    from stages.core.runtime.models import load_model
+    from stages.core.scoring.logprobs import sequence_logps
+    from stages.core.scoring.packing import pad_batch
 
     row = next(r for r in shard if r["source_index"] == 0)
     model = load_model(policy, "float32", "cpu").eval()

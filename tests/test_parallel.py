@@ -22,10 +22,10 @@ import torch
 from conftest import ROOT
 
 from stages import train
-from stages.core import checkpoint
 from stages.core.config import TrainConfig
-from stages.core.metrics import read
-from stages.core.trainer import prepare_output, train_loop
+from stages.core.training import checkpoint
+from stages.core.training.metrics import read
+from stages.core.training.trainer import prepare_output, train_loop
 
 pytestmark = pytest.mark.slow
 
@@ -146,7 +146,7 @@ def test_lora_trains_only_adapters_and_final_is_merged(refs, tmp_path, tiny_mode
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from stages.core.logprobs import sequence_logps
+    from stages.core.scoring.logprobs import sequence_logps
 
     out = tmp_path / "lora"
     train.run(cfg_for(refs, out, lora_r=4, lora_alpha=8.0, learning_rate=5e-2, save_every=2,

@@ -18,8 +18,8 @@ from oracle import exact_logps
 from schemas import SHARD_SCHEMA, validate_manifest, validate_table
 from stages import precompute
 from stages.core.config import PrecomputeConfig
-from stages.core.models import load_model
-from stages.core.tokenization import scored_sequence
+from stages.core.inputs.tokenization import scored_sequence
+from stages.core.runtime.models import load_model
 from stages.precompute import OutputMismatch
 
 
@@ -200,7 +200,7 @@ def test_grown_input_scores_only_new_rows(tmp_path, tiny_model_dir, ray_session)
 
 
 def test_plan_forwards_minimises_padding_plus_overhead():
-    from stages.core.layout import plan_forwards
+    from stages.core.scoring.packing import plan_forwards
 
     # one forward: 4 x 101 + 5 = 409; two by width: 2 x 11 + 2 x 101 + 10 = 234; four: 222 + 20 = 242
     assert plan_forwards([100, 10, 101, 11], 10_000, None, 5) == [[1, 3], [0, 2]]

@@ -190,7 +190,7 @@ class Reports:
 def test_scorer_reports_progress_per_forward_with_unchanged_results(tiny_model_dir, tokenizer):
     import pyarrow as pa
 
-    from stages.core.scorer import TOKENIZED_SCHEMA, ReferenceScorer, tokenize_batch
+    from stages.core.scoring.scorer import TOKENIZED_SCHEMA, ReferenceScorer, tokenize_batch
 
     recs = [{"pair_id": f"p{i}", "row_key": f"k{i}", "source_index": i, "shard": 0,
              "row_json": json.dumps({"prompt": [{"role": "user", "content": r["chosen"][:200]}],

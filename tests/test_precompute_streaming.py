@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
 
 from make_precompute_golden import run_scenarios  # noqa: E402
 
-from stages.core import row_plan  # noqa: E402
-from stages.core.shard_writer import fingerprint, pair_ids_sum  # noqa: E402
+from stages.core.refs import plan  # noqa: E402
+from stages.core.refs.writer import fingerprint, pair_ids_sum  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "precompute.json"
 
@@ -27,16 +27,16 @@ def _rejects(snapshot: dict) -> list[tuple]:
 
 @pytest.mark.slow
 def test_same_pairs_values_rejects_and_shards_as_the_driver_side_stage(tiny_model_dir, ray_session, monkeypatch):
-    from stages.core import data
+    from stages.core.inputs import readers
 
-    read, yielded = data.read_file, []
+    read, yielded = readers.read_file, []
 
     def counted(url, options=None):
         for row in read(url, options):
             yielded.append(url)
             yield row
 
-    monkeypatch.setattr(data, "read_file", counted)  # this process only: Ray's workers read the real way
+    monkeypatch.setattr(readers, "read_file", counted)  # this process only: Ray's workers read the real way
     want = json.loads(GOLDEN.read_text())
     got = run_scenarios(tiny_model_dir)
     assert len(yielded) == 3  # the driver read one row per run (three runs), for the layout; tasks the rest
@@ -73,36 +73,36 @@ def test_tokenize_tasks_and_shuffles_give_the_same_shards(tiny_model_dir, ray_se
 
 
 def _plan_rows(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist([{f: r.get(f) for f in row_plan.PLAN_SCHEMA.names} for r in rows],
-                                schema=row_plan.PLAN_SCHEMA)
+    return pa.Table.from_pylist([{f: r.get(f) for f in plan.PLAN_SCHEMA.names} for r in rows],
+                                schema=plan.PLAN_SCHEMA)
 
 
 def test_copies_are_numbered_in_input_order_and_known_keys_are_done():
     block = _plan_rows([
-        {"source_index": 7, "h": "a", "pair_id": "p", "kind": row_plan.INPUT},
-        {"source_index": 2, "h": "a", "pair_id": "p", "kind": row_plan.INPUT},
-        {"source_index": 5, "h": "b", "pair_id": "q", "kind": row_plan.INPUT},
-        {"source_index": 9, "h": "a", "pair_id": "p", "kind": row_plan.INPUT},
-        {"h": "a", "n": 0, "kind": row_plan.KNOWN},           # the output holds a:0 (source_index 2)
-        {"h": "a", "n": 2, "kind": row_plan.REDO, "shard": 4},  # a:2 belongs to shard 4, being scored again
+        {"source_index": 7, "h": "a", "pair_id": "p", "kind": plan.INPUT},
+        {"source_index": 2, "h": "a", "pair_id": "p", "kind": plan.INPUT},
+        {"source_index": 5, "h": "b", "pair_id": "q", "kind": plan.INPUT},
+        {"source_index": 9, "h": "a", "pair_id": "p", "kind": plan.INPUT},
+        {"h": "a", "n": 0, "kind": plan.KNOWN},           # the output holds a:0 (source_index 2)
+        {"h": "a", "n": 2, "kind": plan.REDO, "shard": 4},  # a:2 belongs to shard 4, being scored again
     ])
-    out = {r["source_index"]: r for r in row_plan.number_copies(block).to_pylist()}
+    out = {r["source_index"]: r for r in plan.number_copies(block).to_pylist()}
     assert {i: out[i]["row_key"] for i in out} == {2: "a:0", 7: "a:1", 9: "a:2", 5: "b:0"}
-    assert {i: out[i]["kind"] for i in out} == {2: row_plan.DONE, 7: row_plan.INPUT, 9: row_plan.INPUT,
-                                                5: row_plan.INPUT}
+    assert {i: out[i]["kind"] for i in out} == {2: plan.DONE, 7: plan.INPUT, 9: plan.INPUT,
+                                                5: plan.INPUT}
     assert {i: out[i]["shard"] for i in out} == {2: None, 7: None, 9: 4, 5: None}
 
 
 def test_duplicates_keep_the_lowest_source_index_or_the_output_copy():
     block = _plan_rows([
-        {"source_index": 8, "pair_id": "p", "kind": row_plan.INPUT},
-        {"source_index": 3, "pair_id": "p", "kind": row_plan.INPUT},
-        {"source_index": 4, "pair_id": "q", "kind": row_plan.INPUT},
-        {"source_index": 1, "pair_id": "r", "kind": row_plan.INPUT},
-        {"pair_id": "r", "kind": row_plan.PAIR, "held_in": "shards/shard-00002.parquet"},
+        {"source_index": 8, "pair_id": "p", "kind": plan.INPUT},
+        {"source_index": 3, "pair_id": "p", "kind": plan.INPUT},
+        {"source_index": 4, "pair_id": "q", "kind": plan.INPUT},
+        {"source_index": 1, "pair_id": "r", "kind": plan.INPUT},
+        {"pair_id": "r", "kind": plan.PAIR, "held_in": "shards/shard-00002.parquet"},
     ])
     out = {r["source_index"]: (r["reject_reason"], r["reject_detail"])
-           for r in row_plan.mark_duplicates(block).to_pylist()}
+           for r in plan.mark_duplicates(block).to_pylist()}
     assert out == {3: (None, None), 4: (None, None),
                    8: ("duplicate", "same prompt/chosen/rejected as source_index 3"),
                    1: ("duplicate", "same prompt/chosen/rejected as a pair already in shards/shard-00002.parquet")}
@@ -111,28 +111,28 @@ def test_duplicates_keep_the_lowest_source_index_or_the_output_copy():
 def test_new_rows_fill_shards_in_order_across_blocks_and_repaired_rows_keep_theirs():
     blocks = [_plan_rows([{"source_index": i, "row_key": f"k{i}", "raw": "{}", "row_json": "{}",
                            "shard": 1 if i == 4 else None} for i in range(lo, hi)]) for lo, hi in ((0, 5), (5, 9))]
-    counts = [row_plan.block_counts(b) for b in blocks]
+    counts = [plan.block_counts(b) for b in blocks]
     assert counts == [(5, 4, {1: 1}), (4, 4, {})]
     first, per_shard = 10, 3
-    shards = [r["shard"] for r in row_plan.assign(blocks[0], 0, first, per_shard, 100).to_pylist()]
-    parts = row_plan.assign(blocks[1], 4, first, per_shard, 2)  # cut into chunks of 2 rows
+    shards = [r["shard"] for r in plan.assign(blocks[0], 0, first, per_shard, 100).to_pylist()]
+    parts = plan.assign(blocks[1], 4, first, per_shard, 2)  # cut into chunks of 2 rows
     assert [len(p) for p in parts] == [2, 2]
     shards += [r["shard"] for p in parts for r in p.to_pylist()]
     assert shards == [10, 10, 10, 11, 1, 11, 11, 12, 12]
-    assert row_plan.shard_rows(8, first, per_shard, {1: 1}) == {1: 1, 10: 3, 11: 3, 12: 2}
+    assert plan.shard_rows(8, first, per_shard, {1: 1}) == {1: 1, 10: 3, 11: 3, 12: 2}
 
 
 @pytest.mark.parametrize("text", [b"", b"\n\n", b'{"a": 1}\n \n{"b": 2}', b'\xef\xbb\xbf{"a":1}\r\n{bad\n\n[1]\n'])
 def test_the_count_pass_counts_what_the_reader_yields(tmp_path, text):
     import gzip
 
-    from stages.core.data import read_file
+    from stages.core.inputs.readers import read_file
 
     for name, data in (("x.jsonl", text), ("x.jsonl.gz", gzip.compress(text)), ("cut.jsonl.gz",
                                                                                gzip.compress(text * 50)[:-9])):
         path = tmp_path / name
         path.write_bytes(data)
-        assert row_plan.count_jsonl(str(path), None) == sum(1 for _ in read_file(str(path)))
+        assert plan.count_jsonl(str(path), None) == sum(1 for _ in read_file(str(path)))
 
 
 @pytest.mark.slow
@@ -159,7 +159,7 @@ def test_a_save_to_disk_folder_is_read_in_row_ranges(tmp_path, tiny_model_dir, r
 
     from stages import precompute
     from stages.core.config import PrecomputeConfig
-    from stages.core.formats import RowRejected, normalise
+    from stages.core.inputs.formats import RowRejected, normalise
 
     write_dirty_input(tmp_path / "in.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "in.jsonl").read_text().splitlines() if line.startswith('{"')]
@@ -174,7 +174,7 @@ def test_a_save_to_disk_folder_is_read_in_row_ranges(tmp_path, tiny_model_dir, r
     want = []
     for i, r in enumerate(rows[:-1]):
         try:
-            want.append((i, row_plan.pair_id(normalise(r, "standard", cfg))))
+            want.append((i, plan.pair_id(normalise(r, "standard", cfg))))
         except RowRejected:
             pass
     assert got == [w for w in want if w[0] in dict(got)] and len(got) >= 20

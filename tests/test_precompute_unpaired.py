@@ -14,7 +14,7 @@ from oracle import exact_logps
 from schemas import UNPAIRED_SHARD_SCHEMA
 from stages import precompute
 from stages.core.config import ConfigError, PrecomputeConfig
-from stages.core.row_plan import kl_partners
+from stages.core.refs.plan import kl_partners
 from stages.precompute import OutputMismatch
 
 
@@ -78,7 +78,7 @@ def test_unpaired_shards_hold_the_oracles_values_and_a_fixed_kl_pairing(tmp_path
     assert grown["last_run"]["pairs_written"] == 4 and grown["last_run"]["rows_already_done"] == 12
     assert [s["sha256"] for s in grown["shards"][:3]] == [s["sha256"] for s in manifest["shards"]]
 
-    from stages.core.shard_stream import load_refs
+    from stages.core.refs.stream import load_refs
 
     assert load_refs(out).kind == "unpaired"
 
@@ -105,9 +105,9 @@ def test_kl_partners_never_the_example_or_its_completion():
 
 
 def test_unpair_turns_each_pair_into_two_examples(tmp_path, tiny_model_dir, ray_session):
-    from stages.core.formats import normalise
-    from stages.core.models import load_tokenizer
-    from stages.core.unpaired import tokenize_unpaired_row, unpair
+    from stages.core.inputs.formats import normalise
+    from stages.core.inputs.unpaired import tokenize_unpaired_row, unpair
+    from stages.core.runtime.models import load_tokenizer
 
     pairs = [r for r in read_jsonl_gz(HH_SAMPLE, 60) if r["chosen"] != r["rejected"] and len(r["chosen"]) < 600][:5]
     same = "\n\nHuman: Hi\n\nAssistant: Hello"

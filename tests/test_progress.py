@@ -126,7 +126,7 @@ def test_unpaired_pairs_are_counted_as_rows_read_and_examples_made(kto, tmp_path
 
 
 def test_the_device_line_has_the_autoscaling_hint_only_where_it_applies(ray_session, monkeypatch, capsys):
-    from stages.core.devices import ray_use_gpu
+    from stages.core.runtime.devices import ray_use_gpu
 
     if torch.cuda.is_available():
         pytest.skip("the hint is about a cluster without the GPUs asked for")

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stages.core.config import PrecomputeConfig
-from stages.core.data import DataError, MalformedRow, check_columns, read_rows
-from stages.core.formats import ADAPTERS, RowRejected, detect, normalise
+from stages.core.inputs.formats import ADAPTERS, RowRejected, detect, normalise
+from stages.core.inputs.readers import DataError, MalformedRow, check_columns, read_rows
 from stages.precompute import content_hash, pair_id
 
 CFG = PrecomputeConfig()
@@ -346,7 +346,7 @@ CHAT_ROW = st.fixed_dictionaries({"chosen": st.one_of(CHAT, WORDS), "rejected": 
 @given(raw=CHAT_ROW)
 def test_fuzz_what_normalise_accepts_the_chat_template_renders(tokenizer, raw):
     """A row normalise lets through is tokenized inside a Ray task, where an exception stops the run."""
-    from stages.core.tokenization import tokenize_row
+    from stages.core.inputs.tokenization import tokenize_row
 
     try:
         row = normalise(raw, "standard", CFG)

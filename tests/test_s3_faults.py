@@ -21,8 +21,8 @@ from test_train import untimed
 from stages import precompute, train
 from stages.core import storage
 from stages.core.config import PrecomputeConfig, TrainConfig
-from stages.core.metrics import read
 from stages.core.storage import StorageError
+from stages.core.training.metrics import read
 
 moto_server = pytest.importorskip("moto.server")
 pytestmark = pytest.mark.slow  # an S3 server, a proxy, both stages

@@ -17,9 +17,9 @@ from conftest import make_tiny_model
 
 from stages import train
 from stages.core.config import TrainConfig
-from stages.core.metrics import TIMING, read
-from stages.core.shard_stream import ShardError
-from stages.core.trainer import TrainingError
+from stages.core.refs.stream import ShardError
+from stages.core.training.metrics import TIMING, read
+from stages.core.training.trainer import TrainingError
 
 
 def cfg_for(refs, out, **kw) -> TrainConfig:
@@ -142,7 +142,7 @@ def test_resume_without_checkpoint_is_an_error(refs, tmp_path):
 
 def fail_at_step_zero(refs, out, monkeypatch) -> None:
     """A run that fails at its first step, after writing its files (config, logs): no checkpoint yet."""
-    from stages.core import trainer
+    from stages.core.training import trainer
 
     def fail(*args):
         raise TrainingError("the machine went away")

@@ -17,11 +17,11 @@ from test_train import _copy, _rewrite_shard, cfg_for, untimed
 
 from schemas import SHARD_SCHEMA
 from stages import train
-from stages.core import checkpoint
-from stages.core.metrics import read
-from stages.core.shard_stream import Refs, ShardError, epoch_pairs, row_problem, scored_count
+from stages.core.inputs.tokenization import scored_sequence
+from stages.core.refs.stream import Refs, ShardError, epoch_pairs, row_problem, scored_count
 from stages.core.storage import StorageError
-from stages.core.tokenization import scored_sequence
+from stages.core.training import checkpoint
+from stages.core.training.metrics import read
 
 # ------------------------------------------------------------------------------------------------
 # Shard rows checked against the manifest and the policy's vocabulary

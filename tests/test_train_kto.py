@@ -12,7 +12,7 @@ from test_precompute_unpaired import examples
 
 from stages import evaluate, precompute, train
 from stages.core.config import ConfigError, EvalConfig, PrecomputeConfig, TrainConfig
-from stages.core.metrics import read
+from stages.core.training.metrics import read
 
 WEIGHTS = dict(desirable_weight=1.0, undesirable_weight=2.5)
 
@@ -54,7 +54,7 @@ def test_kto_step_zero_then_learning(unpaired_refs, tmp_path):
     assert ref["eval/loss"] == pytest.approx(0.5 * (n_d + 2.5 * n_u) / (n_d + n_u), abs=1e-9)  # weights from the run
     assert results["eval/rewards/margins"] > 0 and results["eval/loss"] < ref["eval/loss"]
 
-    from stages.core.shard_stream import load_refs
+    from stages.core.refs.stream import load_refs
     from stages.inspect_refs import report
 
     text, info = report(load_refs(str(unpaired_refs)), examples=1)

@@ -12,9 +12,9 @@ import pytest
 from conftest import DATA, HH_SAMPLE, make_tiny_model, read_jsonl_gz
 
 from stages.core.config import PrecomputeConfig
-from stages.core.data import read_file
-from stages.core.formats import RowRejected, normalise
-from stages.core.tokenization import scored_sequence, tokenize_row, truncate
+from stages.core.inputs.formats import RowRejected, normalise
+from stages.core.inputs.readers import read_file
+from stages.core.inputs.tokenization import scored_sequence, tokenize_row, truncate
 
 trl = pytest.importorskip("trl")
 CFG = PrecomputeConfig()

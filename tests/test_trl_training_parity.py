@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from stages.core.config import PrecomputeConfig, TrainConfig
-from stages.core.formats import normalise
-from stages.core.losses import LOSSES, Batch, LossParams
-from stages.core.policy_pass import forward, loss_batch, means, pass_context, run_pairs
-from stages.core.tokenization import scored_sequence, tokenize_row
+from stages.core.inputs.formats import normalise
+from stages.core.inputs.tokenization import scored_sequence, tokenize_row
+from stages.core.training.losses import LOSSES, Batch, LossParams
+from stages.core.training.policy_pass import forward, loss_batch, means, pass_context, run_pairs
 
 pytest.importorskip("trl")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")

@@ -14,10 +14,10 @@ import pytest
 from conftest import DATA, HH_SAMPLE, make_tiny_model, read_jsonl_gz
 
 from stages.core.config import PrecomputeConfig
-from stages.core.data import read_file
-from stages.core.formats import RowRejected, normalise
-from stages.core.tokenization import scored_sequence
-from stages.core.unpaired import (
+from stages.core.inputs.formats import RowRejected, normalise
+from stages.core.inputs.readers import read_file
+from stages.core.inputs.tokenization import scored_sequence
+from stages.core.inputs.unpaired import (
     is_unpaired,
     normalise_unpaired,
     tokenize_unpaired_row,
@@ -274,7 +274,7 @@ def test_a_duplicate_example_is_called_an_example_not_a_pair():
 
     import pyarrow as pa
 
-    from stages.core.row_plan import INPUT, PAIR, PLAN_SCHEMA, mark_duplicates, pair_id
+    from stages.core.refs.plan import INPUT, PAIR, PLAN_SCHEMA, mark_duplicates, pair_id
 
     def plan_row(index, row, kind=INPUT, held_in=None):
         return {"source_index": index, "pair_id": pair_id(row), "row_json": json.dumps(row), "kind": kind,

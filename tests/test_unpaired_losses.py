@@ -11,7 +11,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from stages.core.unpaired_losses import (
+from stages.core.training.unpaired_losses import (
     KL_LOSSES,
     UNPAIRED_LOSSES,
     UNPAIRED_SUM_KEYS,

@@ -137,7 +137,7 @@ def test_a_checkpoint_on_a_read_only_disk_is_named(read_only):
     """Its first write (the folder it is written in) already fails: nothing else of the run is needed."""
     from types import SimpleNamespace
 
-    from stages.core import checkpoint
+    from stages.core.training import checkpoint
 
     group = SimpleNamespace(rank=0, on=False, barrier=lambda: None)
     out = str(read_only / "run")
@@ -161,7 +161,7 @@ def test_a_write_refused_in_a_ray_worker_is_one_line(ray_session, read_only):
     writers) reached through another task (precompute's `deliver`), come out as the one line."""
     import ray
 
-    from stages.core.shard_writer import shard_name
+    from stages.core.refs.writer import shard_name
 
     @ray.remote
     def raw(path):

@@ -38,10 +38,10 @@ def doc(help_text: str, group: str | None = None, **kwargs: Any) -> Any:
     return field(metadata={"help": help_text, **({"group": group} if group else {})}, **kwargs)
 
 
-# The loss family by name; `stages.core.losses.LOSSES` implements exactly these (a test holds them equal).
+# The loss family by name; `stages.core.training.losses.LOSSES` implements exactly these (a test holds them equal).
 LOSS_NAMES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "simpo", "orpo")
-# Losses on unpaired examples (KTO shards); `stages.core.unpaired_losses.UNPAIRED_LOSSES` implements these.
+# Losses on unpaired examples (KTO shards); `stages.core.training.unpaired_losses.UNPAIRED_LOSSES` implements these.
 UNPAIRED_LOSS_NAMES = ("kto", "apo_zero_unpaired")
 Dtype = Literal["float32", "bfloat16"]
 _SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")

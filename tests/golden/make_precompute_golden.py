@@ -96,7 +96,7 @@ def run_scenarios(model: str, scenarios: tuple[str, ...] = ("whole", "grown")) -
 def tiny_model(folder: Path) -> str:
     from conftest import make_tiny_model
 
-    from stages.core.models import embedded_model_path, load_tokenizer
+    from stages.core.runtime.models import embedded_model_path, load_tokenizer
 
     tokenizer = load_tokenizer(str(embedded_model_path()))
     make_tiny_model(tokenizer).save_pretrained(folder)

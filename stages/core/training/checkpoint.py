@@ -262,7 +262,7 @@ def load(url: str, parts: Parts, group) -> dict:
 def load_policy_model(path: str, device: str = "cpu"):
     """A policy to score from any folder a run writes: final/ or best/ (plain transformers), an
     adapter folder (final/adapter: its base plus the adapter, merged), or checkpoints/step-N."""
-    from stages.core.models import load_model
+    from stages.core.runtime.models import load_model
 
     if os.path.exists(os.path.join(path, "adapter_config.json")):
         from peft import PeftModel
@@ -275,7 +275,7 @@ def load_policy_model(path: str, device: str = "cpu"):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from stages.core.parallel import add_lora
+    from stages.core.training.parallel import add_lora
 
     with open(os.path.join(path, "policy.json")) as fh:
         policy = json.load(fh)

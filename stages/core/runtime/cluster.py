@@ -6,7 +6,7 @@ import logging
 import os
 from typing import Callable
 
-from stages.core.devices import ray_use_gpu
+from stages.core.runtime.devices import ray_use_gpu
 
 
 def init_ray(min_cpus: int) -> None:

@@ -14,13 +14,13 @@ import torch
 from transformers import PreTrainedModel
 
 from stages.core.config import ConfigError, PolicyPass
-from stages.core.layout import pack_rows, pad_batch, pair_rows, row_width, supports_4d_mask
-from stages.core.logprobs import scored_logps, sequence_logps
-from stages.core.losses import Batch, LossParams, combined_loss, rewards
-from stages.core.models import load_model, load_tokenizer, tokenizer_hashes
-from stages.core.shard_stream import Refs, check_tokenizer, epoch_pairs
-from stages.core.tokenization import scored_sequence
-from stages.core.unpaired_losses import (
+from stages.core.inputs.tokenization import scored_sequence
+from stages.core.refs.stream import Refs, check_tokenizer, epoch_pairs
+from stages.core.runtime.models import load_model, load_tokenizer, tokenizer_hashes
+from stages.core.scoring.logprobs import scored_logps, sequence_logps
+from stages.core.scoring.packing import pack_rows, pad_batch, pair_rows, row_width, supports_4d_mask
+from stages.core.training.losses import Batch, LossParams, combined_loss, rewards
+from stages.core.training.unpaired_losses import (
     KL_LOSSES,
     UNPAIRED_LOSSES,
     UNPAIRED_SUM_KEYS,
@@ -203,12 +203,12 @@ def run_pairs(model, pairs: list[dict], ctx: PassContext, batch_size_total: floa
 
     `batch_size_total` and `batch_chosen_tokens` describe the whole optimizer batch over all
     workers: gradients are scaled by them so that summing over workers gives the batch mean.
-    `model` is a transformers model or its training wrapper (`stages.core.parallel`). With
+    `model` is a transformers model or its training wrapper (`stages.core.training.parallel`). With
     workers, `rounds` is the number of micro-batches every worker runs: a worker with fewer pairs
     runs `ghost` (any pair) at weight zero, so each runs the same collectives; gradients are synced
     on the last round only.
     """
-    from stages.core.parallel import grad_sync
+    from stages.core.training.parallel import grad_sync
 
     sums = torch.zeros(len(ctx.sum_keys), dtype=torch.float64)
     # Micro-batches of similar lengths pad less. Every loss is per pair and the step's gradient a

@@ -16,9 +16,13 @@ import json
 import pyarrow as pa
 import torch
 
-from stages.core.devices import pick_device
-from stages.core.formats import RowRejected
-from stages.core.layout import (
+from stages.core.inputs.formats import RowRejected
+from stages.core.inputs.tokenization import scored_sequence, tokenize_row, truncate
+from stages.core.inputs.unpaired import tokenize_unpaired_row
+from stages.core.runtime.devices import pick_device
+from stages.core.runtime.models import gpu_memory, load_model, load_tokenizer, resolve_model
+from stages.core.scoring.logprobs import scored_logps, sequence_logps
+from stages.core.scoring.packing import (
     FORWARD_OVERHEAD_TOKENS,
     MASK_ELEMENTS,
     TOKENS_PER_FORWARD,
@@ -29,10 +33,6 @@ from stages.core.layout import (
     row_width,
     supports_4d_mask,
 )
-from stages.core.logprobs import scored_logps, sequence_logps
-from stages.core.models import gpu_memory, load_model, load_tokenizer, resolve_model
-from stages.core.tokenization import scored_sequence, tokenize_row, truncate
-from stages.core.unpaired import tokenize_unpaired_row
 
 TOKENIZED_SCHEMA = pa.schema([
     ("pair_id", pa.string()), ("row_key", pa.string()), ("source_index", pa.int64()), ("shard", pa.int64()),

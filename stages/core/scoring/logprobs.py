@@ -4,7 +4,7 @@ log pi(y|x) = sum over completion tokens y_t of log softmax(logits_{t-1})[y_t]. 
 the log-softmax run only on the positions that are scored, in chunks, so no float32
 [batch, length, vocab] tensor is ever built; the log-softmax and the sums are float64, whatever
 the model's dtype, so the result does not depend on how many rows share a forward. How rows are
-laid out in a batch (padded, packed) is `stages.core.layout`'s business.
+laid out in a batch (padded, packed) is `stages.core.scoring.packing`'s business.
 """
 
 from __future__ import annotations

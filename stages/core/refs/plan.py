@@ -33,7 +33,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stages.core import storage
-from stages.core.data import (
+from stages.core.inputs.formats import RowRejected, normalise
+from stages.core.inputs.readers import (
     BOM,
     DataError,
     MalformedRow,
@@ -47,8 +48,7 @@ from stages.core.data import (
     read_file,
     resolve_source,
 )
-from stages.core.formats import RowRejected, normalise
-from stages.core.unpaired import normalise_unpaired, unpair
+from stages.core.inputs.unpaired import normalise_unpaired, unpair
 
 READ_ROWS = 2048        # rows per block a read task yields
 DATASET_ROWS = 50_000   # rows of a save_to_disk folder one read task takes

@@ -15,8 +15,7 @@ from types import SimpleNamespace
 from typing import Any, Iterator
 
 from stages.core import storage
-from stages.core.data import MalformedRow, check_exists, embedded_layout, output_kind, read_rows, resolve_source
-from stages.core.formats import (
+from stages.core.inputs.formats import (
     ADAPTERS,
     RowRejected,
     _check_template_inputs,
@@ -26,7 +25,15 @@ from stages.core.formats import (
     is_messages,
     normalise,
 )
-from stages.core.unpaired import is_unpaired
+from stages.core.inputs.readers import (
+    MalformedRow,
+    check_exists,
+    embedded_layout,
+    output_kind,
+    read_rows,
+    resolve_source,
+)
+from stages.core.inputs.unpaired import is_unpaired
 
 TEMPLATE_KEYS = ("tools", "chat_template_kwargs")  # row keys that change how a conversational prompt renders
 
@@ -92,7 +99,7 @@ def _text_rows(url: str, options: dict | None) -> Iterator[tuple[int, Any]]:
 def _candidate_rows(url: str, prompt_column: str, options: dict | None) -> Iterator[tuple[int, Any]]:
     """generate's output: each candidate row's prompt as it was given (text, or messages with their
     template inputs), so earlier samples' prompts can be sampled again."""
-    from stages.core.sampling import read_candidates
+    from stages.core.online.sampling import read_candidates
 
     for index, rec in enumerate(read_candidates(url, options)[1]):
         prompt = json.loads(rec["prompt"]) if rec["conversational"] else rec["prompt"]

@@ -20,10 +20,10 @@ import json
 import pyarrow as pa
 import torch
 
-from stages.core.devices import pick_device
-from stages.core.formats import RowRejected
-from stages.core.models import load_model, load_tokenizer, resolve_model
-from stages.core.tokenization import prompt_token_ids
+from stages.core.inputs.formats import RowRejected
+from stages.core.inputs.tokenization import prompt_token_ids
+from stages.core.runtime.devices import pick_device
+from stages.core.runtime.models import load_model, load_tokenizer, resolve_model
 
 CANDIDATE_SCHEMA = pa.schema([
     ("prompt_index", pa.int64()),          # the prompt's row number in the input
@@ -54,7 +54,7 @@ def read_candidates(output: str, storage_options: dict | None = None) -> tuple[d
     import pyarrow.parquet as pq
 
     from stages.core import storage
-    from stages.core.data import DataError, output_kind
+    from stages.core.inputs.readers import DataError, output_kind
 
     kind = output_kind(output, storage_options) if storage.exists(output, storage_options) else None
     if kind in _NOT_CANDIDATES:

@@ -2,7 +2,7 @@
 
 One `train_loop` serves a single process and each Ray Train worker. Every worker streams the
 same global order of pairs and takes its slice of each optimizer batch (pairs i with
-i % world == rank); DDP or FSDP2 (`stages.core.parallel`) sums the gradients over workers, so N
+i % world == rank); DDP or FSDP2 (`stages.core.training.parallel`) sums the gradients over workers, so N
 workers reproduce one worker's updates with the same global `batch_size`. No reference model is
 ever loaded. A LoRA policy trains only its adapters.
 
@@ -24,15 +24,18 @@ from typing import Any
 
 import torch
 
-from stages.core import checkpoint, parallel, storage
+from stages.core import storage
 from stages.core.config import TrainConfig, to_yaml
-from stages.core.devices import pick_device, threads_per_worker
-from stages.core.distributed import Dist
-from stages.core.early_stopping import EarlyStopping
 from stages.core.errors import PipelineError
-from stages.core.metrics import MetricsLog, read
 from stages.core.plots import training_curves
-from stages.core.policy_pass import (
+from stages.core.refs.stream import Refs, batches, check_tokenizer, load_refs
+from stages.core.runtime.devices import pick_device, threads_per_worker
+from stages.core.runtime.preemption import Preemption
+from stages.core.training import checkpoint, parallel
+from stages.core.training.distributed import Dist
+from stages.core.training.early_stopping import EarlyStopping
+from stages.core.training.metrics import MetricsLog, read
+from stages.core.training.policy_pass import (
     PassContext,
     heldout_metrics,
     kl_sums,
@@ -41,9 +44,7 @@ from stages.core.policy_pass import (
     pass_context,
     run_pairs,
 )
-from stages.core.preemption import Preemption
-from stages.core.shard_stream import Refs, batches, check_tokenizer, load_refs
-from stages.core.unpaired_losses import kl_estimate
+from stages.core.training.unpaired_losses import kl_estimate
 
 # What a run writes in OUTPUT; `--overwrite` removes exactly these before starting over.
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "final", "best", "curves.png", "train_config.yaml",
@@ -167,7 +168,7 @@ def _optimizer(cfg: TrainConfig, model, steps: int):
 
 def _adapt(cfg: TrainConfig, model):
     """LoRA adapters when asked for, activation checkpointing, training mode -> (model, LoraConfig | None)."""
-    from stages.core.models import enable_activation_checkpointing
+    from stages.core.runtime.models import enable_activation_checkpointing
 
     lora = None
     if cfg.lora_r:
@@ -183,7 +184,7 @@ def _load_policy(cfg: TrainConfig, refs: Refs, device: str, dist: Dist):
     (bf16 is autocast, or FSDP2's mixed precision). Under FSDP2 only rank 0 reads the weights, into
     CPU memory; every worker builds the model on the meta device, shards it and receives its shards
     from rank 0, so no device ever holds the whole model."""
-    from stages.core.models import load_model, load_tokenizer, resolve_model, tokenizer_hashes
+    from stages.core.runtime.models import load_model, load_tokenizer, resolve_model, tokenizer_hashes
 
     reference = refs.manifest["reference_model"]["path"]
     model_path = resolve_model(cfg.model or reference)
@@ -413,7 +414,7 @@ def ray_worker(config: dict) -> None:
     """Ray Train's train_loop_per_worker: the same loop, this worker's share of the CPU threads.
     After a worker failure Ray Train starts the group again: it resumes from the run's latest
     checkpoint (the driver removed any older run's before the first start)."""
-    from stages.core.ray_runtime import preemption_asker
+    from stages.core.runtime.cluster import preemption_asker
 
     config = dict(config)
     resume_from, flag = config.pop("_resume_from"), config.pop("_preemption_flag")

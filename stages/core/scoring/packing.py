@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from stages.core.tokenization import scored_sequence
+from stages.core.inputs.tokenization import scored_sequence
 
 # Padded tokens per forward pass: sequences are sorted by length and grouped under this budget,
 # so short sequences are not padded to the longest of the whole batch.

@@ -29,11 +29,11 @@ import pyarrow as pa
 import torch
 
 from stages.core.config import ConfigError
-from stages.core.devices import pick_device
-from stages.core.formats import RowRejected, is_messages
-from stages.core.models import load_tokenizer, resolve_model
-from stages.core.tokenization import _ids, scored_sequence, template_kwargs
-from stages.core.unpaired import tokenize_unpaired_row, truncate_unpaired
+from stages.core.inputs.formats import RowRejected, is_messages
+from stages.core.inputs.tokenization import _ids, scored_sequence, template_kwargs
+from stages.core.inputs.unpaired import tokenize_unpaired_row, truncate_unpaired
+from stages.core.runtime.devices import pick_device
+from stages.core.runtime.models import load_tokenizer, resolve_model
 
 SCORE_SCHEMA = pa.schema([("key", pa.string()), ("score", pa.float64()), ("error", pa.string())])
 
@@ -101,7 +101,7 @@ def check_reward_model(model_path: str) -> None:
     actor reaches the user as a Ray traceback, not as this one line."""
     from transformers import AutoConfig
 
-    from stages.core.models import _one_line
+    from stages.core.runtime.models import _one_line
 
     load_tokenizer(model_path)
     try:
@@ -164,8 +164,8 @@ class ImplicitScorer:
     def __init__(self, policy_path: str, reference_path: str, beta: float, max_length: int | None,
                  max_prompt_length: int | None, truncation_mode: str, dtype: str = "float32", device: str = "auto",
                  threads: int | None = None):
-        from stages.core.checkpoint import load_policy_model
-        from stages.core.scorer import ReferenceScorer
+        from stages.core.scoring.scorer import ReferenceScorer
+        from stages.core.training.checkpoint import load_policy_model
 
         device = pick_device(device)
         if "://" in policy_path:  # a policy on object storage: fetched into this node's cache

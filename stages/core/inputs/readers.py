@@ -23,7 +23,7 @@ from typing import IO, Any, Iterator
 from stages.core import storage
 from stages.core.errors import PipelineError
 
-REPO_DATA = Path(__file__).resolve().parents[2] / "data"  # the repository's data/ folder
+REPO_DATA = Path(__file__).resolve().parents[3] / "data"  # the repository's data/ folder
 # name -> (file, layout used when --format is auto): HH text goes through the chat template,
 # which suits the embedded instruct model.
 EMBEDDED_DATA = {

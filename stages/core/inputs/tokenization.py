@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from stages.core.formats import RowRejected, is_messages
+from stages.core.inputs.formats import RowRejected, is_messages
 
 
 def _common_prefix_length(a: list[int], b: list[int]) -> int:

@@ -1,6 +1,6 @@
 """Rank, world size and the few collectives the training loop needs itself; no-ops in one process.
 
-Gradients are not among them: DDP and FSDP2 (`stages.core.parallel`) sync those during backward.
+Gradients are not among them: DDP and FSDP2 (`stages.core.training.parallel`) sync those during backward.
 """
 
 from __future__ import annotations

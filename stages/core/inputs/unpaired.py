@@ -35,8 +35,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from stages.core.formats import RowRejected, _check_template_inputs, _is_blank, check_text, is_messages
-from stages.core.tokenization import tokenize_row, truncate
+from stages.core.inputs.formats import RowRejected, _check_template_inputs, _is_blank, check_text, is_messages
+from stages.core.inputs.tokenization import tokenize_row, truncate
 
 # TRL map(batched=True) default: `unpair_preference_dataset` works on blocks of this many paired rows.
 TRL_MAP_BATCH_SIZE = 1000
