@@ -30,6 +30,7 @@ from stages.core.scoring.logprobs import sequence_logps
 from stages.core.scoring.packing import pad_batch
 from stages.core.training.checkpoint import load_policy_model
 from stages.core.training.policy_pass import heldout_metrics, pass_context, reference_metrics
+from stages.core.training.runs import run_config
 
 ROWS = [("preference accuracy", "eval/rewards/accuracies"), ("mean margin", "eval/rewards/margins"),
         ("reward chosen", "eval/rewards/chosen"), ("reward rejected", "eval/rewards/rejected"),
@@ -72,25 +73,11 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _run_config(model: str | None) -> dict:
-    """The train_config.yaml of the run a final/, best/ or checkpoints/step-N folder belongs to ({} if none)."""
-    import yaml
-
-    if not model:
-        return {}
-    for up in range(3):  # final/ and best/ sit in the run folder; checkpoints/step-N two levels down
-        folder = model.rstrip("/").rsplit("/", up)[0] if up else model
-        url = storage.join(folder, "train_config.yaml")
-        if storage.exists(url):
-            return {**(yaml.safe_load(storage.read_bytes(url)) or {}), "_source": url}
-    return {}
-
-
 def with_run_settings(cfg: EvalConfig, kind: str = "paired") -> tuple[EvalConfig, str | None]:
     """Fill an unset --loss-type / --beta from the run's train_config.yaml (the loss's own parameters
     come with its type), else sigmoid (kto for unpaired shards, `kind`) / 0.1; returns the config and
     where the values came from."""
-    run = _run_config(cfg.model)
+    run = run_config(cfg.model)
     values: dict = {}
     if cfg.loss_type is None:
         values.update({k: run[k] for k in LOSS_KEYS if k in run})

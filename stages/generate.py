@@ -25,7 +25,7 @@ from stages.core.config import ConfigError, GenerateConfig, public
 from stages.core.inputs.prompts import prompt_id, read_prompts
 from stages.core.inputs.readers import MalformedRow
 from stages.core.lease import Lease
-from stages.core.online import sampling
+from stages.core.online.outputs import finished
 from stages.core.online.sampling import CANDIDATE_SCHEMA, Sampler
 from stages.core.runtime.cluster import actor_pool_map, init_ray, quiet_ray_data
 from stages.core.runtime.devices import ray_use_gpu, say, threads_per_worker
@@ -50,24 +50,6 @@ def settings_of(cfg: GenerateConfig, model_path: str) -> dict:
     tok = load_tokenizer(model_path)
     return {**{k: getattr(cfg, k) for k in SETTINGS}, "model": cfg.model, "weights_hash": weights_hash(model_path),
             **tokenizer_hashes(tok)}
-
-
-def finished(output: str, settings: dict, overwrite: bool) -> dict | None:
-    """The manifest of a finished output made with these settings (None: generate). Other settings: an
-    error naming the keys that differ, unless overwrite."""
-    url = storage.join(output, "manifest.json")
-    if not storage.exists(url):
-        return None
-    manifest = storage.read_json(url)
-    differ = sorted(k for k in settings if manifest.get("settings", {}).get(k) != settings[k])
-    if not differ:
-        return manifest
-    if not overwrite:
-        raise ConfigError(f"{output} holds candidates made with other settings ({', '.join(differ)} differ: "
-                          + "; ".join(f"{k} {manifest.get('settings', {}).get(k)!r} -> {settings[k]!r}"
-                                      for k in differ[:4])
-                          + "); use another --output, or --overwrite")
-    return None
 
 
 def _clear(output: str) -> None:
@@ -222,11 +204,6 @@ def _write(output: str, k: int, rows: list[dict]) -> dict:
     storage.write_bytes_atomic(storage.join(output, name), data)
     return {"name": name, "rows": len(rows), "first_prompt_index": rows[0]["prompt_index"],
             "sha256": storage.sha256_bytes(data)}
-
-
-def read_candidates(output: str) -> tuple[dict, list[dict]]:
-    """A finished generate output: (manifest, candidate rows in prompt order); see sampling.read_candidates."""
-    return sampling.read_candidates(output)
 
 
 def summary(manifest: dict, output: str) -> str:

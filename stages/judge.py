@@ -28,7 +28,8 @@ import pyarrow as pa
 from stages.core import storage
 from stages.core.config import ConfigError, JudgeConfig, public
 from stages.core.errors import PipelineError
-from stages.core.inputs.formats import RowRejected, _is_blank
+from stages.core.inputs.candidates import read_candidates
+from stages.core.inputs.formats import RowRejected, is_blank
 from stages.core.inputs.readers import DataError, check_exists
 from stages.core.lease import Lease
 from stages.core.online.judges import (
@@ -40,8 +41,8 @@ from stages.core.online.judges import (
     load_reward_fn,
     select_pairs,
 )
+from stages.core.online.outputs import finished
 from stages.core.runtime.devices import ray_use_gpu, say, threads_per_worker
-from stages.generate import finished, read_candidates
 
 
 class JudgeFailed(PipelineError):
@@ -72,7 +73,7 @@ def flatten(rows: list[dict]) -> tuple[list[dict], dict[str, tuple[str, str]]]:
         seen: dict[str, int] = {}
         for j, (text, reason) in enumerate(zip(rec["responses"], rec["finish_reasons"])):
             key = f"{rec['prompt_index']}:{j}"
-            if _is_blank(text):
+            if is_blank(text):
                 rejects[key] = ("empty_response", f"response {j} is empty (finish reason {reason})")
                 continue
             if text in seen:
@@ -109,13 +110,13 @@ def _score_with_actors(cfg: JudgeConfig, cands: list[dict], actor, args: dict) -
 def _implicit_args(cfg: JudgeConfig) -> dict:
     from stages.core.refs.stream import load_refs
     from stages.core.runtime.models import resolve_model
-    from stages.evaluate import _run_config
+    from stages.core.training.runs import run_config
 
     if "://" not in cfg.implicit:  # a local policy checked here: an actor that cannot load it is a Ray traceback
         resolve_model(cfg.implicit)
     refs = load_refs(cfg.refs)
     m = refs.manifest
-    beta = cfg.beta if cfg.beta is not None else float(_run_config(cfg.implicit).get("beta", 0.1))
+    beta = cfg.beta if cfg.beta is not None else float(run_config(cfg.implicit).get("beta", 0.1))
     return {"policy_path": cfg.implicit, "reference_path": resolve_model(m["reference_model"]["path"]), "beta": beta,
             "max_length": m["max_length"], "max_prompt_length": m["max_prompt_length"],
             "truncation_mode": m["truncation_mode"], "dtype": cfg.dtype}

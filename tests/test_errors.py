@@ -106,10 +106,10 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
 def test_a_hub_error_is_one_line():
     """transformers' hub errors run to many lines; the user gets the first, with the id and the hub named.
     (Built from the error text, not a real hub lookup: tests send nothing off this machine.)"""
-    from stages.core.runtime.models import _one_line
+    from stages.core.runtime.models import one_line_error
 
     error = OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection...")
-    message = str(_one_line("no-such-owner/no-such-model", "a tokenizer from", error))
+    message = str(one_line_error("no-such-owner/no-such-model", "a tokenizer from", error))
     assert "\n" not in message and "no-such-owner/no-such-model" in message and "Hugging Face hub" in message
     assert "couldn't connect" in message
 

@@ -15,6 +15,7 @@ from conftest import ROOT
 
 from stages import generate, judge
 from stages.core.config import ConfigError, GenerateConfig, JudgeConfig, PrecomputeConfig
+from stages.core.inputs.candidates import read_candidates
 from stages.core.inputs.prompts import read_prompts
 from stages.core.inputs.readers import DataError
 from stages.core.inputs.tokenization import prompt_token_ids, tokenize_row
@@ -143,8 +144,8 @@ def test_generate_is_reproducible_and_counts_match(tmp_path, tiny_model_dir, ray
                 temperature=1.0, seed=3, batch_size=2, rows_per_file=3, progress=False)
     a = generate.run(GenerateConfig(output=str(tmp_path / "a"), **base))
     b = generate.run(GenerateConfig(output=str(tmp_path / "b"), **base))
-    _, rows_a = generate.read_candidates(str(tmp_path / "a"))
-    _, rows_b = generate.read_candidates(str(tmp_path / "b"))
+    _, rows_a = read_candidates(str(tmp_path / "a"))
+    _, rows_b = read_candidates(str(tmp_path / "b"))
     assert [r["responses"] for r in rows_a] == [r["responses"] for r in rows_b]
     assert [f["name"] for f in a["files"]] == ["candidates-00000.parquet", "candidates-00001.parquet"]
     c = a["counts"]

@@ -47,7 +47,7 @@ def _check_messages(name: str, value: Any) -> None:
 _TEMPLATE_ARGS = {"conversation", "tools", "tokenize", "return_dict", "add_generation_prompt"}
 
 
-def _check_template_inputs(out: dict) -> None:
+def check_template_inputs(out: dict) -> None:
     """`tools` (a list of tool objects, or JSON text of one) and `chat_template_kwargs` (an object)."""
     tools = out.get("tools")
     if isinstance(tools, str):
@@ -65,7 +65,7 @@ def _check_template_inputs(out: dict) -> None:
                                       "which the tokenizer sets itself")
 
 
-def _is_blank(value: Any) -> bool:
+def is_blank(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip() == ""
     if isinstance(value, list):
@@ -284,20 +284,20 @@ def normalise(row: dict, layout: str, cfg: Any) -> dict:
     for key in ("prompt", "chosen", "rejected"):
         if key in out:
             check_text(key, out[key])
-    _check_template_inputs(out)
+    check_template_inputs(out)
     if is_messages(out["chosen"]) != is_messages(out["rejected"]):
         raise RowRejected("bad_type", "chosen and rejected mix strings and messages")
     if "prompt" in out and is_messages(out["prompt"]) != is_messages(out["chosen"]):
         raise RowRejected("bad_type", "prompt and completions mix strings and messages")
     for key in ("chosen", "rejected"):
-        if _is_blank(out[key]):
+        if is_blank(out[key]):
             raise RowRejected(f"empty_{key}", f"{key} is empty or whitespace only")
     if out["chosen"] == out["rejected"]:
         raise RowRejected("identical_pair", "chosen and rejected are identical")
     if "prompt" not in out:
         out["prompt"], out["chosen"], out["rejected"] = extract_prompt(out["chosen"], out["rejected"])
         for key in ("chosen", "rejected"):
-            if _is_blank(out[key]):
+            if is_blank(out[key]):
                 raise RowRejected(f"empty_{key}", f"{key} has nothing after the shared prompt")
     if len(out["prompt"]) == 0:
         raise RowRejected("empty_prompt", "the prompt is empty: the first completion token has no context")

@@ -15,13 +15,14 @@ from types import SimpleNamespace
 from typing import Any, Iterator
 
 from stages.core import storage
+from stages.core.inputs.candidates import read_candidates
 from stages.core.inputs.formats import (
     ADAPTERS,
     RowRejected,
-    _check_template_inputs,
-    _is_blank,
+    check_template_inputs,
     check_text,
     detect,
+    is_blank,
     is_messages,
     normalise,
 )
@@ -75,13 +76,13 @@ def prompt_of(raw: Any, layout: str, columns: SimpleNamespace) -> tuple[Any, dic
                                                "the column that holds it")
         template = {k: raw[k] for k in TEMPLATE_KEYS if raw.get(k) is not None} or None
         if template:
-            _check_template_inputs(dict(template))
+            check_template_inputs(dict(template))
     else:
         raise RowRejected("bad_type", f"row is {type(raw).__name__}, expected a prompt, messages or an object")
     if value is None:
         raise RowRejected("missing_field", f"'{columns.prompt_column}' is null")
     check_text("prompt", value)
-    if _is_blank(value):
+    if is_blank(value):
         raise RowRejected("empty_prompt", "the prompt is empty or whitespace only")
     if template and not is_messages(value):
         template = None  # tools and template arguments only apply to a chat template
@@ -99,8 +100,6 @@ def _text_rows(url: str, options: dict | None) -> Iterator[tuple[int, Any]]:
 def _candidate_rows(url: str, prompt_column: str, options: dict | None) -> Iterator[tuple[int, Any]]:
     """generate's output: each candidate row's prompt as it was given (text, or messages with their
     template inputs), so earlier samples' prompts can be sampled again."""
-    from stages.core.online.sampling import read_candidates
-
     for index, rec in enumerate(read_candidates(url, options)[1]):
         prompt = json.loads(rec["prompt"]) if rec["conversational"] else rec["prompt"]
         yield index, {prompt_column: prompt, **json.loads(rec["template_json"] or "{}")}

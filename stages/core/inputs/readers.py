@@ -59,7 +59,7 @@ class MalformedRow:
     reason: str = "malformed_json"
 
 
-def _base_suffix(name: str) -> str:
+def base_suffix(name: str) -> str:
     for comp in (".gz", ".bz2", ".xz", ".zst"):
         if name.endswith(comp):
             name = name[: -len(comp)]
@@ -166,7 +166,7 @@ def _folder_files(data: str, fs, path: str) -> list[str]:
             raise DataError(NOT_DATA[kinds[owner]].format(url=storage.unstrip(data, fs, owner)))
         if owner is not None and name != "pairs.jsonl":
             continue
-        if _base_suffix(p) in SUFFIXES and not name.startswith((".", "_")) and name not in SIDE_FILES:
+        if base_suffix(p) in SUFFIXES and not name.startswith((".", "_")) and name not in SIDE_FILES:
             files.append(p)
     if not files:
         found = sorted(os.path.basename(p) for p in fs.ls(path, detail=False))[:20]
@@ -196,18 +196,18 @@ def list_input_files(data: str, storage_options: dict | None = None) -> list[str
     fs, path = storage.filesystem(data, storage_options)
     if fs.isdir(path):
         return _folder_files(data, fs, path)
-    if _base_suffix(path) not in SUFFIXES:
+    if base_suffix(path) not in SUFFIXES:
         raise DataError(f"{data}: unknown file type; expected one of {', '.join(SUFFIXES)} (optionally .gz)")
     return [data]
 
 
-def _is_saved_dataset(data: str, storage_options: dict | None) -> bool:
+def is_saved_dataset(data: str, storage_options: dict | None) -> bool:
     fs, path = storage.filesystem(data, storage_options)
     markers = ("dataset_info.json", "dataset_dict.json", "state.json")
     return fs.isdir(path) and any(fs.exists(f"{path}/{m}") for m in markers)
 
 
-def _looks_like_hub_name(data: str) -> bool:
+def looks_like_hub_name(data: str) -> bool:
     """owner/name that is not a local path. When `owner` is a folder here, it is a local path mistyped:
     "input not found" with what the folder holds says more than a failed hub download."""
     if "://" in data or os.path.exists(data) or data.count("/") != 1 or data.startswith((".", "/")):
@@ -215,7 +215,7 @@ def _looks_like_hub_name(data: str) -> bool:
     return not os.path.isdir(data.split("/", 1)[0])
 
 
-class _Broken(Exception):
+class BrokenStream(Exception):
     """A compressed stream that stops mid-way; `partial` is the unfinished line it was in."""
 
     def __init__(self, partial: bytes, cause: BaseException):
@@ -223,7 +223,7 @@ class _Broken(Exception):
         self.partial, self.cause = partial, cause
 
 
-def _lines(fh: IO[bytes]) -> Iterator[bytes]:
+def byte_lines(fh: IO[bytes]) -> Iterator[bytes]:
     """The stream's lines, split on b"\\n" only (U+2028, U+0085 and the like are text inside a JSON
     string), without a trailing "\\r". Read a block at a time, so a file is never held whole."""
     # read1: one decompression step per call, so a cut archive loses no byte that came before the cut.
@@ -233,7 +233,7 @@ def _lines(fh: IO[bytes]) -> Iterator[bytes]:
         try:
             block = read(BLOCK)
         except DECOMPRESSION_ERRORS as e:
-            raise _Broken(b"".join(parts), e) from None
+            raise BrokenStream(b"".join(parts), e) from None
         if not block:
             break
         pieces = block.split(b"\n")
@@ -306,12 +306,12 @@ def _jsonl_rows(url: str, fh: IO[bytes]) -> Iterator[Any]:
     """One value or MalformedRow per non-blank line; a cut or corrupt archive ends in one MalformedRow."""
     lineno = 0
     try:
-        for lineno, line in enumerate(_lines(fh), start=1):
+        for lineno, line in enumerate(byte_lines(fh), start=1):
             if lineno == 1 and line.startswith(BOM):
                 line = line[len(BOM):]
             if line.strip():
                 yield _parse_line(url, lineno, line)
-    except _Broken as e:
+    except BrokenStream as e:
         reason, what = _broken(e.cause)
         yield MalformedRow(url, lineno + 1, _preview(e.partial), f"the compressed file {what} here: the rest of it "
                            "is lost; re-create or re-download it", reason)
@@ -432,7 +432,7 @@ def _read_csv_file(url: str, storage_options: dict | None) -> Iterator[Any]:
 
 
 def read_file(url: str, storage_options: dict | None = None) -> Iterator[Any]:
-    kind = _base_suffix(url)
+    kind = base_suffix(url)
     if kind == ".jsonl":
         yield from _read_jsonl_file(url, storage_options)
     elif kind == ".json":
@@ -449,7 +449,7 @@ def read_rows(data: str, split: str = "train", limit: int | None = None,
               storage_options: dict | None = None) -> Iterator[tuple[int, Any]]:
     """(source_index, raw row or MalformedRow), in input order, at most `limit` rows."""
     source = resolve_source(data)
-    if _looks_like_hub_name(source) or _is_saved_dataset(source, storage_options):
+    if looks_like_hub_name(source) or is_saved_dataset(source, storage_options):
         rows: Iterator[Any] = _read_datasets(source, split, storage_options)
     else:
         files = list_input_files(source, storage_options)
@@ -464,7 +464,7 @@ def load_split(source: str, split: str, storage_options: dict | None):
     """A hub name or `save_to_disk` folder as one `datasets.Dataset` (memory-mapped): its `split`."""
     import datasets
 
-    if _looks_like_hub_name(source):
+    if looks_like_hub_name(source):
         try:
             ds = datasets.load_dataset(source, split=split)
         except (OSError, ValueError) as e:  # no network, no such data set, no such split (datasets' errors)

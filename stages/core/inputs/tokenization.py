@@ -24,7 +24,7 @@ def _common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _ids(tokenizer: Any, value: Any, **template_kwargs) -> list[int]:
+def ids_of(tokenizer: Any, value: Any, **template_kwargs) -> list[int]:
     if isinstance(value, list):
         try:
             out = tokenizer.apply_chat_template(value, tokenize=True, return_dict=True, **template_kwargs)
@@ -51,8 +51,8 @@ def prompt_token_ids(tokenizer: Any, prompt: Any, template: dict | None = None) 
     with the generation prompt (and the row's tools / template arguments), a string as it is. Sampling
     from these tokens gives answers that continue exactly what the trainer will score."""
     if is_messages(prompt):
-        return _ids(tokenizer, prompt, add_generation_prompt=True, **template_kwargs(template))
-    return _ids(tokenizer, prompt)
+        return ids_of(tokenizer, prompt, add_generation_prompt=True, **template_kwargs(template))
+    return ids_of(tokenizer, prompt)
 
 
 def tokenize_row(tokenizer: Any, row: dict) -> dict[str, list[int]]:
@@ -60,16 +60,16 @@ def tokenize_row(tokenizer: Any, row: dict) -> dict[str, list[int]]:
     prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
     if is_messages(chosen):
         kwargs = template_kwargs(row)
-        prompt_ids = _ids(tokenizer, prompt, add_generation_prompt=True, **kwargs)
-        prompt_chosen = _ids(tokenizer, prompt + chosen, **kwargs)
-        prompt_rejected = _ids(tokenizer, prompt + rejected, **kwargs)
+        prompt_ids = ids_of(tokenizer, prompt, add_generation_prompt=True, **kwargs)
+        prompt_chosen = ids_of(tokenizer, prompt + chosen, **kwargs)
+        prompt_rejected = ids_of(tokenizer, prompt + rejected, **kwargs)
     else:
         eos = tokenizer.eos_token
         chosen = chosen if chosen.endswith(eos) else chosen + eos
         rejected = rejected if rejected.endswith(eos) else rejected + eos
-        prompt_ids = _ids(tokenizer, prompt)
-        prompt_chosen = _ids(tokenizer, prompt + chosen)
-        prompt_rejected = _ids(tokenizer, prompt + rejected)
+        prompt_ids = ids_of(tokenizer, prompt)
+        prompt_chosen = ids_of(tokenizer, prompt + chosen)
+        prompt_rejected = ids_of(tokenizer, prompt + rejected)
     # Tokens may merge across the prompt/completion boundary, or a template may render the prompt
     # alone differently: the completion starts where the two tokenizations part, as in TRL.
     n = min(_common_prefix_length(prompt_ids, prompt_chosen), _common_prefix_length(prompt_ids, prompt_rejected))

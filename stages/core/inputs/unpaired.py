@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stages.core.inputs.formats import RowRejected, _check_template_inputs, _is_blank, check_text, is_messages
+from stages.core.inputs.formats import RowRejected, check_template_inputs, check_text, is_blank, is_messages
 from stages.core.inputs.tokenization import tokenize_row, truncate
 
 # TRL map(batched=True) default: `unpair_preference_dataset` works on blocks of this many paired rows.
@@ -100,10 +100,10 @@ def normalise_unpaired(row: dict, cfg: Any) -> dict:
             out[key] = row[key]
     for key in ("prompt", "completion"):
         check_text(key, out[key])
-    _check_template_inputs(out)
+    check_template_inputs(out)
     if is_messages(out["prompt"]) != is_messages(out["completion"]):
         raise RowRejected("bad_type", "prompt and completion mix strings and messages")
-    if _is_blank(out["completion"]):
+    if is_blank(out["completion"]):
         raise RowRejected("empty_completion", "completion is empty or whitespace only")
     if len(out["prompt"]) == 0:
         raise RowRejected("empty_prompt", "the prompt is empty: the first completion token has no context")

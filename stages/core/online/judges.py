@@ -30,7 +30,7 @@ import torch
 
 from stages.core.config import ConfigError
 from stages.core.inputs.formats import RowRejected, is_messages
-from stages.core.inputs.tokenization import _ids, scored_sequence, template_kwargs
+from stages.core.inputs.tokenization import ids_of, scored_sequence, template_kwargs
 from stages.core.inputs.unpaired import tokenize_unpaired_row, truncate_unpaired
 from stages.core.runtime.devices import pick_device
 from stages.core.runtime.models import load_tokenizer, resolve_model
@@ -84,9 +84,9 @@ def reward_model_ids(tokenizer, prompt: Any, response: str, template: dict | Non
     """What a reward model reads: the chat template over prompt + the response as the assistant turn
     (a string prompt: the text prompt + response), cut to max_length tokens from the start."""
     if is_messages(prompt):
-        ids = _ids(tokenizer, prompt + [{"role": "assistant", "content": response}], **template_kwargs(template))
+        ids = ids_of(tokenizer, prompt + [{"role": "assistant", "content": response}], **template_kwargs(template))
     else:
-        ids = _ids(tokenizer, prompt + response)
+        ids = ids_of(tokenizer, prompt + response)
     return ids[:max_length]
 
 
@@ -101,13 +101,13 @@ def check_reward_model(model_path: str) -> None:
     actor reaches the user as a Ray traceback, not as this one line."""
     from transformers import AutoConfig
 
-    from stages.core.runtime.models import _one_line
+    from stages.core.runtime.models import one_line_error
 
     load_tokenizer(model_path)
     try:
         config = AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError) as e:
-        raise _one_line(model_path, "a model config from", e) from None
+        raise one_line_error(model_path, "a model config from", e) from None
     _one_output(model_path, config.num_labels)
 
 

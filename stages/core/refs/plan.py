@@ -36,15 +36,15 @@ from stages.core import storage
 from stages.core.inputs.formats import RowRejected, normalise
 from stages.core.inputs.readers import (
     BOM,
+    BrokenStream,
     DataError,
     MalformedRow,
-    _base_suffix,
-    _Broken,
-    _is_saved_dataset,
-    _lines,
-    _looks_like_hub_name,
+    base_suffix,
+    byte_lines,
+    is_saved_dataset,
     list_input_files,
     load_split,
+    looks_like_hub_name,
     read_file,
     resolve_source,
 )
@@ -106,7 +106,7 @@ class Source:
         path = resolve_source(data)
         if "://" not in path and os.path.exists(path):
             path = os.path.abspath(path)  # tasks run in other folders than the driver
-        if _looks_like_hub_name(path) or _is_saved_dataset(path, options):
+        if looks_like_hub_name(path) or is_saved_dataset(path, options):
             return cls(path, split, (), options)
         return cls(path, split, tuple(list_input_files(path, options)), options)
 
@@ -119,11 +119,11 @@ def count_jsonl(url: str, options: dict | None) -> int:
     n = 0
     with storage.open_binary(url, options) as fh:
         try:
-            for lineno, line in enumerate(_lines(fh), start=1):
+            for lineno, line in enumerate(byte_lines(fh), start=1):
                 if lineno == 1 and line.startswith(BOM):
                     line = line[len(BOM):]
                 n += bool(line.strip())
-        except _Broken:
+        except BrokenStream:
             n += 1
     return n
 
@@ -133,7 +133,7 @@ def count_unit(source: Source, url: str | None) -> int:
     storage.configure(source.options)
     if url is None:
         return len(load_split(source.data, source.split, source.options))
-    kind = _base_suffix(url)
+    kind = base_suffix(url)
     if kind == ".jsonl":
         return count_jsonl(url, source.options)
     if kind == ".parquet":

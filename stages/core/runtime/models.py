@@ -126,7 +126,7 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def _one_line(path: str, what: str, error: Exception) -> ModelError:
+def one_line_error(path: str, what: str, error: Exception) -> ModelError:
     """transformers' errors run to many lines and guess at causes; say what failed, for which path."""
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     where = "the folder" if Path(path).expanduser().is_dir() else "the Hugging Face hub (is the network reachable?)"
@@ -139,7 +139,7 @@ def load_tokenizer(path: str):
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:  # a hub id with no network, files that do not parse
-        raise _one_line(path, "a tokenizer from", e) from None
+        raise one_line_error(path, "a tokenizer from", e) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -170,7 +170,7 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu", max_memor
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **spread)
     except (OSError, ValueError) as e:  # with max_memory also: a model too big for those GPUs
-        raise _one_line(path, "a causal LM from", e) from None
+        raise one_line_error(path, "a causal LM from", e) from None
     if not spread:
         return model.to(device)
     offloaded = sorted({str(d) for d in getattr(model, "hf_device_map", {}).values()} & {"cpu", "disk"})
