@@ -280,3 +280,54 @@ def test_a_killed_worker_is_restarted_from_the_checkpoint(refs, tmp_path):
     assert [r["step"] for r in read(str(out / "metrics.jsonl"))] == list(range(1, 11))
     assert (out / "final" / "model.safetensors").exists()
 
+
+
+def _tied_llama():
+    """A tiny Llama whose LM head is its embedding matrix (`tie_word_embeddings`, as SmolLM2)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def _save_sharded(rank: int, world: int, port: int, folder: str) -> None:
+    import torch.distributed as dist
+
+    from stages.core.training import parallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = _tied_llama()
+    parallel.wrap(model, "fsdp", world, "float32")
+    state = parallel.full_state_dict(model)  # what the trainer's save_weights writes
+    if rank == 0:
+        model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+    dist.destroy_process_group()
+    os._exit(0)  # as _worker: FSDP2 may abort in its exit handlers
+
+
+def test_fsdp_final_of_tied_embeddings_stores_the_matrix_once(tmp_path):
+    """A tied model's `final/` under FSDP2 holds the embedding matrix once, as one worker's does (a
+    second copy is ~1 GB in float32 at a 128k vocabulary), and loads back to the same logits."""
+    import torch.multiprocessing as mp
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    one = _tied_llama()
+    one.save_pretrained(tmp_path / "one")
+    mp.start_processes(_save_sharded, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, start_method="spawn")
+    keys = {}
+    for name in ("one", "two"):
+        with safe_open(tmp_path / name / "model.safetensors", "pt") as f:
+            keys[name] = set(f.keys())
+    assert "lm_head.weight" not in keys["two"] and keys["two"] == keys["one"]
+    size = {name: (tmp_path / name / "model.safetensors").stat().st_size for name in ("one", "two")}
+    assert size["two"] == pytest.approx(size["one"], rel=0.01)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "two").eval()
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tied again on load
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, one(ids).logits, atol=1e-6)

@@ -140,8 +140,25 @@ def full_state_dict(model, frozen: bool = True) -> dict:
     which gathers one tensor at a time to rank 0's CPU: never more than one full copy anywhere."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                ignore_frozen_params=not frozen))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                 ignore_frozen_params=not frozen))
+    # The gather copies every key on its own, so a tied LM head arrives as a second tensor equal to the
+    # embeddings. transformers' save_pretrained drops a tied key only when it shares storage with its
+    # source: alias it back, and `final/` holds the matrix once, as one worker's does.
+    for name, source in tied_names(model).items():
+        if name in state and source in state:
+            state[name] = state[source]
+    return state
+
+
+def tied_names(model) -> dict[str, str]:
+    """{name: the first name of the same parameter} for parameters the model shares under several
+    names (an LM head tied to the embeddings), read from the module itself rather than its config."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        tied[name] = first.setdefault(id(param), name)
+    return {name: source for name, source in tied.items() if name != source}
 
 
 def merge_lora(state: dict, lora) -> dict:
