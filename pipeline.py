@@ -27,7 +27,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def _precompute(argv: list[str]) -> int:
     from stages import precompute
-    from stages.core.config import PrecomputeConfig, parse_args
+    from stages.core.config.engine import parse_args
+    from stages.core.config.options import PrecomputeConfig
 
     cfg = parse_args(PrecomputeConfig, argv, prog="pipeline.py precompute",
                      description="Score every preference pair with the frozen reference model; write Parquet shards.")
@@ -38,7 +39,8 @@ def _precompute(argv: list[str]) -> int:
 
 def _train(argv: list[str]) -> int:
     from stages import train
-    from stages.core.config import TrainConfig, parse_args
+    from stages.core.config.engine import parse_args
+    from stages.core.config.options import TrainConfig
 
     cfg = parse_args(TrainConfig, argv, prog="pipeline.py train",
                      description="Train the policy with DPO (or a variant) from precomputed reference shards.")
@@ -48,7 +50,8 @@ def _train(argv: list[str]) -> int:
 
 def _eval(argv: list[str]) -> int:
     from stages import evaluate
-    from stages.core.config import EvalConfig, parse_args
+    from stages.core.config.engine import parse_args
+    from stages.core.config.options import EvalConfig
 
     cfg = parse_args(EvalConfig, argv, prog="pipeline.py eval",
                      description="Score held-out pairs with a policy: accuracy, margins, rewards, KL to the reference.")
@@ -58,7 +61,8 @@ def _eval(argv: list[str]) -> int:
 
 def _sweep(argv: list[str]) -> int:
     from stages import sweep
-    from stages.core.config import SweepConfig, parse_args
+    from stages.core.config.engine import parse_args
+    from stages.core.config.options import SweepConfig
 
     cfg = parse_args(SweepConfig, argv, prog="pipeline.py sweep",
                      description="Short training runs over several betas on shared shards; accuracy/margin vs KL.")
@@ -69,7 +73,8 @@ def _sweep(argv: list[str]) -> int:
 
 def _run(argv: list[str]) -> int:
     from stages import nightly
-    from stages.core.config import RunConfig, parse_args
+    from stages.core.config.chain import RunConfig
+    from stages.core.config.engine import parse_args
 
     cfg = parse_args(RunConfig, argv, prog="pipeline.py run",
                      description="The nightly chain in one process (one Ray job): precompute the rows not yet scored, "
@@ -80,7 +85,8 @@ def _run(argv: list[str]) -> int:
 
 def _generate(argv: list[str]) -> int:
     from stages import generate
-    from stages.core.config import GenerateConfig, parse_args
+    from stages.core.config.engine import parse_args
+    from stages.core.config.online import GenerateConfig
 
     cfg = parse_args(GenerateConfig, argv, prog="pipeline.py generate",
                      description="Sample N responses per prompt from a model (Ray actors); Parquet + manifest.")
@@ -90,7 +96,8 @@ def _generate(argv: list[str]) -> int:
 
 def _judge(argv: list[str]) -> int:
     from stages import judge
-    from stages.core.config import JudgeConfig, parse_args
+    from stages.core.config.engine import parse_args
+    from stages.core.config.online import JudgeConfig
 
     cfg = parse_args(JudgeConfig, argv, prog="pipeline.py judge",
                      description="Score candidates (reward model, function, human labels or implicit reward) and "
@@ -101,7 +108,8 @@ def _judge(argv: list[str]) -> int:
 
 def _iterate(argv: list[str]) -> int:
     from stages import iterate
-    from stages.core.config import IterateConfig, parse_args
+    from stages.core.config.chain import IterateConfig
+    from stages.core.config.engine import parse_args
 
     cfg = parse_args(IterateConfig, argv, prog="pipeline.py iterate",
                      description="On-policy DPO rounds: generate -> judge -> precompute -> train (-> eval), "

@@ -33,7 +33,7 @@ DATA = str(ROOT / "data" / "hh_rlhf_helpful_base_demo_train.jsonl.gz")
 
 def rows(n: int) -> list[dict]:
     """The first n embedded pairs as TRL rows (our hh adapter's output: the same tokens for both)."""
-    from stages.core.config import PrecomputeConfig
+    from stages.core.config.options import PrecomputeConfig
     from stages.core.inputs.formats import normalise
     from stages.core.inputs.readers import read_rows
 
@@ -121,7 +121,7 @@ def work(mode: str, a) -> dict:
         import pyarrow as pa
 
         from stages import precompute
-        from stages.core.config import PrecomputeConfig
+        from stages.core.config.options import PrecomputeConfig
         from stages.core.scoring.scorer import ReferenceScorer, tokenize_batch
 
         # Compute only, like TRL's number: the scorer class on tokenized pairs, model already loaded.
@@ -162,7 +162,7 @@ def work(mode: str, a) -> dict:
         return {"seconds": with_pre - (time.perf_counter() - t), "pairs": len(data)}
     if mode == "ours_train":
         from stages import train
-        from stages.core.config import TrainConfig
+        from stages.core.config.options import TrainConfig
 
         # Shards from the separate precompute process (this process only trains, as in production),
         # read in stored order (shuffle buffer 1): the same micro-batches TRL gets below.

@@ -111,7 +111,7 @@ def hold_whole_set() -> None:
 def work(job: dict) -> dict:
     if job["kind"] == "precompute":
         from stages import precompute
-        from stages.core.config import PrecomputeConfig
+        from stages.core.config.options import PrecomputeConfig
 
         t = time.perf_counter()
         m = precompute.run(PrecomputeConfig(data=job["data"], model=job["model"], output=job["output"],
@@ -121,7 +121,7 @@ def work(job: dict) -> dict:
                 "rejected": m["rows_rejected"], "shards": len(m["shards"]), "tokens": m["tokens"]}
     if job["kind"] == "train":
         from stages import train
-        from stages.core.config import TrainConfig
+        from stages.core.config.options import TrainConfig
 
         if job.get("hold_whole_set"):
             hold_whole_set()

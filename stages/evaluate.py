@@ -22,7 +22,8 @@ import re
 import torch
 
 from stages.core import storage
-from stages.core.config import EvalConfig, public
+from stages.core.config.engine import public
+from stages.core.config.options import EvalConfig
 from stages.core.refs.stream import Refs, check_tokenizer, epoch_pairs, load_refs
 from stages.core.runtime.devices import pick_device
 from stages.core.runtime.models import load_model, load_tokenizer, resolve_model, tokenizer_hashes

@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.core import storage
-from stages.core.config import ConfigError, GenerateConfig, public
+from stages.core.config.engine import ConfigError, public
+from stages.core.config.online import GenerateConfig
 from stages.core.inputs.prompts import prompt_id, read_prompts
 from stages.core.inputs.readers import MalformedRow
 from stages.core.lease import Lease

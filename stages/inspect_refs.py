@@ -25,7 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stages.core import storage
-from stages.core.config import Parser, parse_storage_options, with_default
+from stages.core.config.engine import Parser, with_default
+from stages.core.config.options import parse_storage_options
 from stages.core.plots import margin_histogram
 from stages.core.refs.stream import Refs, ShardError, iter_rows, load_refs
 

@@ -30,17 +30,10 @@ from datetime import datetime, timezone
 
 from stages import evaluate, generate, judge, precompute, train
 from stages.core import storage
-from stages.core.config import (
-    ConfigError,
-    EvalConfig,
-    GenerateConfig,
-    IterateConfig,
-    JudgeConfig,
-    PrecomputeConfig,
-    TrainConfig,
-    from_mapping,
-    parse_options,
-)
+from stages.core.config.chain import IterateConfig
+from stages.core.config.engine import ConfigError, from_mapping, parse_options
+from stages.core.config.online import GenerateConfig, JudgeConfig
+from stages.core.config.options import EvalConfig, PrecomputeConfig, TrainConfig
 from stages.core.errors import PipelineError
 from stages.core.inputs.readers import DataError
 from stages.core.lease import Lease

@@ -26,7 +26,8 @@ import time
 import pyarrow as pa
 
 from stages.core import storage
-from stages.core.config import ConfigError, JudgeConfig, public
+from stages.core.config.engine import ConfigError, public
+from stages.core.config.online import JudgeConfig
 from stages.core.errors import PipelineError
 from stages.core.inputs.candidates import read_candidates
 from stages.core.inputs.formats import RowRejected, is_blank

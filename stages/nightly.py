@@ -15,66 +15,42 @@ finished run.
 from __future__ import annotations
 
 import dataclasses
-import os
-import time
-from datetime import datetime, timezone
 
 from stages import evaluate, precompute, train
 from stages.core import storage
-from stages.core.config import (
-    ConfigError,
-    EvalConfig,
-    PrecomputeConfig,
-    RunConfig,
-    TrainConfig,
-    from_mapping,
-    parse_options,
-)
+from stages.core.config.chain import RUN_OWNS, Chain, RunConfig, utc_now
+from stages.core.config.options import EvalConfig, PrecomputeConfig, TrainConfig
 from stages.core.runtime.devices import say
-
-# Keys the chain sets itself in each stage: a stage's options may not set them.
-OWNED = {"precompute": ("data", "model", "output"), "train": ("refs", "output", "resume"),
-         "eval": ("refs", "model", "output")}
 
 
 def run_dir(cfg: RunConfig) -> str:
-    date = cfg.date or datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    date = cfg.date or utc_now()[:10]  # YYYY-MM-DD of the UTC timestamp
     return storage.join(cfg.runs, cfg.run_name.format(date=date))
 
 
 def stage_configs(cfg: RunConfig, out: str) -> tuple[PrecomputeConfig, TrainConfig, EvalConfig | None]:
-    """Each stage's config: the chain's shared keys, then its own options, then the keys the chain owns."""
-    shared = dict(storage_options=cfg.storage_options, progress=cfg.progress, device=cfg.device,
-                  gpu_wait_seconds=cfg.gpu_wait_seconds, dtype=cfg.dtype)
-
-    def build(cls, stage: str, values: dict, owned: dict):
-        options = parse_options(f"{stage}_options", getattr(cfg, f"{stage}_options"))
-        clash = sorted(set(options) & set(OWNED[stage]))
-        if clash:
-            raise ConfigError(f"config key '{stage}_options': {', '.join(clash)} are set by the chain itself "
-                              f"(use the run's own keys: data, model, refs, runs, eval_refs)")
-        return from_mapping(cls, {**values, **options, **owned}, source=f"config key '{stage}_options'")
-
-    pre = build(PrecomputeConfig, "precompute", {**shared, "num_workers": cfg.num_workers},
-                {"data": cfg.data, "model": cfg.model, "output": cfg.refs})
-    tr = build(TrainConfig, "train", {**shared, "num_workers": cfg.num_workers},
-               {"refs": cfg.refs, "output": out, "resume": "auto"})
+    """Each stage's config (`Chain.build`), all built before any stage runs: a bad option fails first."""
+    chain = Chain(cfg, RUN_OWNS, "the chain", hint="use the run's own keys: data, model, refs, runs, eval_refs")
+    workers = {"num_workers": cfg.num_workers}
+    pre = chain.build(PrecomputeConfig, "precompute", workers, {"data": cfg.data, "model": cfg.model,
+                                                                "output": cfg.refs})
+    tr = chain.build(TrainConfig, "train", workers, {"refs": cfg.refs, "output": out, "resume": "auto"})
     ev = None
     if cfg.eval_refs:
-        ev = build(EvalConfig, "eval", shared, {"refs": cfg.eval_refs, "model": storage.join(out, "final"),
-                                                "output": storage.join(out, "eval")})
+        ev = chain.build(EvalConfig, "eval", {}, {"refs": cfg.eval_refs, "model": storage.join(out, "final"),
+                                                  "output": storage.join(out, "eval")})
     return pre, tr, ev
 
 
 def run(cfg: RunConfig) -> dict:
     """Run the chain; returns RUN/run.json's content."""
     storage.configure(cfg.storage_options_dict)
-    out = _absolute(run_dir(cfg))
-    cfg = dataclasses.replace(cfg, refs=_absolute(cfg.refs), eval_refs=_absolute(cfg.eval_refs))
+    out = storage.absolute(run_dir(cfg))
+    cfg = dataclasses.replace(cfg, refs=storage.absolute(cfg.refs), eval_refs=storage.absolute(cfg.eval_refs))
     pre_cfg, train_cfg, eval_cfg = stage_configs(cfg, out)
     record_path = storage.join(out, "run.json")
     record = storage.read_json(record_path) if storage.exists(record_path) else {}
-    record.update(run=out, data=cfg.data, refs=cfg.refs, started_at=_now())
+    record.update(run=out, data=cfg.data, refs=cfg.refs, started_at=utc_now())
     stages = record.setdefault("stages", {})
 
     say(f"run: precompute {cfg.data} -> {cfg.refs}")
@@ -82,7 +58,7 @@ def run(cfg: RunConfig) -> dict:
     print(precompute.summary(manifest, cfg.refs), flush=True)
     refs_id = {"pair_ids_fingerprint": manifest["pair_ids_fingerprint"], "rows_written": manifest["rows_written"]}
     stages["precompute"] = {**refs_id, "kind": manifest["kind"], "last_run": manifest["last_run"],
-                            "finished_at": _now()}
+                            "finished_at": utc_now()}
     storage.write_json(record_path, record)
 
     done = stages.get("train", {})
@@ -93,7 +69,7 @@ def run(cfg: RunConfig) -> dict:
         result = train.run(train_cfg)
         print(train.summary_text(result), flush=True)
         stages["train"] = {"outcome": result["outcome"], "steps": result["steps"], "weights": result["weights"],
-                           "refs": refs_id, "last": result["last"], "finished_at": _now()}
+                           "refs": refs_id, "last": result["last"], "finished_at": utc_now()}
         stages.pop("eval", None)  # new weights: an older evaluation no longer describes them
         storage.write_json(record_path, record)
 
@@ -103,8 +79,8 @@ def run(cfg: RunConfig) -> dict:
         results = evaluate.run_on_its_device(eval_cfg)
         print(evaluate.summary_text(results), flush=True)
         stages["eval"] = {k: v for k, v in results.items() if k.startswith("eval/") or k in ("pairs", "kind")}
-        stages["eval"]["finished_at"] = _now()
-    record["finished_at"] = _now()
+        stages["eval"]["finished_at"] = utc_now()
+    record["finished_at"] = utc_now()
     storage.write_json(record_path, record)
     storage.write_json(storage.join(cfg.runs, "latest.json"),
                        {"run": out, "weights": stages["train"]["weights"], "date": record["finished_at"]})
@@ -132,12 +108,3 @@ _STAGE_LINES = {
     "train": lambda s: f"{s['outcome']} at step {s['steps']} -> {s['weights']}",
     "eval": lambda s: ", ".join(f"{k} {s[k]:.4f}" for k in EVAL_KEYS if k in s),
 }
-
-
-def _absolute(url: str | None) -> str | None:
-    """Local paths made absolute: Ray workers and tasks do not share the driver's working directory."""
-    return os.path.abspath(url) if url and storage.is_local(url) else url
-
-
-def _now() -> str:
-    return datetime.fromtimestamp(time.time(), timezone.utc).isoformat(timespec="seconds")

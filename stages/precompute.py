@@ -54,7 +54,8 @@ import pyarrow.parquet as pq
 
 from schemas import FORMAT_VERSION, validate_manifest
 from stages.core import storage
-from stages.core.config import ConfigError, PrecomputeConfig, public, to_yaml
+from stages.core.config.engine import ConfigError, public, to_yaml
+from stages.core.config.options import PrecomputeConfig
 from stages.core.errors import PipelineError, unwrap
 from stages.core.inputs.formats import detect
 from stages.core.inputs.readers import MalformedRow, check_columns, embedded_layout, read_rows, resolve_source

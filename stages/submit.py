@@ -18,7 +18,7 @@ import urllib.parse
 
 import yaml
 
-from stages.core.config import Parser, with_default
+from stages.core.config.engine import Parser, with_default
 from stages.core.errors import PipelineError
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from stages import train
 from stages.core import storage
-from stages.core.config import SweepConfig
+from stages.core.config.options import SweepConfig
 from stages.core.plots import figure, sweep_tradeoff
 from stages.core.refs.stream import load_refs
 
@@ -31,7 +31,7 @@ def run(cfg: SweepConfig) -> list[dict]:
     storage.configure(cfg.storage_options_dict)
     kind = load_refs(cfg.eval_refs).kind
     rows = []
-    for beta in cfg.betas:
+    for beta in cfg.beta:
         run_cfg = cfg.run_config(beta)
         summary = train.run(run_cfg)
         rows.append({"beta": beta, "output": run_cfg.output, "kind": kind, **summary["eval"]})

@@ -14,7 +14,7 @@ import os
 import torch
 
 from stages.core import storage
-from stages.core.config import TrainConfig
+from stages.core.config.options import TrainConfig
 from stages.core.lease import Lease
 from stages.core.runtime.cluster import run_train_workers
 from stages.core.runtime.preemption import Preempted, Preemption

@@ -114,7 +114,7 @@ def refs(tmp_path_factory, tiny_model_dir, ray_session) -> Path:
     rows = [r for r in read_jsonl_gz(HH_SAMPLE, 120) if r["chosen"] != r["rejected"] and len(r["chosen"]) < 700][:20]
     (tmp / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     from stages import precompute
-    from stages.core.config import PrecomputeConfig
+    from stages.core.config.options import PrecomputeConfig
 
     cfg = PrecomputeConfig(data=str(tmp / "in.jsonl"), model=tiny_model_dir, output=str(tmp / "refs"),
                            format="hh", rows_per_shard=5, max_length=256, progress=False)

@@ -312,7 +312,7 @@ def test_two_overlapping_precomputes_into_one_output(s3, tiny_model_dir, ray_ses
 
     import pipeline
     from stages import precompute
-    from stages.core.config import PrecomputeConfig
+    from stages.core.config.options import PrecomputeConfig
 
     put_rows(s3, "overlap/in.jsonl", short_rows(4))
     args = ["precompute", "--data", "s3://dpo/overlap/in.jsonl", "--model", tiny_model_dir, "--output",
@@ -373,15 +373,15 @@ def test_sharded_checkpoint_on_s3_written_by_each_worker_resumed_by_one(s3, refs
 
 def test_on_policy_rounds_on_s3_with_the_previous_policy_as_reference(s3, tiny_model_dir):
     from stages import iterate
-    from stages.core.config import IterateConfig
+    from stages.core.config.chain import IterateConfig
 
     put_rows(s3, "prompts/p.jsonl", [{"prompt": p} for p in ("Tell me about rivers.", "Name a colour.",
                                                                "Why is the sky blue?", "Count to three.")])
     cfg = IterateConfig(prompts="s3://dpo/prompts/p.jsonl", model=tiny_model_dir, output="s3://dpo/online", rounds=2,
                         reference="previous", num_samples=3, max_new_tokens=8, temperature=1.0, progress=False,
                         score_final=False, reward_fn=f"{ROOT / 'tests' / 'online_rewards.py'}:chars",
-                        precompute_options=json.dumps({"max_length": 128}),
-                        train_options=json.dumps({"batch_size": 2, "learning_rate": 1e-3}))
+                        precompute_options={"max_length": 128},
+                        train_options={"batch_size": 2, "learning_rate": 1e-3})
     with ray_in_this_env():  # precompute's tasks read the pairs from S3 themselves
         state = iterate.run(cfg)
     got = set(keys(s3, "online/"))

@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from stages.core.config import ConfigError, PrecomputeConfig, parse_args
+from stages.core.config.engine import ConfigError, parse_args
+from stages.core.config.options import PrecomputeConfig
 
 
 def parse(argv):
@@ -60,7 +61,7 @@ def test_yaml_must_be_a_mapping(tmp_path):
 
 
 def test_resume_flag_forms(tmp_path):
-    from stages.core.config import TrainConfig
+    from stages.core.config.options import TrainConfig
 
     parse_train = lambda argv: parse_args(TrainConfig, argv, prog="t")  # noqa: E731
     assert parse_train([]).resume == "false"
@@ -74,7 +75,8 @@ def test_resume_flag_forms(tmp_path):
 
 
 def test_storage_options_are_validated_and_redacted():
-    from stages.core.config import TrainConfig, to_yaml
+    from stages.core.config.engine import to_yaml
+    from stages.core.config.options import TrainConfig
 
     with pytest.raises(ConfigError, match="storage_options"):
         parse_args(TrainConfig, ["--storage-options", "{not json"], prog="t")
@@ -85,10 +87,10 @@ def test_storage_options_are_validated_and_redacted():
 
 
 def test_every_stage_config_parses_its_defaults_and_flags():
-    from stages.core.config import EvalConfig, SweepConfig, TrainConfig
+    from stages.core.config.options import EvalConfig, SweepConfig, TrainConfig
 
     assert parse_args(EvalConfig, ["--samples", "2", "--beta", "0.2"], prog="t") == EvalConfig(samples=2, beta=0.2)
-    assert parse_args(SweepConfig, ["--beta", "0.1,0.2"], prog="t").betas == [0.1, 0.2]
+    assert parse_args(SweepConfig, ["--beta", "0.1,0.2"], prog="t").beta == [0.1, 0.2]
     assert parse_args(TrainConfig, ["--loss-type", "sigmoid,sft", "--loss-weights", "1,0.2"],
                       prog="t").loss_terms == [("sigmoid", 1.0), ("sft", 0.2)]
     for cls in (PrecomputeConfig, TrainConfig, EvalConfig, SweepConfig):
@@ -96,7 +98,7 @@ def test_every_stage_config_parses_its_defaults_and_flags():
 
 
 def test_sweep_passes_every_training_key_to_each_run():
-    from stages.core.config import SweepConfig, TrainConfig
+    from stages.core.config.options import SweepConfig, TrainConfig
 
     cfg = parse_args(SweepConfig, ["--beta", "0.1,0.5", "--label-smoothing", "0.2", "--warmup-ratio", "0.3",
                                    "--gradient-checkpointing", "false", "--output", "out"], prog="t")
@@ -108,7 +110,7 @@ def test_sweep_passes_every_training_key_to_each_run():
 
 
 def test_each_class_checks_its_own_keys():
-    from stages.core.config import EvalConfig, TrainConfig
+    from stages.core.config.options import EvalConfig, TrainConfig
 
     with pytest.raises(ConfigError, match="warmup_ratio"):
         TrainConfig(warmup_ratio=2.0)
@@ -123,16 +125,17 @@ def test_each_class_checks_its_own_keys():
 def test_every_field_of_every_command_has_a_help_group():
     """--help is grouped from the config classes: a new key without a group would fail here, not land
     in a flat list."""
-    from stages.core.config import GROUPS, STAGE_CONFIGS, field_group, ordered_fields
+    from stages.core.config.commands import STAGE_CONFIGS
+    from stages.core.config.engine import field_group, help_groups, ordered_fields
 
     for cls in STAGE_CONFIGS.values():
-        groups = {f.name: field_group(f) for f in ordered_fields(cls)}
-        assert set(groups.values()) <= set(GROUPS) - {"other"}, [k for k, g in groups.items() if g == "other"]
+        groups = {f.name: field_group(cls, f) for f in ordered_fields(cls)}
+        assert set(groups.values()) <= set(help_groups(cls)) - {"other"}, [k for k, g in groups.items() if g == "other"]
         assert len(set(groups.values())) > 3, cls.__name__
 
 
 def test_a_default_is_said_once_as_it_is_typed():
-    from stages.core.config import with_default
+    from stages.core.config.engine import with_default
 
     assert with_default("weights (default: all 1)", None) == "weights (default: all 1)"
     assert with_default("show a progress bar", True) == "show a progress bar (default: true)"
@@ -142,7 +145,7 @@ def test_a_default_is_said_once_as_it_is_typed():
 
 def test_flags_take_their_full_name_only(capsys):
     """No abbreviations: `--lr` would bind to --lr-scheduler; `--flag=value` still works."""
-    from stages.core.config import TrainConfig
+    from stages.core.config.options import TrainConfig
 
     cfg = parse_args(TrainConfig, ["--learning-rate=1e-5", "--pack-prompts=false"], prog="t")
     assert (cfg.learning_rate, cfg.pack_prompts) == (1e-5, False)

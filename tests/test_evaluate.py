@@ -12,7 +12,8 @@ import torch
 from conftest import ROOT
 
 from stages import evaluate, sweep, train
-from stages.core.config import ConfigError, EvalConfig, SweepConfig, TrainConfig, parse_args
+from stages.core.config.engine import ConfigError, parse_args
+from stages.core.config.options import EvalConfig, SweepConfig, TrainConfig
 from stages.core.training import trainer
 from stages.core.training.metrics import read
 
@@ -83,7 +84,7 @@ def test_early_stopping_keeps_the_best(refs, tmp_path, monkeypatch):
 
 
 def test_sweep_two_betas(refs, tmp_path):
-    rows = sweep.run(SweepConfig(refs=str(refs), eval_refs=str(refs), beta="0.1,0.5", output=str(tmp_path / "sw"),
+    rows = sweep.run(SweepConfig(refs=str(refs), eval_refs=str(refs), beta=[0.1, 0.5], output=str(tmp_path / "sw"),
                                  max_steps=2, batch_size=4, learning_rate=1e-3, progress=False))
     assert [r["beta"] for r in rows] == [0.1, 0.5]
     assert (tmp_path / "sw" / "sweep.png").stat().st_size > 1000

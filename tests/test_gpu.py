@@ -15,7 +15,7 @@ import torch
 from conftest import HH_SAMPLE, make_tiny_model, read_jsonl_gz
 from oracle import exact_logps
 
-from stages.core.config import TrainConfig
+from stages.core.config.options import TrainConfig
 from stages.core.runtime.models import enable_activation_checkpointing
 from stages.core.scoring.logprobs import scored_logps
 from stages.core.scoring.packing import pack_rows, pair_rows
@@ -90,7 +90,7 @@ def test_a_scorer_spread_over_two_gpus_matches_one_gpu(deep_model_dir, tokenizer
 @two_gpus
 def test_precompute_with_two_gpus_per_worker_matches_one(tmp_path, deep_model_dir, ray_session):
     from stages import precompute
-    from stages.core.config import PrecomputeConfig
+    from stages.core.config.options import PrecomputeConfig
 
     rows = [r for r in read_jsonl_gz(HH_SAMPLE, 60) if r["chosen"] != r["rejected"] and len(r["chosen"]) < 700][:12]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -155,7 +155,7 @@ def test_config_and_schemas_are_the_bottom_of_the_graph():
 
 
 def test_option_docs_are_generated_from_the_configs():
-    from stages.core.config import options_markdown
+    from stages.core.config.commands import options_markdown
 
     assert (ROOT / "docs" / "options.md").read_text() == options_markdown(), (
         "docs/options.md is stale: run `.venv/bin/python -m stages.core.config > docs/options.md`")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from stages.core.config import PrecomputeConfig
+from stages.core.config.options import PrecomputeConfig
 from stages.core.inputs.prompts import read_prompts
 from stages.precompute import _layout
 
@@ -68,7 +68,7 @@ def test_rows_without_the_prompt_column_name_it_and_the_columns_found(tmp_path):
 
 @pytest.fixture
 def generate_cfg(tmp_path, tiny_model_dir):
-    from stages.core.config import GenerateConfig
+    from stages.core.config.online import GenerateConfig
 
     def make(rows, **over):
         data = _write(tmp_path / "prompts.jsonl", rows)
@@ -81,7 +81,7 @@ def test_generate_says_what_is_wrong_with_its_prompts_before_touching_its_output
     from test_online import write_candidates
 
     from stages import generate
-    from stages.core.config import ConfigError
+    from stages.core.config.engine import ConfigError
 
     with pytest.raises(ConfigError, match=r"none of its 2 rows holds a usable prompt.*no 'prompt' column.*'question'"):
         generate.run(generate_cfg([{"question": "Why?"}, {"question": "How?"}]))

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import DATA
 
-from stages.core.config import PrecomputeConfig
+from stages.core.config.options import PrecomputeConfig
 from stages.core.inputs.formats import RowRejected, detect, extract_prompt, normalise
 from stages.core.inputs.readers import DataError, MalformedRow, check_columns, read_rows
 
@@ -168,7 +168,7 @@ def _pairs_folder(tmp_path):
     from test_online import REWARDS, write_candidates
 
     from stages import judge
-    from stages.core.config import JudgeConfig
+    from stages.core.config.online import JudgeConfig
 
     write_candidates(tmp_path / "cands", [{"prompt": f"Q{i}:", "responses": [" a", " abc", " ab"]} for i in range(3)]
                      + [{"prompt": [{"role": "user", "content": "Hi?"}], "responses": ["yo", "hello"]}])

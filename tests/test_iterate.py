@@ -13,7 +13,8 @@ import pytest
 from conftest import ROOT
 
 from stages import iterate
-from stages.core.config import ConfigError, IterateConfig
+from stages.core.config.chain import IterateConfig
+from stages.core.config.engine import ConfigError
 
 REWARDS = ROOT / "tests" / "online_rewards.py"
 PROMPTS = ["Tell me about rivers.", "Name a colour.", "Why is the sky blue?", "Count to three.", "Say hello."]
@@ -52,9 +53,9 @@ def test_two_rounds_killed_in_round_two_resume_without_redoing_round_one(tmp_pat
     cfg = IterateConfig(prompts=str(tmp_path / "prompts.jsonl"), model=tiny_model_dir, output=str(out), rounds=3,
                         new_rounds=1,
                         num_samples=3, max_new_tokens=8, temperature=1.0, progress=False, eval_refs=str(refs),
-                        reward_fn=f"{REWARDS}:chars", eval_options=json.dumps({"samples": 2}),
-                        precompute_options=json.dumps({"max_length": 128, "rows_per_shard": 4}),
-                        train_options=json.dumps({"batch_size": 2, "learning_rate": 1e-3, "save_every": 1}))
+                        reward_fn=f"{REWARDS}:chars", eval_options={"samples": 2},
+                        precompute_options={"max_length": 128, "rows_per_shard": 4},
+                        train_options={"batch_size": 2, "learning_rate": 1e-3, "save_every": 1})
     state = iterate.run(cfg)
     assert sorted(state["rounds"]) == ["1", "2"] and "samples" in state["rounds"]["2"]
     assert {p: p.stat().st_mtime_ns for p in (out / "round-1").rglob("*") if p.is_file()} == round_one

@@ -9,7 +9,7 @@ import torch
 from conftest import make_tiny_model
 from oracle import exact_logps
 
-from stages.core.config import TrainConfig
+from stages.core.config.options import TrainConfig
 from stages.core.inputs.tokenization import scored_sequence
 from stages.core.scoring.logprobs import scored_logps, sequence_logps, token_logps
 from stages.core.scoring.packing import pack_rows, pad_batch, pair_rows

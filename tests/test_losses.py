@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from stages.core.config import LOSS_NAMES, ConfigError, parse_loss_types
+from stages.core.config.engine import ConfigError
+from stages.core.config.options import LOSS_NAMES, parse_loss_types
 from stages.core.training.losses import LN2, LOSSES, TIE_NATS, Batch, LossParams, combined_loss, rewards
 
 E = math.exp

@@ -331,10 +331,12 @@ CONFIGS = {"precompute": "PrecomputeConfig", "train": "TrainConfig", "run": "Run
 def parse_entrypoint(entrypoint: str):
     """The entrypoint's flags through the command's own parser (no stage runs): a misspelt or removed flag
     fails here, not on the cluster after the GPUs came up."""
-    from stages.core import config
+    from stages.core.config.commands import STAGE_CONFIGS
+    from stages.core.config.engine import parse_args
 
     words = entrypoint.split()
-    return config.parse_args(getattr(config, CONFIGS[words[2]]), words[3:], prog=f"pipeline.py {words[2]}")
+    assert STAGE_CONFIGS[words[2]].__name__ == CONFIGS[words[2]]
+    return parse_args(STAGE_CONFIGS[words[2]], words[3:], prog=f"pipeline.py {words[2]}")
 
 
 @pytest.mark.parametrize("where, entrypoint", ENTRYPOINTS, ids=[w for w, _ in ENTRYPOINTS])

@@ -10,7 +10,8 @@ from conftest import HH_SAMPLE, read_jsonl_gz
 
 import pipeline
 from stages.core import storage
-from stages.core.config import ConfigError, RunConfig
+from stages.core.config.chain import RunConfig
+from stages.core.config.engine import ConfigError
 
 
 def rows(n):
@@ -63,16 +64,16 @@ def test_two_nights_and_a_retried_one(tmp_path, tiny_model_dir, ray_session, cap
 def test_stage_options_cannot_take_the_chains_own_keys(tmp_path):
     from stages.nightly import stage_configs
 
-    cfg = RunConfig(train_options=json.dumps({"output": "elsewhere", "beta": 0.2}))
+    cfg = RunConfig(train_options={"output": "elsewhere", "beta": 0.2})
     with pytest.raises(ConfigError, match="'train_options': output are set by the chain itself"):
         stage_configs(cfg, "runs/x")
-    cfg = RunConfig(train_options='{"beta": 0.2}', precompute_options='{"num_workers": 3}', num_workers=2,
+    cfg = RunConfig(train_options={"beta": 0.2}, precompute_options={"num_workers": 3}, num_workers=2,
                     device="cpu", dtype="bfloat16")
     pre, train, ev = stage_configs(cfg, "runs/x")
     assert (pre.num_workers, train.num_workers, train.beta, train.resume, train.output) == (3, 2, 0.2, "auto", "runs/x")
     assert pre.device == train.device == "cpu" and pre.dtype == train.dtype == "bfloat16" and ev is None
     with pytest.raises(ConfigError, match="'train_options': unknown key"):
-        stage_configs(RunConfig(train_options='{"betta": 1}'), "runs/x")
+        stage_configs(RunConfig(train_options={"betta": 1}), "runs/x")
 
 
 @pytest.mark.parametrize("key,value,message", [

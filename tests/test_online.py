@@ -14,7 +14,9 @@ import torch
 from conftest import ROOT
 
 from stages import generate, judge
-from stages.core.config import ConfigError, GenerateConfig, JudgeConfig, PrecomputeConfig
+from stages.core.config.engine import ConfigError
+from stages.core.config.online import GenerateConfig, JudgeConfig
+from stages.core.config.options import PrecomputeConfig
 from stages.core.inputs.candidates import read_candidates
 from stages.core.inputs.prompts import read_prompts
 from stages.core.inputs.readers import DataError
@@ -434,7 +436,7 @@ def test_judge_with_a_reward_model_pairs_best_and_worst_by_its_scores(tmp_path, 
 @pytest.mark.slow
 def test_the_implicit_judge_prefers_what_the_policy_was_trained_toward(tmp_path, refs, ray_session):
     from stages import train
-    from stages.core.config import TrainConfig
+    from stages.core.config.options import TrainConfig
     from stages.core.inputs.formats import hh
 
     policy = train.run(TrainConfig(refs=str(refs), output=str(tmp_path / "run"), max_steps=12, batch_size=4,

@@ -22,7 +22,7 @@ import torch
 from conftest import ROOT
 
 from stages import train
-from stages.core.config import TrainConfig
+from stages.core.config.options import TrainConfig
 from stages.core.training import checkpoint
 from stages.core.training.metrics import read
 from stages.core.training.trainer import prepare_output, train_loop
@@ -172,7 +172,7 @@ def test_lora_trains_only_adapters_and_final_is_merged(refs, tmp_path, tiny_mode
     assert torch.allclose(a, b, atol=1e-4) and torch.allclose(a, c, atol=1e-4) and torch.allclose(a, d, atol=1e-4)
     # eval takes the merged model, the adapter folder and the checkpoint alike
     from stages import evaluate
-    from stages.core.config import EvalConfig
+    from stages.core.config.options import EvalConfig
 
     losses = [evaluate.run(EvalConfig(refs=str(refs), model=str(m), output=str(tmp_path / f"eval-{i}"),
                                       progress=False))["eval/loss"]

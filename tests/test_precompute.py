@@ -17,7 +17,7 @@ from oracle import exact_logps
 
 from schemas import SHARD_SCHEMA, validate_manifest, validate_table
 from stages import precompute
-from stages.core.config import PrecomputeConfig
+from stages.core.config.options import PrecomputeConfig
 from stages.core.inputs.tokenization import scored_sequence
 from stages.core.runtime.models import load_model
 from stages.precompute import OutputMismatch

@@ -17,7 +17,7 @@ import pytest
 from conftest import HH_SAMPLE, ROOT, read_jsonl_gz
 
 from stages import inspect_refs, precompute
-from stages.core.config import PrecomputeConfig
+from stages.core.config.options import PrecomputeConfig
 from stages.core.errors import PipelineError
 
 

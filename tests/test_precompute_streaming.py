@@ -158,7 +158,7 @@ def test_a_save_to_disk_folder_is_read_in_row_ranges(tmp_path, tiny_model_dir, r
     from test_precompute import read_shards, write_dirty_input
 
     from stages import precompute
-    from stages.core.config import PrecomputeConfig
+    from stages.core.config.options import PrecomputeConfig
     from stages.core.inputs.formats import RowRejected, normalise
 
     write_dirty_input(tmp_path / "in.jsonl")

@@ -13,7 +13,8 @@ from oracle import exact_logps
 
 from schemas import UNPAIRED_SHARD_SCHEMA
 from stages import precompute
-from stages.core.config import ConfigError, PrecomputeConfig
+from stages.core.config.engine import ConfigError
+from stages.core.config.options import PrecomputeConfig
 from stages.core.refs.plan import kl_partners
 from stages.precompute import OutputMismatch
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stages.core.config import PrecomputeConfig
+from stages.core.config.options import PrecomputeConfig
 from stages.core.inputs.formats import ADAPTERS, RowRejected, detect, normalise
 from stages.core.inputs.readers import DataError, MalformedRow, check_columns, read_rows
 from stages.precompute import content_hash, pair_id

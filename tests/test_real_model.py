@@ -13,7 +13,7 @@ from conftest import HH_SAMPLE, ROOT, read_jsonl_gz
 from oracle import exact_logps
 
 from stages import precompute
-from stages.core.config import PrecomputeConfig
+from stages.core.config.options import PrecomputeConfig
 from stages.core.inputs.tokenization import scored_sequence
 from stages.core.runtime.models import load_model
 

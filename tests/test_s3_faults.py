@@ -20,7 +20,7 @@ from test_train import untimed
 
 from stages import precompute, train
 from stages.core import storage
-from stages.core.config import PrecomputeConfig, TrainConfig
+from stages.core.config.options import PrecomputeConfig, TrainConfig
 from stages.core.storage import StorageError
 from stages.core.training.metrics import read
 

@@ -16,7 +16,7 @@ import torch
 from conftest import make_tiny_model
 
 from stages import train
-from stages.core.config import TrainConfig
+from stages.core.config.options import TrainConfig
 from stages.core.refs.stream import ShardError
 from stages.core.training.metrics import TIMING, read
 from stages.core.training.trainer import TrainingError

@@ -11,7 +11,8 @@ from test_parallel import assert_same_run, spawn_train
 from test_precompute_unpaired import examples
 
 from stages import evaluate, precompute, train
-from stages.core.config import ConfigError, EvalConfig, PrecomputeConfig, TrainConfig
+from stages.core.config.engine import ConfigError
+from stages.core.config.options import EvalConfig, PrecomputeConfig, TrainConfig
 from stages.core.training.metrics import read
 
 WEIGHTS = dict(desirable_weight=1.0, undesirable_weight=2.5)

@@ -11,7 +11,7 @@ import copy
 import pytest
 from conftest import DATA, HH_SAMPLE, make_tiny_model, read_jsonl_gz
 
-from stages.core.config import PrecomputeConfig
+from stages.core.config.options import PrecomputeConfig
 from stages.core.inputs.formats import RowRejected, normalise
 from stages.core.inputs.readers import read_file
 from stages.core.inputs.tokenization import scored_sequence, tokenize_row, truncate

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from stages.core.config import PrecomputeConfig, TrainConfig
+from stages.core.config.options import PrecomputeConfig, TrainConfig
 from stages.core.inputs.formats import normalise
 from stages.core.inputs.tokenization import scored_sequence, tokenize_row
 from stages.core.training.losses import LOSSES, Batch, LossParams

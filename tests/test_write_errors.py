@@ -410,7 +410,7 @@ def test_pipeline_prints_a_ray_workers_own_error_line(ray_session, monkeypatch, 
 def test_a_trained_models_files_get_the_mode_of_a_plain_open(refs, tmp_path, umask_027):
     """final/model.safetensors is written by safetensors through a 0600 temporary file: readable by others."""
     from stages import train
-    from stages.core.config import TrainConfig
+    from stages.core.config.options import TrainConfig
 
     train.run(TrainConfig(refs=str(refs), output=str(tmp_path / "run"), max_steps=1, batch_size=2,
                           micro_batch_size=2, progress=False))

@@ -255,6 +255,12 @@ def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
+def absolute(url: str | None) -> str | None:
+    """A local path made absolute (a URL as it is): Ray workers and tasks do not share the driver's working
+    directory, so a chain hands its stages absolute paths."""
+    return os.path.abspath(url) if url and is_local(url) else url
+
+
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 

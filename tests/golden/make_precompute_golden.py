@@ -72,7 +72,7 @@ def snapshot(out: Path, manifest: dict) -> dict:
 
 def run_scenarios(model: str, scenarios: tuple[str, ...] = ("whole", "grown")) -> dict:
     from stages import precompute
-    from stages.core.config import PrecomputeConfig
+    from stages.core.config.options import PrecomputeConfig
 
     result = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import pyarrow as pa
 import torch
 
-from stages.core.config import ConfigError
+from stages.core.config.engine import ConfigError
 from stages.core.inputs.formats import RowRejected, is_messages
 from stages.core.inputs.tokenization import ids_of, scored_sequence, template_kwargs
 from stages.core.inputs.unpaired import tokenize_unpaired_row, truncate_unpaired

@@ -4,7 +4,7 @@ records the settings it was made with; a re-run with the same settings keeps it.
 from __future__ import annotations
 
 from stages.core import storage
-from stages.core.config import ConfigError
+from stages.core.config.engine import ConfigError
 
 
 def finished(output: str, settings: dict, overwrite: bool) -> dict | None:

@@ -13,7 +13,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 from transformers import PreTrainedModel
 
-from stages.core.config import ConfigError, PolicyPass
+from stages.core.config.engine import ConfigError
+from stages.core.config.options import PolicyPass
 from stages.core.inputs.tokenization import scored_sequence
 from stages.core.refs.stream import Refs, check_tokenizer, epoch_pairs
 from stages.core.runtime.models import load_model, load_tokenizer, tokenizer_hashes

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from stages.core import storage
-from stages.core.config import TrainConfig, to_yaml
+from stages.core.config.engine import to_yaml
+from stages.core.config.options import TrainConfig
 from stages.core.errors import PipelineError
 from stages.core.plots import training_curves
 from stages.core.refs.stream import Refs, batches, check_tokenizer, load_refs
