@@ -26,17 +26,17 @@ import dataclasses
 import os
 import tempfile
 import time
-from datetime import datetime, timezone
 
 from stages import evaluate, generate, judge, precompute, train
 from stages.core import storage
-from stages.core.config.chain import IterateConfig
-from stages.core.config.engine import ConfigError, from_mapping, parse_options
+from stages.core.config.chain import ITERATE_OWNS, Chain, IterateConfig, utc_now
+from stages.core.config.engine import ConfigError
 from stages.core.config.online import GenerateConfig, JudgeConfig
 from stages.core.config.options import EvalConfig, PrecomputeConfig, TrainConfig
 from stages.core.errors import PipelineError
 from stages.core.inputs.readers import DataError
 from stages.core.lease import Lease
+from stages.core.online.rounds import IterateState, RoundState
 from stages.core.runtime.devices import say
 
 DEFAULT_REWARD_FN = "stages.rewards:concise"
@@ -45,38 +45,25 @@ DEFAULT_REWARD_FN = "stages.rewards:concise"
 class IterateError(PipelineError):
     """A round that cannot go on (its judge made no pairs); the message says what to change."""
 
-# Keys iterate sets itself in each stage: a stage's options may not set them.
-OWNED = {"generate": ("prompts", "model", "output"), "judge": ("candidates", "output"),
-         "precompute": ("data", "model", "output", "append"), "train": ("refs", "model", "output", "resume"),
-         "eval": ("refs", "model", "output")}
-STAGES = ("generate", "judge", "precompute", "train", "eval")
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _absolute(url: str | None) -> str | None:
-    return os.path.abspath(url) if url and storage.is_local(url) else url
-
 
 class Rounds:
-    """The stage configs of each round, from the iterate config and its per-stage options."""
+    """The stage configs of each round, from the iterate config and its per-stage options (`Chain`)."""
 
     def __init__(self, cfg: IterateConfig):
         self.cfg = cfg
         self.out = cfg.output
-        self.shared = dict(storage_options=cfg.storage_options, progress=cfg.progress, device=cfg.device,
-                           gpu_wait_seconds=cfg.gpu_wait_seconds, dtype=cfg.dtype)
-        for stage in OWNED:
-            options = parse_options(f"{stage}_options", getattr(cfg, f"{stage}_options"))
-            clash = sorted(set(options) & set(OWNED[stage]))
-            if clash:
-                raise ConfigError(f"config key '{stage}_options': {', '.join(clash)} are set by iterate itself")
+        self._build = Chain(cfg, ITERATE_OWNS, "iterate").build
 
-    def _build(self, cls, stage: str, values: dict, owned: dict):
-        options = parse_options(f"{stage}_options", getattr(self.cfg, f"{stage}_options"))
-        return from_mapping(cls, {**values, **options, **owned}, source=f"config key '{stage}_options'")
+    def check(self) -> None:
+        """Every stage's config of round 1 built once before anything runs: a bad key in any stage's options
+        (a typo in --train-options) fails now, not after a round of sampling, judging and scoring."""
+        first = self.dir(1)
+        self.generate(first, self.cfg.model, self.cfg.seed)
+        self.judge(first)
+        self.precompute(1, self.cfg.model)
+        self.train(1, self.cfg.model)
+        if self.cfg.eval_refs:
+            self.eval(1, self.cfg.model)
 
     def dir(self, k: int | str) -> str:
         return storage.join(self.out, f"round-{k}" if isinstance(k, int) else k)
@@ -84,15 +71,14 @@ class Rounds:
     def generate(self, where: str, model: str, seed: int) -> GenerateConfig:
         c = self.cfg
         sampling = {k: getattr(c, k) for k in ("num_samples", "temperature", "top_p", "max_new_tokens")}
-        return self._build(GenerateConfig, "generate", {**self.shared, **sampling, "seed": seed,
-                                                        "num_workers": c.num_workers},
+        return self._build(GenerateConfig, "generate", {**sampling, "seed": seed, "num_workers": c.num_workers},
                            {"prompts": c.prompts, "model": model, "output": storage.join(where, "candidates")})
 
     def judge(self, where: str) -> JudgeConfig:
         c = self.cfg
         judge_key = ({"reward_model": c.reward_model} if c.reward_model
                      else {"reward_fn": c.reward_fn or DEFAULT_REWARD_FN})
-        return self._build(JudgeConfig, "judge", {**self.shared, "num_workers": c.num_workers, "pairs": c.pairs,
+        return self._build(JudgeConfig, "judge", {"num_workers": c.num_workers, "pairs": c.pairs,
                                                   "min_margin": c.min_margin, **judge_key},
                            {"candidates": storage.join(where, "candidates"), "output": storage.join(where, "pairs")})
 
@@ -100,18 +86,17 @@ class Rounds:
         return storage.join(self.out, "refs") if self.cfg.reference == "initial" else storage.join(self.dir(k), "refs")
 
     def precompute(self, k: int, reference: str) -> PrecomputeConfig:
-        return self._build(PrecomputeConfig, "precompute", {**self.shared, "num_workers": self.cfg.num_workers},
+        return self._build(PrecomputeConfig, "precompute", {"num_workers": self.cfg.num_workers},
                            {"data": storage.join(self.dir(k), "pairs", "pairs.jsonl"), "model": reference,
                             "output": self.refs(k), "append": True})
 
     def train(self, k: int, start: str) -> TrainConfig:
-        return self._build(TrainConfig, "train", {**self.shared, "num_workers": self.cfg.num_workers},
+        return self._build(TrainConfig, "train", {"num_workers": self.cfg.num_workers},
                            {"refs": self.refs(k), "model": start, "output": storage.join(self.dir(k), "policy"),
                             "resume": "auto"})
 
     def eval(self, k: int, model: str) -> EvalConfig:
-        return self._build(EvalConfig, "eval", {**self.shared, "samples": 8,
-                                                "max_new_tokens": self.cfg.max_new_tokens},
+        return self._build(EvalConfig, "eval", {"samples": 8, "max_new_tokens": self.cfg.max_new_tokens},
                            {"refs": self.cfg.eval_refs, "model": model, "output": storage.join(self.dir(k), "eval")})
 
 
@@ -120,52 +105,81 @@ def _done(entry: dict | None, *urls: str) -> bool:
     return bool(entry and entry.get("finished_at")) and all(storage.exists(u) for u in urls)
 
 
+class Book:
+    """The rounds' record as it grows: each change is a new `IterateState`, written to iterate.json at once,
+    so a kill loses at most the stage that was running."""
+
+    def __init__(self, url: str, state: IterateState):
+        self.url, self.state = url, state
+
+    def part(self, k: int, samples: bool) -> RoundState:
+        """Round k's record, or (samples) that of its policy's own samples."""
+        r = self.state.round(k)
+        return (r.samples or RoundState()) if samples else r
+
+    def record(self, k: int, samples: bool, name: str, entry: dict) -> None:
+        r = self.state.round(k)
+        r = dataclasses.replace(r, samples=self.part(k, True).with_stage(name, entry)) if samples \
+            else r.with_stage(name, entry)
+        self.state = self.state.with_round(k, r)
+        self.save()
+
+    def save(self) -> None:
+        storage.write_json(self.url, self.state.to_json())
+
+
+def _open_book(cfg: IterateConfig) -> Book:
+    """iterate.json as it is (an older output's too: the layout is the same), refused when it was made with
+    another --reference or --model."""
+    url = storage.join(cfg.output, "iterate.json")
+    old = IterateState.from_json(storage.read_json(url)) if storage.exists(url) else None
+    if old and old.reference != cfg.reference:
+        raise ConfigError(f"{cfg.output} holds rounds made with --reference {old.reference}; "
+                          f"this run asks for {cfg.reference}: use another --output")
+    if old and old.model != cfg.model:
+        raise ConfigError(f"{cfg.output} holds rounds that started from --model {old.model}; this run "
+                          f"asks for {cfg.model}: use another --output")
+    return Book(url, dataclasses.replace(old or IterateState(), model=cfg.model, reference=cfg.reference,
+                                         prompts=cfg.prompts))
+
+
 def run(cfg: IterateConfig) -> dict:
     """Run (or go on with) the rounds; returns iterate.json's content."""
     storage.configure(cfg.storage_options_dict)
-    cfg = dataclasses.replace(cfg, output=_absolute(cfg.output), eval_refs=_absolute(cfg.eval_refs),
-                              prompts=_absolute(cfg.prompts) if os.path.exists(cfg.prompts) else cfg.prompts,
-                              model=_absolute(cfg.model) if os.path.isdir(cfg.model) else cfg.model)
+    cfg = dataclasses.replace(cfg, output=storage.absolute(cfg.output), eval_refs=storage.absolute(cfg.eval_refs),
+                              prompts=storage.absolute(cfg.prompts) if os.path.exists(cfg.prompts) else cfg.prompts,
+                              model=storage.absolute(cfg.model) if os.path.isdir(cfg.model) else cfg.model)
     rounds = Rounds(cfg)
+    rounds.check()  # every stage's options, before anything is written
     _check_judge_and_refs(cfg, rounds.judge(rounds.dir(1)))
-    state_url = storage.join(cfg.output, "iterate.json")
-    state = storage.read_json(state_url) if storage.exists(state_url) else {}
-    if state and state.get("reference") != cfg.reference:
-        raise ConfigError(f"{cfg.output} holds rounds made with --reference {state.get('reference')}; "
-                          f"this run asks for {cfg.reference}: use another --output")
-    if state and state.get("model") != cfg.model:
-        raise ConfigError(f"{cfg.output} holds rounds that started from --model {state.get('model')}; this run "
-                          f"asks for {cfg.model}: use another --output")
-    state.update(model=cfg.model, reference=cfg.reference, prompts=cfg.prompts)
-    all_rounds = state.setdefault("rounds", {})
+    book = _open_book(cfg)
     if not (cfg.reward_model or cfg.reward_fn):
         say(f"iterate: judge: --reward-fn {DEFAULT_REWARD_FN} (no judge given; see stages/rewards.py)")
 
-    def save() -> None:
-        storage.write_json(state_url, state)
-
     with Lease(cfg.output, "iterate"):
-        policy, ran, last = cfg.model, 0, 0
-        for k in range(1, cfg.rounds + 1):
-            record = all_rounds.setdefault(str(k), {})
-            if not _finished(cfg, record):
-                if cfg.new_rounds and ran >= cfg.new_rounds:
-                    if not record:
-                        del all_rounds[str(k)]
-                    say(f"iterate: stopping before round {k} (--new-rounds {cfg.new_rounds}); the same command "
-                        "runs it next time")
-                    break
-                ran += 1
-            policy, last = _round(cfg, rounds, k, policy, record, save), k
-        if cfg.score_final and last and str(last + 1) not in all_rounds:
+        policy, last = _rounds(cfg, rounds, book)
+        if cfg.score_final and last and last + 1 not in book.state.rounds:
             # the last policy's own samples, for its judge score (round k+1 judges policy k's samples otherwise)
-            samples = all_rounds[str(last)].setdefault("samples", {})
-            _sample_and_judge(rounds, storage.join(rounds.dir(last), "samples"), policy, cfg.seed + last, samples,
-                              save, f"round {last} policy")
-        state["finished_at"] = _now()
-        save()
-        write_summary(cfg, state)
-    return state
+            _sample_and_judge(rounds, book, (last, True), storage.join(rounds.dir(last), "samples"), policy,
+                              cfg.seed + last, f"round {last} policy")
+        book.state = dataclasses.replace(book.state, finished_at=utc_now())
+        book.save()
+        write_summary(cfg, book.state.to_json())
+    return book.state.to_json()
+
+
+def _rounds(cfg: IterateConfig, rounds: Rounds, book: Book) -> tuple[str, int]:
+    """Rounds 1..--rounds, those finished kept, at most --new-rounds unfinished run; (last policy, its round)."""
+    policy, ran, last = cfg.model, 0, 0
+    for k in range(1, cfg.rounds + 1):
+        if not _finished(cfg, book.state.round(k)):
+            if cfg.new_rounds and ran >= cfg.new_rounds:
+                say(f"iterate: stopping before round {k} (--new-rounds {cfg.new_rounds}); the same command "
+                    "runs it next time")
+                break
+            ran += 1
+        policy, last = _round(cfg, rounds, book, k, policy), k
+    return policy, last
 
 
 def _check_judge_and_refs(cfg: IterateConfig, judge_cfg: JudgeConfig) -> None:
@@ -183,25 +197,24 @@ def _check_judge_and_refs(cfg: IterateConfig, judge_cfg: JudgeConfig) -> None:
                         "held-out refs with pipeline.py precompute --data HELDOUT --output REFS)")
 
 
-def _finished(cfg: IterateConfig, record: dict) -> bool:
+def _finished(cfg: IterateConfig, record: RoundState) -> bool:
     """Whether a round's last stage is recorded as done."""
-    return bool(record.get("eval" if cfg.eval_refs else "train", {}).get("finished_at"))
+    return record.finished("eval" if cfg.eval_refs else "train")
 
 
-def _step(record: dict, name: str, done_url: str, who: str, what: str, action, save) -> None:
-    """Run one stage of a round unless it is recorded as finished and its output is there; a stage run
-    again makes the later stages of its round stale (they run again too)."""
-    if _done(record.get(name), done_url):
+def _step(book: Book, at: tuple[int, bool], name: str, done_url: str, who: str, what: str, action) -> None:
+    """Run one stage of a round (`at`: round k, and whether of its samples) unless it is recorded as finished
+    and its output is there; a stage run again makes the later stages of its round stale (they run again
+    too)."""
+    if _done(book.part(*at).get(name), done_url):
         say(f"iterate: {who}: {name} done before, kept")
         return
     say(f"iterate: {who}: {name} {what}")
-    record[name] = {**action(), "finished_at": _now()}
-    for later in STAGES[STAGES.index(name) + 1:]:
-        record.pop(later, None)
-    save()
+    book.record(*at, name, {**action(), "finished_at": utc_now()})
 
 
-def _sample_and_judge(rounds: Rounds, where: str, model: str, seed: int, record: dict, save, who: str) -> None:
+def _sample_and_judge(rounds: Rounds, book: Book, at: tuple[int, bool], where: str, model: str, seed: int,
+                      who: str) -> None:
     gen_cfg, judge_cfg = rounds.generate(where, model, seed), rounds.judge(where)
 
     def sample() -> dict:
@@ -215,10 +228,8 @@ def _sample_and_judge(rounds: Rounds, where: str, model: str, seed: int, record:
         return {**m["counts"], "mean_score": m["mean_score"], "mean_margin": m["mean_margin"],
                 "rejects_by_reason": m["rejects_by_reason"], "judge_errors": m.get("judge_errors")}
 
-    _step(record, "generate", storage.join(gen_cfg.output, "manifest.json"), who, f"-> {gen_cfg.output}", sample,
-          save)
-    _step(record, "judge", storage.join(judge_cfg.output, "manifest.json"), who, f"-> {judge_cfg.output}", judged,
-          save)
+    _step(book, at, "generate", storage.join(gen_cfg.output, "manifest.json"), who, f"-> {gen_cfg.output}", sample)
+    _step(book, at, "judge", storage.join(judge_cfg.output, "manifest.json"), who, f"-> {judge_cfg.output}", judged)
 
 
 def no_pairs(k: int, judged: dict) -> str:
@@ -232,11 +243,12 @@ def no_pairs(k: int, judged: dict) -> str:
             f"nothing to train on. {advice}")
 
 
-def _round(cfg: IterateConfig, rounds: Rounds, k: int, previous: str, record: dict, save) -> str:
+def _round(cfg: IterateConfig, rounds: Rounds, book: Book, k: int, previous: str) -> str:
     """Round k from policy k-1 (`previous`); returns policy k."""
     who = f"round {k}"
-    _sample_and_judge(rounds, rounds.dir(k), previous, cfg.seed + k - 1, record, save, who)
-    judged = record["judge"]
+    at = (k, False)
+    _sample_and_judge(rounds, book, at, rounds.dir(k), previous, cfg.seed + k - 1, who)
+    judged = book.state.round(k).get("judge")
     if judged["pairs"] == 0:
         raise IterateError(no_pairs(k, judged))
 
@@ -248,8 +260,8 @@ def _round(cfg: IterateConfig, rounds: Rounds, k: int, previous: str, record: di
         print(precompute.summary(m, pre_cfg.output), flush=True)
         return {"reference": reference, "new_pairs": m["last_run"]["pairs_written"], "pairs_in_refs": m["rows_written"]}
 
-    _step(record, "precompute", storage.join(pre_cfg.output, "manifest.json"), who,
-          f"(reference {reference}) -> {pre_cfg.output}", scored, save)
+    _step(book, at, "precompute", storage.join(pre_cfg.output, "manifest.json"), who,
+          f"(reference {reference}) -> {pre_cfg.output}", scored)
 
     train_cfg = rounds.train(k, previous)
 
@@ -260,10 +272,10 @@ def _round(cfg: IterateConfig, rounds: Rounds, k: int, previous: str, record: di
         return {"start": previous, "outcome": result["outcome"], "steps": result["steps"],
                 "weights": result["weights"], "last": result.get("last"), "seconds": round(time.time() - started, 1)}
 
-    weights = record.get("train", {}).get("weights")
-    _step(record, "train", storage.join(weights, "config.json") if weights else train_cfg.output, who,
-          f"{previous} on {train_cfg.refs} -> {train_cfg.output}", trained, save)
-    policy = record["train"]["weights"]
+    weights = book.state.round(k).get("train").get("weights")
+    _step(book, at, "train", storage.join(weights, "config.json") if weights else train_cfg.output, who,
+          f"{previous} on {train_cfg.refs} -> {train_cfg.output}", trained)
+    policy = book.state.round(k).get("train")["weights"]
 
     if cfg.eval_refs:
         eval_cfg = rounds.eval(k, policy)
@@ -273,8 +285,8 @@ def _round(cfg: IterateConfig, rounds: Rounds, k: int, previous: str, record: di
             print(evaluate.summary_text(results), flush=True)
             return {key: v for key, v in results.items() if key.startswith("eval/") or key == "pairs"}
 
-        _step(record, "eval", storage.join(eval_cfg.output, "eval.json"), who, f"{cfg.eval_refs} with {policy}",
-              evaluated, save)
+        _step(book, at, "eval", storage.join(eval_cfg.output, "eval.json"), who, f"{cfg.eval_refs} with {policy}",
+              evaluated)
     return policy
 
 
@@ -282,23 +294,24 @@ def _round(cfg: IterateConfig, rounds: Rounds, k: int, previous: str, record: di
 
 def table_rows(state: dict) -> list[dict]:
     """One row per policy: 0 (the initial model) .. K. A policy's judge score is that of its own samples:
-    round k+1's candidates (the last policy: its round's samples/, with --score-final)."""
-    rounds = state.get("rounds", {})
-    ks = sorted(int(k) for k in rounds)
+    round k+1's candidates (the last policy: its round's samples/, with --score-final). `state`: iterate.json's
+    content."""
+    rounds = IterateState.from_json(state).rounds
+    ks = sorted(rounds)
     rows = []
     for k in [0] + ks:
-        r = rounds.get(str(k), {})
-        sampled_by_it = rounds.get(str(k + 1), {}) if k + 1 in ks else r.get("samples", {})
-        ev = r.get("eval", {})
-        if k == 0 and any("eval" in rounds.get(str(j), {}) for j in ks):
+        r = rounds.get(k, RoundState())
+        sampled_by_it = rounds[k + 1] if k + 1 in ks else (r.samples or RoundState())
+        ev = r.get("eval")
+        if k == 0 and any("eval" in rounds[j].stages for j in ks):
             # the initial model against itself as reference: no margin, no KL, by definition (its "accuracy"
             # would be 0, every reward 0: a tie, not a preference, so it is left out)
             ev = {"eval/rewards/margins": 0.0, "eval/kl_sampled": 0.0}
-        rows.append({"round": k, "policy": "initial" if k == 0 else r.get("train", {}).get("weights"),
-                     "new_pairs": r.get("precompute", {}).get("new_pairs"),
-                     "steps": r.get("train", {}).get("steps"),
+        rows.append({"round": k, "policy": "initial" if k == 0 else r.get("train").get("weights"),
+                     "new_pairs": r.get("precompute").get("new_pairs"),
+                     "steps": r.get("train").get("steps"),
                      "accuracy": ev.get("eval/rewards/accuracies"), "margin": ev.get("eval/rewards/margins"),
-                     "kl": ev.get("eval/kl_sampled"), "judge_score": sampled_by_it.get("judge", {}).get("mean_score")})
+                     "kl": ev.get("eval/kl_sampled"), "judge_score": sampled_by_it.get("judge").get("mean_score")})
     return rows
 
 

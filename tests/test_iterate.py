@@ -124,3 +124,39 @@ def test_a_judge_or_held_out_refs_that_cannot_work_stop_iterate_before_round_one
     with pytest.raises(DataError, match=r"--eval-refs .*nothere: no manifest\.json"):
         iterate.run(IterateConfig(**base, reward_fn=f"{REWARDS}:chars", eval_refs=str(tmp_path / "nothere")))
     assert not (tmp_path / "online").exists()
+
+
+def test_a_bad_stage_option_stops_iterate_before_anything_is_written(tmp_path, capsys):
+    """Every stage's options are built into its config before round 1: a typo in --train-options is one
+    line naming the key, exit 2, and no OUTPUT (not a round of sampling, judging and scoring later)."""
+    import pipeline
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    out = tmp_path / "online"
+    rc = pipeline.main(["iterate", "--prompts", str(prompts), "--model", "sft-model", "--output", str(out),
+                        "--reward-fn", f"{REWARDS}:chars", "--progress", "false",
+                        "--train-options", '{"learnign_rate": 1e-5}'])
+    err = capsys.readouterr().err
+    assert rc == 2 and "learnign_rate" in err and "train_options" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not out.exists() or not any(out.iterdir())
+    with pytest.raises(ConfigError, match="'judge_options': candidates are set by iterate itself"):
+        iterate.run(IterateConfig(prompts=str(prompts), model="sft-model", output=str(out),
+                                  reward_fn=f"{REWARDS}:chars", judge_options={"candidates": "elsewhere"}))
+    assert not out.exists()
+
+
+def test_iterate_json_keeps_its_layout():
+    """iterate.json written by an older version reads into the state types and back unchanged (resumable)."""
+    from stages.core.online.rounds import IterateState
+
+    old = {"model": "m", "reference": "initial", "prompts": "p",
+           "rounds": {"1": {"generate": {"seed": 0, "finished_at": "t"}, "train": {"weights": "w", "finished_at": "t"},
+                            "samples": {"generate": {"finished_at": "t"}}},
+                      "2": {"generate": {"finished_at": "t"}}}, "finished_at": "t"}
+    state = IterateState.from_json(old)
+    assert state.round(1).get("train")["weights"] == "w" and state.round(1).samples.get("generate")
+    assert state.to_json() == old
+    again = state.round(1).with_stage("generate", {"finished_at": "u"})
+    assert set(again.stages) == {"generate"} and again.samples == state.round(1).samples  # later stages are stale
