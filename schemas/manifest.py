@@ -39,6 +39,16 @@ MANIFEST_KEYS = {
 SHARD_ENTRY_KEYS = {"path": str, "rows": int, "sha256": str}
 
 
+def output_of_manifest(manifest) -> str | None:
+    """Which output a manifest.json's content belongs to: "pairs" (judge), "candidates" (generate),
+    "refs" (precompute: kind paired / unpaired, or none in older ones, always its reference model), or None."""
+    if not isinstance(manifest, dict):
+        return None
+    if manifest.get("kind") in ("pairs", "candidates"):
+        return manifest["kind"]
+    return "refs" if manifest.get("kind") in ("paired", "unpaired") or "reference_model" in manifest else None
+
+
 def validate_manifest(manifest: dict, name: str = "manifest.json") -> None:
     """Raise SchemaError naming the first missing or mistyped key, or broken row accounting."""
     for key, kind in MANIFEST_KEYS.items():

@@ -21,7 +21,7 @@ import re
 
 import torch
 
-from stages.core import storage
+from stages.core import console, storage
 from stages.core.config.engine import public
 from stages.core.config.options import EvalConfig
 from stages.core.refs.stream import Refs, check_tokenizer, epoch_pairs, load_refs
@@ -193,20 +193,25 @@ def run(cfg: EvalConfig) -> dict:
     storage.configure(cfg.storage_options_dict)
     refs = load_refs(cfg.refs)
     cfg, loss_source = with_run_settings(cfg, refs.kind)
-    reference_path = refs.manifest["reference_model"]["path"]
+    reference_path = refs.manifest.reference_model.path
     device = pick_device(cfg.device, "evaluation")
     policy_path = resolve_model(cfg.model or reference_path)
     tokenizer = load_tokenizer(policy_path)
     check_tokenizer(refs, tokenizer_hashes(tokenizer))
+    # Loading, scoring and sampling each take a while on a CPU with a real model: say which is running.
+    _say(cfg, f"loading the policy {policy_path} ({device})")
     model = load_policy_model(policy_path, device).eval()  # final/, best/, final/adapter/ or checkpoints/step-N
     # Every streamed row is checked against the manifest, token ids against this policy's vocabulary.
     refs = dataclasses.replace(refs, vocab_size=model.get_input_embeddings().num_embeddings)
     ctx = pass_context(cfg, refs.manifest, tokenizer.pad_token_id or 0, device)
+    _say(cfg, f"scoring {refs.num_pairs} held-out {'examples' if refs.kind == 'unpaired' else 'pairs'}")
     results = {"model": cfg.model or reference_path, "refs": cfg.refs, "pairs": refs.num_pairs, "kind": refs.kind,
                "loss_settings_from": loss_source or "eval flags / defaults", **heldout_metrics(model, refs, ctx),
                "reference": reference_metrics(refs, ctx), "config": public(cfg)}
     out = output_dir(cfg)
     if cfg.samples > 0:
+        _say(cfg, f"sampling {cfg.samples} prompt(s) from the reference and the policy "
+                  f"(up to {cfg.max_new_tokens} new tokens each)")
         rows, kl = samples(cfg, refs, model, tokenizer, resolve_model(reference_path))
         results.update(kl)
         storage.write_bytes_atomic(storage.join(out, "samples.jsonl"),
@@ -215,6 +220,11 @@ def run(cfg: EvalConfig) -> dict:
     storage.write_json(storage.join(out, "eval.json"), results)
     results["output"] = out
     return results
+
+
+def _say(cfg: EvalConfig, message: str) -> None:
+    if cfg.progress:
+        console.say("eval", message)
 
 
 def run_on_its_device(cfg: EvalConfig) -> dict:

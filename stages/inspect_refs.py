@@ -28,43 +28,15 @@ from stages.core import storage
 from stages.core.config.engine import Parser, with_default
 from stages.core.config.options import parse_storage_options
 from stages.core.plots import margin_histogram
+from stages.core.refs.manifest import ShardEntry
+from stages.core.refs.output import damaged_files
 from stages.core.refs.stream import Refs, ShardError, iter_rows, load_refs
-
-
-def _file_problem(root: str, path: str, size: int | None, sha256: str | None) -> str | None:
-    """What is wrong with one file of a shard, or None: missing, another size, another checksum."""
-    try:
-        with storage.open_binary(storage.join(root, path)) as fh:
-            h = storage.hash_stream(fh)
-            n = fh.tell()  # read to the end: its size
-    except FileNotFoundError:
-        return f"{path}: missing"
-    if size is not None and n != size:
-        return f"{path}: {n} bytes, expected {size}"
-    if sha256 is not None and h.hexdigest() != sha256:
-        return f"{path}: sha256 {h.hexdigest()[:12]}... differs from the recorded {sha256[:12]}..."
-    if sha256 is None:  # rejects files of older outputs have no checksum: they must at least be Parquet
-        try:
-            with storage.open_binary(storage.join(root, path)) as fh:
-                pq.read_metadata(fh)
-        except Exception as e:  # pyarrow raises several types for a damaged file
-            return f"{path}: not readable Parquet ({type(e).__name__})"
-    return None
-
-
-def damaged_files(root: str, entry: dict) -> list[str]:
-    """One line per file of a shard entry (its shard and rejects file) that does not match the
-    entry; empty when both do."""
-    checks = [(entry["path"], entry.get("bytes"), entry["sha256"])]
-    if entry.get("rejects_path"):
-        checks.append((entry["rejects_path"], None, entry.get("rejects_sha256")))
-    return [p for p in (_file_problem(root, *check) for check in checks) if p]
 
 
 def verify(root: str) -> int:
     """`inspect --verify`: check every file the manifest lists; 0 when all match, 1 otherwise."""
     refs = load_refs(root)
-    shards = refs.manifest["shards"]
+    shards = refs.manifest.shards
     bad = [problem for s in shards for problem in damaged_files(root, s)]
     for problem in bad:
         print(f"damaged: {problem}")
@@ -75,15 +47,15 @@ def verify(root: str) -> int:
     return 0
 
 
-def size_problems(root: str, shards: list[dict]) -> list[str]:
+def size_problems(root: str, shards: tuple[ShardEntry, ...]) -> list[str]:
     """Plain `inspect`'s check, as cheap as a listing: one line per shard or rejects file that is missing
     or whose size differs from the manifest's (sizes where recorded; older outputs record none)."""
     listed: dict[str, int] = {}
-    for folder in {p.rsplit("/", 1)[0] for s in shards for p in (s["path"], s.get("rejects_path")) if p}:
+    for folder in {p.rsplit("/", 1)[0] for s in shards for p in (s.path, s.rejects_path) if p}:
         listed.update(_sizes(root, folder))
     problems = []
     for s in shards:
-        for path, size in ((s["path"], s.get("bytes")), (s.get("rejects_path"), s.get("rejects_bytes"))):
+        for path, size in ((s.path, s.bytes), (s.rejects_path, s.rejects_bytes)):
             if path and path not in listed:
                 problems.append(f"{path}: missing")
             elif path and size is not None and listed[path] != size:
@@ -164,28 +136,28 @@ def collect_unpaired(refs: Refs) -> dict:
 
 
 def report(refs: Refs, examples: int = 2) -> tuple[str, dict]:
-    m = refs.manifest
+    m, model = refs.manifest, refs.manifest.reference_model
     info = collect(refs) if refs.kind == "paired" else collect_unpaired(refs)
     lines = [f"refs: {refs.root}",
-             f"  reference model: {m['reference_model']['name']} "
-             f"(weights {m['reference_model']['weights_hash'][:12]}), "
-             f"dtype {m['dtype']}",
-             f"  data: {', '.join(m.get('data_sources') or [m['data_source']])}",
-             f"  max_length {m['max_length']}, max_prompt_length {m['max_prompt_length']}, {m['truncation_mode']}",
-             f"  rows read {m['rows_read']}, written {m['rows_written']}, rejected {m['rows_rejected']}, "
-             f"{len(m['shards'])} shards",
+             f"  reference model: {model.name} (weights {model.weights_hash[:12]}), dtype {m.dtype}",
+             f"  data: {', '.join(m.sources)}",
+             f"  max_length {m.truncation.max_length}, max_prompt_length {m.truncation.max_prompt_length}, "
+             f"{m.truncation.mode}",
+             f"  rows read {m.rows_read}, written {m.rows_written}, rejected {m.rows_rejected}, "
+             f"{len(m.shards)} shards",
              ]
-    for reason, n in sorted(m["rejects_by_reason"].items(), key=lambda kv: -kv[1]):
+    for reason, n in sorted(m.rejects_by_reason.items(), key=lambda kv: -kv[1]):
         lines.append(f"    rejected {reason}: {n}")
     for key in ("prompt_tokens", "chosen_tokens", "rejected_tokens", "ref_margin"):
         s = info.get(key)
         if s:
             lines.append(f"  {key:<16} mean {s['mean']:9.2f}  p50 {s['p50']:9.2f}  p95 {s['p95']:9.2f}  "
                          f"min {s['min']:9.2f}  max {s['max']:9.2f}")
+    pairing = m.kl_pairing or {}
     if refs.kind == "unpaired" and info.get("rows"):
         lines.append(f"  unpaired examples (KTO): {info['desirable']} desirable, {info['undesirable']} undesirable; "
-                     f"{info['with_kl']} with a KL completion ({m.get('kl_pairing', {}).get('scope', '?')} pairing, "
-                     f"seed {m.get('kl_pairing', {}).get('seed', '?')})")
+                     f"{info['with_kl']} with a KL completion ({pairing.get('scope', '?')} pairing, "
+                     f"seed {pairing.get('seed', '?')})")
         for key in ("completion_tokens", "ref_logp_per_token_desirable", "ref_logp_per_token_undesirable"):
             st = info.get(key)
             if st:
@@ -202,7 +174,7 @@ def _examples(refs: Refs, n: int) -> list[str]:
     from stages.core.runtime.models import load_tokenizer, resolve_model
 
     try:
-        tok = load_tokenizer(resolve_model(refs.manifest["reference_model"]["path"]))
+        tok = load_tokenizer(resolve_model(refs.manifest.reference_model.path))
     except Exception as e:  # the model folder may live elsewhere (another machine, a hub name offline)
         return [f"  (no decoded pairs: tokenizer not available here: {type(e).__name__})"]
     out, shown = [], 0
@@ -249,7 +221,7 @@ def main(argv: list[str]) -> int:
     if args.verify:
         return verify(args.refs)
     refs = load_refs(args.refs)
-    problems = size_problems(args.refs, refs.manifest["shards"])
+    problems = size_problems(args.refs, refs.manifest.shards)
     if problems:
         return _warn_damaged(args.refs, problems)
     text, info = report(refs, args.examples)
@@ -258,7 +230,7 @@ def main(argv: list[str]) -> int:
     if out and info.get("margins"):
         os.makedirs(out, exist_ok=True)
         path = margin_histogram(info["margins"], os.path.join(out, "ref_margins.png"),
-                                f"reference margins, {info['rows']} pairs ({refs.manifest['reference_model']['name']})")
+                                f"reference margins, {info['rows']} pairs ({refs.manifest.reference_model.name})")
         print(f"  histogram: {path}")
     return 0
 

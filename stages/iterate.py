@@ -258,7 +258,7 @@ def _round(cfg: IterateConfig, rounds: Rounds, book: Book, k: int, previous: str
     def scored() -> dict:
         m = precompute.run(pre_cfg)
         print(precompute.summary(m, pre_cfg.output), flush=True)
-        return {"reference": reference, "new_pairs": m["last_run"]["pairs_written"], "pairs_in_refs": m["rows_written"]}
+        return {"reference": reference, "new_pairs": m.last_run.pairs_written, "pairs_in_refs": m.rows_written}
 
     _step(book, at, "precompute", storage.join(pre_cfg.output, "manifest.json"), who,
           f"(reference {reference}) -> {pre_cfg.output}", scored)

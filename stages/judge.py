@@ -118,9 +118,8 @@ def _implicit_args(cfg: JudgeConfig) -> dict:
     refs = load_refs(cfg.refs)
     m = refs.manifest
     beta = cfg.beta if cfg.beta is not None else float(run_config(cfg.implicit).get("beta", 0.1))
-    return {"policy_path": cfg.implicit, "reference_path": resolve_model(m["reference_model"]["path"]), "beta": beta,
-            "max_length": m["max_length"], "max_prompt_length": m["max_prompt_length"],
-            "truncation_mode": m["truncation_mode"], "dtype": cfg.dtype}
+    return {"policy_path": cfg.implicit, "reference_path": resolve_model(m.reference_model.path), "beta": beta,
+            "truncation": m.truncation, "dtype": cfg.dtype}
 
 
 def score(cfg: JudgeConfig, cands: list[dict]) -> tuple[dict[str, float], dict[str, tuple[str, str]]]:
@@ -141,7 +140,7 @@ def score(cfg: JudgeConfig, cands: list[dict]) -> tuple[dict[str, float], dict[s
         path = resolve_model(cfg.reward_model)
         check_reward_model(path)
         raw = _score_with_actors(cfg, cands, RewardScorer, {"model_path": for_workers(cfg.reward_model, path),
-                                                            "dtype": cfg.dtype, "max_length": cfg.max_length})
+                                                            "dtype": cfg.dtype, "max_tokens": cfg.max_length})
     else:
         raw = _score_with_actors(cfg, cands, ImplicitScorer, _implicit_args(cfg))
     for key, (value, error) in raw.items():
@@ -208,7 +207,7 @@ def run(cfg: JudgeConfig) -> dict:
     if cfg.export_sheet:
         return export_sheet(cfg, rows)
     settings = _settings(cfg, manifest)
-    done = finished(cfg.output, settings, cfg.overwrite)
+    done = finished(cfg.output, settings, cfg.overwrite, holds="pairs")
     if done is not None:
         say(f"judge: {cfg.output} already holds these pairs ({done['counts']['pairs']}): not judged again")
         return {**done, "skipped": True}

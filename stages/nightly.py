@@ -56,8 +56,8 @@ def run(cfg: RunConfig) -> dict:
     say(f"run: precompute {cfg.data} -> {cfg.refs}")
     manifest = precompute.run(pre_cfg)
     print(precompute.summary(manifest, cfg.refs), flush=True)
-    refs_id = {"pair_ids_fingerprint": manifest["pair_ids_fingerprint"], "rows_written": manifest["rows_written"]}
-    stages["precompute"] = {**refs_id, "kind": manifest["kind"], "last_run": manifest["last_run"],
+    refs_id = {"pair_ids_fingerprint": manifest.pair_ids_fingerprint, "rows_written": manifest.rows_written}
+    stages["precompute"] = {**refs_id, "kind": manifest.kind, "last_run": manifest.last_run.to_json(),
                             "finished_at": utc_now()}
     storage.write_json(record_path, record)
 

@@ -41,49 +41,38 @@ line giving the reject counts, after writing the rejects and manifest so that `i
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import time
-from collections import Counter
 from contextlib import contextmanager, nullcontext
-from datetime import datetime, timezone
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import FORMAT_VERSION, validate_manifest
 from stages.core import storage
-from stages.core.config.engine import ConfigError, public, to_yaml
+from stages.core.config.engine import ConfigError, to_yaml
 from stages.core.config.options import PrecomputeConfig
 from stages.core.errors import PipelineError, unwrap
 from stages.core.inputs.formats import detect
 from stages.core.inputs.readers import MalformedRow, check_columns, embedded_layout, read_rows, resolve_source
 from stages.core.inputs.unpaired import is_unpaired
-from stages.core.lease import LEASE_FILE, Lease
-from stages.core.refs.plan import KL_PAIRING, Plan, Source, build_plan, content_hash, pair_id, pair_kl  # noqa: F401
+from stages.core.lease import Lease
+from stages.core.refs import output
+from stages.core.refs.identity import OutputMismatch  # noqa: F401  (raised by refs.output: the command's error)
+from stages.core.refs.manifest import Manifest, ShardEntry
+from stages.core.refs.plan import Plan, Source, build_plan, content_hash, pair_id, pair_kl  # noqa: F401
 from stages.core.refs.writer import (
     ShardWriter,
     deliver,
-    fingerprint,
-    keys_path,
     pair_ids_sum,
-    parquet_bytes,
-    shard_index,
-    shard_name,
 )
 from stages.core.runtime.cluster import actor_pool_map, init_ray, quiet_ray_data
 from stages.core.runtime.devices import ray_use_gpu, threads_per_worker
 from stages.core.runtime.models import for_workers, load_tokenizer, resolve_model, tokenizer_hashes, weights_hash
 from stages.core.scoring.scorer import PairProgress, ReferenceScorer, tokenize_batch
-from stages.inspect_refs import damaged_files
+from stages.core.scoring.truncation import Truncation
 
 SCORER_ATTEMPTS = 3   # scorer pools one run starts: a pool fails as a whole when one of its processes dies
 POLL_SECONDS = 0.5    # how often the progress bar asks the scorers how far they are
-
-
-class OutputMismatch(PipelineError):
-    """The output folder holds work made with other settings, or from another data set."""
 
 
 class NothingWritten(PipelineError):
@@ -102,158 +91,9 @@ class _PoolLost(Exception):
     """A scorer process of this pool died (internal: the run retries with a new pool)."""
 
 
-def _identity(cfg: PrecomputeConfig, model_path: str, tok_hashes: dict, w_hash: str) -> dict:
-    """Everything that changes how a row is scored; a re-run must match it to add to an output.
-    The data is not part of it: a re-run over grown data adds the new rows."""
-    keys = ("format", "prompt_column", "chosen_column", "rejected_column", "max_length",
-            "max_prompt_length", "truncation_mode", "dtype")
-    ident = {k: getattr(cfg, k) for k in keys}
-    ident.update(model=cfg.model, weights_hash=w_hash, **tok_hashes)
-    return ident
-
-
 def _say(message: str) -> None:
     """A line on stderr about something this run does besides scoring (a repair, a retry)."""
     print(f"precompute: {message}", file=sys.stderr, flush=True)
-
-
-def _source(data: str) -> str:
-    """--data as a comparable name: a local path made absolute and real (`in.jsonl` run from /w and
-    `/w/in.jsonl` are one source), anything else (a URL, a hub or embedded name) as given."""
-    path = data[len("file://"):] if data.startswith("file://") else data
-    if "://" in path or not os.path.exists(path):
-        return data
-    return os.path.realpath(path)
-
-
-def _check_source(cfg: PrecomputeConfig, markers: dict[int, dict | None]) -> None:
-    """Refuse a second data set unless --append. The identity leaves the data out (a grown input
-    adds its new rows), so without this check another --data would be added to the output silently."""
-    sources = {m.get("source") or _source(m["data"]): m["data"] for m in markers.values() if m}
-    if cfg.append or not sources or _source(cfg.data) in sources:
-        return
-    raise OutputMismatch(f"{cfg.output} holds pairs from {', '.join(sorted(set(sources.values())))}, not from "
-                         f"{cfg.data}; pass --append to add this data set to it, --overwrite to replace it, "
-                         "or choose another --output")
-
-
-def _check_output(cfg: PrecomputeConfig, identity: dict) -> None:
-    run_file = storage.join(cfg.output, "_progress", "run.json")
-    names = [n for n in storage.list_names(cfg.output) if n != LEASE_FILE]
-    if not names:
-        return
-    if cfg.overwrite:
-        for name in names:  # everything but this run's lease
-            storage.remove_tree(storage.join(cfg.output, name))
-        return
-    if not storage.exists(run_file):
-        raise OutputMismatch(f"{cfg.output} exists and is not a precompute output (has: {', '.join(names[:10])}); "
-                             "pass --overwrite to replace it")
-    previous = storage.read_json(run_file)
-    diff = {k: (previous.get(k), identity[k]) for k in identity if previous.get(k) != identity[k]}
-    if diff:
-        lines = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
-        raise OutputMismatch(f"{cfg.output} was made with other settings ({lines}); "
-                             "pass --overwrite to replace it, or choose another --output")
-
-
-def _with_kind(cfg: PrecomputeConfig, identity: dict, layout: str) -> dict:
-    """The identity with the output's kind: paired (preference pairs) or unpaired (KTO examples, with
-    the settings of their KL pairing). An output holds one kind; a run of the other is refused."""
-    kind = "unpaired" if layout == "unpaired" else "paired"
-    ident = {**identity, "kind": kind}
-    if kind == "unpaired":
-        ident.update(completion_column=cfg.completion_column, label_column=cfg.label_column, kl_seed=cfg.kl_seed)
-    if cfg.unpair:
-        ident["unpair"] = True
-    run_file = storage.join(cfg.output, "_progress", "run.json")
-    if storage.exists(run_file):
-        previous = storage.read_json(run_file)
-        before = previous.get("kind", "paired")
-        if before != kind:
-            raise OutputMismatch(f"{cfg.output} holds {before} data and {cfg.data} is {kind} ({layout} rows): an "
-                                 "output holds one kind; choose another --output")
-        diff = {k: (previous.get(k), ident[k]) for k in ident if k not in identity and previous.get(k) != ident[k]}
-        if diff:
-            lines = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
-            raise OutputMismatch(f"{cfg.output} was made with other settings ({lines}); "
-                                 "pass --overwrite to replace it, or choose another --output")
-    return ident
-
-
-def _read_markers(cfg: PrecomputeConfig) -> dict[int, dict | None]:
-    """`_progress/shard-k.json` by k, without the row keys older markers held; None for a marker that is
-    not readable JSON."""
-    markers: dict[int, dict | None] = {}
-    for name in storage.list_names(storage.join(cfg.output, "_progress")):
-        k = shard_index(name)
-        if k is not None and name == shard_name(k) + ".json":
-            try:
-                markers[k] = storage.read_json(storage.join(cfg.output, "_progress", name))
-                markers[k].pop("row_keys", None)
-            except ValueError:  # markers are written atomically: only a hand or a disk fault breaks one
-                markers[k] = None
-    return markers
-
-
-def _keys_files(cfg: PrecomputeConfig) -> set[int]:
-    names = storage.list_names(storage.join(cfg.output, "_progress"))
-    return {k for k in map(shard_index, names) if k is not None and shard_name(k) + ".keys.parquet" in names}
-
-
-def _remove_if_there(url: str) -> None:
-    try:
-        storage.remove(url)
-    except FileNotFoundError:
-        pass
-
-
-def _keep_old_keys(cfg: PrecomputeConfig, k: int) -> None:
-    """An older marker holds its shard's row keys itself: move them into the keys file before the marker goes."""
-    try:
-        keys = storage.read_json(storage.join(cfg.output, "_progress", shard_name(k) + ".json")).get("row_keys")
-    except (FileNotFoundError, ValueError):
-        return
-    if keys:
-        table = pa.table({"row_key": pa.array(keys, pa.string())})
-        storage.write_bytes_atomic(storage.join(cfg.output, keys_path(k)), parquet_bytes(table))
-
-
-def _verify(cfg: PrecomputeConfig, markers: dict[int, dict | None]) -> tuple[dict[int, dict], list]:
-    """Finished shards whose files match their marker, as manifest entries by index. Each other shard is
-    removed, files first and marker last (a repair killed half-way is found and done again); its keys
-    file stays, so that the run puts its rows back into it."""
-    done, repaired = {}, []
-    for k in sorted(markers):
-        entry = dict(markers[k] or {})
-        problems = damaged_files(cfg.output, entry) if entry else [f"_progress/{shard_name(k)}.json: not readable"]
-        if not problems:
-            done[k] = entry
-            continue
-        _say(f"repairing {shard_name(k)} ({'; '.join(problems)}): scoring its "
-             f"{entry.get('rows_read', 'unknown number of')} input rows again")
-        if not storage.exists(storage.join(cfg.output, keys_path(k))):
-            _keep_old_keys(cfg, k)
-        for path in (entry.get("path"), entry.get("rejects_path"), f"_progress/{shard_name(k)}.json"):
-            if path:
-                _remove_if_there(storage.join(cfg.output, path))
-        repaired.append(shard_name(k))
-    return done, repaired
-
-
-def _remove_unfinished(cfg: PrecomputeConfig, done: dict[int, dict]) -> None:
-    """Shard and reject files a killed run left without a marker."""
-    for folder in ("shards", "rejects"):
-        for name in storage.list_names(storage.join(cfg.output, folder)):
-            if shard_index(name) not in done:
-                storage.remove(storage.join(cfg.output, folder, name))
-
-
-def _known_files(done: dict[int, dict], redo: set[int]) -> list[dict]:
-    """The output's files the plan reads: finished shards' row keys and pair ids, the keys of shards to redo."""
-    files = [{"what": what, "path": e[key], "shard": k} for k, e in sorted(done.items())
-             for what, key in (("shard", "path"), ("rejects", "rejects_path")) if e.get(key)]
-    return files + [{"what": "redo", "path": keys_path(k), "shard": k} for k in sorted(redo)]
 
 
 def _layout(cfg: PrecomputeConfig) -> str:
@@ -306,20 +146,19 @@ def _dataset(cfg: PrecomputeConfig, model_path: str, plan: Plan, progress, write
 
     ds = ray.data.from_arrow_refs(plan.chunks)
     model_path = for_workers(cfg.model, model_path)  # resolved again by each task and actor, on its node
-    tokenize = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                    truncation_mode=cfg.truncation_mode)
+    truncation = Truncation(cfg.max_length, cfg.max_prompt_length, cfg.truncation_mode)
     apart = _tokenize_apart(use_gpu)
     if apart:
         # Tokenizing in CPU tasks keeps the GPUs fed. batch_size=None: one call per chunk, so chunks
         # are not merged and every actor gets work.
         ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=0.5,
-                            fn_kwargs=dict(model_path=model_path, **tokenize))
-    scorer_args = dict(model_path=model_path, dtype=cfg.dtype, max_length=cfg.max_length,
-                       truncation_mode=cfg.truncation_mode, pack_prompts=cfg.pack_prompts, progress=progress,
+                            fn_kwargs=dict(model_path=model_path, truncation=truncation))
+    scorer_args = dict(model_path=model_path, dtype=cfg.dtype, truncation=truncation,
+                       pack_prompts=cfg.pack_prompts, progress=progress,
                        threads=None if use_gpu else threads_per_worker(cfg.num_workers), gpus=cfg.gpus_per_worker,
                        # Scoring on CPU, a tokenize task would take the cores the scorers score on; the
                        # scorer tokenizes its own batch instead, and its rows skip a trip through Ray.
-                       tokenize=None if apart else tokenize, device="cuda" if use_gpu else "cpu")
+                       tokenize=not apart, device="cuda" if use_gpu else "cpu")
     ds = actor_pool_map(ds, ReferenceScorer, batch_size=cfg.batch_size, size=cfg.num_workers,
                         num_gpus=cfg.gpus_per_worker if use_gpu else 0, num_cpus=1, fn_constructor_kwargs=scorer_args)
     return ds.map_batches(deliver, batch_format="pyarrow", batch_size=None, num_cpus=0.1,
@@ -366,16 +205,16 @@ def _score(cfg: PrecomputeConfig, model_path: str, plan: Plan, use_gpu: bool, on
 
     counter = ray.remote(num_cpus=0)(PairProgress).remote() if on_progress else None
     writer = ray.remote(num_cpus=0, max_restarts=0)(ShardWriter)
-    writers = [writer.remote(cfg.output, plan.rows_read, cfg.data, _source(cfg.data), cfg.storage_options_dict,
-                             plan.unpaired)
+    writers = [writer.remote(cfg.output, plan.rows_read, cfg.data, output.source_name(cfg.data),
+                             cfg.storage_options_dict, plan.unpaired)
                for _ in range(max(1, min(cfg.num_workers, len(plan.rows_read))))]
-    entries: list[dict] = []
+    entries: list[ShardEntry] = []
     try:
         with _polling(counter, on_progress) if counter else nullcontext():
             for batch in _dataset(cfg, model_path, plan, counter, writers, use_gpu).iter_batches(batch_size=None,
                                                                                        batch_format="pyarrow"):
                 for row in batch.to_pylist():
-                    new = json.loads(row["entries"])
+                    new = [ShardEntry.from_json(e) for e in json.loads(row["entries"])]
                     entries += new
                     on_batch(row["rows"], row["pairs"], row["tokens"], new)
     except ray.exceptions.RayActorError as e:
@@ -383,14 +222,10 @@ def _score(cfg: PrecomputeConfig, model_path: str, plan: Plan, use_gpu: bool, on
     finally:
         for actor in writers + ([counter] if counter is not None else []):
             ray.kill(actor)
-    missing = set(plan.rows_read) - {_entry_index(e) for e in entries}
+    missing = set(plan.rows_read) - {output.entry_index(e) for e in entries}
     if missing:
         raise RuntimeError(f"shards {sorted(missing)} did not receive all their rows")
     return entries
-
-
-def _entry_index(entry: dict) -> int:
-    return shard_index(entry["path"].rsplit("/", 1)[-1])
 
 
 class _Run:
@@ -413,16 +248,16 @@ class _Run:
         cfg = self.cfg
         for folder in ("shards", "rejects", "_progress"):
             storage.remove_partials(storage.join(cfg.output, folder))
-        markers = _read_markers(cfg)
-        done, repaired = _verify(cfg, markers)
+        markers = output.read_markers(cfg.output)
+        done, repaired = output.verify(cfg.output, markers, _say)
         self.repaired += repaired
-        _remove_unfinished(cfg, done)
-        keys = _keys_files(cfg)
+        output.remove_unfinished(cfg.output, done)
+        keys = output.keys_files(cfg.output)
         # New shards come after every index a marker or keys file named: the others keep theirs.
         first = max(set(markers) | keys, default=-1) + 1
         init_ray(cfg.num_workers + 1)
         quiet_ray_data()
-        plan = build_plan(cfg, self.source, self.layout, _known_files(done, keys - set(done)), first)
+        plan = build_plan(cfg, self.source, self.layout, output.known_files(done, keys - set(done)), first)
         if (self.layout == "unpaired" or cfg.unpair) and plan.rows:
             plan = pair_kl(plan, cfg.kl_seed)  # each example's KL completion, from its own shard
         return done, plan
@@ -458,10 +293,10 @@ class _Run:
             try:
                 entries = _score(self.cfg, self.model_path, plan, self.use_gpu, self.on_batch,
                                  self.on_progress if self.bar is not None else None)
-                done.update({_entry_index(e): e for e in entries})
+                done.update({output.entry_index(e): e for e in entries})
                 return done
             except _PoolLost as e:
-                unfinished = len(set(plan.rows_read) - {_entry_index(x) for x in self.entries})
+                unfinished = len(set(plan.rows_read) - {output.entry_index(x) for x in self.entries})
                 if attempt == SCORER_ATTEMPTS:
                     raise ScorerDied(f"a scorer process died {attempt} times, last: {e}; the finished shards are "
                                      f"kept, {unfinished} are not finished: re-run the same command to finish "
@@ -489,15 +324,15 @@ class _Run:
             bar.refresh()
 
     def last_run(self) -> dict:
-        written = sum(e["rows"] for e in self.entries)
+        written = sum(e.rows for e in self.entries)
         return {"seconds": round(time.time() - self.started, 3), "data": self.cfg.data,
-                "pairs_written": written, "rows_rejected": sum(e["rejects"] for e in self.entries),
+                "pairs_written": written, "rows_rejected": sum(e.rejects for e in self.entries),
                 "pairs_scored": written,  # the name older readers know: pairs the model scored and kept
-                "tokens_scored": sum(e["tokens"] for e in self.entries), "new_shards": len(self.entries),
+                "tokens_scored": sum(e.tokens for e in self.entries), "new_shards": len(self.entries),
                 "shards_repaired": self.repaired, "rows_already_done": self.already_done or 0}
 
 
-def run(cfg: PrecomputeConfig) -> dict:
+def run(cfg: PrecomputeConfig) -> Manifest:
     """Run the stage; returns the manifest."""
     started = time.time()
     if cfg.gpus_per_worker > 1 and cfg.device == "cpu":
@@ -506,16 +341,16 @@ def run(cfg: PrecomputeConfig) -> dict:
     storage.configure(cfg.storage_options_dict)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
-    identity = _identity(cfg, model_path, tokenizer_hashes(tokenizer), weights_hash(model_path))
+    identity = output.identity(cfg, tokenizer_hashes(tokenizer), weights_hash(model_path))
     use_gpu = _use_gpu(cfg)  # before anything is written: a cluster without the GPUs asked for fails here
     with Lease(cfg.output, "precompute") as lease:  # one run at a time writes an output
-        _check_output(cfg, identity)
-        _check_source(cfg, _read_markers(cfg))
+        output.check_output(cfg, identity)
+        output.check_source(cfg, output.read_markers(cfg.output))
         layout = _layout(cfg)
         if cfg.unpair and layout == "unpaired":
             raise ConfigError(f"--unpair turns pairs into unpaired examples, and {cfg.data} is already unpaired")
-        identity = _with_kind(cfg, identity, "unpaired" if cfg.unpair else layout)
-        storage.write_json(storage.join(cfg.output, "_progress", "run.json"), identity)
+        identity = output.with_kind(cfg, identity, "unpaired" if cfg.unpair else layout)
+        output.write_identity(cfg.output, identity)
         storage.write_bytes_atomic(storage.join(cfg.output, "config.yaml"), to_yaml(cfg).encode())
         job = _Run(cfg, model_path, Source.of(cfg.data, cfg.split, cfg.storage_options_dict or None), layout,
                    started, use_gpu)
@@ -526,20 +361,20 @@ def run(cfg: PrecomputeConfig) -> dict:
     return manifest
 
 
-def _check_written(cfg: PrecomputeConfig, manifest: dict) -> None:
+def _check_written(cfg: PrecomputeConfig, manifest: Manifest) -> None:
     """Fail a run after which the output holds no pair, once its rejects and manifest are written
     (`inspect` shows them). A re-run that adds nothing to an output with pairs is a success."""
-    if manifest["rows_written"]:
+    if manifest.rows_written:
         return
     what = _unit(manifest)
-    if not manifest["rows_read"]:
+    if not manifest.rows_read:
         raise NothingWritten(f"{cfg.output} holds no {what}: {cfg.data} has no input rows")
-    reasons = ", ".join(f"{k}: {v}" for k, v in manifest["rejects_by_reason"].items())
-    raise NothingWritten(f"{cfg.output} holds no {what}: all {manifest['rows_read']} input rows were rejected "
+    reasons = ", ".join(f"{k}: {v}" for k, v in manifest.rejects_by_reason.items())
+    raise NothingWritten(f"{cfg.output} holds no {what}: all {manifest.rows_read} input rows were rejected "
                          f"({reasons}); see `pipeline.py inspect {cfg.output}` and {cfg.output}/rejects/")
 
 
-def _pair_ids_sums(cfg: PrecomputeConfig, done: dict[int, dict]) -> list[int]:
+def _pair_ids_sums(cfg: PrecomputeConfig, done: dict[int, ShardEntry]) -> list[int]:
     """Each shard's `pair_ids_sum`; shards of older outputs lack it, and a Ray task reads their pair ids."""
     import ray
 
@@ -548,53 +383,24 @@ def _pair_ids_sums(cfg: PrecomputeConfig, done: dict[int, dict]) -> list[int]:
         with storage.open_binary(storage.join(cfg.output, path)) as fh:
             return pair_ids_sum(pq.read_table(fh, columns=["pair_id"]).column("pair_id").to_pylist())
 
-    older = [e["path"] for e in done.values() if "pair_ids_sum" not in e]
+    older = [e.path for e in done.values() if e.pair_ids_sum is None]
     if older:
         init_ray(1)
     sums = ray.get([ray.remote(num_cpus=0.25)(shard_sum).remote(p, cfg.storage_options_dict) for p in older])
-    return [int(e["pair_ids_sum"], 16) for e in done.values() if "pair_ids_sum" in e] + sums
+    return [int(e.pair_ids_sum, 16) for e in done.values() if e.pair_ids_sum is not None] + sums
 
 
-def _manifest(cfg: PrecomputeConfig, model_path: str, identity: dict, done: dict[int, dict], last_run: dict) -> dict:
-    shards = [done[k] for k in sorted(done)]
-    reasons: Counter = Counter()
-    for s in shards:
-        reasons.update(s["rejects_by_reason"])
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "reference_model": {"name": cfg.model, "path": model_path, "weights_hash": identity["weights_hash"]},
-        "tokenizer_hash": identity["tokenizer_hash"],
-        "chat_template_hash": identity["chat_template_hash"],
-        "data_source": cfg.data,
-        "data_sources": sorted({s["data"] for s in shards}),
-        "data_path": resolve_source(cfg.data),
-        "kind": identity.get("kind", "paired"),
-        "pair_ids_fingerprint": fingerprint(_pair_ids_sums(cfg, done)),
-        "max_length": cfg.max_length,
-        "max_prompt_length": cfg.max_prompt_length,
-        "truncation_mode": cfg.truncation_mode,
-        "dtype": cfg.dtype,
-        "rows_read": sum(s["rows_read"] for s in shards),
-        "rows_written": sum(s["rows"] for s in shards),
-        "rows_rejected": sum(s["rejects"] for s in shards),
-        "rejects_by_reason": dict(sorted(reasons.items())),
-        "tokens": sum(s["tokens"] for s in shards),
-        "shards": shards,
-        "config": public(cfg),
-        "last_run": last_run,  # what this invocation did: re-runs skip finished shards
-    }
-    if manifest["kind"] == "unpaired":
-        manifest["kl_pairing"] = {"scope": "shard", "seed": cfg.kl_seed, "method": KL_PAIRING}
-    # rows_read counts in the shards' units: with --unpair an example (two per input row) or a row
-    # rejected whole, so that rows_read = rows_written + rows_rejected; this is the input's count.
-    manifest["input_rows_read"] = _input_rows(cfg, done) if cfg.unpair else manifest["rows_read"]
-    validate_manifest(manifest)
-    storage.write_json(storage.join(cfg.output, "manifest.json"), manifest)
+def _manifest(cfg: PrecomputeConfig, model_path: str, identity: dict, done: dict[int, ShardEntry],
+              last_run: dict) -> Manifest:
+    """manifest.json over the finished shards, written last."""
+    manifest = output.build_manifest(cfg, model_path, identity, [done[k] for k in sorted(done)],
+                                     _pair_ids_sums(cfg, done), last_run,
+                                     _input_rows(cfg, done) if cfg.unpair else None, resolve_source(cfg.data))
+    manifest.write(storage.join(cfg.output, "manifest.json"))
     return manifest
 
 
-def _input_rows(cfg: PrecomputeConfig, done: dict[int, dict]) -> int:
+def _input_rows(cfg: PrecomputeConfig, done: dict[int, ShardEntry]) -> int:
     """--unpair: the input rows behind the output's shards. Input row i became examples 2i and 2i + 1,
     or one reject 2i (no usable pair); a half rejected later keeps its index. So every row left exactly
     one even source index in a shard or its rejects: a Ray task per file counts them."""
@@ -607,42 +413,42 @@ def _input_rows(cfg: PrecomputeConfig, done: dict[int, dict]) -> int:
             index = pq.read_table(fh, columns=["source_index"]).column("source_index")
         return int(pc.sum(pc.equal(pc.bit_wise_and(index, 1), 0)).as_py() or 0)
 
-    paths = [e[key] for e in done.values() for key in ("path", "rejects_path") if e.get(key)]
+    paths = [p for e in done.values() for p in (e.path, e.rejects_path) if p]
     if paths:
         init_ray(1)
     return sum(ray.get([ray.remote(num_cpus=0.25)(evens).remote(p, cfg.storage_options_dict) for p in paths]))
 
 
-def _unit(manifest: dict) -> str:
-    return "examples" if manifest.get("kind") == "unpaired" else "pairs"
+def _unit(manifest: Manifest) -> str:
+    return "examples" if manifest.kind == "unpaired" else "pairs"
 
 
-def _rows_read(manifest: dict) -> str:
+def _rows_read(manifest: Manifest) -> str:
     """The input rows read; with --unpair also what they made (rows_read = examples + rows rejected whole)."""
-    inputs = manifest.get("input_rows_read", manifest["rows_read"])
-    if not manifest.get("config", {}).get("unpair"):
+    inputs = manifest.input_rows
+    if not manifest.unpaired_input:
         return f"rows read {inputs}"
-    whole = 2 * inputs - manifest["rows_read"]  # each usable pair made two examples, an unusable row one reject
-    made = f"{manifest['rows_read'] - whole} examples" + (f", {whole} row{'s' * (whole != 1)} rejected whole"
-                                                          if whole else "")
+    whole = 2 * inputs - manifest.rows_read  # each usable pair made two examples, an unusable row one reject
+    made = f"{manifest.rows_read - whole} examples" + (f", {whole} row{'s' * (whole != 1)} rejected whole"
+                                                       if whole else "")
     return f"rows read {inputs} (--unpair: {made})"
 
 
-def summary(manifest: dict, output: str) -> str:
-    run = manifest["last_run"]
-    secs = run["seconds"] or 1e-9
+def summary(manifest: Manifest, output: str) -> str:
+    run = manifest.last_run
+    secs = run.seconds or 1e-9
     unit = _unit(manifest)
     done = "rows" if unit == "pairs" else unit
-    repaired = f", {len(run['shards_repaired'])} of them repaired" if run.get("shards_repaired") else ""
+    repaired = f", {len(run.shards_repaired)} of them repaired" if run.shards_repaired else ""
+    reasons = manifest.rejects_by_reason
     lines = [
         f"precompute: {output}",
-        f"  {_rows_read(manifest)}, written {manifest['rows_written']}, rejected {manifest['rows_rejected']}"
-        + (f" ({', '.join(f'{k}: {v}' for k, v in manifest['rejects_by_reason'].items())})"
-           if manifest['rejects_by_reason'] else ""),
-        f"  {len(manifest['shards'])} shards, {manifest['tokens']} tokens, model {manifest['reference_model']['name']}"
-        f" ({manifest['dtype']})",
-        f"  {run['pairs_written']} {unit} written, {run['rows_rejected']} rejected this run "
-        f"({run['new_shards']} shards written{repaired}; {run['rows_already_done']} {done} already done), "
-        f"{secs:.1f}s ({run['pairs_written'] / secs:.2f} {unit}/s, {run['tokens_scored'] / secs:.0f} tokens/s)",
+        f"  {_rows_read(manifest)}, written {manifest.rows_written}, rejected {manifest.rows_rejected}"
+        + (f" ({', '.join(f'{k}: {v}' for k, v in reasons.items())})" if reasons else ""),
+        f"  {len(manifest.shards)} shards, {manifest.tokens} tokens, model {manifest.reference_model.name}"
+        f" ({manifest.dtype})",
+        f"  {run.pairs_written} {unit} written, {run.rows_rejected} rejected this run "
+        f"({run.new_shards} shards written{repaired}; {run.rows_already_done} {done} already done), "
+        f"{secs:.1f}s ({run.pairs_written / secs:.2f} {unit}/s, {run.tokens_scored / secs:.0f} tokens/s)",
     ]
     return "\n".join(lines)

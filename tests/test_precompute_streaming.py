@@ -64,7 +64,7 @@ def test_tokenize_tasks_and_shuffles_give_the_same_shards(tiny_model_dir, ray_se
     from stages import precompute
 
     monkeypatch.setattr(precompute, "_tokenize_apart", lambda use_gpu: True)
-    monkeypatch.setattr(row_plan, "PARTITION_ROWS", 25)
+    monkeypatch.setattr(plan, "PARTITION_ROWS", 25)
     want = json.loads(GOLDEN.read_text())["grown"]  # a run, then one over the grown input with known keys
     got = run_scenarios(tiny_model_dir, ("grown",))["grown"]
     assert got["shards"] == want["shards"] and _rejects(got) == _rejects(want)
@@ -165,7 +165,7 @@ def test_a_save_to_disk_folder_is_read_in_row_ranges(tmp_path, tiny_model_dir, r
     rows = [json.loads(line) for line in (tmp_path / "in.jsonl").read_text().splitlines() if line.startswith('{"')]
     rows = [r for r in rows if isinstance(r.get("chosen"), str) and "prompt" not in r]
     DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dd"))
-    monkeypatch.setattr(row_plan, "DATASET_ROWS", 7)  # several ranges: the row order must hold across them
+    monkeypatch.setattr(plan, "DATASET_ROWS", 7)  # several ranges: the row order must hold across them
     cfg = PrecomputeConfig(data=str(tmp_path / "dd"), model=tiny_model_dir, output=str(tmp_path / "out"),
                            rows_per_shard=5, max_length=512, progress=False, limit=len(rows) - 1)
     m = precompute.run(cfg)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from schemas.manifest import output_of_manifest
 from stages.core import storage
 from stages.core.errors import PipelineError
 
@@ -94,12 +95,7 @@ def _manifest_kind(fs, folder: str) -> str | None:
             manifest = json.loads(fh.read())
     except (OSError, ValueError):  # unreadable: judged by the folder's other files
         return None
-    if not isinstance(manifest, dict):
-        return None
-    if manifest.get("kind") in ("pairs", "candidates"):
-        return manifest["kind"]
-    # precompute's manifest: kind paired / unpaired (older ones have none), always its reference model
-    return "refs" if manifest.get("kind") in ("paired", "unpaired") or "reference_model" in manifest else None
+    return output_of_manifest(manifest)
 
 
 def _kind(fs, folder: str, names: set[str], progress: set[str]) -> str | None:

@@ -13,16 +13,16 @@ pair named instead of a PyTorch error steps later.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from schemas import SHARD_SCHEMA, UNPAIRED_SHARD_SCHEMA, SchemaError, validate_manifest
+from schemas import SHARD_SCHEMA, UNPAIRED_SHARD_SCHEMA, SchemaError
 from stages.core import storage
 from stages.core.errors import PipelineError
+from stages.core.refs.manifest import Manifest
 
 COLUMNS = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps",
            "chosen_scored_tokens", "rejected_scored_tokens"]
@@ -37,22 +37,22 @@ class ShardError(PipelineError):
 @dataclass(frozen=True)
 class Refs:
     root: str
-    manifest: dict
+    manifest: Manifest
     # The policy's vocabulary (embedding rows): every token id read must be below it. None until a
     # model is loaded; then token ids are only checked to be >= 0.
     vocab_size: int | None = None
 
     @property
     def num_pairs(self) -> int:
-        return self.manifest["rows_written"]
+        return self.manifest.rows_written
 
     @property
     def kind(self) -> str:
         """'paired' (preference pairs) or 'unpaired' (KTO examples)."""
-        return self.manifest.get("kind", "paired")
+        return self.manifest.kind
 
     def shard_urls(self) -> list[str]:
-        return [storage.join(self.root, s["path"]) for s in self.manifest["shards"]]
+        return [storage.join(self.root, s.path) for s in self.manifest.shards]
 
 
 def load_refs(root: str, vocab_size: int | None = None) -> Refs:
@@ -60,17 +60,16 @@ def load_refs(root: str, vocab_size: int | None = None) -> Refs:
     if not storage.exists(url):
         raise ShardError(f"no manifest.json in {root}: run `python pipeline.py precompute --output {root}` first")
     try:
-        manifest = json.loads(storage.read_bytes(url))
-        validate_manifest(manifest, url)
-    except (json.JSONDecodeError, SchemaError) as e:
+        manifest = Manifest.read(url)
+    except (ValueError, SchemaError) as e:  # json.JSONDecodeError is a ValueError
         raise ShardError(f"{url}: {e}") from None
     return Refs(root, manifest, vocab_size)
 
 
 def check_tokenizer(refs: Refs, hashes: dict[str, str]) -> None:
     """The policy's tokenizer and chat template must be the ones that made the token ids."""
-    diff = [f"{k}: shards {refs.manifest[k][:12]}..., policy {hashes[k][:12]}..."
-            for k in ("tokenizer_hash", "chat_template_hash") if refs.manifest[k] != hashes[k]]
+    made = {"tokenizer_hash": refs.manifest.tokenizer_hash, "chat_template_hash": refs.manifest.chat_template_hash}
+    diff = [f"{k}: shards {made[k][:12]}..., policy {hashes[k][:12]}..." for k in made if made[k] != hashes[k]]
     if diff:
         raise ShardError(f"the policy's tokenizer differs from the one that scored {refs.root} ({'; '.join(diff)}); "
                          "train with the reference model's tokenizer or re-run precompute")
@@ -186,14 +185,14 @@ def row_problem(row: dict, max_length: int | None, truncation_mode: str, vocab_s
 def epoch_pairs(refs: Refs, epoch: int, seed: int, buffer_size: int, verify: bool = True) -> Iterator[dict]:
     """All pairs of the set in this epoch's order, each checked by `row_problem` as it is read."""
     rng = random.Random(f"{seed}:{epoch}")  # string seeds hash the same in every process
-    shards = list(refs.manifest["shards"])
+    shards = list(refs.manifest.shards)
     rng.shuffle(shards)
-    max_length, mode = refs.manifest["max_length"], refs.manifest["truncation_mode"]
+    max_length, mode = refs.manifest.truncation.max_length, refs.manifest.truncation.mode
     buffer: list[dict] = []
     for shard in shards:
-        url = storage.join(refs.root, shard["path"])
+        url = storage.join(refs.root, shard.path)
         if verify:
-            verify_shard(url, shard["sha256"], refs.kind)
+            verify_shard(url, shard.sha256, refs.kind)
         for row in iter_rows(url, refs.kind):
             problem = row_problem(row, max_length, mode, refs.vocab_size)
             if problem is not None:

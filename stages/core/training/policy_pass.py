@@ -15,11 +15,12 @@ from transformers import PreTrainedModel
 
 from stages.core.config.engine import ConfigError
 from stages.core.config.options import PolicyPass
-from stages.core.inputs.tokenization import scored_sequence
+from stages.core.refs.manifest import Manifest
 from stages.core.refs.stream import Refs, check_tokenizer, epoch_pairs
 from stages.core.runtime.models import load_model, load_tokenizer, tokenizer_hashes
 from stages.core.scoring.logprobs import scored_logps, sequence_logps
 from stages.core.scoring.packing import pack_rows, pad_batch, pair_rows, row_width, supports_4d_mask
+from stages.core.scoring.truncation import Truncation
 from stages.core.training.losses import Batch, LossParams, combined_loss, rewards
 from stages.core.training.unpaired_losses import (
     KL_LOSSES,
@@ -50,8 +51,7 @@ class PassContext:
     """Everything a pass needs besides the model and the pairs; built once by `pass_context`."""
 
     micro_batch_size: int                  # pairs per forward
-    max_length: int | None                 # the shards' truncation rule (manifest), applied as precompute did
-    truncation_mode: str
+    truncation: Truncation                 # the shards' truncation rule (manifest), applied as precompute did
     pad_id: int
     device: str
     dtype: str                             # "bfloat16": autocast over float32 weights
@@ -71,23 +71,22 @@ class PassContext:
 
     def for_refs(self, refs: Refs) -> PassContext:
         """The same pass over another precompute output (its own truncation rule)."""
-        return dataclasses.replace(self, max_length=refs.manifest["max_length"],
-                                   truncation_mode=refs.manifest["truncation_mode"])
+        return dataclasses.replace(self, truncation=refs.manifest.truncation)
 
 
-def pass_context(cfg: PolicyPass, manifest: dict, pad_id: int, device: str) -> PassContext:
+def pass_context(cfg: PolicyPass, manifest: Manifest, pad_id: int, device: str) -> PassContext:
     """The one way to build a PassContext: from a train or eval config and the shards' manifest
     (its `max_length` and `truncation_mode`: the pass cuts sequences as the precompute did)."""
     params = LossParams(cfg.beta, cfg.label_smoothing, cfg.discopop_tau, cfg.simpo_gamma)
     terms = tuple(cfg.loss_terms)
     unpaired = terms[0][0] in UNPAIRED_LOSSES
-    kind = manifest.get("kind", "paired")
+    kind = manifest.kind
     if unpaired != (kind == "unpaired"):
         wants = "unpaired examples (KTO shards)" if unpaired else "preference pairs"
         other = "--loss-type " + " or ".join(UNPAIRED_LOSSES) if kind == "unpaired" else "a pair loss (sigmoid, ...)"
         raise ConfigError(f"loss {cfg.loss_type!r} takes {wants}, and the shards hold {kind} data (manifest kind "
                           f"{kind!r}): use {other}, or shards of the other kind")
-    return PassContext(cfg.micro_batch_size, manifest["max_length"], manifest["truncation_mode"], pad_id,
+    return PassContext(cfg.micro_batch_size, manifest.truncation, pad_id,
                        device, cfg.dtype, terms, params, cfg.pack_prompts,
                        UnpairedParams(cfg.beta, cfg.desirable_weight, cfg.undesirable_weight) if unpaired else None)
 
@@ -109,7 +108,7 @@ def forward(model, pairs: list[dict], ctx: PassContext) -> tuple[torch.Tensor, t
     autocast = torch.autocast(device_type=ctx.device, dtype=torch.bfloat16, enabled=ctx.dtype == "bfloat16")
     if ctx.pack_prompts and supports_4d_mask(model):
         rows = [row for j, p in enumerate(pairs) for row in
-                pair_rows(j, p["prompt_ids"], p["chosen_ids"], p["rejected_ids"], ctx.max_length, ctx.truncation_mode)]
+                pair_rows(j, p["prompt_ids"], p["chosen_ids"], p["rejected_ids"], ctx.truncation)]
         inputs, r, c, labels, seq_ids = pack_rows(rows, ctx.pad_id, torch.float32, ctx.device)
         with autocast:
             logps = scored_logps(model, inputs, r, c, labels, seq_ids, 2 * m)
@@ -118,7 +117,7 @@ def forward(model, pairs: list[dict], ctx: PassContext) -> tuple[torch.Tensor, t
     seqs, starts = [], []
     for key in ("chosen_ids", "rejected_ids"):
         for p in pairs:
-            seq, start = scored_sequence(p["prompt_ids"], p[key], ctx.max_length, ctx.truncation_mode)
+            seq, start = ctx.truncation.scored_sequence(p["prompt_ids"], p[key])
             seqs.append(seq)
             starts.append(start)
     ids, mask, comp = pad_batch(seqs, starts, ctx.pad_id, ctx.device)

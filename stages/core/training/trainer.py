@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from stages.core import storage
+from stages.core import console, storage
 from stages.core.config.engine import to_yaml
 from stages.core.config.options import TrainConfig
 from stages.core.errors import PipelineError
@@ -97,14 +97,11 @@ def _check_nothing_to_lose(out: str, last: str | None, resume: str) -> None:
         raise TrainingError(f"{out} already holds a run's weights ({', '.join(weights)}) and no checkpoint: "
                             "pass --overwrite to start over, or choose another --output")
     if weights:
-        _notice(f"{out} holds a run's weights ({', '.join(weights)}) and no checkpoint: --resume auto starts over")
+        console.say("train", f"{out} holds a run's weights ({', '.join(weights)}) and no checkpoint: "
+                    "--resume auto starts over")
     elif any(storage.exists(storage.join(out, name)) for name in ("metrics.jsonl", "checkpoints")):
-        _notice(f"{out} holds a run that stopped before its first checkpoint: nothing to resume, starting over")
-
-
-def _notice(message: str) -> None:
-    """One line on stderr about what the run does besides training."""
-    print(f"train: {message}", file=sys.stderr, flush=True)
+        console.say("train", f"{out} holds a run that stopped before its first checkpoint: nothing to resume, "
+                    "starting over")
 
 
 @dataclass
@@ -187,14 +184,14 @@ def _load_policy(cfg: TrainConfig, refs: Refs, device: str, dist: Dist):
     from rank 0, so no device ever holds the whole model."""
     from stages.core.runtime.models import load_model, load_tokenizer, resolve_model, tokenizer_hashes
 
-    reference = refs.manifest["reference_model"]["path"]
+    reference = refs.manifest.reference_model.path
     model_path = resolve_model(cfg.model or reference)
     # Written into policy.json and adapter_config.json: absolute, so they load from any folder.
     model_path = os.path.abspath(model_path) if os.path.isdir(model_path) else model_path
     if dist.is_main and os.path.realpath(model_path) != os.path.realpath(reference):
-        print(f"note: policy starts from {model_path}, the shards' reference is {reference}", file=sys.stderr)
+        console.note(f"policy starts from {model_path}, the shards' reference is {reference}")
     if dist.is_main and cfg.progress:  # before the bar: loading a real model takes a while on a CPU
-        _notice(f"loading the policy {model_path} ({device}{', LoRA' if cfg.lora_r else ''})")
+        console.say("train", f"loading the policy {model_path} ({device}{', LoRA' if cfg.lora_r else ''})")
     if not (cfg.strategy == "fsdp" and dist.world > 1):
         tokenizer, model = load_policy(model_path, refs, device)
         model, lora = _adapt(cfg, model)
@@ -405,9 +402,9 @@ def train_loop(cfg: TrainConfig, resume_from: str | None = None, preemption: Pre
         if bar is not None:
             bar.close()
         if run.stopper.should_stop and run.dist.is_main:
-            print(f"early stopping at step {run.step}: {cfg.early_stopping_metric} has not improved for "
-                  f"{run.stopper.patience} evaluations (best {run.stopper.best:.4f} at step {run.stopper.best_step})",
-                  file=sys.stderr)
+            console.say("train", f"early stopping at step {run.step}: {cfg.early_stopping_metric} has not improved "
+                        f"for {run.stopper.patience} evaluations (best {run.stopper.best:.4f} at step "
+                        f"{run.stopper.best_step})")
         return finish(run)
 
 
