@@ -123,14 +123,16 @@ def work(mode: str, a) -> dict:
         from stages import precompute
         from stages.core.config.options import PrecomputeConfig
         from stages.core.scoring.scorer import ReferenceScorer, tokenize_batch
+        from stages.core.scoring.truncation import Truncation
 
         # Compute only, like TRL's number: the scorer class on tokenized pairs, model already loaded.
         recs = [{"pair_id": str(i), "row_key": str(i), "source_index": i, "shard": 0, "row_json": json.dumps(r)}
                 for i, r in enumerate(data)]
-        tokenized = tokenize_batch(pa.Table.from_pylist(recs), model_path, a.max_length, None, "keep_start")
+        truncation = Truncation(a.max_length)  # keep_start, no prompt limit: TRL's defaults
+        tokenized = tokenize_batch(pa.Table.from_pylist(recs), model_path, truncation)
         ids = tokenized.to_pylist()
         unique = sum(len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in ids)
-        scorer = ReferenceScorer(model_path, a.dtype, a.max_length, "keep_start", threads=os.cpu_count())
+        scorer = ReferenceScorer(model_path, a.dtype, truncation, threads=os.cpu_count())
         t = time.perf_counter()
         batch = PrecomputeConfig().batch_size  # the stage's default scorer call
         for i in range(0, tokenized.num_rows, batch):

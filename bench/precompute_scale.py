@@ -18,7 +18,7 @@ For each size, in one run, each measurement in its own process:
     processes (raylet, GCS, the tokenize and scorer workers) have memory of their own and are not
     counted.
   * the baseline: one plain Python process, no Ray, that streams the same JSONL, tokenizes every pair
-    as TRL 1.16 does (`stages.core.inputs.tokenization`: tokenize_row, truncate, scored_sequence) and scores
+    as TRL 1.16 does (`tokenization.tokenize_row`, then `Truncation.cut` and `.scored_sequence`) and scores
     chosen and rejected of B pairs at a time in one right-padded batch with a plain forward (full
     logits, log_softmax, gather). Its peak RSS: the same VmHWM, sampled by the parent and read by the
     process itself at its end.
@@ -161,20 +161,22 @@ def baseline(data: str, model_dir: str, batch_size: int, max_length: int, values
     from transformers import AutoModelForCausalLM
 
     from stages.core.inputs.formats import RowRejected
-    from stages.core.inputs.tokenization import scored_sequence, tokenize_row, truncate
+    from stages.core.inputs.tokenization import tokenize_row
     from stages.core.runtime.models import load_tokenizer
+    from stages.core.scoring.truncation import Truncation
 
     t = time.perf_counter()
     tok = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     clock = {"load_seconds": time.perf_counter() - t, "tokenize_seconds": 0.0, "score_seconds": 0.0}
     pad = tok.pad_token_id
+    truncation = Truncation(max_length)
     chosen_out, rejected_out = array.array("d"), array.array("d")
     counts = {"pairs": 0, "rejected": 0, "tokens": 0}
 
     def score(batch: list[dict]) -> None:
         t = time.perf_counter()
-        seqs = [scored_sequence(r["prompt_ids"], r[k], max_length, "keep_start")
+        seqs = [truncation.scored_sequence(r["prompt_ids"], r[k])
                 for k in ("chosen_ids", "rejected_ids") for r in batch]
         width = max(len(s) for s, _ in seqs)
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -201,7 +203,7 @@ def baseline(data: str, model_dir: str, batch_size: int, max_length: int, values
             t = time.perf_counter()
             row = json.loads(line)
             try:
-                batch.append(truncate(tokenize_row(tok, row), max_length, None, "keep_start"))
+                batch.append(truncation.cut(tokenize_row(tok, row)))
                 clock["tokenize_seconds"] += time.perf_counter() - t
             except RowRejected:
                 counts["rejected"] += 1

@@ -143,9 +143,10 @@ def test_gpu_shortage_names_what_the_cluster_has():
 def test_a_scorer_spread_over_gpus_it_does_not_see_fails(tiny_model_dir):
     from stages.core.runtime.models import ModelError
     from stages.core.scoring.scorer import ReferenceScorer
+    from stages.core.scoring.truncation import Truncation
 
     with pytest.raises(ModelError, match="--gpus-per-worker 2: this process sees [01] CUDA devices"):
-        ReferenceScorer(tiny_model_dir, "float32", None, "keep_start", gpus=2)
+        ReferenceScorer(tiny_model_dir, "float32", Truncation(None), gpus=2)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

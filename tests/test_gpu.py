@@ -20,6 +20,7 @@ from stages.core.runtime.models import enable_activation_checkpointing
 from stages.core.scoring.logprobs import scored_logps
 from stages.core.scoring.packing import pack_rows, pair_rows
 from stages.core.scoring.scorer import ReferenceScorer
+from stages.core.scoring.truncation import Truncation
 from stages.core.training.policy_pass import forward, pass_context
 
 pytestmark = pytest.mark.gpu
@@ -38,7 +39,7 @@ def test_packed_scoring_on_cuda_matches_cpu_oracle(tokenizer, dtype, tol):
     cpu = make_tiny_model(tokenizer, seed=2)
     gpu = make_tiny_model(tokenizer, seed=2).to("cuda", dtype)
     pairs = _pairs(tokenizer)
-    rows = [row for j, (p, c, rj) in enumerate(pairs) for row in pair_rows(j, p, c, rj, None, "keep_start")]
+    rows = [row for j, (p, c, rj) in enumerate(pairs) for row in pair_rows(j, p, c, rj, Truncation(None))]
     inputs, r, c, labels, seq_ids = pack_rows(rows, tokenizer.pad_token_id, dtype, "cuda")
     with torch.inference_mode():
         got = scored_logps(gpu, inputs, r, c, labels, seq_ids, 2 * len(pairs)).cpu()
@@ -73,13 +74,13 @@ def deep_model_dir(tmp_path_factory, tokenizer) -> str:
 @two_gpus
 @pytest.mark.parametrize("pack", [True, False])
 def test_a_scorer_spread_over_two_gpus_matches_one_gpu(deep_model_dir, tokenizer, pack):
-    one = ReferenceScorer(deep_model_dir, "float32", None, "keep_start", pack_prompts=pack)
-    two = ReferenceScorer(deep_model_dir, "float32", None, "keep_start", pack_prompts=pack, gpus=2)
+    one = ReferenceScorer(deep_model_dir, "float32", Truncation(None), pack_prompts=pack)
+    two = ReferenceScorer(deep_model_dir, "float32", Truncation(None), pack_prompts=pack, gpus=2)
     assert {str(d) for d in two.model.hf_device_map.values()} == {"0", "1"}
     assert two.model.hf_device_map["lm_head"] == 1 and two.input_device == "cuda:0"
     pairs = _pairs(tokenizer, n=8, seed=11)
     if pack:
-        rows = [row for j, (p, c, rj) in enumerate(pairs) for row in pair_rows(j, p, c, rj, None, "keep_start")]
+        rows = [row for j, (p, c, rj) in enumerate(pairs) for row in pair_rows(j, p, c, rj, Truncation(None))]
         got, want = two.score_packed(rows, 2 * len(pairs)), one.score_packed(rows, 2 * len(pairs))
     else:
         seqs = [(p + a, len(p)) for p, c, rj in pairs for a in (c, rj)]

@@ -127,17 +127,17 @@ def test_reject_reasons(layout, row, reason):
 
 
 def test_token_level_rejects():
-    from stages.core.inputs.tokenization import truncate
+    from stages.core.scoring.truncation import Truncation
 
     ok = {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5, 6], "rejected_ids": [7]}
-    assert truncate(ok, 5, None, "keep_start") == {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [7]}
-    assert truncate(ok, 2, None, "keep_end")["chosen_ids"] == [5, 6]
-    assert truncate(ok, 10, 2, "keep_end")["prompt_ids"] == [2, 3]  # max_prompt_length keeps the prompt's end
+    assert Truncation(5).cut(ok) == {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [7]}
+    assert Truncation(2, mode="keep_end").cut(ok)["chosen_ids"] == [5, 6]
+    assert Truncation(10, 2, "keep_end").cut(ok)["prompt_ids"] == [2, 3]  # max_prompt_length keeps the prompt's end
     for ids, max_length, reason in (({**ok, "chosen_ids": []}, 10, "empty_completion"),
                                     ({**ok, "prompt_ids": []}, 10, "empty_prompt"),
                                     (ok, 3, "prompt_too_long")):
         with pytest.raises(RowRejected) as e:
-            truncate(ids, max_length, None, "keep_start")
+            Truncation(max_length).cut(ids)
         assert e.value.reason == reason
 
 

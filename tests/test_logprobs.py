@@ -10,9 +10,9 @@ from conftest import make_tiny_model
 from oracle import exact_logps
 
 from stages.core.config.options import TrainConfig
-from stages.core.inputs.tokenization import scored_sequence
 from stages.core.scoring.logprobs import scored_logps, sequence_logps, token_logps
 from stages.core.scoring.packing import pack_rows, pad_batch, pair_rows
+from stages.core.scoring.truncation import Truncation
 from stages.core.training.policy_pass import forward, pass_context
 
 NO_TRUNCATION = {"max_length": None, "truncation_mode": "keep_start"}
@@ -122,7 +122,8 @@ def test_packed_prompt_sharing_matches_separate_sequences(model, tokenizer, max_
     """Every pair laid out by pair_rows (shared prompt, or two rows where keep_end cut the prompt
     differently) scores what the unpadded oracle gives for TRL's truncated sequences."""
     pairs = _random_pairs(tokenizer, 7, seed=11)
-    rows = [row for j, (p, c, rj) in enumerate(pairs) for row in pair_rows(j, p, c, rj, max_length, mode)]
+    truncation = Truncation(max_length, mode=mode)
+    rows = [row for j, (p, c, rj) in enumerate(pairs) for row in pair_rows(j, p, c, rj, truncation)]
     if max_length is None:
         assert len(rows) == len(pairs)  # one row per pair: the prompt runs once
     if mode == "keep_end":
@@ -132,7 +133,7 @@ def test_packed_prompt_sharing_matches_separate_sequences(model, tokenizer, max_
         packed = scored_logps(model, inputs, r, c, labels, seq_ids, 2 * len(pairs))
     for j, (p, ch, rj) in enumerate(pairs):
         for k, answer in enumerate((ch, rj)):
-            seq, start = scored_sequence(p, answer, max_length, mode)
+            seq, start = Truncation(max_length, mode=mode).scored_sequence(p, answer)
             assert abs(float(packed[2 * j + k]) - exact_logps(model, seq, start)) < 1e-4, (j, k)
 
 

@@ -458,14 +458,14 @@ def test_the_implicit_judge_prefers_what_the_policy_was_trained_toward(tmp_path,
     shard = pa.concat_tables([pq.read_table(p) for p in sorted((refs / "shards").glob("*.parquet"))]).to_pylist()
     assert len(shard) == 20
     scores = {(s["prompt_index"], s["response_index"]): s["score"] for s in _read(tmp_path / "pairs", "scores.jsonl")}
-    from stages.core.inputs.tokenization import scored_sequence
     from stages.core.runtime.models import load_model
     from stages.core.scoring.logprobs import sequence_logps
     from stages.core.scoring.packing import pad_batch
+    from stages.core.scoring.truncation import Truncation
 
     row = next(r for r in shard if r["source_index"] == 0)
     model = load_model(policy, "float32", "cpu").eval()
-    seq, start = scored_sequence(row["prompt_ids"], row["chosen_ids"], 256, "keep_start")
+    seq, start = Truncation(256).scored_sequence(row["prompt_ids"], row["chosen_ids"])
     ids, mask, comp = pad_batch([seq], [start], 0, "cpu")
     with torch.no_grad():
         logp = float(sequence_logps(model, ids, mask, comp)[0])

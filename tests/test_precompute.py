@@ -18,8 +18,8 @@ from oracle import exact_logps
 from schemas import SHARD_SCHEMA, validate_manifest, validate_table
 from stages import precompute
 from stages.core.config.options import PrecomputeConfig
-from stages.core.inputs.tokenization import scored_sequence
 from stages.core.runtime.models import load_model
+from stages.core.scoring.truncation import Truncation
 from stages.precompute import OutputMismatch
 
 
@@ -87,7 +87,7 @@ def test_shards_rejects_and_manifest(tmp_path, tiny_model_dir, ray_session):
     model = load_model(tiny_model_dir)
     for r in rows[:8]:
         for key, ref in (("chosen_ids", "ref_chosen_logps"), ("rejected_ids", "ref_rejected_logps")):
-            seq, start = scored_sequence(r["prompt_ids"], r[key], cfg.max_length, cfg.truncation_mode)
+            seq, start = Truncation(cfg.max_length, mode=cfg.truncation_mode).scored_sequence(r["prompt_ids"], r[key])
             assert abs(exact_logps(model, seq, start) - r[ref]) < 1e-4
             assert len(r["prompt_ids"]) + len(r[key]) <= cfg.max_length
 

@@ -191,19 +191,20 @@ def test_scorer_reports_progress_per_forward_with_unchanged_results(tiny_model_d
     import pyarrow as pa
 
     from stages.core.scoring.scorer import TOKENIZED_SCHEMA, ReferenceScorer, tokenize_batch
+    from stages.core.scoring.truncation import Truncation
 
     recs = [{"pair_id": f"p{i}", "row_key": f"k{i}", "source_index": i, "shard": 0,
              "row_json": json.dumps({"prompt": [{"role": "user", "content": r["chosen"][:200]}],
                                      "chosen": [{"role": "assistant", "content": "yes " * (i + 1)}],
                                      "rejected": [{"role": "assistant", "content": "no " * (2 * i + 1)}]})}
             for i, r in enumerate(hh_rows(6))]
-    batch = tokenize_batch(pa.Table.from_pylist(recs), tiny_model_dir, 512, None, "keep_start")
+    batch = tokenize_batch(pa.Table.from_pylist(recs), tiny_model_dir, Truncation(512))
     assert batch.schema.equals(TOKENIZED_SCHEMA)
     for pack in (True, False):
-        plain = ReferenceScorer(tiny_model_dir, "float32", 512, "keep_start", tokens_per_forward=64,
+        plain = ReferenceScorer(tiny_model_dir, "float32", Truncation(512), tokens_per_forward=64,
                                 pack_prompts=pack)(batch)
         sink = Reports()
-        scorer = ReferenceScorer(tiny_model_dir, "float32", 512, "keep_start", tokens_per_forward=64,
+        scorer = ReferenceScorer(tiny_model_dir, "float32", Truncation(512), tokens_per_forward=64,
                                  pack_prompts=pack, progress=sink)
         assert scorer(batch).equals(plain)  # reporting changes no result
         done = [n for _, n in sink.calls]

@@ -14,8 +14,8 @@ from oracle import exact_logps
 
 from stages import precompute
 from stages.core.config.options import PrecomputeConfig
-from stages.core.inputs.tokenization import scored_sequence
 from stages.core.runtime.models import load_model
+from stages.core.scoring.truncation import Truncation
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def test_smollm_logps_exact_and_batch_invariant(tmp_path, smollm_path, ray_sessi
     worst_exact = worst_batch = 0.0
     for r in a:
         for ids, ref in (("chosen_ids", "ref_chosen_logps"), ("rejected_ids", "ref_rejected_logps")):
-            seq, start = scored_sequence(r["prompt_ids"], r[ids], 512, "keep_start")
+            seq, start = Truncation(512).scored_sequence(r["prompt_ids"], r[ids])
             worst_exact = max(worst_exact, abs(exact_logps(model, seq, start) - r[ref]))
             worst_batch = max(worst_batch, abs(b[r["pair_id"]][ref] - r[ref]))
     assert worst_exact < 1e-3, worst_exact

@@ -17,8 +17,8 @@ from test_train import _copy, _rewrite_shard, cfg_for, untimed
 
 from schemas import SHARD_SCHEMA
 from stages import train
-from stages.core.inputs.tokenization import scored_sequence
 from stages.core.refs.stream import Refs, ShardError, epoch_pairs, row_problem, scored_count
+from stages.core.scoring.truncation import Truncation
 from stages.core.storage import StorageError
 from stages.core.training import checkpoint
 from stages.core.training.metrics import read
@@ -31,7 +31,7 @@ def test_scored_count_is_the_scorers_count():
     """The cheap length arithmetic gives what the scorer counted: len(seq) - max(start, 1)."""
     for p, c, max_length, mode in itertools.product(range(0, 6), range(1, 6), (None, 1, 2, 4, 7),
                                                     ("keep_start", "keep_end")):
-        seq, start = scored_sequence(list(range(p)), list(range(c)), max_length, mode)
+        seq, start = Truncation(max_length, mode=mode).scored_sequence(list(range(p)), list(range(c)))
         assert scored_count(p, c, max_length, mode) == max(0, len(seq) - max(start, 1)), (p, c, max_length, mode)
 
 

@@ -14,7 +14,8 @@ from conftest import DATA, HH_SAMPLE, make_tiny_model, read_jsonl_gz
 from stages.core.config.options import PrecomputeConfig
 from stages.core.inputs.formats import RowRejected, normalise
 from stages.core.inputs.readers import read_file
-from stages.core.inputs.tokenization import scored_sequence, tokenize_row, truncate
+from stages.core.inputs.tokenization import tokenize_row
+from stages.core.scoring.truncation import Truncation
 
 trl = pytest.importorskip("trl")
 CFG = PrecomputeConfig()
@@ -134,7 +135,7 @@ def test_truncation_matches_trl_collator(tokenizer, mode):
     kept, rejected = [], 0
     for r in raw:
         try:
-            kept.append(truncate(tokenize_row(tokenizer, normalise(r, "standard", CFG)), max_length, None, mode))
+            kept.append(Truncation(max_length, mode=mode).cut(tokenize_row(tokenizer, normalise(r, "standard", CFG))))
         except RowRejected as e:
             assert e.reason == "prompt_too_long"
             rejected += 1
@@ -147,7 +148,7 @@ def test_truncation_matches_trl_collator(tokenizer, mode):
             n = int(batch["attention_mask"][j].sum())
             trl_ids = batch["input_ids"][j, :n].tolist()
             trl_start = int(batch["completion_mask"][j, :n].argmax())
-            seq, start = scored_sequence(o["prompt_ids"], o[key], max_length, mode)
+            seq, start = Truncation(max_length, mode=mode).scored_sequence(o["prompt_ids"], o[key])
             assert seq == trl_ids, f"row {i} {key}: sequence differs"
             assert start == trl_start, f"row {i} {key}: completion start differs"
             assert sum(batch["completion_mask"][j, max(start, 1):n]) == n - max(start, 1)

@@ -17,7 +17,8 @@ import torch
 
 from stages.core.config.options import PrecomputeConfig, TrainConfig
 from stages.core.inputs.formats import normalise
-from stages.core.inputs.tokenization import scored_sequence, tokenize_row
+from stages.core.inputs.tokenization import tokenize_row
+from stages.core.scoring.truncation import Truncation
 from stages.core.training.losses import LOSSES, Batch, LossParams
 from stages.core.training.policy_pass import forward, loss_batch, means, pass_context, run_pairs
 
@@ -168,7 +169,7 @@ def test_one_dpo_step_matches_trl_dpo_trainer(tokenizer, tmp_path):
     pairs = [{k: list(trainer.train_dataset[i][k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
              for i in range(N)]
     for i, p in enumerate(pairs):  # tokens each sum covers, as the scorer writes them: len(seq) - max(start, 1)
-        (c, cs), (r, rs) = (scored_sequence(p["prompt_ids"], p[k], MAX_LENGTH, "keep_start")
+        (c, cs), (r, rs) = (Truncation(MAX_LENGTH).scored_sequence(p["prompt_ids"], p[k])
                             for k in ("chosen_ids", "rejected_ids"))
         p.update(pair_id=str(i), chosen_scored_tokens=len(c) - max(cs, 1), rejected_scored_tokens=len(r) - max(rs, 1))
     ctx = pass_context(TrainConfig(beta=BETA, micro_batch_size=2, gradient_checkpointing=False), MANIFEST,

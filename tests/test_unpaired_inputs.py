@@ -16,16 +16,15 @@ from conftest import DATA, HH_SAMPLE, make_tiny_model, read_jsonl_gz
 from stages.core.config.options import PrecomputeConfig
 from stages.core.inputs.formats import RowRejected, normalise
 from stages.core.inputs.readers import read_file
-from stages.core.inputs.tokenization import scored_sequence
 from stages.core.inputs.unpaired import (
     is_unpaired,
     normalise_unpaired,
     tokenize_unpaired_row,
     trl_kl_partners,
-    truncate_unpaired,
     unpair,
     unpair_rows,
 )
+from stages.core.scoring.truncation import Truncation
 
 trl = pytest.importorskip("trl")
 CFG = PrecomputeConfig()
@@ -156,7 +155,7 @@ def test_truncation_matches_kto_collator(tokenizer, kto_dataset):
     kept, rejected = [], 0
     for r in rows:
         try:
-            kept.append(truncate_unpaired(tokenize_unpaired_row(tokenizer, r), max_length, None, "keep_start"))
+            kept.append(Truncation(max_length).cut_unpaired(tokenize_unpaired_row(tokenizer, r)))
         except RowRejected as e:
             assert e.reason == "prompt_too_long" and f"under max_length {max_length}" in e.detail
             rejected += 1
@@ -165,7 +164,7 @@ def test_truncation_matches_kto_collator(tokenizer, kto_dataset):
     for i, (t, o) in enumerate(zip(trl_rows, kept)):
         batch = collator([{k: t[k] for k in ("prompt_ids", "completion_ids", "KL_completion_ids", "label")}])
         n = int(batch["attention_mask"][0].sum())
-        seq, start = scored_sequence(o["prompt_ids"], o["completion_ids"], max_length, "keep_start")
+        seq, start = Truncation(max_length).scored_sequence(o["prompt_ids"], o["completion_ids"])
         assert seq == batch["input_ids"][0, :n].tolist(), f"row {i}: sequence differs"
         assert start == int(batch["completion_mask"][0, :n].argmax()), f"row {i}: completion start differs"
         assert o["prompt_ids"] + o["completion_ids"] == seq  # keep_start: what we keep is what is scored
@@ -173,13 +172,13 @@ def test_truncation_matches_kto_collator(tokenizer, kto_dataset):
 
 def test_truncate_keep_end_and_max_prompt_length():
     ids = {"prompt_ids": [1, 2, 3, 4], "completion_ids": [5, 6, 7, 8, 9]}
-    assert truncate_unpaired(ids, 6, None, "keep_start") == {"prompt_ids": [1, 2, 3, 4], "completion_ids": [5, 6]}
-    assert truncate_unpaired(ids, 3, None, "keep_end") == {"prompt_ids": [1, 2, 3, 4], "completion_ids": [7, 8, 9]}
-    assert truncate_unpaired(ids, None, 2, "keep_end")["prompt_ids"] == [3, 4]
-    assert truncate_unpaired(ids, None, 2, "keep_start")["prompt_ids"] == [1, 2]
-    assert scored_sequence([1, 2, 3, 4], [7, 8, 9], 5, "keep_end") == ([3, 4, 7, 8, 9], 2)
+    assert Truncation(6).cut_unpaired(ids) == {"prompt_ids": [1, 2, 3, 4], "completion_ids": [5, 6]}
+    assert Truncation(3, mode="keep_end").cut_unpaired(ids) == {"prompt_ids": [1, 2, 3, 4], "completion_ids": [7, 8, 9]}
+    assert Truncation(None, 2, "keep_end").cut_unpaired(ids)["prompt_ids"] == [3, 4]
+    assert Truncation(None, 2).cut_unpaired(ids)["prompt_ids"] == [1, 2]
+    assert Truncation(5, mode="keep_end").scored_sequence([1, 2, 3, 4], [7, 8, 9]) == ([3, 4, 7, 8, 9], 2)
     with pytest.raises(ValueError):
-        truncate_unpaired(ids, 6, None, "keep_middle")
+        Truncation(6, mode="keep_middle").cut_unpaired(ids)
 
 
 def test_kl_partners():
@@ -237,14 +236,14 @@ def test_rejects_after_tokenization(tokenizer):
     row = normalise_unpaired({"prompt": "word " * 40, "completion": "A", "label": True}, CFG)
     ids = tokenize_unpaired_row(tokenizer, row)
     with pytest.raises(RowRejected) as e:
-        truncate_unpaired(ids, 20, None, "keep_start")
+        Truncation(20).cut_unpaired(ids)
     assert e.value.reason == "prompt_too_long"
     assert e.value.detail == f"prompt is {len(ids['prompt_ids'])} tokens, leaving no room under max_length 20"
-    assert truncate_unpaired(ids, 20, None, "keep_end")["completion_ids"] == ids["completion_ids"]
+    assert Truncation(20, mode="keep_end").cut_unpaired(ids)["completion_ids"] == ids["completion_ids"]
     with pytest.raises(RowRejected, match="empty_completion: a completion tokenizes to no tokens"):
-        truncate_unpaired({"prompt_ids": [1], "completion_ids": []}, None, None, "keep_start")
+        Truncation(None).cut_unpaired({"prompt_ids": [1], "completion_ids": []})
     with pytest.raises(RowRejected, match="empty_prompt: the prompt tokenizes to no tokens"):
-        truncate_unpaired({"prompt_ids": [], "completion_ids": [1]}, None, None, "keep_start")
+        Truncation(None).cut_unpaired({"prompt_ids": [], "completion_ids": [1]})
 
 
 def test_custom_columns_and_extras():

@@ -1,10 +1,9 @@
-"""Tokenization exactly as trl 1.16.0's DPOTrainer does it, plus its collator's truncation.
+"""Tokenization exactly as trl 1.16.0's DPOTrainer does it (untruncated: its collator's truncation is
+`stages.core.scoring.truncation.Truncation`, which scoring and training both apply).
 
 TRL (`DPOTrainer._prepare_dataset`): standard completions get EOS appended; conversational rows go
 through the chat template (the prompt with the generation prompt); the completion starts where the
-tokenized prompt and the tokenized prompt+completion diverge. Truncation (`DataCollatorForPreference`)
-cuts prompt+completion to max_length, keeping the start or the end. TRL silently drops rows whose
-prompt alone fills max_length under keep_start; here they are rejects with a reason.
+tokenized prompt and the tokenized prompt+completion diverge.
 """
 
 from __future__ import annotations
@@ -75,47 +74,3 @@ def tokenize_row(tokenizer: Any, row: dict) -> dict[str, list[int]]:
     n = min(_common_prefix_length(prompt_ids, prompt_chosen), _common_prefix_length(prompt_ids, prompt_rejected))
     return {"prompt_ids": prompt_ids[:n], "chosen_ids": prompt_chosen[n:], "rejected_ids": prompt_rejected[n:]}
 
-
-def truncate(ids: dict[str, list[int]], max_length: int | None, max_prompt_length: int | None,
-             truncation_mode: str) -> dict[str, list[int]]:
-    """Drop the tokens TRL's collator would never score; raise RowRejected when nothing is left.
-
-    keep_start: prompt + completion[: max_length - len(prompt)], so prompt_ids + chosen_ids is exactly
-    the scored sequence. keep_end: the completion keeps its last max_length tokens; the prompt is kept
-    whole here and `scored_sequence` cuts its start per completion, as the collator does.
-    `max_prompt_length` (not in TRL 1.x; TRL 0.x semantics) first cuts the prompt at the same end.
-    """
-    prompt, chosen, rejected = ids["prompt_ids"], ids["chosen_ids"], ids["rejected_ids"]
-    if max_prompt_length is not None and len(prompt) > max_prompt_length:
-        prompt = prompt[:max_prompt_length] if truncation_mode == "keep_start" else prompt[-max_prompt_length:]
-    if not prompt:
-        raise RowRejected("empty_prompt", "the prompt tokenizes to no tokens")
-    if not chosen or not rejected:
-        raise RowRejected("empty_completion", "a completion tokenizes to no tokens")
-    if max_length is not None:
-        if truncation_mode == "keep_start":
-            room = max_length - len(prompt)
-            if room <= 0:
-                raise RowRejected("prompt_too_long",
-                                  f"prompt is {len(prompt)} tokens, leaving no room under max_length {max_length}")
-            chosen, rejected = chosen[:room], rejected[:room]
-        else:
-            chosen, rejected = chosen[-max_length:], rejected[-max_length:]
-    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
-
-
-def scored_sequence(prompt_ids: list[int], completion_ids: list[int], max_length: int | None,
-                    truncation_mode: str) -> tuple[list[int], int]:
-    """(input_ids, completion_start): the sequence TRL's collator builds, and where the completion starts.
-
-    Tokens at positions >= completion_start (and > 0: the first token has no context) are scored.
-    """
-    seq = list(prompt_ids) + list(completion_ids)
-    start = len(prompt_ids)
-    if max_length is not None and len(seq) > max_length:
-        if truncation_mode == "keep_start":
-            seq = seq[:max_length]
-        else:
-            cut = len(seq) - max_length
-            seq, start = seq[cut:], max(0, start - cut)
-    return seq, start

@@ -20,15 +20,14 @@ What trl 1.16.0's `KTOTrainer._prepare_dataset` does, in order, and where it liv
    tokenized as they are (`tokenizer(text=...)`, so BOS only if the tokenizer adds one, to both). The
    completion starts where the two token lists part (`tokenize_unpaired_row`), as for DPO.
 5. With max_length set, rows whose prompt alone has >= max_length tokens are dropped (here: rejected,
-   `prompt_too_long`, in `truncate_unpaired`).
+   `prompt_too_long`, in `Truncation.cut_unpaired`, stages.core.scoring.truncation).
 6. KL completions, see `trl_kl_partners`.
 
 Truncation (`DataCollatorForUnpairedPreference`): prompt_ids + completion_ids cut to max_length from the right,
 per sequence. KTOConfig 1.16.0 has no truncation_mode, no max_prompt_length and no max_completion_length (those
-were TRL 0.x's). `truncate_unpaired` reproduces keep_start exactly and, like `tokenization.truncate` on the DPO
+were TRL 0.x's). `Truncation.cut_unpaired` reproduces keep_start exactly and, like `Truncation.cut` on the DPO
 path, also offers keep_end and a max_prompt_length, which are this tool's extensions, not TRL KTO's.
-`tokenization.scored_sequence(prompt_ids, completion_ids, max_length, mode)` then gives the scored sequence, as
-for DPO.
+`Truncation.scored_sequence(prompt_ids, completion_ids)` then gives the scored sequence, as for DPO.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 from stages.core.inputs.formats import RowRejected, check_template_inputs, check_text, is_blank, is_messages
-from stages.core.inputs.tokenization import tokenize_row, truncate
+from stages.core.inputs.tokenization import tokenize_row
 
 # TRL map(batched=True) default: `unpair_preference_dataset` works on blocks of this many paired rows.
 TRL_MAP_BATCH_SIZE = 1000
@@ -141,30 +140,11 @@ def tokenize_unpaired_row(tokenizer: Any, row: dict) -> dict[str, list[int]]:
     """TRL unpaired row (explicit prompt) -> untruncated prompt_ids / completion_ids, as KTOTrainer's tokenize_fn.
 
     A template that cannot render the row is a `template_error` reject (as on the DPO path). TRL may leave the
-    prompt with no tokens (they merged into the completion): that is `truncate_unpaired`'s empty_prompt.
+    prompt with no tokens (they merged into the completion): that is `Truncation.cut_unpaired`'s empty_prompt.
     """
     # KTOTrainer's tokenize_fn is DPOTrainer's for one completion: the pair rule with the completion twice.
     ids = tokenize_row(tokenizer, {**row, "chosen": row["completion"], "rejected": row["completion"]})
     return {"prompt_ids": ids["prompt_ids"], "completion_ids": ids["chosen_ids"]}
-
-
-def truncate_unpaired(ids: dict[str, list[int]], max_length: int | None, max_prompt_length: int | None,
-                      truncation_mode: str) -> dict[str, list[int]]:
-    """Drop the tokens TRL's KTO collator would never score; raise RowRejected when nothing is left.
-
-    keep_start (TRL KTO's only mode): rows whose prompt has >= max_length tokens are dropped by TRL, rejected
-    here as prompt_too_long; otherwise prompt + completion[: max_length - len(prompt)], exactly the collator's
-    sequence. keep_end (this tool's extension, as on the DPO path): the completion keeps its last max_length
-    tokens, the prompt is kept whole and `tokenization.scored_sequence` cuts its start. `max_prompt_length`
-    (not in TRL 1.x) first cuts the prompt at the same end, as `tokenization.truncate` does; TRL 0.x's KTO
-    cut the prompt only when prompt + completion exceeded max_length, and had a max_completion_length.
-    """
-    if truncation_mode not in ("keep_start", "keep_end"):
-        raise ValueError(f"truncation_mode must be keep_start or keep_end, got {truncation_mode!r}")
-    # The pair rule with the completion in both places: the same cuts and rejects as the DPO path.
-    out = truncate({"prompt_ids": ids["prompt_ids"], "chosen_ids": ids["completion_ids"],
-                    "rejected_ids": ids["completion_ids"]}, max_length, max_prompt_length, truncation_mode)
-    return {"prompt_ids": out["prompt_ids"], "completion_ids": out["chosen_ids"]}
 
 
 def trl_kl_partners(n: int, batch_size: int) -> list[int]:

@@ -30,10 +30,11 @@ import torch
 
 from stages.core.config.engine import ConfigError
 from stages.core.inputs.formats import RowRejected, is_messages
-from stages.core.inputs.tokenization import ids_of, scored_sequence, template_kwargs
-from stages.core.inputs.unpaired import tokenize_unpaired_row, truncate_unpaired
+from stages.core.inputs.tokenization import ids_of, template_kwargs
+from stages.core.inputs.unpaired import tokenize_unpaired_row
 from stages.core.runtime.devices import pick_device
 from stages.core.runtime.models import load_tokenizer, resolve_model
+from stages.core.scoring.truncation import Truncation
 
 SCORE_SCHEMA = pa.schema([("key", pa.string()), ("score", pa.float64()), ("error", pa.string())])
 
@@ -80,14 +81,15 @@ def call_reward_fn(fn: Callable, prompt: Any, response: str) -> float:
     return float(value)
 
 
-def reward_model_ids(tokenizer, prompt: Any, response: str, template: dict | None, max_length: int) -> list[int]:
+def reward_model_ids(tokenizer, prompt: Any, response: str, template: dict | None, max_tokens: int) -> list[int]:
     """What a reward model reads: the chat template over prompt + the response as the assistant turn
-    (a string prompt: the text prompt + response), cut to max_length tokens from the start."""
+    (a string prompt: the text prompt + response), cut to max_tokens tokens from the start (judge's
+    --max-length: the reward model's input, not the precompute truncation a `Truncation` holds)."""
     if is_messages(prompt):
         ids = ids_of(tokenizer, prompt + [{"role": "assistant", "content": response}], **template_kwargs(template))
     else:
         ids = ids_of(tokenizer, prompt + response)
-    return ids[:max_length]
+    return ids[:max_tokens]
 
 
 def _one_output(model_path: str, num_labels: int) -> None:
@@ -114,7 +116,7 @@ def check_reward_model(model_path: str) -> None:
 class RewardScorer:
     """A sequence-classification reward model (one logit); each call scores a batch of candidates."""
 
-    def __init__(self, model_path: str, dtype: str, max_length: int, device: str = "auto",
+    def __init__(self, model_path: str, dtype: str, max_tokens: int, device: str = "auto",
                  threads: int | None = None):
         from transformers import AutoModelForSequenceClassification
 
@@ -128,7 +130,7 @@ class RewardScorer:
         _one_output(model_path, self.model.config.num_labels)
         if self.model.config.pad_token_id is None:  # the model finds each sequence's last token by its padding
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.max_length = max_length
+        self.max_tokens = max_tokens  # tokens of prompt + response the reward model reads
 
     def scores(self, sequences: list[list[int]]) -> list[float]:
         """One forward, right-padded; the model reads each sequence's last real token."""
@@ -146,7 +148,7 @@ class RewardScorer:
             template = json.loads(rec["template_json"]) if rec["template_json"] else None
             try:
                 seqs.append(reward_model_ids(self.tokenizer, candidate_prompt(rec), rec["response"], template,
-                                             self.max_length))
+                                             self.max_tokens))
             except RowRejected as e:
                 errors[rec["key"]] = e.detail
                 seqs.append(None)
@@ -159,24 +161,21 @@ class RewardScorer:
 class ImplicitScorer:
     """beta * (log pi(y|x) - log pi_ref(y|x)) of each candidate, on the tokens precompute scores: the
     response is tokenized as an unpaired completion (TRL's rule: EOS after a string response) and cut by
-    the reference output's max_length / truncation settings."""
+    the reference output's truncation (its manifest's)."""
 
-    def __init__(self, policy_path: str, reference_path: str, beta: float, max_length: int | None,
-                 max_prompt_length: int | None, truncation_mode: str, dtype: str = "float32", device: str = "auto",
-                 threads: int | None = None):
+    def __init__(self, policy_path: str, reference_path: str, beta: float, truncation: Truncation,
+                 dtype: str = "float32", device: str = "auto", threads: int | None = None):
         from stages.core.scoring.scorer import ReferenceScorer
         from stages.core.training.checkpoint import load_policy_model
 
         device = pick_device(device)
         if "://" in policy_path:  # a policy on object storage: fetched into this node's cache
             policy_path = resolve_model(policy_path)
-        args = dict(dtype=dtype, max_length=max_length, truncation_mode=truncation_mode, threads=threads,
-                    device=device)
+        args = dict(dtype=dtype, truncation=truncation, threads=threads, device=device)
         self.reference = ReferenceScorer(reference_path, **args)
         self.policy = ReferenceScorer(reference_path, model=load_policy_model(policy_path, device), **args)
         self.tokenizer = load_tokenizer(reference_path)
-        self.beta, self.max_length, self.max_prompt_length = beta, max_length, max_prompt_length
-        self.truncation_mode = truncation_mode
+        self.beta, self.truncation = beta, truncation
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         keys, seqs, errors = [], [], {}
@@ -187,9 +186,8 @@ class ImplicitScorer:
             completion = [{"role": "assistant", "content": response}] if is_messages(prompt) else response
             try:
                 ids = tokenize_unpaired_row(self.tokenizer, {**template, "prompt": prompt, "completion": completion})
-                ids = truncate_unpaired(ids, self.max_length, self.max_prompt_length, self.truncation_mode)
-                seqs.append(scored_sequence(ids["prompt_ids"], ids["completion_ids"], self.max_length,
-                                            self.truncation_mode))
+                ids = self.truncation.cut_unpaired(ids)
+                seqs.append(self.truncation.scored_sequence(ids["prompt_ids"], ids["completion_ids"]))
             except RowRejected as e:
                 errors[rec["key"]] = f"{e.reason}: {e.detail}"
                 seqs.append(None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from stages.core.inputs.tokenization import scored_sequence
+from stages.core.scoring.truncation import Truncation
 
 # Padded tokens per forward pass: sequences are sorted by length and grouped under this budget,
 # so short sequences are not padded to the longest of the whole batch.
@@ -57,15 +57,15 @@ def supports_4d_mask(model) -> bool:
 
 
 def pair_rows(j: int, prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int],
-              max_length: int | None, truncation_mode: str) -> list[tuple]:
+              truncation: Truncation) -> list[tuple]:
     """Pair j as rows for `pack_rows`: (prefix, first, second, seq of first, seq of second).
 
     Sequence 2j is the chosen answer, 2j+1 the rejected one. When truncation keeps the whole prompt
     for both answers, one row holds prompt + chosen + rejected and the prompt is run once; otherwise
     (keep_end cut the prompt differently for each answer) each answer is a row of its own.
     """
-    c_seq, c_start = scored_sequence(prompt_ids, chosen_ids, max_length, truncation_mode)
-    r_seq, r_start = scored_sequence(prompt_ids, rejected_ids, max_length, truncation_mode)
+    c_seq, c_start = truncation.scored_sequence(prompt_ids, chosen_ids)
+    r_seq, r_start = truncation.scored_sequence(prompt_ids, rejected_ids)
     p = len(prompt_ids)
     if p > 0 and c_start == r_start == p:
         return [(list(prompt_ids), c_seq[p:], r_seq[p:], 2 * j, 2 * j + 1)]

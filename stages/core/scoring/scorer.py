@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 
 from stages.core.inputs.formats import RowRejected
-from stages.core.inputs.tokenization import scored_sequence, tokenize_row, truncate
+from stages.core.inputs.tokenization import tokenize_row
 from stages.core.inputs.unpaired import tokenize_unpaired_row
 from stages.core.runtime.devices import pick_device
 from stages.core.runtime.models import gpu_memory, load_model, load_tokenizer, resolve_model
@@ -33,6 +33,7 @@ from stages.core.scoring.packing import (
     row_width,
     supports_4d_mask,
 )
+from stages.core.scoring.truncation import Truncation
 
 TOKENIZED_SCHEMA = pa.schema([
     ("pair_id", pa.string()), ("row_key", pa.string()), ("source_index", pa.int64()), ("shard", pa.int64()),
@@ -48,8 +49,7 @@ def _tokenizer(model_path: str):
     return load_tokenizer(resolve_model(model_path))  # an s3:// policy: fetched into this node's cache
 
 
-def tokenize_batch(batch: pa.Table, model_path: str, max_length: int | None, max_prompt_length: int | None,
-                   truncation_mode: str) -> pa.Table:
+def tokenize_batch(batch: pa.Table, model_path: str, truncation: Truncation) -> pa.Table:
     """Normalised rows (JSON) -> token ids as TRL makes them, truncated; or a reject reason. A row that
     comes with a reject reason (rejected before tokenizing) passes through, its `row_json` kept."""
     tokenizer = _tokenizer(model_path)
@@ -65,7 +65,7 @@ def tokenize_batch(batch: pa.Table, model_path: str, max_length: int | None, max
                     label, (ids, kl) = row["label"], _unpaired_ids(tokenizer, row)
                 else:
                     ids = tokenize_row(tokenizer, row)
-                ids = truncate(ids, max_length, max_prompt_length, truncation_mode)
+                ids = truncation.cut(ids)
                 row_json = None
             except RowRejected as e:
                 reason, detail = e.reason, e.detail
@@ -124,9 +124,9 @@ class ReferenceScorer:
     batches then go to the GPU of its input embeddings. `model`: score with this model instead of
     loading one from `model_path` (whose tokenizer still gives the padding id)."""
 
-    def __init__(self, model_path: str, dtype: str, max_length: int | None, truncation_mode: str,
-                 threads: int | None = None, tokens_per_forward: int = TOKENS_PER_FORWARD, pack_prompts: bool = True,
-                 progress=None, gpus: int = 1, tokenize: dict | None = None, device: str = "auto", model=None):
+    def __init__(self, model_path: str, dtype: str, truncation: Truncation, threads: int | None = None,
+                 tokens_per_forward: int = TOKENS_PER_FORWARD, pack_prompts: bool = True, progress=None, gpus: int = 1,
+                 tokenize: bool = False, device: str = "auto", model=None):
         if threads:
             torch.set_num_threads(threads)
         self.device = pick_device(device)  # "cuda" or "cpu": also what the forward planning is tuned for
@@ -141,14 +141,14 @@ class ReferenceScorer:
             self.input_device = self.device
         self.model.requires_grad_(False)
         self.pad_id = _tokenizer(model_path).pad_token_id or 0
-        self.max_length = max_length
-        self.truncation_mode = truncation_mode
+        self.truncation = truncation
         self.tokens_per_forward = tokens_per_forward
         # Flash-attention kernels take no 4D masks: such models score the two sequences separately.
         self.pack = pack_prompts and supports_4d_mask(self.model)
         self.progress = progress
-        # tokenize_batch's settings when this scorer takes untokenized rows (see precompute._dataset)
-        self.tokenize = dict(tokenize, model_path=model_path) if tokenize is not None else None
+        # tokenize: this scorer takes untokenized rows and runs tokenize_batch itself (see precompute._dataset)
+        self.tokenize = tokenize
+        self.model_path = model_path
 
     def _groups(self, widths: list[int], square: bool) -> list[list[int]]:
         """Indices sorted by width, cut into forwards (see `plan_forwards`)."""
@@ -196,8 +196,8 @@ class ReferenceScorer:
         return on_forward
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.tokenize is not None:
-            batch = tokenize_batch(batch, **self.tokenize)
+        if self.tokenize:
+            batch = tokenize_batch(batch, self.model_path, self.truncation)
         recs = batch.to_pylist()
         nan = float("nan")
         chosen, rejected = [nan] * len(recs), [nan] * len(recs)
@@ -206,12 +206,11 @@ class ReferenceScorer:
         for i, r in enumerate(recs):
             if r["reject_reason"] is not None:
                 continue
-            c_seq, c_start = scored_sequence(r["prompt_ids"], r["chosen_ids"], self.max_length, self.truncation_mode)
-            r_seq, r_start = scored_sequence(r["prompt_ids"], r["rejected_ids"], self.max_length, self.truncation_mode)
+            c_seq, c_start = self.truncation.scored_sequence(r["prompt_ids"], r["chosen_ids"])
+            r_seq, r_start = self.truncation.scored_sequence(r["prompt_ids"], r["rejected_ids"])
             n_chosen[i], n_rejected[i] = len(c_seq) - max(c_start, 1), len(r_seq) - max(r_start, 1)
             if self.pack:
-                rows += pair_rows(len(scored), r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], self.max_length,
-                                  self.truncation_mode)
+                rows += pair_rows(len(scored), r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], self.truncation)
             else:
                 seqs += [(c_seq, c_start), (r_seq, r_start)]
             scored.append(i)
