@@ -179,7 +179,7 @@ def test_device_auto_says_what_it_chose_and_why(ray_session, capsys):
     assert ray_use_gpu("auto", "2 training worker(s)", 2, 1, 1.0) is torch.cuda.is_available()
     assert pick_device("auto", "evaluation") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert pick_device("cpu") == "cpu" and ray_use_gpu("cpu", "x", 1, 1, 1.0) is False
-    err = capsys.readouterr().out.splitlines()
+    err = capsys.readouterr().err.splitlines()
     if not torch.cuda.is_available():
         assert err[0].startswith("device: cpu for 2 training worker(s) (--device auto: the Ray cluster has 0 GPUs now")
         assert err[1] == "device: cpu for evaluation (--device auto: this process sees no CUDA device)"

@@ -55,7 +55,7 @@ def test_two_nights_and_a_retried_one(tmp_path, tiny_model_dir, ray_session, cap
 
     metrics = (second_dir / "metrics.jsonl").read_text()
     assert pipeline.main([*night, "--date", "2026-11-25", "--eval-refs", str(tmp_path / "held-refs")]) == 0
-    assert "train already finished on these refs" in capsys.readouterr().out
+    assert "train already finished on these refs" in capsys.readouterr().err
     assert (second_dir / "metrics.jsonl").read_text() == metrics  # a retried night repeats no training
     again = json.loads((second_dir / "run.json").read_text())
     assert again["stages"]["precompute"]["last_run"]["pairs_written"] == 0 and again["stages"]["eval"]

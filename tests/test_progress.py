@@ -131,11 +131,11 @@ def test_the_device_line_has_the_autoscaling_hint_only_where_it_applies(ray_sess
     if torch.cuda.is_available():
         pytest.skip("the hint is about a cluster without the GPUs asked for")
     ray_use_gpu("auto", "training", 1, 1, 1.0)  # a local Ray on a machine without a GPU: nothing to scale
-    line = capsys.readouterr().out.strip()
+    line = capsys.readouterr().err.strip()
     assert line == "device: cpu for training (--device auto: the Ray cluster has 0 GPUs now, 1 needed)"
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a cluster joined: an autoscaler may add GPU nodes
     ray_use_gpu("auto", "training", 1, 1, 1.0)
-    assert "autoscaling cluster adds GPU nodes only for --device cuda" in capsys.readouterr().out
+    assert "autoscaling cluster adds GPU nodes only for --device cuda" in capsys.readouterr().err
 
 
 def test_the_install_says_what_it_is_doing(tmp_path):

@@ -1,15 +1,16 @@
 """Where tensors live and how many CPU threads a process takes: one rule for every stage.
 
 `--device auto|cuda|cpu` (every stage's config). `auto` keeps the old rule (a GPU when there is
-one) and says which it chose and why; `cuda` never falls back to the CPU: work placed by Ray asks
-Ray for GPUs, which makes an autoscaler add GPU nodes, and fails with a clear message when none
-come within `--gpu-wait-seconds`; `cpu` never touches a GPU.
+one) and says which it chose and why (a `device:` line on the console channel, stderr); `cuda` never
+falls back to the CPU: work placed by Ray asks Ray for GPUs, which makes an autoscaler add GPU nodes,
+and fails with a clear message when none come within `--gpu-wait-seconds`; `cpu` never touches a GPU.
 """
 
 from __future__ import annotations
 
 import os
 
+from stages.core import console
 from stages.core.errors import PipelineError
 
 
@@ -19,7 +20,7 @@ class NoGpu(PipelineError):
 
 def pick_device(requested: str = "auto", what: str | None = None) -> str:
     """The device for work in this process: 'cuda' or 'cpu'. With `what`, an `auto` choice is said
-    on stdout with its reason."""
+    on the console with its reason."""
     import torch
 
     if requested == "cpu":
@@ -31,13 +32,14 @@ def pick_device(requested: str = "auto", what: str | None = None) -> str:
     if requested == "auto" and what:
         why = (f"this process sees {torch.cuda.device_count()} CUDA device(s)" if device == "cuda"
                else "this process sees no CUDA device")
-        say(f"device: {device} for {what} (--device auto: {why})")
+        console.say("device", f"{device} for {what} (--device auto: {why})")
     return device
 
 
 def say(message: str) -> None:
-    """One line of the stage's report, on stdout (stderr is for the progress bar and errors)."""
-    print(message, flush=True)
+    """A line that already names its stage (`run: ...`), on the console channel. Callers outside
+    runtime/ are moving to `console.say(stage, message)`; this keeps them on the one channel until then."""
+    console.line(message)
 
 
 def ray_use_gpu(requested: str, what: str, workers: int, gpus_each: int, timeout_s: float,
@@ -45,24 +47,24 @@ def ray_use_gpu(requested: str, what: str, workers: int, gpus_each: int, timeout
     """Whether `workers` Ray workers of `what` each get `gpus_each` GPUs.
 
     auto: when the cluster has them now (`need_all`: a GPU for every worker, else any), said on
-    stdout in one line with the reason (and, where an autoscaler could help, how to ask it). cuda:
+    the console in one line with the reason (and, where an autoscaler could help, how to ask it). cuda:
     waits up to `timeout_s` for the cluster to hold them all at once (a placement group asks an
     autoscaler for the nodes) and raises `NoGpu` if it never does. cpu: no."""
     import ray
 
     if requested == "cpu":
-        say(f"device: cpu for {what} (--device cpu)")
+        console.say("device", f"cpu for {what} (--device cpu)")
         return False
     if requested == "cuda":
         wait_for_gpus(what, workers, gpus_each, timeout_s)
-        say(f"device: cuda for {what} (--device cuda: {workers} x {gpus_each} GPU)")
+        console.say("device", f"cuda for {what} (--device cuda: {workers} x {gpus_each} GPU)")
         return True
     have = ray.cluster_resources().get("GPU", 0)
     use = have >= workers * gpus_each if need_all else have >= gpus_each
     needed = workers * gpus_each if need_all else gpus_each
     hint = "; an autoscaling cluster adds GPU nodes only for --device cuda" if _may_scale(use, have) else ""
-    say(f"device: {'cuda' if use else 'cpu'} for {what} (--device auto: the Ray cluster has {have:g} GPUs now, "
-        f"{needed} needed{hint})")
+    console.say("device", f"{'cuda' if use else 'cpu'} for {what} (--device auto: the Ray cluster has {have:g} GPUs "
+                f"now, {needed} needed{hint})")
     return use
 
 
