@@ -1,7 +1,7 @@
 # The image the KubeRay manifests run (jobs/kuberay/*.yaml: ghcr.io/YOUR_ORG/dpo-refstream:0.1.0): Ray 2.60.0, the
 # manifests' rayVersion, on Python 3.11 (the Python the tests run on; pyproject allows >= 3.10), the project at
 # /app, where the manifests' workingDir and the entrypoints' `python pipeline.py` expect it. Every Ray node of a
-# cluster must run the same Ray and Python: tests/test_manifests.py checks that this file and the manifests agree.
+# cluster must run the same Ray and Python: tests/test_jobs.py checks that this file and the manifests agree.
 #
 #   GPU (default):  docker build -t ghcr.io/YOUR_ORG/dpo-refstream:0.1.0 .
 #   CPU:            docker build --build-arg BASE=rayproject/ray:2.60.0-py311-cpu \
