@@ -21,7 +21,8 @@ from __future__ import annotations
 import os
 import sys
 
-# Before transformers is imported: never reach for a hub unless the user asks for a hub name.
+# Before any tokenizer is loaded: the fast tokenizers' thread pool cannot survive the forks of Ray
+# workers and data loaders (tokenizers then warns on every fork and turns its threads off anyway).
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

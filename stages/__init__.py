@@ -7,6 +7,14 @@
     nightly.py       pipeline.py run          precompute -> train -> eval as one command (a scheduled job)
     inspect_refs.py  pipeline.py inspect      what a precompute output holds
     submit.py        pipeline.py submit       a jobs/*.yaml spec to a Ray cluster
+    generate.py      pipeline.py generate     candidate answers per prompt from a model (Ray actors)
+    judge.py         pipeline.py judge        candidates -> preference pairs (reward function or model, labels,
+                                              a policy's implicit reward)
+    iterate.py       pipeline.py iterate      on-policy rounds: generate -> judge -> precompute -> train -> eval
+    rewards.py       (judge --reward-fn)      example reward functions, not a command
+
+Chain commands (nightly, iterate, sweep) call the others' public `run` only; every other command is a
+leaf and imports no other command (tests/test_house.py).
 
 A command parses nothing (pipeline.py does), runs its stage and returns what it did.
 """

@@ -1,4 +1,5 @@
-"""The three pictures the commands draw: training curves, reference margins, the beta sweep.
+"""The pictures the commands draw: training curves (train), reference margins (inspect), the beta
+sweep (sweep); `figure` is the frame they share, which iterate's rounds picture (iterate.rounds_plot) uses too.
 
 matplotlib runs on its file-only Agg backend: there is no display here or on a cluster. Every
 figure is laid out by matplotlib's constrained layout (titles, axis labels and legends inside the
