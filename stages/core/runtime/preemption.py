@@ -33,6 +33,8 @@ class Preemption:
     def _handle(self, signum, frame) -> None:
         self.requested = True
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        # The console channel's stream (stderr), but not console.say: a signal handler takes no locks
+        # (tqdm's write lock may be held by the code this handler interrupted).
         print("SIGTERM: finishing this step, then a checkpoint and exit (a second SIGTERM stops at once)",
               file=sys.stderr, flush=True)
 
