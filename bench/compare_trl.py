@@ -33,11 +33,10 @@ DATA = str(ROOT / "data" / "hh_rlhf_helpful_base_demo_train.jsonl.gz")
 
 def rows(n: int) -> list[dict]:
     """The first n embedded pairs as TRL rows (our hh adapter's output: the same tokens for both)."""
-    from stages.core.config.options import PrecomputeConfig
-    from stages.core.inputs.formats import normalise
+    from stages.core.inputs.formats import Columns, normalise
     from stages.core.inputs.readers import read_rows
 
-    cfg = PrecomputeConfig()
+    cfg = Columns()
     out = []
     for _, raw in read_rows(DATA, limit=n):
         out.append({k: v for k, v in normalise(raw, "hh", cfg).items() if k in ("prompt", "chosen", "rejected")})

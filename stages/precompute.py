@@ -52,7 +52,7 @@ from stages.core import storage
 from stages.core.config.engine import ConfigError, to_yaml
 from stages.core.config.options import PrecomputeConfig
 from stages.core.errors import PipelineError, unwrap
-from stages.core.inputs.formats import detect
+from stages.core.inputs.formats import Columns, detect
 from stages.core.inputs.readers import MalformedRow, check_columns, embedded_layout, read_rows, resolve_source
 from stages.core.inputs.unpaired import is_unpaired
 from stages.core.lease import Lease
@@ -103,8 +103,8 @@ def _layout(cfg: PrecomputeConfig) -> str:
     for _, raw in read_rows(cfg.data, cfg.split, cfg.limit):
         if not isinstance(raw, MalformedRow):
             if cfg.format == "auto":
-                layout = embedded_layout(cfg.data) or ("unpaired" if is_unpaired(raw, cfg) else detect(raw))
-            check_columns(raw, layout, cfg)
+                layout = embedded_layout(cfg.data) or ("unpaired" if is_unpaired(raw, Columns.of(cfg)) else detect(raw))
+            check_columns(raw, layout, Columns.of(cfg))
             return layout
     return "standard" if cfg.format == "auto" else cfg.format  # no row parses: every one is a reject
 

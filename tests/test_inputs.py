@@ -12,10 +12,10 @@ import pytest
 from conftest import DATA
 
 from stages.core.config.options import PrecomputeConfig
-from stages.core.inputs.formats import RowRejected, detect, extract_prompt, normalise
+from stages.core.inputs.formats import Columns, RowRejected, detect, extract_prompt, normalise
 from stages.core.inputs.readers import DataError, MalformedRow, check_columns, read_rows
 
-CFG = PrecomputeConfig()
+CFG = Columns()
 ROWS = [{"prompt": f"Q{i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)]
 
 
@@ -72,7 +72,7 @@ def test_missing_column_lists_columns():
     # prompts without answers (generate's input, such as the embedded prompts): how to make pairs of them
     with pytest.raises(DataError, match=r"the input has: 'prompt'\. It holds prompts only: .*generate.*judge"):
         check_columns({"prompt": "q"}, "standard", CFG)
-    cfg = PrecomputeConfig(chosen_column="better", rejected_column="worse", prompt_column="question")
+    cfg = Columns(prompt="question", chosen="better", rejected="worse")
     row = normalise({"question": "Q?", "better": "yes", "worse": "no"}, "standard", cfg)
     assert row == {"prompt": "Q?", "chosen": "yes", "rejected": "no"}
 

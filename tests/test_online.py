@@ -237,10 +237,10 @@ def test_judge_with_a_reward_function_accounts_for_every_candidate(tmp_path):
     assert rej[0]["reason"] == rej[1]["reason"] == "judge_error" and "ValueError" in rej[0]["detail"]
     assert "'high'" in rej[1]["detail"]
     # precompute reads the pairs as they are
-    from stages.core.inputs.formats import detect, normalise
+    from stages.core.inputs.formats import Columns, detect, normalise
 
     for p in pairs:
-        row = normalise(p, detect(p), PrecomputeConfig())  # the default column names
+        row = normalise(p, detect(p), Columns())  # the default column names
         assert row["chosen"] == p["chosen"]
 
 

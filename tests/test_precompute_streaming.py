@@ -159,7 +159,7 @@ def test_a_save_to_disk_folder_is_read_in_row_ranges(tmp_path, tiny_model_dir, r
 
     from stages import precompute
     from stages.core.config.options import PrecomputeConfig
-    from stages.core.inputs.formats import RowRejected, normalise
+    from stages.core.inputs.formats import Columns, RowRejected, normalise
 
     write_dirty_input(tmp_path / "in.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "in.jsonl").read_text().splitlines() if line.startswith('{"')]
@@ -174,7 +174,7 @@ def test_a_save_to_disk_folder_is_read_in_row_ranges(tmp_path, tiny_model_dir, r
     want = []
     for i, r in enumerate(rows[:-1]):
         try:
-            want.append((i, plan.pair_id(normalise(r, "standard", cfg))))
+            want.append((i, plan.pair_id(normalise(r, "standard", Columns.of(cfg)))))
         except RowRejected:
             pass
     assert got == [w for w in want if w[0] in dict(got)] and len(got) >= 20

@@ -106,7 +106,7 @@ def test_kl_partners_never_the_example_or_its_completion():
 
 
 def test_unpair_turns_each_pair_into_two_examples(tmp_path, tiny_model_dir, ray_session):
-    from stages.core.inputs.formats import normalise
+    from stages.core.inputs.formats import Columns, normalise
     from stages.core.inputs.unpaired import tokenize_unpaired_row, unpair
     from stages.core.runtime.models import load_tokenizer
 
@@ -125,7 +125,7 @@ def test_unpair_turns_each_pair_into_two_examples(tmp_path, tiny_model_dir, ray_
     assert [(r["source_index"], r["label"]) for r in got] == [(i, i % 2 == 0) for i in range(10)]
     tok = load_tokenizer(tiny_model_dir)
     for i, pair in enumerate(pairs[:5]):
-        for half, example in enumerate(unpair(normalise(pair, "hh", PrecomputeConfig(format="hh")))):
+        for half, example in enumerate(unpair(normalise(pair, "hh", Columns()))):
             ids = tokenize_unpaired_row(tok, example)
             assert got[2 * i + half]["completion_ids"] == ids["completion_ids"]
     again, _ = run(tmp_path, pairs, "pairs", model=tiny_model_dir, unpair=True, format="hh")

@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stages.core.config.options import PrecomputeConfig
-from stages.core.inputs.formats import ADAPTERS, RowRejected, detect, normalise
+from stages.core.inputs.formats import ADAPTERS, Columns, RowRejected, detect, normalise
 from stages.core.inputs.readers import DataError, MalformedRow, check_columns, read_rows
 from stages.precompute import content_hash, pair_id
 
-CFG = PrecomputeConfig()
+CFG = Columns()
 ROWS = [{"prompt": f"Q{i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)]
 
 
@@ -164,7 +164,7 @@ def test_deep_nesting_and_lone_surrogates_are_malformed_lines(tmp_path):
 # -- 4. a mapped column that is not there ---------------------------------------------------------
 
 def test_mapped_prompt_column_must_exist():
-    cfg = PrecomputeConfig(prompt_column="question")
+    cfg = Columns(prompt="question")
     with pytest.raises(DataError, match=r"'question'.*the input has: 'prompt', 'chosen', 'rejected'"):
         check_columns(ROWS[0], "standard", cfg)
     check_columns({"question": "q", "chosen": "a", "rejected": "b"}, "standard", cfg)
@@ -189,7 +189,7 @@ def test_mapped_prompt_column_must_exist():
 ])
 def test_values_a_template_cannot_render_are_bad_type(layout, row):
     with pytest.raises(RowRejected) as e:
-        normalise(row, layout, PrecomputeConfig(format=layout))
+        normalise(row, layout, Columns())
     assert e.value.reason == "bad_type"
 
 
@@ -232,7 +232,7 @@ def _through_adapters(raw) -> None:
     if not isinstance(raw, MalformedRow):
         detect(raw)  # the precompute detects the layout from the first row that is not malformed
     for layout in LAYOUTS:
-        cfg = PrecomputeConfig(format=layout)
+        cfg = Columns.of(PrecomputeConfig(format=layout))
         try:
             check_columns(raw, layout, cfg)
         except DataError:

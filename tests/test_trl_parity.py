@@ -11,14 +11,13 @@ import copy
 import pytest
 from conftest import DATA, HH_SAMPLE, make_tiny_model, read_jsonl_gz
 
-from stages.core.config.options import PrecomputeConfig
-from stages.core.inputs.formats import RowRejected, normalise
+from stages.core.inputs.formats import Columns, RowRejected, normalise
 from stages.core.inputs.readers import read_file
 from stages.core.inputs.tokenization import tokenize_row
 from stages.core.scoring.truncation import Truncation
 
 trl = pytest.importorskip("trl")
-CFG = PrecomputeConfig()
+CFG = Columns()
 
 
 def trl_dataset(rows: list[dict], tokenizer, max_length=None, truncation_mode="keep_start"):

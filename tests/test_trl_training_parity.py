@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from stages.core.config.options import PrecomputeConfig, TrainConfig
-from stages.core.inputs.formats import normalise
+from stages.core.config.options import TrainConfig
+from stages.core.inputs.formats import Columns, normalise
 from stages.core.inputs.tokenization import tokenize_row
 from stages.core.scoring.truncation import Truncation
 from stages.core.training.losses import LOSSES, Batch, LossParams
@@ -76,7 +76,7 @@ def test_orpo_matches_trl_orpo_trainer(tokenizer):
 
     model = make_tiny_model(tokenizer, seed=1, layers=1)
     beta, pad = 0.25, tokenizer.pad_token_id
-    real = [tokenize_row(tokenizer, normalise(r, "standard", PrecomputeConfig())) for r in hh_rows(4)]
+    real = [tokenize_row(tokenizer, normalise(r, "standard", Columns())) for r in hh_rows(4)]
     cut = [{"prompt_ids": p["prompt_ids"][:1], "chosen_ids": p["prompt_ids"][1:] + p["chosen_ids"],
             "rejected_ids": p["prompt_ids"][1:] + p["rejected_ids"]} for p in real]
     trl = bare(ORPOTrainer, beta=beta, is_encoder_decoder=False, padding_value=pad, aux_loss_enabled=False)

@@ -8,13 +8,11 @@ the KL pairing with the trainer's KL_completion_ids.
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 
 import pytest
 from conftest import DATA, HH_SAMPLE, make_tiny_model, read_jsonl_gz
 
-from stages.core.config.options import PrecomputeConfig
-from stages.core.inputs.formats import RowRejected, normalise
+from stages.core.inputs.formats import Columns, RowRejected, normalise
 from stages.core.inputs.readers import read_file
 from stages.core.inputs.unpaired import (
     is_unpaired,
@@ -27,7 +25,7 @@ from stages.core.inputs.unpaired import (
 from stages.core.scoring.truncation import Truncation
 
 trl = pytest.importorskip("trl")
-CFG = PrecomputeConfig()
+CFG = Columns()
 
 
 @pytest.fixture
@@ -247,7 +245,7 @@ def test_rejects_after_tokenization(tokenizer):
 
 
 def test_custom_columns_and_extras():
-    cfg = SimpleNamespace(prompt_column="q", completion_column="a", label_column="good")
+    cfg = Columns(prompt="q", completion="a", label="good")
     row = {"q": "Q", "a": "A", "good": 0, "tools": [{"type": "function"}], "other": 1}
     assert normalise_unpaired(row, cfg) == {"prompt": "Q", "completion": "A", "label": False,
                                             "tools": [{"type": "function"}]}

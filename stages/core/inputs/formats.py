@@ -11,6 +11,7 @@ import json
 import math
 import re
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable
 
 
@@ -21,6 +22,25 @@ class RowRejected(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which input columns hold the prompt, the answers and the label (the `*_column` settings)."""
+
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    completion: str = "completion"  # unpaired rows (KTO)
+    label: str = "label"
+
+    @classmethod
+    def of(cls, cfg: Any) -> Columns:
+        """From a stage config's prompt_column, chosen_column, ... (a setting it lacks keeps its default)."""
+        return cls(**{f: getattr(cfg, f"{f}_column", d) for f, d in vars(cls()).items()})
+
+
+DEFAULT_COLUMNS = Columns()
 
 
 def is_messages(value: Any) -> bool:
@@ -92,15 +112,15 @@ def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
     return chosen[:idx], chosen[idx:], rejected[idx:]
 
 
-def standard(row: dict, cfg: Any) -> dict:
+def standard(row: dict, columns: Columns) -> dict:
     """TRL's own rows: explicit or implicit prompt, strings or messages (UltraFeedback included)."""
     out = {}
-    for key, col in (("prompt", cfg.prompt_column), ("chosen", cfg.chosen_column), ("rejected", cfg.rejected_column)):
+    for key, col in (("prompt", columns.prompt), ("chosen", columns.chosen), ("rejected", columns.rejected)):
         if col in row and row[col] is not None:
             out[key] = row[col]
     for key in ("chosen", "rejected"):
         if key not in out:
-            col = getattr(cfg, f"{key}_column")
+            col = getattr(columns, key)
             raise RowRejected("missing_field", f"no '{col}' value")
     for key in ("tools", "chat_template_kwargs"):
         if row.get(key) is not None:
@@ -112,13 +132,13 @@ def standard(row: dict, cfg: Any) -> dict:
     return out
 
 
-def ultrafeedback(row: dict, cfg: Any) -> dict:
+def ultrafeedback(row: dict, columns: Columns) -> dict:
     """UltraFeedback-binarized: `prompt` (str) + full conversations in `chosen` / `rejected`.
 
     The string prompt is dropped and the shared turns of the two conversations become the prompt,
     exactly what TRL does with this layout.
     """
-    out = standard(row, cfg)
+    out = standard(row, columns)
     out.pop("prompt", None)
     return out
 
@@ -136,7 +156,7 @@ def _sharegpt_message(name: str, turn: Any) -> dict:
     return {"role": role, "content": turn["value"]}
 
 
-def sharegpt(row: dict, cfg: Any) -> dict:
+def sharegpt(row: dict, columns: Columns) -> dict:
     """ShareGPT / LLaMA-Factory: `conversations` [{from, value}], `chosen` / `rejected` turns, optional `system`."""
     conv = row.get("conversations")
     if not isinstance(conv, list) or not conv:
@@ -155,7 +175,7 @@ def sharegpt(row: dict, cfg: Any) -> dict:
     return out
 
 
-def openai(row: dict, cfg: Any) -> dict:
+def openai(row: dict, columns: Columns) -> dict:
     """OpenAI preference fine-tuning: `input.messages`, `preferred_output`, `non_preferred_output`."""
     inp = row.get("input")
     if not isinstance(inp, dict) or "messages" not in inp:
@@ -170,7 +190,7 @@ def openai(row: dict, cfg: Any) -> dict:
     return out
 
 
-def helpsteer3(row: dict, cfg: Any) -> dict:
+def helpsteer3(row: dict, columns: Columns) -> dict:
     """HelpSteer3 preference: `context` messages, `response1`, `response2`, `overall_preference`.
 
     overall_preference < 0 prefers response1, > 0 response2; 0 is a tie and is rejected.
@@ -210,22 +230,22 @@ def _hh_turns(name: str, text: Any) -> list[dict]:
     return turns
 
 
-def hh(row: dict, cfg: Any) -> dict:
+def hh(row: dict, columns: Columns) -> dict:
     """Raw HH-RLHF text ("\\n\\nHuman: ...\\n\\nAssistant: ...") -> conversations for the chat template.
 
     The prompt is every turn before the last Assistant turn; chosen and rejected must share it.
     """
     for key in ("chosen", "rejected"):
-        if row.get(getattr(cfg, f"{key}_column")) is None:
-            raise RowRejected("missing_field", f"no '{getattr(cfg, f'{key}_column')}'")
-    chosen = _hh_turns("chosen", row[cfg.chosen_column])
-    rejected = _hh_turns("rejected", row[cfg.rejected_column])
+        if row.get(getattr(columns, key)) is None:
+            raise RowRejected("missing_field", f"no '{getattr(columns, key)}'")
+    chosen = _hh_turns("chosen", row[columns.chosen])
+    rejected = _hh_turns("rejected", row[columns.rejected])
     if chosen[:-1] != rejected[:-1]:
         raise RowRejected("prompt_mismatch", "chosen and rejected dialogues differ before the last Assistant turn")
     return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
 
 
-ADAPTERS: dict[str, Callable[[dict, Any], dict]] = {
+ADAPTERS: dict[str, Callable[[dict, Columns], dict]] = {
     "standard": standard, "ultrafeedback": ultrafeedback, "sharegpt": sharegpt,
     "openai": openai, "helpsteer3": helpsteer3, "hh": hh,
 }
@@ -276,11 +296,11 @@ def check_text(key: str, value: Any) -> None:
         raise RowRejected("bad_type", f"{key} is {type(value).__name__}, expected a string or messages")
 
 
-def normalise(row: dict, layout: str, cfg: Any) -> dict:
+def normalise(row: dict, layout: str, columns: Columns) -> dict:
     """Raw row -> TRL row with an explicit prompt, validated; raises RowRejected."""
     if not isinstance(row, dict):
         raise RowRejected("bad_type", f"row is {type(row).__name__}, expected an object")
-    out = ADAPTERS[layout](row, cfg)
+    out = ADAPTERS[layout](row, columns)
     for key in ("prompt", "chosen", "rejected"):
         if key in out:
             check_text(key, out[key])

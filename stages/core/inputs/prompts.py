@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from types import SimpleNamespace
 from typing import Any, Iterator
 
 from stages.core import storage
 from stages.core.inputs.candidates import read_candidates
 from stages.core.inputs.formats import (
     ADAPTERS,
+    Columns,
     RowRejected,
     check_template_inputs,
     check_text,
@@ -45,17 +45,17 @@ def prompt_id(prompt: Any, template: dict | None = None) -> str:
     return hashlib.sha256(body.encode("utf-8")).hexdigest()[:32]
 
 
-def _is_pair(raw: dict, layout: str, columns: SimpleNamespace) -> bool:
+def _is_pair(raw: dict, layout: str, columns: Columns) -> bool:
     """A row a pair's prompt can be taken from. openai, sharegpt and helpsteer3 rows were detected by their
     own columns; the other layouts need a chosen or rejected column, or there is no pair at all (and an
     error about a missing 'chosen' would mislead: the prompt is what is missing)."""
     if layout not in ADAPTERS or is_unpaired(raw):
         return False
-    return layout in ("openai", "sharegpt", "helpsteer3") or columns.chosen_column in raw or \
-        columns.rejected_column in raw
+    return layout in ("openai", "sharegpt", "helpsteer3") or columns.chosen in raw or \
+        columns.rejected in raw
 
 
-def prompt_of(raw: Any, layout: str, columns: SimpleNamespace) -> tuple[Any, dict | None]:
+def prompt_of(raw: Any, layout: str, columns: Columns) -> tuple[Any, dict | None]:
     """(prompt, template inputs or None) of one raw row; raises RowRejected."""
     if isinstance(raw, MalformedRow):
         raise RowRejected(raw.reason, f"{raw.file} line {raw.line}: {raw.error}")
@@ -63,14 +63,14 @@ def prompt_of(raw: Any, layout: str, columns: SimpleNamespace) -> tuple[Any, dic
     if isinstance(raw, str) or is_messages(raw):
         value = raw
     elif isinstance(raw, dict):
-        if columns.prompt_column in raw:
-            value = raw[columns.prompt_column]
+        if columns.prompt in raw:
+            value = raw[columns.prompt]
         elif _is_pair(raw, layout, columns):
             # a pair's prompt, as precompute reads it (openai / hh turns; TRL's implicit prompt: the common
             # start of chosen and rejected)
             value = normalise(raw, layout, columns)["prompt"]
         else:
-            raise RowRejected("missing_field", f"no '{columns.prompt_column}' column, nor a chosen / rejected pair "
+            raise RowRejected("missing_field", f"no '{columns.prompt}' column, nor a chosen / rejected pair "
                                                f"to take the prompt from (the row has: "
                                                f"{', '.join(map(repr, list(raw)[:8]))}); --prompt-column names "
                                                "the column that holds it")
@@ -80,7 +80,7 @@ def prompt_of(raw: Any, layout: str, columns: SimpleNamespace) -> tuple[Any, dic
     else:
         raise RowRejected("bad_type", f"row is {type(raw).__name__}, expected a prompt, messages or an object")
     if value is None:
-        raise RowRejected("missing_field", f"'{columns.prompt_column}' is null")
+        raise RowRejected("missing_field", f"'{columns.prompt}' is null")
     check_text("prompt", value)
     if is_blank(value):
         raise RowRejected("empty_prompt", "the prompt is empty or whitespace only")
@@ -122,8 +122,7 @@ def read_prompts(source: str, fmt: str, prompt_column: str, split: str, limit: i
     rows = _rows(source, prompt_column, split, limit, options)
     layout = None if fmt == "auto" else fmt
     layout = layout or embedded_layout(source)
-    columns = SimpleNamespace(prompt_column=prompt_column, chosen_column="chosen", rejected_column="rejected",
-                              completion_column="completion", label_column="label")
+    columns = Columns(prompt=prompt_column)
     for index, raw in rows:
         if layout is None and isinstance(raw, dict):
             layout = detect(raw)

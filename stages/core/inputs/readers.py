@@ -23,6 +23,7 @@ from typing import IO, Any, Iterator
 from schemas.manifest import output_of_manifest
 from stages.core import storage
 from stages.core.errors import PipelineError
+from stages.core.inputs.formats import Columns
 
 REPO_DATA = Path(__file__).resolve().parents[3] / "data"  # the repository's data/ folder
 # name -> (file, layout used when --format is auto): HH text goes through the chat template,
@@ -480,34 +481,33 @@ def _read_datasets(source: str, split: str, storage_options: dict | None) -> Ite
     yield from load_split(source, split, storage_options)
 
 
-def check_columns(first_row: Any, layout: str, cfg: Any) -> None:
+def check_columns(first_row: Any, layout: str, columns: Columns) -> None:
     """A column missing from the first row is an input error naming it, not a reject per row."""
     if not isinstance(first_row, dict):
         return
     need = {
-        "standard": [cfg.chosen_column, cfg.rejected_column],
-        "ultrafeedback": [cfg.chosen_column, cfg.rejected_column],
-        "hh": [cfg.chosen_column, cfg.rejected_column],
+        "standard": [columns.chosen, columns.rejected],
+        "ultrafeedback": [columns.chosen, columns.rejected],
+        "hh": [columns.chosen, columns.rejected],
         "openai": ["input", "preferred_output", "non_preferred_output"],
         "sharegpt": ["conversations", "chosen", "rejected"],
         "helpsteer3": ["context", "response1", "response2", "overall_preference"],
-        "unpaired": [cfg.prompt_column, cfg.completion_column, cfg.label_column],
+        "unpaired": [columns.prompt, columns.completion, columns.label],
     }[layout]
     # The default prompt column is optional (prompts are then taken from chosen/rejected); one the
     # user named is not: without this, a typo would silently switch to implicit prompts.
-    if layout in ("standard", "ultrafeedback") and cfg.prompt_column != "prompt":
-        need.append(cfg.prompt_column)
+    if layout in ("standard", "ultrafeedback") and columns.prompt != "prompt":
+        need.append(columns.prompt)
     missing = [c for c in need if c not in first_row]
     if missing:
         raise DataError(f"column(s) {', '.join(map(repr, missing))} not found for format '{layout}'; "
-                        f"the input has: {', '.join(map(repr, first_row.keys()))}" + _prompts_only(first_row, cfg))
+                        f"the input has: {', '.join(map(repr, first_row.keys()))}" + _prompts_only(first_row, columns))
 
 
-def _prompts_only(row: dict, cfg: Any) -> str:
+def _prompts_only(row: dict, columns: Columns) -> str:
     """A hint for a row with a prompt and nothing to compare (generate's input given as pairs)."""
-    answers = [getattr(cfg, k, d) for k, d in (("chosen_column", "chosen"), ("rejected_column", "rejected"),
-                                               ("completion_column", "completion"))]
-    if getattr(cfg, "prompt_column", "prompt") in row and not any(a in row for a in answers):
+    answers = (columns.chosen, columns.rejected, columns.completion)
+    if columns.prompt in row and not any(a in row for a in answers):
         return (". It holds prompts only: sample answers with pipeline.py generate, make pairs of them with "
                 "pipeline.py judge, and give the judge's output here (pipeline.py iterate does all of it)")
     return ""

@@ -34,7 +34,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from stages.core.inputs.formats import RowRejected, check_template_inputs, check_text, is_blank, is_messages
+from stages.core.inputs.formats import (
+    DEFAULT_COLUMNS,
+    Columns,
+    RowRejected,
+    check_template_inputs,
+    check_text,
+    is_blank,
+    is_messages,
+)
 from stages.core.inputs.tokenization import tokenize_row
 
 # TRL map(batched=True) default: `unpair_preference_dataset` works on blocks of this many paired rows.
@@ -44,18 +52,12 @@ _TRUE_STRINGS = {"true", "1"}
 _FALSE_STRINGS = {"false", "0"}
 
 
-def _columns(cfg: Any) -> tuple[str, str, str]:
-    return (getattr(cfg, "prompt_column", "prompt"), getattr(cfg, "completion_column", "completion"),
-            getattr(cfg, "label_column", "label"))
-
-
-def is_unpaired(row: Any, cfg: Any = None) -> bool:
+def is_unpaired(row: Any, columns: Columns = DEFAULT_COLUMNS) -> bool:
     """Whether a raw row is in the unpaired layout (format=auto): completion and label, no chosen / rejected."""
     if not isinstance(row, dict):
         return False
-    _, completion_col, label_col = _columns(cfg)
-    chosen_col, rejected_col = getattr(cfg, "chosen_column", "chosen"), getattr(cfg, "rejected_column", "rejected")
-    return completion_col in row and label_col in row and chosen_col not in row and rejected_col not in row
+    c = columns
+    return c.completion in row and c.label in row and c.chosen not in row and c.rejected not in row
 
 
 def parse_label(value: Any, column: str = "label") -> bool:
@@ -74,7 +76,7 @@ def parse_label(value: Any, column: str = "label") -> bool:
     raise RowRejected("bad_label", f"{column} is {value!r} ({type(value).__name__}), expected true/false or 1/0")
 
 
-def normalise_unpaired(row: dict, cfg: Any) -> dict:
+def normalise_unpaired(row: dict, columns: Columns) -> dict:
     """Raw unpaired row -> {"prompt", "completion", "label": bool} (+ tools / chat_template_kwargs); RowRejected.
 
     Reasons, as in `formats.normalise`: missing_field, bad_type (not a string or messages; prompt and completion
@@ -82,7 +84,7 @@ def normalise_unpaired(row: dict, cfg: Any) -> dict:
     """
     if not isinstance(row, dict):
         raise RowRejected("bad_type", f"row is {type(row).__name__}, expected an object")
-    prompt_col, completion_col, label_col = _columns(cfg)
+    prompt_col, completion_col, label_col = columns.prompt, columns.completion, columns.label
     out: dict[str, Any] = {}
     if row.get(prompt_col) is None:
         raise RowRejected("missing_field", f"no '{prompt_col}' value: unpaired rows need an explicit prompt "

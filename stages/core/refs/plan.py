@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stages.core import storage
-from stages.core.inputs.formats import RowRejected, normalise
+from stages.core.inputs.formats import Columns, RowRejected, normalise
 from stages.core.inputs.readers import (
     BOM,
     BrokenStream,
@@ -173,12 +173,12 @@ def _unit_rows(source: Source, unit: dict):
     return (ds[i] for i in range(unit["start"], unit["stop"]))
 
 
-def _plan_row(index: int, raw, layout: str, cfg) -> dict:
+def _plan_row(index: int, raw, layout: str, columns: Columns) -> dict:
     h = content_hash(raw)
     try:
         if isinstance(raw, MalformedRow):
             raise RowRejected(getattr(raw, "reason", "malformed_json"), f"{raw.file} line {raw.line}: {raw.error}")
-        row = normalise_unpaired(raw, cfg) if layout == "unpaired" else normalise(raw, layout, cfg)
+        row = normalise_unpaired(raw, columns) if layout == "unpaired" else normalise(raw, layout, columns)
         return {"source_index": index, "h": h, "pair_id": pair_id(row), "raw": _json(raw), "row_json": _json(row),
                 "kind": INPUT}
     except RowRejected as e:
@@ -187,11 +187,11 @@ def _plan_row(index: int, raw, layout: str, cfg) -> dict:
                 "kind": INPUT}
 
 
-def _unpaired_halves(index: int, raw, layout: str, cfg) -> list[dict]:
+def _unpaired_halves(index: int, raw, layout: str, columns: Columns) -> list[dict]:
     """--unpair: input row `index` (a pair) -> its two examples, source_index 2*index (chosen, desirable)
     and 2*index + 1 (rejected, undesirable), as TRL's unpair_preference_dataset; each half has its own
     content hash, so copies and re-runs work per example. A row that is no usable pair is one reject."""
-    row = _plan_row(index, raw, layout, cfg)
+    row = _plan_row(index, raw, layout, columns)
     if row.get("reject_reason") is not None:
         return [{**row, "source_index": 2 * index}]
     out = []
@@ -205,16 +205,16 @@ def _unpaired_halves(index: int, raw, layout: str, cfg) -> list[dict]:
 def read_units(batch: pa.Table, source: Source, layout: str, cfg, total: int):
     """Ray Data step: each unit of the batch -> blocks of plan rows (input rows below `total`)."""
     storage.configure(source.options)
-    unpairing = getattr(cfg, "unpair", False)
+    unpairing, columns = getattr(cfg, "unpair", False), Columns.of(cfg)
     for unit in batch.to_pylist():
         rows, index = [], unit["first"]
         for raw in _unit_rows(source, unit):
             if index >= total:
                 break
             if unpairing:
-                rows += _unpaired_halves(index, raw, layout, cfg)
+                rows += _unpaired_halves(index, raw, layout, columns)
             else:
-                rows.append(_plan_row(index, raw, layout, cfg))
+                rows.append(_plan_row(index, raw, layout, columns))
             index += 1
             if len(rows) >= READ_ROWS:
                 yield pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
