@@ -1,19 +1,20 @@
 """The library the commands share; no module here is a command (those live in `stages/`).
 
-Dependency order, lowest first (a module imports only from lines above it):
+Rooms named for the pipeline step they serve, on floors: a module imports only from its own floor or
+below, so imports point down the pipeline (tests/test_house.py holds it):
 
-    errors                                   the one user-facing error base
-    config                                   typed stage configs, YAML + flags
-    storage                                  fsspec I/O, atomic writes, retries, the cache folder
-    lease                                    one run at a time writes an output (a lease with a heartbeat)
-    devices, models                          device and thread choice; loading models and tokenizers
-    formats, data, tokenization              input layouts, readers, TRL's tokenization and truncation
-    logprobs, layout                         THE log-prob function; batch layout and forward planning
-    row_plan                                 precompute's Ray steps up to the shards: read, copies, duplicates
-    scorer                                   Ray Data steps of precompute (tokenize tasks, scorer actors)
-    shard_writer                             precompute's last steps: writer actors, shard files, markers
-    losses, policy_pass                      the loss family; one policy pass (train, eval)
-    shard_stream, checkpoint, metrics, plots the trainer's reading, saving and logging
-    distributed, early_stopping, trainer     the training loop and its parts
-    ray_runtime                              starting Ray; launching Ray Train workers
+    floor 0   errors, storage, lease, plots, console, config/   the user-facing error base; fsspec I/O;
+                                                                 one writer per output; pictures; the
+                                                                 message channel; option classes + engine
+    floor 1   inputs/    readers, formats, unpaired, prompts, candidates, tokenization (never a model)
+              runtime/   devices, cluster (Ray), models, preemption (never the data readers)
+    floor 2   scoring/   truncation, logprobs, packing, scorer
+    floor 3   refs/      the precompute output folder: manifest, identity, output, plan, writer, stream
+    floor 4   training/  losses, policy_pass, trainer, parallel, distributed, checkpoint, metrics, ...
+    floor 5   online/    sampling, judges, outputs, rounds
+    then      stages/*.py, the commands; only the chain commands (iterate, nightly = `run`, sweep) import
+              other commands (their public run())
+
+Each room's `__init__` lists its modules. Shared helpers are public names: no module imports another
+module's `_private` names.
 """

@@ -1,1 +1,9 @@
-"""refs."""
+"""refs: the precompute output folder's one owner (floor 3: imports scoring and below).
+
+    manifest        manifest.json as types (Manifest, ShardEntry, LastRun): read, write, validate
+    identity        "same settings?": one check and one error shape (precompute, generate, judge)
+    output          the folder's bookkeeping between runs: markers, keys files, verify and repair
+    plan            precompute's Ray steps up to the shards: read, copies, duplicates, shard assignment
+    writer          writer actors: shard and rejects files, markers
+    stream          reading shards back for training and eval (one micro-batch at a time)
+"""
