@@ -34,9 +34,11 @@ from stages.core.inputs.formats import RowRejected, is_blank
 from stages.core.inputs.readers import DataError, check_exists
 from stages.core.lease import Lease
 from stages.core.online.judges import (
+    CandidateKey,
     ImplicitScorer,
     RewardScorer,
     call_reward_fn,
+    candidate_key,
     candidate_prompt,
     check_reward_model,
     load_reward_fn,
@@ -66,14 +68,14 @@ def _settings(cfg: JudgeConfig, manifest: dict) -> dict:
             "max_length": cfg.max_length}
 
 
-def flatten(rows: list[dict]) -> tuple[list[dict], dict[str, tuple[str, str]]]:
-    """Candidates as one row each (key "prompt_index:response_index"), and the rejects before judging:
+def flatten(rows: list[dict]) -> tuple[list[dict], dict[CandidateKey, tuple[str, str]]]:
+    """Candidates as one row each (key: (prompt_index, response_index)), and the rejects before judging:
     an empty response, or one the same as an earlier response to its prompt."""
     out, rejects = [], {}
     for rec in rows:
         seen: dict[str, int] = {}
         for j, (text, reason) in enumerate(zip(rec["responses"], rec["finish_reasons"])):
-            key = f"{rec['prompt_index']}:{j}"
+            key = (rec["prompt_index"], j)
             if is_blank(text):
                 rejects[key] = ("empty_response", f"response {j} is empty (finish reason {reason})")
                 continue
@@ -87,7 +89,8 @@ def flatten(rows: list[dict]) -> tuple[list[dict], dict[str, tuple[str, str]]]:
     return out, rejects
 
 
-def _score_with_actors(cfg: JudgeConfig, cands: list[dict], actor, args: dict) -> dict[str, tuple[float | None, str]]:
+def _score_with_actors(cfg: JudgeConfig, cands: list[dict], actor,
+                       args: dict) -> dict[CandidateKey, tuple[float | None, str]]:
     import ray
 
     from stages.core.runtime.cluster import actor_pool_map, init_ray, quiet_ray_data
@@ -95,8 +98,8 @@ def _score_with_actors(cfg: JudgeConfig, cands: list[dict], actor, args: dict) -
     init_ray(cfg.num_workers + 1)
     quiet_ray_data()
     use_gpu = ray_use_gpu(cfg.device, f"{cfg.num_workers} judge(s)", cfg.num_workers, 1, cfg.gpu_wait_seconds)
-    table = pa.Table.from_pylist([{k: c[k] for k in ("key", "prompt", "conversational", "template_json", "response")}
-                                  for c in cands])
+    columns = ("prompt_index", "response_index", "prompt", "conversational", "template_json", "response")
+    table = pa.Table.from_pylist([{k: c[k] for k in columns} for c in cands])
     ds = actor_pool_map(ray.data.from_arrow(table), actor, batch_size=cfg.batch_size, size=cfg.num_workers,
                         num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
                         fn_constructor_kwargs={**args, "device": "cuda" if use_gpu else "cpu",
@@ -104,7 +107,7 @@ def _score_with_actors(cfg: JudgeConfig, cands: list[dict], actor, args: dict) -
     out = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for r in batch.to_pylist():
-            out[r["key"]] = (r["score"], r["error"])
+            out[candidate_key(r)] = (r["score"], r["error"])
     return out
 
 
@@ -122,10 +125,10 @@ def _implicit_args(cfg: JudgeConfig) -> dict:
             "truncation": m.truncation, "dtype": cfg.dtype}
 
 
-def score(cfg: JudgeConfig, cands: list[dict]) -> tuple[dict[str, float], dict[str, tuple[str, str]]]:
+def score(cfg: JudgeConfig, cands: list[dict]) -> tuple[dict[str, float], dict[CandidateKey, tuple[str, str]]]:
     """Every usable candidate's score, or its reject (judge_error)."""
-    scores: dict[str, float] = {}
-    rejects: dict[str, tuple[str, str]] = {}
+    scores: dict[CandidateKey, float] = {}
+    rejects: dict[CandidateKey, tuple[str, str]] = {}
     if cfg.judge == "reward_fn":
         fn = load_reward_fn(cfg.reward_fn)
         for c in cands:
@@ -175,8 +178,9 @@ def _pair_row(rec: dict, chosen: int, rejected: int, scores: dict[int, float]) -
     return row
 
 
-def make_pairs(cfg: JudgeConfig, rows: list[dict], cands: list[dict], scores: dict[str, float],
-               rejects: dict[str, tuple[str, str]], pairs_of: dict | None) -> tuple[list[dict], dict[str, int]]:
+def make_pairs(cfg: JudgeConfig, rows: list[dict], cands: list[dict], scores: dict[CandidateKey, float],
+               rejects: dict[CandidateKey, tuple[str, str]],
+               pairs_of: dict | None) -> tuple[list[dict], dict[CandidateKey, int]]:
     """Pair rows, and how many pairs each candidate is in. Scores go through `select_pairs` (its rejects
     are added to `rejects`); a sheet's labels (`pairs_of`) are the pairs as they are."""
     pairs, in_pairs, by_prompt = [], {}, _by_prompt(cands)
@@ -187,15 +191,15 @@ def make_pairs(cfg: JudgeConfig, rows: list[dict], cands: list[dict], scores: di
                       if c["key"] in scores and c["key"] not in rejects}
             chosen_pairs, left = select_pairs(usable, cfg.pairs, cfg.min_margin, _rng(cfg.seed, rec))
             for j, (reason, detail) in left.items():
-                rejects[f"{i}:{j}"] = (reason, detail)
+                rejects[(i, j)] = (reason, detail)
             local = usable
         else:
             chosen_pairs = pairs_of.get(i, [])
-            local = {j: scores[f"{i}:{j}"] for j in range(len(rec["responses"])) if f"{i}:{j}" in scores}
+            local = {j: scores[(i, j)] for j in range(len(rec["responses"])) if (i, j) in scores}
         for a, b in chosen_pairs:
             pairs.append(_pair_row(rec, a, b, local))
             for j in (a, b):
-                in_pairs[f"{i}:{j}"] = in_pairs.get(f"{i}:{j}", 0) + 1
+                in_pairs[(i, j)] = in_pairs.get((i, j), 0) + 1
     return pairs, in_pairs
 
 
@@ -230,17 +234,16 @@ def _judge(cfg: JudgeConfig, manifest: dict, rows: list[dict], settings: dict) -
                 scores[key] -= cfg.missing_eos_penalty
         pairs_of = None
     pairs, in_pairs = make_pairs(cfg, rows, cands, scores, rejects, pairs_of)
-    all_keys = [f"{rec['prompt_index']}:{j}" for rec in rows for j in range(len(rec["responses"]))]
+    all_keys = [(rec["prompt_index"], j) for rec in rows for j in range(len(rec["responses"]))]
     for key in all_keys:  # a candidate neither paired nor given a reason would be lost: there is none
         if key not in in_pairs and key not in rejects:
             rejects[key] = ("not_selected", "not paired")
     rejects = {k: v for k, v in rejects.items() if k not in in_pairs}
-    finish_of = {f"{rec['prompt_index']}:{j}": r for rec in rows for j, r in enumerate(rec["finish_reasons"])}
-    score_rows = [{"prompt_index": int(k.split(":")[0]), "response_index": int(k.split(":")[1]),
-                   "score": scores.get(k), "finish_reason": finish_of[k], "in_pairs": in_pairs.get(k, 0)}
-                  for k in all_keys]
-    reject_rows = [{"prompt_index": int(k.split(":")[0]), "response_index": int(k.split(":")[1]), "reason": r,
-                    "detail": d, "score": scores.get(k)} for k, (r, d) in rejects.items()]
+    finish_of = {(rec["prompt_index"], j): r for rec in rows for j, r in enumerate(rec["finish_reasons"])}
+    score_rows = [{"prompt_index": i, "response_index": j, "score": scores.get((i, j)),
+                   "finish_reason": finish_of[(i, j)], "in_pairs": in_pairs.get((i, j), 0)} for i, j in all_keys]
+    reject_rows = [{"prompt_index": i, "response_index": j, "reason": r, "detail": d, "score": scores.get((i, j))}
+                   for (i, j), (r, d) in rejects.items()]
     reject_rows.sort(key=lambda r: (r["prompt_index"], r["response_index"]))
     _clear(cfg.output)  # only now: a judge that cannot start leaves an earlier output as it was
     _write_jsonl(storage.join(cfg.output, "scores.jsonl"), score_rows)
@@ -351,14 +354,14 @@ def _sheet_rows(path: str) -> list[tuple[int, dict]]:
     raise DataError(f"--labels {path}: expected a .csv or .jsonl sheet")
 
 
-def read_labels(path: str, rows: list[dict], usable: set[str]):
+def read_labels(path: str, rows: list[dict], usable: set[CandidateKey]):
     """A marked sheet -> ({prompt_index: [(chosen, rejected)]}, rejects, scores: 1 chosen, 0 rejected).
     A sheet row that does not match the candidates (another generate run, edited responses) is an error
     naming its line; a row marked neither A, B nor tie is a reject (unlabelled, bad_label)."""
     by_index = {rec["prompt_index"]: rec for rec in rows}
     pairs: dict[int, list[tuple[int, int]]] = {}
-    rejects: dict[str, tuple[str, str]] = {}
-    scores: dict[str, float] = {}
+    rejects: dict[CandidateKey, tuple[str, str]] = {}
+    scores: dict[CandidateKey, float] = {}
     seen: set[str] = set()
     for line, r in _sheet_rows(path):
         missing = [c for c in ("sheet_id", "prompt_index", "response_a", "response_b", "a_index", "b_index", "label")
@@ -378,12 +381,12 @@ def read_labels(path: str, rows: list[dict], usable: set[str]):
         if r["sheet_id"] in seen:
             raise DataError(f"{path} line {line}: sheet_id {r['sheet_id']} appears twice")
         seen.add(r["sheet_id"])
-        ka, kb = f"{i}:{a}", f"{i}:{b}"
+        ka, kb = (i, a), (i, b)
         label = str(r["label"] if r["label"] is not None else "").strip().lower()
         if label in ("a", "b"):
             chosen, rejected = (a, b) if label == "a" else (b, a)
             pairs.setdefault(i, []).append((chosen, rejected))
-            scores[f"{i}:{chosen}"], scores[f"{i}:{rejected}"] = 1.0, 0.0
+            scores[(i, chosen)], scores[(i, rejected)] = 1.0, 0.0
         else:
             reason = {"tie": "tie", "": "unlabelled"}.get(label, "bad_label")
             detail = {"tie": f"marked tie on {path} line {line}", "unlabelled": f"no label on {path} line {line}"

@@ -16,7 +16,6 @@ from conftest import ROOT
 from stages import generate, judge
 from stages.core.config.engine import ConfigError
 from stages.core.config.online import GenerateConfig, JudgeConfig
-from stages.core.config.options import PrecomputeConfig
 from stages.core.inputs.candidates import read_candidates
 from stages.core.inputs.prompts import read_prompts
 from stages.core.inputs.readers import DataError
@@ -437,14 +436,14 @@ def test_judge_with_a_reward_model_pairs_best_and_worst_by_its_scores(tmp_path, 
 def test_the_implicit_judge_prefers_what_the_policy_was_trained_toward(tmp_path, refs, ray_session):
     from stages import train
     from stages.core.config.options import TrainConfig
-    from stages.core.inputs.formats import hh
+    from stages.core.inputs.formats import Columns, hh
 
     policy = train.run(TrainConfig(refs=str(refs), output=str(tmp_path / "run"), max_steps=12, batch_size=4,
                                    learning_rate=5e-3, warmup_ratio=0.0, beta=0.1, progress=False))["weights"]
     rows = [json.loads(x) for x in (refs.parent / "in.jsonl").read_text().splitlines()]
     cands = []
     for r in rows:  # the training pairs, as candidates: response 0 chosen, 1 rejected (and the other way round)
-        t = hh(r, PrecomputeConfig())
+        t = hh(r, Columns())
         cands.append({"prompt": t["prompt"], "responses": [t["chosen"][0]["content"], t["rejected"][0]["content"]]})
     write_candidates(tmp_path / "cands", cands)
     m = judge.run(JudgeConfig(candidates=str(tmp_path / "cands"), output=str(tmp_path / "pairs"), implicit=policy,

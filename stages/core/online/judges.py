@@ -36,7 +36,21 @@ from stages.core.runtime.devices import pick_device
 from stages.core.runtime.models import load_tokenizer, resolve_model
 from stages.core.scoring.truncation import Truncation
 
-SCORE_SCHEMA = pa.schema([("key", pa.string()), ("score", pa.float64()), ("error", pa.string())])
+# A candidate is (prompt_index, response_index): a response of generate's output. The actors take and
+# return the two as columns, so a key never has to be spelt as text and parsed back.
+CandidateKey = tuple[int, int]
+SCORE_SCHEMA = pa.schema([("prompt_index", pa.int64()), ("response_index", pa.int64()), ("score", pa.float64()),
+                          ("error", pa.string())])
+
+
+def candidate_key(rec: dict) -> CandidateKey:
+    return rec["prompt_index"], rec["response_index"]
+
+
+def score_rows(keys: list[CandidateKey], values: list[float | None], errors: dict[CandidateKey, str]) -> pa.Table:
+    """An actor's answer: one row per candidate, its score or its error."""
+    return pa.Table.from_pylist([{"prompt_index": k[0], "response_index": k[1], "score": v, "error": errors.get(k)}
+                                 for k, v in zip(keys, values)], schema=SCORE_SCHEMA)
 
 
 def candidate_prompt(rec: dict) -> Any:
@@ -144,18 +158,17 @@ class RewardScorer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         keys, seqs, errors = [], [], {}
         for rec in batch.to_pylist():
-            keys.append(rec["key"])
+            keys.append(candidate_key(rec))
             template = json.loads(rec["template_json"]) if rec["template_json"] else None
             try:
                 seqs.append(reward_model_ids(self.tokenizer, candidate_prompt(rec), rec["response"], template,
                                              self.max_tokens))
             except RowRejected as e:
-                errors[rec["key"]] = e.detail
+                errors[keys[-1]] = e.detail
                 seqs.append(None)
         good = [s for s in seqs if s is not None]
         values = iter(self.scores(good) if good else [])
-        return pa.Table.from_pylist([{"key": k, "score": None if s is None else next(values),
-                                      "error": errors.get(k)} for k, s in zip(keys, seqs)], schema=SCORE_SCHEMA)
+        return score_rows(keys, [None if s is None else next(values) for s in seqs], errors)
 
 
 class ImplicitScorer:
@@ -180,7 +193,7 @@ class ImplicitScorer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         keys, seqs, errors = [], [], {}
         for rec in batch.to_pylist():
-            keys.append(rec["key"])
+            keys.append(candidate_key(rec))
             template = json.loads(rec["template_json"]) if rec["template_json"] else {}
             prompt, response = candidate_prompt(rec), rec["response"]
             completion = [{"role": "assistant", "content": response}] if is_messages(prompt) else response
@@ -189,16 +202,12 @@ class ImplicitScorer:
                 ids = self.truncation.cut_unpaired(ids)
                 seqs.append(self.truncation.scored_sequence(ids["prompt_ids"], ids["completion_ids"]))
             except RowRejected as e:
-                errors[rec["key"]] = f"{e.reason}: {e.detail}"
+                errors[keys[-1]] = f"{e.reason}: {e.detail}"
                 seqs.append(None)
         good = [s for s in seqs if s is not None]
         pi = iter(self.policy.score_sequences(good) if good else [])
         ref = iter(self.reference.score_sequences(good) if good else [])
-        out = []
-        for k, s in zip(keys, seqs):
-            out.append({"key": k, "score": None if s is None else self.beta * (next(pi) - next(ref)),
-                        "error": errors.get(k)})
-        return pa.Table.from_pylist(out, schema=SCORE_SCHEMA)
+        return score_rows(keys, [None if s is None else self.beta * (next(pi) - next(ref)) for s in seqs], errors)
 
 
 def select_pairs(scores: dict[int, float], mode: str, min_margin: float,

@@ -76,7 +76,7 @@ class PassContext:
 
 def pass_context(cfg: PolicyPass, manifest: Manifest, pad_id: int, device: str) -> PassContext:
     """The one way to build a PassContext: from a train or eval config and the shards' manifest
-    (its `max_length` and `truncation_mode`: the pass cuts sequences as the precompute did)."""
+    (its `truncation`: the pass cuts sequences as the precompute did)."""
     params = LossParams(cfg.beta, cfg.label_smoothing, cfg.discopop_tau, cfg.simpo_gamma)
     terms = tuple(cfg.loss_terms)
     unpaired = terms[0][0] in UNPAIRED_LOSSES
