@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ from stages.core.scoring.packing import pack_rows, pad_batch, pair_rows
 from stages.core.scoring.truncation import Truncation
 from stages.core.training.policy_pass import forward, pass_context
 
-NO_TRUNCATION = {"max_length": None, "truncation_mode": "keep_start"}
+# What pass_context reads of a manifest: its kind and its truncation (here: none).
+NO_TRUNCATION = SimpleNamespace(kind="paired", truncation=Truncation(None))
 
 
 def test_token_logps_hand_computed():
