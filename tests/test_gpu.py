@@ -8,6 +8,7 @@ skip where fewer than two are visible.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
@@ -53,7 +54,7 @@ def test_training_forward_backward_bf16_autocast_on_cuda(tokenizer):
     model = make_tiny_model(tokenizer, seed=4).to("cuda").train()
     enable_activation_checkpointing(model)
     pairs = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in _pairs(tokenizer, 4, 9)]
-    ctx = pass_context(TrainConfig(dtype="bfloat16"), {"max_length": None, "truncation_mode": "keep_start"},
+    ctx = pass_context(TrainConfig(dtype="bfloat16"), SimpleNamespace(kind="paired", truncation=Truncation(None)),
                        tokenizer.pad_token_id, "cuda")
     chosen, rejected, _ = forward(model, pairs, ctx)
     (chosen - rejected).sigmoid().log().sum().backward()

@@ -25,7 +25,8 @@ from stages.core.training.policy_pass import forward, loss_batch, means, pass_co
 pytest.importorskip("trl")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 MAX_LENGTH = 128
-MANIFEST = {"max_length": MAX_LENGTH, "truncation_mode": "keep_start"}
+# What pass_context reads of a manifest: its kind and its truncation.
+MANIFEST = SimpleNamespace(kind="paired", truncation=Truncation(MAX_LENGTH))
 
 
 def bare(cls, **attrs):
@@ -81,7 +82,7 @@ def test_orpo_matches_trl_orpo_trainer(tokenizer):
             "rejected_ids": p["prompt_ids"][1:] + p["rejected_ids"]} for p in real]
     trl = bare(ORPOTrainer, beta=beta, is_encoder_decoder=False, padding_value=pad, aux_loss_enabled=False)
     ctx = pass_context(TrainConfig(loss_type="orpo", beta=beta, micro_batch_size=4),
-                       {"max_length": None, "truncation_mode": "keep_start"}, pad, "cpu")
+                       SimpleNamespace(kind="paired", truncation=Truncation(None)), pad, "cpu")
 
     def both(pairs):
         """(TRL loss, TRL nll, ours per pair (orpo), ours per pair (sft)) on `pairs`."""
