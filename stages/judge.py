@@ -30,8 +30,9 @@ from stages.core.config.engine import ConfigError, public
 from stages.core.config.online import JudgeConfig
 from stages.core.errors import PipelineError
 from stages.core.inputs.candidates import read_candidates
+from stages.core.inputs.files import DataError
+from stages.core.inputs.folders import check_exists
 from stages.core.inputs.formats import RowRejected, is_blank
-from stages.core.inputs.readers import DataError, check_exists
 from stages.core.lease import Lease
 from stages.core.online.judges import (
     CandidateKey,

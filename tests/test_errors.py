@@ -12,7 +12,7 @@ from stages.core.errors import PipelineError
 
 def test_every_error_class_is_a_pipeline_error():
     from stages.core.config.engine import ConfigError
-    from stages.core.inputs.readers import DataError
+    from stages.core.inputs.files import DataError
     from stages.core.refs.stream import ShardError
     from stages.core.runtime.models import ModelError
     from stages.core.storage import StorageError

@@ -12,8 +12,9 @@ import pytest
 from conftest import DATA
 
 from stages.core.config.options import PrecomputeConfig
+from stages.core.inputs.files import DataError, MalformedRow
 from stages.core.inputs.formats import Columns, RowRejected, detect, extract_prompt, normalise
-from stages.core.inputs.readers import DataError, MalformedRow, check_columns, read_rows
+from stages.core.inputs.readers import check_columns, read_rows
 
 CFG = Columns()
 ROWS = [{"prompt": f"Q{i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)]
@@ -143,7 +144,7 @@ def test_token_level_rejects():
 
 def test_the_embedded_data_sets_are_found():
     """The bundled samples (data/ at the repository root) resolve by name, whatever the module layout."""
-    from stages.core.inputs.readers import EMBEDDED_DATA
+    from stages.core.inputs.folders import EMBEDDED_DATA
 
     for name in EMBEDDED_DATA:
         rows = list(read_rows(name, limit=2))

@@ -113,7 +113,7 @@ def test_a_round_whose_judge_fails_says_why(tmp_path, capsys):
 
 
 def test_a_judge_or_held_out_refs_that_cannot_work_stop_iterate_before_round_one(tmp_path):
-    from stages.core.inputs.readers import DataError
+    from stages.core.inputs.files import DataError
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))

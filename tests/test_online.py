@@ -17,8 +17,8 @@ from stages import generate, judge
 from stages.core.config.engine import ConfigError
 from stages.core.config.online import GenerateConfig, JudgeConfig
 from stages.core.inputs.candidates import read_candidates
+from stages.core.inputs.files import DataError
 from stages.core.inputs.prompts import read_prompts
-from stages.core.inputs.readers import DataError
 from stages.core.inputs.tokenization import prompt_token_ids, tokenize_row
 from stages.core.online.judges import RewardScorer, reward_model_ids, select_pairs
 from stages.core.online.sampling import Sampler, finish, sample_seed, top_p_filter

@@ -126,7 +126,7 @@ def test_new_rows_fill_shards_in_order_across_blocks_and_repaired_rows_keep_thei
 def test_the_count_pass_counts_what_the_reader_yields(tmp_path, text):
     import gzip
 
-    from stages.core.inputs.readers import read_file
+    from stages.core.inputs.files import read_file
 
     for name, data in (("x.jsonl", text), ("x.jsonl.gz", gzip.compress(text)), ("cut.jsonl.gz",
                                                                                gzip.compress(text * 50)[:-9])):

@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stages.core.config.options import PrecomputeConfig
+from stages.core.inputs.files import DataError, MalformedRow
 from stages.core.inputs.formats import ADAPTERS, Columns, RowRejected, detect, normalise
-from stages.core.inputs.readers import DataError, MalformedRow, check_columns, read_rows
+from stages.core.inputs.readers import check_columns, read_rows
 from stages.precompute import content_hash, pair_id
 
 CFG = Columns()

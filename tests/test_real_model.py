@@ -56,7 +56,7 @@ def test_embedded_default_cli(tmp_path, tokenizer):
     first = pq.read_table(out / manifest["shards"][0]["path"]).to_pylist()[0]
     assert first["ref_chosen_logps"] < 0
     # The HH text went through the chat template: the completion is the last Assistant turn.
-    from stages.core.inputs.readers import resolve_source
+    from stages.core.inputs.folders import resolve_source
 
     answer = read_jsonl_gz(resolve_source("embedded:hh-rlhf-helpful"), 1)[0]["chosen"].rsplit("\n\nAssistant: ", 1)[1]
     assert tokenizer.decode(first["chosen_ids"]) == answer + "<|im_end|>\n"

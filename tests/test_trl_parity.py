@@ -11,8 +11,8 @@ import copy
 import pytest
 from conftest import DATA, HH_SAMPLE, make_tiny_model, read_jsonl_gz
 
+from stages.core.inputs.files import read_file
 from stages.core.inputs.formats import Columns, RowRejected, normalise
-from stages.core.inputs.readers import read_file
 from stages.core.inputs.tokenization import tokenize_row
 from stages.core.scoring.truncation import Truncation
 

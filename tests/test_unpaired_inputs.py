@@ -12,8 +12,8 @@ import copy
 import pytest
 from conftest import DATA, HH_SAMPLE, make_tiny_model, read_jsonl_gz
 
+from stages.core.inputs.files import read_file
 from stages.core.inputs.formats import Columns, RowRejected, normalise
-from stages.core.inputs.readers import read_file
 from stages.core.inputs.unpaired import (
     is_unpaired,
     normalise_unpaired,

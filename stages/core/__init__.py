@@ -6,7 +6,7 @@ below, so imports point down the pipeline (tests/test_house.py holds it):
     floor 0   errors, storage, lease, plots, console, config/   the user-facing error base; fsspec I/O;
                                                                  one writer per output; pictures; the
                                                                  message channel; option classes + engine
-    floor 1   inputs/    readers, formats, unpaired, prompts, candidates, tokenization (never a model)
+    floor 1   inputs/    readers, files, folders, formats, unpaired, prompts, candidates, tokenization (never a model)
               runtime/   devices, cluster (Ray), models, preemption (never the data readers)
     floor 2   scoring/   truncation, logprobs, packing, scorer
     floor 3   refs/      the precompute output folder: manifest, identity, output, plan, writer, stream

@@ -1,8 +1,11 @@
 """inputs: the data as the user gives it, read and turned into TRL's rows and tokens (floor 1: imports
 only errors, storage, config and the rest of inputs; never a device, a model or Ray).
 
-    readers         files, folders, globs, Hub names and saved datasets -> raw rows (JSONL, JSON, CSV,
-                    Parquet, .gz / .xz / .zst); what an output folder is; embedded sample sets
+    readers         an input (files, folders, Hub names, saved datasets) -> raw rows in input order;
+                    the columns a layout needs
+    files           one file -> its rows by format (JSONL, JSON, CSV, Parquet, .gz / .xz / .zst);
+                    `DataError`, `MalformedRow`
+    folders         which files a path names; embedded sample sets; this project's output folders as input
     formats         input layouts (standard, ultrafeedback, hh, sharegpt, openai, helpsteer3) -> TRL rows;
                     `Columns`, the column names; `RowRejected`, a row's reject reason
     unpaired        unpaired rows (KTO: prompt, completion, label); unpairing pairs; TRL's KL partners

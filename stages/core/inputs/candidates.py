@@ -5,9 +5,10 @@ CANDIDATE_SCHEMA; read here, below the samplers, so the prompt readers can use i
 from __future__ import annotations
 
 from stages.core import storage
-from stages.core.inputs.readers import DataError, output_kind
+from stages.core.inputs.files import DataError
+from stages.core.inputs.folders import output_kind
 
-# What other outputs of this project are, when given where generate's output belongs (readers.output_kind).
+# What other outputs of this project are, when given where generate's output belongs (folders.output_kind).
 _NOT_CANDIDATES = {
     "pairs": "{url} is judge's output (preference pairs), not generate's: give it to precompute as --data",
     "refs": "{url} is precompute's output (reference log-probs), not generate's",

@@ -15,6 +15,8 @@ from typing import Any, Iterator
 
 from stages.core import storage
 from stages.core.inputs.candidates import read_candidates
+from stages.core.inputs.files import MalformedRow
+from stages.core.inputs.folders import check_exists, embedded_layout, output_kind, resolve_source
 from stages.core.inputs.formats import (
     ADAPTERS,
     Columns,
@@ -26,14 +28,7 @@ from stages.core.inputs.formats import (
     is_messages,
     normalise,
 )
-from stages.core.inputs.readers import (
-    MalformedRow,
-    check_exists,
-    embedded_layout,
-    output_kind,
-    read_rows,
-    resolve_source,
-)
+from stages.core.inputs.readers import read_rows
 from stages.core.inputs.unpaired import is_unpaired
 
 TEMPLATE_KEYS = ("tools", "chat_template_kwargs")  # row keys that change how a conversational prompt renders

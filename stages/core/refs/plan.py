@@ -33,21 +33,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stages.core import storage
+from stages.core.inputs.files import BOM, BrokenStream, DataError, MalformedRow, base_suffix, byte_lines, read_file
+from stages.core.inputs.folders import list_input_files, resolve_source
 from stages.core.inputs.formats import Columns, RowRejected, normalise
-from stages.core.inputs.readers import (
-    BOM,
-    BrokenStream,
-    DataError,
-    MalformedRow,
-    base_suffix,
-    byte_lines,
-    is_saved_dataset,
-    list_input_files,
-    load_split,
-    looks_like_hub_name,
-    read_file,
-    resolve_source,
-)
+from stages.core.inputs.readers import is_saved_dataset, load_split, looks_like_hub_name
 from stages.core.inputs.unpaired import normalise_unpaired, unpair
 
 READ_ROWS = 2048        # rows per block a read task yields
