@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
 
 from make_precompute_golden import run_scenarios  # noqa: E402
 
-from stages.core.refs import plan  # noqa: E402
+from stages.core.refs import duplicates, plan, sharding  # noqa: E402
 from stages.core.refs.writer import fingerprint, pair_ids_sum  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "precompute.json"
@@ -73,36 +73,36 @@ def test_tokenize_tasks_and_shuffles_give_the_same_shards(tiny_model_dir, ray_se
 
 
 def _plan_rows(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist([{f: r.get(f) for f in plan.PLAN_SCHEMA.names} for r in rows],
-                                schema=plan.PLAN_SCHEMA)
+    return pa.Table.from_pylist([{f: r.get(f) for f in duplicates.PLAN_SCHEMA.names} for r in rows],
+                                schema=duplicates.PLAN_SCHEMA)
 
 
 def test_copies_are_numbered_in_input_order_and_known_keys_are_done():
     block = _plan_rows([
-        {"source_index": 7, "h": "a", "pair_id": "p", "kind": plan.INPUT},
-        {"source_index": 2, "h": "a", "pair_id": "p", "kind": plan.INPUT},
-        {"source_index": 5, "h": "b", "pair_id": "q", "kind": plan.INPUT},
-        {"source_index": 9, "h": "a", "pair_id": "p", "kind": plan.INPUT},
-        {"h": "a", "n": 0, "kind": plan.KNOWN},           # the output holds a:0 (source_index 2)
-        {"h": "a", "n": 2, "kind": plan.REDO, "shard": 4},  # a:2 belongs to shard 4, being scored again
+        {"source_index": 7, "h": "a", "pair_id": "p", "kind": duplicates.INPUT},
+        {"source_index": 2, "h": "a", "pair_id": "p", "kind": duplicates.INPUT},
+        {"source_index": 5, "h": "b", "pair_id": "q", "kind": duplicates.INPUT},
+        {"source_index": 9, "h": "a", "pair_id": "p", "kind": duplicates.INPUT},
+        {"h": "a", "n": 0, "kind": duplicates.KNOWN},           # the output holds a:0 (source_index 2)
+        {"h": "a", "n": 2, "kind": duplicates.REDO, "shard": 4},  # a:2 belongs to shard 4, being scored again
     ])
-    out = {r["source_index"]: r for r in plan.number_copies(block).to_pylist()}
+    out = {r["source_index"]: r for r in duplicates.number_copies(block).to_pylist()}
     assert {i: out[i]["row_key"] for i in out} == {2: "a:0", 7: "a:1", 9: "a:2", 5: "b:0"}
-    assert {i: out[i]["kind"] for i in out} == {2: plan.DONE, 7: plan.INPUT, 9: plan.INPUT,
-                                                5: plan.INPUT}
+    assert {i: out[i]["kind"] for i in out} == {2: duplicates.DONE, 7: duplicates.INPUT, 9: duplicates.INPUT,
+                                                5: duplicates.INPUT}
     assert {i: out[i]["shard"] for i in out} == {2: None, 7: None, 9: 4, 5: None}
 
 
 def test_duplicates_keep_the_lowest_source_index_or_the_output_copy():
     block = _plan_rows([
-        {"source_index": 8, "pair_id": "p", "kind": plan.INPUT},
-        {"source_index": 3, "pair_id": "p", "kind": plan.INPUT},
-        {"source_index": 4, "pair_id": "q", "kind": plan.INPUT},
-        {"source_index": 1, "pair_id": "r", "kind": plan.INPUT},
-        {"pair_id": "r", "kind": plan.PAIR, "held_in": "shards/shard-00002.parquet"},
+        {"source_index": 8, "pair_id": "p", "kind": duplicates.INPUT},
+        {"source_index": 3, "pair_id": "p", "kind": duplicates.INPUT},
+        {"source_index": 4, "pair_id": "q", "kind": duplicates.INPUT},
+        {"source_index": 1, "pair_id": "r", "kind": duplicates.INPUT},
+        {"pair_id": "r", "kind": duplicates.PAIR, "held_in": "shards/shard-00002.parquet"},
     ])
     out = {r["source_index"]: (r["reject_reason"], r["reject_detail"])
-           for r in plan.mark_duplicates(block).to_pylist()}
+           for r in duplicates.mark_duplicates(block).to_pylist()}
     assert out == {3: (None, None), 4: (None, None),
                    8: ("duplicate", "same prompt/chosen/rejected as source_index 3"),
                    1: ("duplicate", "same prompt/chosen/rejected as a pair already in shards/shard-00002.parquet")}
@@ -111,15 +111,15 @@ def test_duplicates_keep_the_lowest_source_index_or_the_output_copy():
 def test_new_rows_fill_shards_in_order_across_blocks_and_repaired_rows_keep_theirs():
     blocks = [_plan_rows([{"source_index": i, "row_key": f"k{i}", "raw": "{}", "row_json": "{}",
                            "shard": 1 if i == 4 else None} for i in range(lo, hi)]) for lo, hi in ((0, 5), (5, 9))]
-    counts = [plan.block_counts(b) for b in blocks]
+    counts = [sharding.block_counts(b) for b in blocks]
     assert counts == [(5, 4, {1: 1}), (4, 4, {})]
     first, per_shard = 10, 3
-    shards = [r["shard"] for r in plan.assign(blocks[0], 0, first, per_shard, 100).to_pylist()]
-    parts = plan.assign(blocks[1], 4, first, per_shard, 2)  # cut into chunks of 2 rows
+    shards = [r["shard"] for r in sharding.assign(blocks[0], 0, first, per_shard, 100).to_pylist()]
+    parts = sharding.assign(blocks[1], 4, first, per_shard, 2)  # cut into chunks of 2 rows
     assert [len(p) for p in parts] == [2, 2]
     shards += [r["shard"] for p in parts for r in p.to_pylist()]
     assert shards == [10, 10, 10, 11, 1, 11, 11, 12, 12]
-    assert plan.shard_rows(8, first, per_shard, {1: 1}) == {1: 1, 10: 3, 11: 3, 12: 2}
+    assert sharding.shard_rows(8, first, per_shard, {1: 1}) == {1: 1, 10: 3, 11: 3, 12: 2}
 
 
 @pytest.mark.parametrize("text", [b"", b"\n\n", b'{"a": 1}\n \n{"b": 2}', b'\xef\xbb\xbf{"a":1}\r\n{bad\n\n[1]\n'])

@@ -271,7 +271,8 @@ def test_a_duplicate_example_is_called_an_example_not_a_pair():
 
     import pyarrow as pa
 
-    from stages.core.refs.plan import INPUT, PAIR, PLAN_SCHEMA, mark_duplicates, pair_id
+    from stages.core.refs.duplicates import INPUT, PAIR, PLAN_SCHEMA, mark_duplicates
+    from stages.core.refs.plan import pair_id
 
     def plan_row(index, row, kind=INPUT, held_in=None):
         return {"source_index": index, "pair_id": pair_id(row), "row_json": json.dumps(row), "kind": kind,

@@ -17,6 +17,9 @@ so that no process, the driver least of all, holds every row or every key.
    number per block), give each new row its rank among the new rows, and so its shard:
    first + rank // rows_per_shard. The result is cut into chunks for the tokenize tasks.
 
+The steps on one block: 3 and 4 in `duplicates`, 5 in `sharding`; here the reads and the driver's
+side (`build_plan`), and the KL pairing of unpaired data.
+
 What the driver holds: one count per unit and per block, one row count per shard, object references.
 """
 
@@ -25,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -38,27 +40,24 @@ from stages.core.inputs.folders import list_input_files, resolve_source
 from stages.core.inputs.formats import Columns, RowRejected, normalise
 from stages.core.inputs.readers import is_saved_dataset, load_split, looks_like_hub_name
 from stages.core.inputs.unpaired import normalise_unpaired, unpair
+from stages.core.refs.duplicates import (
+    DONE,
+    INPUT,
+    KNOWN,
+    PAIR,
+    PLAN_SCHEMA,
+    REDO,
+    count_kind,
+    kinds,
+    mark_duplicates,
+    number_copies,
+    plan_in_one_task,
+)
+from stages.core.refs.sharding import CHUNK_ROWS, Plan, assign_shards
 
 READ_ROWS = 2048        # rows per block a read task yields
 DATASET_ROWS = 50_000   # rows of a save_to_disk folder one read task takes
 PARTITION_ROWS = 50_000  # rows per hash partition of the shuffles
-CHUNK_ROWS = 1024        # most rows per tokenize task
-
-INPUT, DONE, KNOWN, REDO, PAIR = 0, 1, 2, 3, 4  # what a plan row stands for (`kind`)
-PLAN_SCHEMA = pa.schema([
-    ("source_index", pa.int64()),
-    ("h", pa.string()),              # content hash of the raw row
-    ("pair_id", pa.string()),        # null for a row rejected before it became a pair
-    ("reject_reason", pa.string()),
-    ("reject_detail", pa.string()),
-    ("raw", pa.string()),            # the raw row as JSON (a bad line's text): what a reject keeps
-    ("row_json", pa.string()),       # the normalised row
-    ("kind", pa.int8()),
-    ("n", pa.int64()),               # KNOWN, REDO: which copy the output's key names
-    ("shard", pa.int64()),           # REDO: the shard to score it into; after step 5 every row's shard
-    ("held_in", pa.string()),        # PAIR: the shard file that holds the pair
-    ("row_key", pa.string()),
-])
 
 
 def _json(value) -> str:
@@ -260,122 +259,6 @@ def _full(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=PLAN_SCHEMA)
 
 
-# --- 3. copies -----------------------------------------------------------------------------------
-
-def number_copies(block: pa.Table) -> pa.Table:
-    """Ray Data step after the shuffle by content hash (whole hash groups per block): row keys, and which
-    input rows the output already holds (kind DONE) or a shard being scored again wants (its index)."""
-    known, redo = set(), {}
-    for h, n, kind, k in zip(*(block.column(c).to_pylist() for c in ("h", "n", "kind", "shard"))):
-        if kind == KNOWN:
-            known.add(f"{h}:{n}")
-        elif kind == REDO:
-            redo[f"{h}:{n}"] = k
-    rows = block.filter(pc.equal(block["kind"], INPUT)).sort_by([("h", "ascending"), ("source_index", "ascending")])
-    keys, kinds, shards, copies = [], [], [], Counter()
-    for h in rows.column("h").to_pylist():
-        key = f"{h}:{copies[h]}"
-        copies[h] += 1
-        keys.append(key)
-        kinds.append(DONE if key in known else INPUT)
-        shards.append(redo.get(key))
-    return _with(_with(_with(rows, "row_key", keys), "kind", kinds), "shard", shards)
-
-
-def _with(table: pa.Table, name: str, values: list) -> pa.Table:
-    """`table` with column `name` replaced by `values` (of PLAN_SCHEMA's type)."""
-    i = table.schema.get_field_index(name)
-    return table.set_column(i, PLAN_SCHEMA.field(name), pa.array(values, PLAN_SCHEMA.field(name).type))
-
-
-def kinds(block: pa.Table, kind: int, paired: bool | None = None) -> pa.Table:
-    """Rows of one kind; with `paired`, only those with (True) or without (False) a pair id."""
-    mask = pc.equal(block["kind"], kind)
-    if paired is not None:
-        has = pc.is_valid(block["pair_id"])
-        mask = pc.and_(mask, has if paired else pc.invert(has))
-    return block.filter(mask)
-
-
-def count_kind(block: pa.Table, kind: int) -> pa.Table:
-    return pa.table({"rows": [pc.sum(pc.equal(block["kind"], kind)).as_py() or 0]})
-
-
-# --- 4. duplicates -------------------------------------------------------------------------------
-
-def mark_duplicates(block: pa.Table) -> pa.Table:
-    """Ray Data step after the shuffle by pair id (whole pairs per block): every input row of a pair but
-    the first becomes a `duplicate` reject; all of them when the output already holds the pair."""
-    held = {p: w for p, w, kind in zip(*(block.column(c).to_pylist() for c in ("pair_id", "held_in", "kind")))
-            if kind == PAIR}
-    rows = block.filter(pc.equal(block["kind"], INPUT)).sort_by("source_index")
-    first: dict[str, str] = {}
-    reasons, details = rows.column("reject_reason").to_pylist(), rows.column("reject_detail").to_pylist()
-    texts = rows.column("row_json").to_pylist()
-    for i, (pid, index) in enumerate(zip(rows.column("pair_id").to_pylist(), rows.column("source_index").to_pylist())):
-        if pid in held or pid in first:
-            reasons[i], details[i] = "duplicate", _duplicate_detail(texts[i], first.get(pid), held.get(pid))
-        else:
-            first[pid] = f"source_index {index}"
-    return _with(_with(rows, "reject_reason", reasons), "reject_detail", details)
-
-
-def _duplicate_detail(row_json: str | None, earlier: str | None, held_in: str | None) -> str:
-    """What a duplicate repeats, in the words of its kind: an unpaired example (KTO data, --unpair) is no pair."""
-    unpaired = row_json is not None and "completion" in json.loads(row_json)
-    fields, what = ("prompt/completion/label", "an example") if unpaired else ("prompt/chosen/rejected", "a pair")
-    return f"same {fields} as " + (f"{what} already in {held_in}" if held_in else earlier)
-
-
-# --- 5. shards -----------------------------------------------------------------------------------
-
-def block_counts(block: pa.Table) -> tuple[int, int, dict[int, int]]:
-    """(rows, new rows (no shard yet), rows per shard being scored again) of one sorted block."""
-    redo = Counter(k for k in block.column("shard").to_pylist() if k is not None)
-    return len(block), len(block) - sum(redo.values()), dict(redo)
-
-
-def assign(block: pa.Table, rank: int, first: int, rows_per_shard: int, chunk: int) -> list[pa.Table] | pa.Table:
-    """Shards of one sorted block whose first new row has rank `rank`, cut into chunks of `chunk` rows, in
-    the columns tokenize_batch takes: a reject keeps its raw text as `row_json`."""
-    shards = block.column("shard").to_pylist()
-    for i, k in enumerate(shards):
-        if k is None:
-            shards[i] = first + rank // rows_per_shard
-            rank += 1
-    rejected = pc.is_valid(block["reject_reason"])
-    out = pa.table({"pair_id": block["pair_id"], "row_key": block["row_key"], "source_index": block["source_index"],
-                    "shard": pa.array(shards, pa.int64()), "reject_reason": block["reject_reason"],
-                    "reject_detail": block["reject_detail"],
-                    "row_json": pc.if_else(rejected, block["raw"], block["row_json"])})
-    parts = [out.slice(s, chunk) for s in range(0, len(out), chunk)] or [out]
-    return parts if len(parts) > 1 else parts[0]
-
-
-@dataclass
-class Plan:
-    """The rows one run scores: chunks (object refs) in source_index order, and their counts."""
-
-    chunks: list            # ObjectRef[pa.Table]
-    rows_read: dict[int, int]  # rows each shard of this run takes (rejects included)
-    already_done: int
-    rows: int               # rows this run sends through the pipeline
-    unpaired: bool = False  # unpaired examples (KTO), their KL completions set (`pair_kl`)
-
-
-def shard_rows(new_rows: int, first: int, rows_per_shard: int, redo: Counter) -> dict[int, int]:
-    """Rows each shard of a run gets: the new rows fill shards from `first` in order."""
-    counts = dict(redo)
-    for s in range(0, new_rows, rows_per_shard):
-        counts[first + s // rows_per_shard] = min(rows_per_shard, new_rows - s)
-    return counts
-
-
-def _chunk_rows(rows: int, workers: int) -> int:
-    """Rows per tokenize task: enough tasks to keep every scorer fed, none above CHUNK_ROWS."""
-    return max(1, min(CHUNK_ROWS, -(-rows // (4 * workers))))
-
-
 def build_plan(cfg, source: Source, layout: str, known_files: list[dict], first: int) -> Plan:
     """Steps 1-5 over the input and the output's files (`known_files`: {"what": shard|rejects|redo, "path",
     "shard"}); new shards are numbered from `first`."""
@@ -404,7 +287,7 @@ def build_plan(cfg, source: Source, layout: str, known_files: list[dict], first:
         already_done = ray.get(done)
         if already_done == total:
             return Plan([], {}, already_done, 0)
-        return _assign_shards(cfg, [ordered], first, already_done, total - already_done)
+        return assign_shards(cfg, [ordered], first, already_done, total - already_done)
     if known is not None:
         rows = rows.union(known.map_batches(_keys_only, batch_size=None, batch_format="pyarrow"))
     copies = rows.repartition(parts, keys=["h"]).map_batches(number_copies, batch_size=None,
@@ -422,7 +305,7 @@ def build_plan(cfg, source: Source, layout: str, known_files: list[dict], first:
     unpaired = copies.map_batches(kinds, batch_size=None, batch_format="pyarrow",
                                   fn_kwargs=dict(kind=INPUT, paired=False))
     ordered = checked.union(unpaired).sort("source_index").materialize()
-    return _assign_shards(cfg, ordered.to_arrow_refs(), first, already_done, total - already_done)
+    return assign_shards(cfg, ordered.to_arrow_refs(), first, already_done, total - already_done)
 
 
 # --- 6. KL pairing (unpaired data) -----------------------------------------------------------------
@@ -497,35 +380,5 @@ def pair_kl(plan: "Plan", seed: int, chunk_rows: int = CHUNK_ROWS) -> "Plan":
     return Plan(chunks, plan.rows_read, plan.already_done, plan.rows, unpaired=True)
 
 
-def plan_in_one_task(*blocks: pa.Table) -> tuple[pa.Table, int]:
-    """Steps 3 and 4 over the whole of a small set in one Ray task: (rows left, sorted; rows done).
-    The same functions as the shuffles run per partition, so the same result."""
-    block = pa.concat_tables(blocks)
-    copies = number_copies(block.filter(pc.invert(pc.equal(block["kind"], PAIR))))
-    checked = mark_duplicates(pa.concat_tables([kinds(copies, INPUT, paired=True), kinds(block, PAIR)]))
-    ordered = pa.concat_tables([checked, kinds(copies, INPUT, paired=False)]).sort_by("source_index")
-    return ordered, pc.sum(pc.equal(copies["kind"], DONE)).as_py() or 0
-
-
 def _keys_only(block: pa.Table) -> pa.Table:
     return block.filter(pc.is_in(block["kind"], pa.array([KNOWN, REDO], pa.int8())))
-
-
-def _assign_shards(cfg, refs: list, first: int, already_done: int, rows: int) -> Plan:
-    import ray
-
-    counts = ray.get([ray.remote(num_cpus=0.25)(block_counts).remote(r) for r in refs])
-    redo: Counter = Counter()
-    for _, _, per_shard in counts:
-        redo.update(per_shard)
-    chunk = _chunk_rows(rows, cfg.num_workers)
-    task = ray.remote(num_cpus=0.25)(assign)
-    chunks, rank = [], 0
-    for ref, (n, new, _) in zip(refs, counts):
-        if not n:
-            continue
-        pieces = -(-n // chunk)
-        out = task.options(num_returns=pieces).remote(ref, rank, first, cfg.rows_per_shard, chunk)
-        chunks += out if pieces > 1 else [out]
-        rank += new
-    return Plan(chunks, shard_rows(rank, first, cfg.rows_per_shard, redo), already_done, rows)
