@@ -20,7 +20,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.core import storage
+from stages.core import console, storage
 from stages.core.config.engine import ConfigError, public
 from stages.core.config.online import GenerateConfig
 from stages.core.inputs.prompts import prompt_id, read_prompts
@@ -29,7 +29,7 @@ from stages.core.lease import Lease
 from stages.core.online.outputs import finished
 from stages.core.online.sampling import CANDIDATE_SCHEMA, Sampler
 from stages.core.runtime.cluster import actor_pool_map, init_ray, quiet_ray_data
-from stages.core.runtime.devices import ray_use_gpu, say, threads_per_worker
+from stages.core.runtime.devices import ray_use_gpu, threads_per_worker
 from stages.core.runtime.models import for_workers, load_tokenizer, resolve_model, tokenizer_hashes, weights_hash
 
 FORMAT_VERSION = 1
@@ -72,8 +72,8 @@ def run(cfg: GenerateConfig) -> dict:
     settings = settings_of(cfg, model_path)
     done = finished(cfg.output, settings, cfg.overwrite)
     if done is not None:
-        say(f"generate: {cfg.output} already holds these samples ({done['counts']['samples']} from "
-            f"{done['counts']['prompts']} prompts): not generated again")
+        console.say("generate", f"{cfg.output} already holds these samples ({done['counts']['samples']} from "
+                    f"{done['counts']['prompts']} prompts): not generated again")
         return {**done, "skipped": True}
     # Read before the output is touched: prompts that cannot be used leave an earlier output (--overwrite)
     # as it was, and make no folder.

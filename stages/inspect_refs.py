@@ -6,8 +6,8 @@ statistics and a few decoded pairs, and draws a histogram of reference log-prob 
 
 Before any statistics, plain `inspect` compares every shard and rejects file with the manifest by
 listing its folders (no file is read): a file that is missing or of another size than recorded is a
-`warning:` line naming it, no statistics are drawn from the damaged output, and the exit code is 2;
-`--verify` then checks every file in full.
+`warning:` line naming it (stderr, the console channel), no statistics are drawn from the damaged
+output, and the exit code is 2; `--verify` then checks every file in full.
 
 `--verify` only checks the files: every shard and rejects file against the manifest (size and
 sha256 where the manifest has them), writing nothing; it prints OK or one line per bad file and
@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from stages.core import storage
+from stages.core import console, storage
 from stages.core.config.engine import Parser, with_default
 from stages.core.config.options import parse_storage_options
 from stages.core.plots import margin_histogram
@@ -238,8 +237,8 @@ def main(argv: list[str]) -> int:
 def _warn_damaged(root: str, problems: list[str]) -> int:
     """Statistics of a damaged output would mislead: name the files, point at the full check, exit 2."""
     for problem in problems:
-        print(f"warning: {problem}", file=sys.stderr)
-    print(f"refs: {root}: {len(problems)} file(s) differ from manifest.json, so no statistics are shown; "
-          f"`pipeline.py inspect {root} --verify` checks every file in full, and re-running the precompute that "
-          "made it repairs them", file=sys.stderr)
+        console.warn(problem)
+    console.say("refs", f"{root}: {len(problems)} file(s) differ from manifest.json, so no statistics are shown; "
+                f"`pipeline.py inspect {root} --verify` checks every file in full, and re-running the precompute "
+                "that made it repairs them")
     return 2

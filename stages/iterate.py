@@ -28,7 +28,7 @@ import tempfile
 import time
 
 from stages import evaluate, generate, judge, precompute, train
-from stages.core import storage
+from stages.core import console, storage
 from stages.core.config.chain import ITERATE_OWNS, Chain, IterateConfig, utc_now
 from stages.core.config.engine import ConfigError
 from stages.core.config.online import GenerateConfig, JudgeConfig
@@ -37,7 +37,6 @@ from stages.core.errors import PipelineError
 from stages.core.inputs.readers import DataError
 from stages.core.lease import Lease
 from stages.core.online.rounds import IterateState, RoundState
-from stages.core.runtime.devices import say
 
 DEFAULT_REWARD_FN = "stages.rewards:concise"
 
@@ -154,7 +153,7 @@ def run(cfg: IterateConfig) -> dict:
     _check_judge_and_refs(cfg, rounds.judge(rounds.dir(1)))
     book = _open_book(cfg)
     if not (cfg.reward_model or cfg.reward_fn):
-        say(f"iterate: judge: --reward-fn {DEFAULT_REWARD_FN} (no judge given; see stages/rewards.py)")
+        console.say("iterate", f"judge: --reward-fn {DEFAULT_REWARD_FN} (no judge given; see stages/rewards.py)")
 
     with Lease(cfg.output, "iterate"):
         policy, last = _rounds(cfg, rounds, book)
@@ -174,8 +173,8 @@ def _rounds(cfg: IterateConfig, rounds: Rounds, book: Book) -> tuple[str, int]:
     for k in range(1, cfg.rounds + 1):
         if not _finished(cfg, book.state.round(k)):
             if cfg.new_rounds and ran >= cfg.new_rounds:
-                say(f"iterate: stopping before round {k} (--new-rounds {cfg.new_rounds}); the same command "
-                    "runs it next time")
+                console.say("iterate", f"stopping before round {k} (--new-rounds {cfg.new_rounds}); the same "
+                            "command runs it next time")
                 break
             ran += 1
         policy, last = _round(cfg, rounds, book, k, policy), k
@@ -207,9 +206,9 @@ def _step(book: Book, at: tuple[int, bool], name: str, done_url: str, who: str, 
     and its output is there; a stage run again makes the later stages of its round stale (they run again
     too)."""
     if _done(book.part(*at).get(name), done_url):
-        say(f"iterate: {who}: {name} done before, kept")
+        console.say("iterate", f"{who}: {name} done before, kept")
         return
-    say(f"iterate: {who}: {name} {what}")
+    console.say("iterate", f"{who}: {name} {what}")
     book.record(*at, name, {**action(), "finished_at": utc_now()})
 
 

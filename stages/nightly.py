@@ -17,10 +17,9 @@ from __future__ import annotations
 import dataclasses
 
 from stages import evaluate, precompute, train
-from stages.core import storage
+from stages.core import console, storage
 from stages.core.config.chain import RUN_OWNS, Chain, RunConfig, utc_now
 from stages.core.config.options import EvalConfig, PrecomputeConfig, TrainConfig
-from stages.core.runtime.devices import say
 
 
 def run_dir(cfg: RunConfig) -> str:
@@ -53,7 +52,7 @@ def run(cfg: RunConfig) -> dict:
     record.update(run=out, data=cfg.data, refs=cfg.refs, started_at=utc_now())
     stages = record.setdefault("stages", {})
 
-    say(f"run: precompute {cfg.data} -> {cfg.refs}")
+    console.say("run", f"precompute {cfg.data} -> {cfg.refs}")
     manifest = precompute.run(pre_cfg)
     print(precompute.summary(manifest, cfg.refs), flush=True)
     refs_id = {"pair_ids_fingerprint": manifest.pair_ids_fingerprint, "rows_written": manifest.rows_written}
@@ -63,9 +62,9 @@ def run(cfg: RunConfig) -> dict:
 
     done = stages.get("train", {})
     if done.get("outcome") in ("finished", "early_stopped") and done.get("refs") == refs_id:
-        say(f"run: train already finished on these refs -> {done['weights']} (not repeated)")
+        console.say("run", f"train already finished on these refs -> {done['weights']} (not repeated)")
     else:
-        say(f"run: train {cfg.refs} -> {out}")
+        console.say("run", f"train {cfg.refs} -> {out}")
         result = train.run(train_cfg)
         print(train.summary_text(result), flush=True)
         stages["train"] = {"outcome": result["outcome"], "steps": result["steps"], "weights": result["weights"],
@@ -75,7 +74,7 @@ def run(cfg: RunConfig) -> dict:
 
     if eval_cfg is not None and "eval" not in stages:
         eval_cfg = dataclasses.replace(eval_cfg, model=stages["train"]["weights"])
-        say(f"run: eval {cfg.eval_refs} with {eval_cfg.model}")
+        console.say("run", f"eval {cfg.eval_refs} with {eval_cfg.model}")
         results = evaluate.run_on_its_device(eval_cfg)
         print(evaluate.summary_text(results), flush=True)
         stages["eval"] = {k: v for k, v in results.items() if k.startswith("eval/") or k in ("pairs", "kind")}

@@ -4,6 +4,10 @@ ${VAR} in the spec is filled from the submitting environment; the arguments afte
 to the entrypoint (later flags win, so they replace a spec's YOUR_... example values). With --wait
 it follows the job to the end and exits non-zero unless it SUCCEEDED. Every argument of this command
 is checked before Ray is asked, so a malformed one is one line, not Ray's traceback.
+
+stdout holds what scripts read: the job id it submitted and, with --wait, its end status. Notices
+(a timeout, Ctrl-C) are `submit:` lines on the console channel; a failed job's last logs go to stderr
+as they are.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import urllib.parse
 
 import yaml
 
+from stages.core import console
 from stages.core.config.engine import Parser, with_default
 from stages.core.errors import PipelineError
 
@@ -222,8 +227,9 @@ def main(argv: list[str]) -> int:
     try:
         return _follow(client, job_id, args.timeout)
     except KeyboardInterrupt:  # the job is the cluster's now: say so, and how to stop it
-        print(f"\nstopped following {job_id}: it keeps running on the cluster; `ray job stop {job_id} --address "
-              f"{address}` stops it", file=sys.stderr)
+        console.line("")  # ends the line the terminal's ^C was echoed on
+        console.say("submit", f"stopped following {job_id}: it keeps running on the cluster; `ray job stop {job_id} "
+                    f"--address {address}` stops it")
         return 130
 
 
@@ -235,7 +241,7 @@ def _follow(client, job_id: str, timeout: float | None) -> int:
     status = client.get_job_status(job_id)
     while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         if deadline and time.time() > deadline:
-            print(f"{job_id}: still {status} after {timeout:.0f}s", file=sys.stderr)
+            console.say("submit", f"{job_id}: still {status} after {timeout:.0f}s")
             return 1
         time.sleep(2)
         status = client.get_job_status(job_id)

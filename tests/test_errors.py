@@ -13,12 +13,13 @@ from stages.core.errors import PipelineError
 def test_every_error_class_is_a_pipeline_error():
     from stages.core.config.engine import ConfigError
     from stages.core.inputs.files import DataError
+    from stages.core.refs.scoring_run import NotEnoughGpus, ScorerDied
     from stages.core.refs.stream import ShardError
     from stages.core.runtime.models import ModelError
     from stages.core.storage import StorageError
     from stages.core.training.checkpoint import CheckpointError
     from stages.core.training.trainer import TrainingError
-    from stages.precompute import NotEnoughGpus, NothingWritten, OutputMismatch, ScorerDied
+    from stages.precompute import NothingWritten, OutputMismatch
     from stages.submit import SubmitError
 
     for cls in (CheckpointError, ConfigError, DataError, ModelError, ShardError, StorageError, TrainingError,
@@ -130,7 +131,7 @@ def test_gpus_per_worker_without_the_gpus_fails_at_once(tmp_path, tiny_model_dir
 
 
 def test_gpu_shortage_names_what_the_cluster_has():
-    from stages.precompute import gpu_shortage
+    from stages.core.refs.scoring_run import gpu_shortage
 
     assert gpu_shortage(2, 1, [2.0]) is None and gpu_shortage(2, 2, [4.0, 0.0]) is None
     assert gpu_shortage(2, 1, []).endswith("the Ray cluster has no GPU (no CUDA device)")

@@ -61,9 +61,9 @@ def test_same_pairs_values_rejects_and_shards_as_the_driver_side_stage(tiny_mode
 def test_tokenize_tasks_and_shuffles_give_the_same_shards(tiny_model_dir, ray_session, monkeypatch):
     """On CPU the scorers tokenize their own batches; with GPUs, tokenize tasks run apart from them. Also
     the plan through Ray Data's hash shuffles, in 2 partitions (a set this small is planned in one task)."""
-    from stages import precompute
+    from stages.core.refs import scoring_run
 
-    monkeypatch.setattr(precompute, "_tokenize_apart", lambda use_gpu: True)
+    monkeypatch.setattr(scoring_run, "_tokenize_apart", lambda use_gpu: True)
     monkeypatch.setattr(plan, "PARTITION_ROWS", 25)
     want = json.loads(GOLDEN.read_text())["grown"]  # a run, then one over the grown input with known keys
     got = run_scenarios(tiny_model_dir, ("grown",))["grown"]

@@ -1,9 +1,10 @@
 """The one channel for what a command says while it works: progress lines and notices.
 
 Every line goes to stderr, flushed at once, prefixed with who says it (`train: loading the policy
-...`, `device: cpu for training (...)`, `note: ...`). stdout is kept for each command's own summary,
-which users and scripts read (`pipeline.py train ... > summary.txt` stays clean); stderr is already
-where the progress bars and errors go, so a user watching a terminal sees all of it in order.
+...`, `device: cpu for training (...)`) or with what it is (`note: ...`, `warning: ...`). stdout is
+kept for each command's own summary, which users and scripts read (`pipeline.py train ... >
+summary.txt` stays clean); stderr is already where the progress bars and errors go, so a user
+watching a terminal sees all of it in order.
 
 It sits on the library's bottom floor (with errors and storage) because every room speaks through
 it: the input readers (`inputs/`, which may not import `runtime/`) as much as the devices and the
@@ -23,6 +24,12 @@ def say(stage: str, message: str) -> None:
 def note(message: str) -> None:
     """Something the user may want to act on that stops nothing (`note: ...`)."""
     line(f"note: {message}")
+
+
+def warn(message: str) -> None:
+    """Something found wrong that the command works around or stops on by its exit code, not by an
+    error (`warning: ...`): `inspect` naming each damaged file before it refuses to draw statistics."""
+    line(f"warning: {message}")
 
 
 def line(text: str) -> None:

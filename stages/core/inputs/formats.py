@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from stages.core import console
 
 
 class RowRejected(Exception):
@@ -251,7 +252,7 @@ ADAPTERS: dict[str, Callable[[dict, Columns], dict]] = {
 }
 
 
-HH_NOTICE = ("note: the rows look like raw HH-RLHF transcripts (\"\\n\\nHuman: ...\\n\\nAssistant: ...\"); "
+HH_NOTICE = ("the rows look like raw HH-RLHF transcripts (\"\\n\\nHuman: ...\\n\\nAssistant: ...\"); "
              "--format auto reads them as TRL does: plain text with an implicit prompt (the common start of "
              "chosen and rejected), no chat template. --format hh parses them into turns for the chat template, "
              "as the bundled HH data is read.")
@@ -269,8 +270,8 @@ def looks_like_hh(row: Any) -> bool:
 
 def detect(row: dict) -> str:
     """The layout of a raw row (format=auto). Raw HH text stays 'standard', as TRL reads it; since that
-    differs from how the bundled HH data is read (turns), a note on stderr says so. The stages call this
-    once per run, on the first row, so the note comes once."""
+    differs from how the bundled HH data is read (turns), a note on the console channel (stderr) says
+    so. The stages call this once per run, on the first row, so the note comes once."""
     if not isinstance(row, dict):  # a first line that is a list or a string: normalise rejects it
         return "standard"
     if "preferred_output" in row and "input" in row:
@@ -280,7 +281,7 @@ def detect(row: dict) -> str:
     if "response1" in row and "response2" in row and "context" in row:
         return "helpsteer3"
     if looks_like_hh(row):
-        print(HH_NOTICE, file=sys.stderr, flush=True)
+        console.note(HH_NOTICE)
     return "standard"
 
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 import os
 from collections import Counter
 from datetime import datetime, timezone
-from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas import FORMAT_VERSION
-from stages.core import storage
+from stages.core import console, storage
 from stages.core.config.engine import public
 from stages.core.lease import LEASE_FILE
 from stages.core.refs.identity import OutputMismatch, check_same
@@ -143,11 +142,11 @@ def _keep_old_keys(output: str, k: int) -> None:
         storage.write_bytes_atomic(storage.join(output, keys_path(k)), parquet_bytes(table))
 
 
-def verify(output: str, markers: dict[int, ShardEntry | None],
-           say: Callable[[str], None]) -> tuple[dict[int, ShardEntry], list[str]]:
+def verify(output: str, markers: dict[int, ShardEntry | None]) -> tuple[dict[int, ShardEntry], list[str]]:
     """Finished shards whose files match their marker, by index, and the names of the others. Each
-    other shard is removed, files first and marker last (a repair killed half-way is found and done
-    again); its keys file stays, so that the run puts its rows back into it."""
+    other shard is said (a `precompute: repairing ...` line on the console channel) and removed, files
+    first and marker last (a repair killed half-way is found and done again); its keys file stays, so
+    that the run puts its rows back into it."""
     done, repaired = {}, []
     for k in sorted(markers):
         entry = markers[k]
@@ -156,7 +155,8 @@ def verify(output: str, markers: dict[int, ShardEntry | None],
             done[k] = entry
             continue
         rows = entry.rows_read if entry and entry.rows_read is not None else "unknown number of"
-        say(f"repairing {shard_name(k)} ({'; '.join(problems)}): scoring its {rows} input rows again")
+        console.say("precompute", f"repairing {shard_name(k)} ({'; '.join(problems)}): scoring its {rows} input "
+                    "rows again")
         if not storage.exists(storage.join(output, keys_path(k))):
             _keep_old_keys(output, k)
         for path in (entry.path if entry else None, entry.rejects_path if entry else None,

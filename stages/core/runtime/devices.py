@@ -37,8 +37,9 @@ def pick_device(requested: str = "auto", what: str | None = None) -> str:
 
 
 def say(message: str) -> None:
-    """A line that already names its stage (`run: ...`), on the console channel. Callers outside
-    runtime/ are moving to `console.say(stage, message)`; this keeps them on the one channel until then."""
+    """A line that already names its stage (`judge: ...`), on the console channel. stages/judge.py is
+    its last caller (its `... already holds these pairs` line); once that is `console.say("judge", ...)`
+    this goes."""
     console.line(message)
 
 
