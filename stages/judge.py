@@ -12,28 +12,25 @@ Written to --output:
 - `manifest.json`: settings, counts (candidates = paired + rejected, always), mean score.
 
 `--export-sheet FILE` instead writes a sheet for people: per prompt two responses, A and B, in a seeded
-random order recorded on the sheet; `--labels FILE` reads it back marked A, B or tie.
+random order recorded on the sheet; `--labels FILE` reads it back marked A, B or tie (`stages.core.online.sheet`).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import random
 import time
 
 import pyarrow as pa
 
-from stages.core import storage
+from stages.core import console, storage
 from stages.core.config.engine import ConfigError, public
 from stages.core.config.online import JudgeConfig
 from stages.core.errors import PipelineError
 from stages.core.inputs.candidates import read_candidates
-from stages.core.inputs.files import DataError
 from stages.core.inputs.folders import check_exists
-from stages.core.inputs.formats import RowRejected, is_blank
+from stages.core.inputs.formats import RowRejected
 from stages.core.lease import Lease
+from stages.core.online.candidate_rows import flatten, group_by_prompt, prompt_rng
 from stages.core.online.judges import (
     CandidateKey,
     ImplicitScorer,
@@ -46,15 +43,12 @@ from stages.core.online.judges import (
     select_pairs,
 )
 from stages.core.online.outputs import finished
-from stages.core.runtime.devices import ray_use_gpu, say, threads_per_worker
+from stages.core.online.sheet import export_sheet, read_labels
+from stages.core.runtime.devices import ray_use_gpu, threads_per_worker
 
 
 class JudgeFailed(PipelineError):
     """The judge scored no candidate: every one it was given failed (judge_error)."""
-
-
-SHEET_COLUMNS = ("sheet_id", "prompt_index", "prompt_id", "prompt", "response_a", "response_b", "a_index", "b_index",
-                 "label")
 
 
 def _settings(cfg: JudgeConfig, manifest: dict) -> dict:
@@ -67,27 +61,6 @@ def _settings(cfg: JudgeConfig, manifest: dict) -> dict:
             "judge": judge, "judge_spec": spec, "pairs": cfg.pairs, "min_margin": cfg.min_margin,
             "missing_eos_penalty": cfg.missing_eos_penalty, "seed": cfg.seed, "beta": cfg.beta, "refs": cfg.refs,
             "max_length": cfg.max_length}
-
-
-def flatten(rows: list[dict]) -> tuple[list[dict], dict[CandidateKey, tuple[str, str]]]:
-    """Candidates as one row each (key: (prompt_index, response_index)), and the rejects before judging:
-    an empty response, or one the same as an earlier response to its prompt."""
-    out, rejects = [], {}
-    for rec in rows:
-        seen: dict[str, int] = {}
-        for j, (text, reason) in enumerate(zip(rec["responses"], rec["finish_reasons"])):
-            key = (rec["prompt_index"], j)
-            if is_blank(text):
-                rejects[key] = ("empty_response", f"response {j} is empty (finish reason {reason})")
-                continue
-            if text in seen:
-                rejects[key] = ("duplicate_response", f"response {j} is the same text as response {seen[text]}")
-                continue
-            seen[text] = j
-            out.append({"key": key, "prompt_index": rec["prompt_index"], "response_index": j,
-                        "prompt": rec["prompt"], "conversational": rec["conversational"],
-                        "template_json": rec["template_json"], "response": text, "finish_reason": reason})
-    return out, rejects
 
 
 def _score_with_actors(cfg: JudgeConfig, cands: list[dict], actor,
@@ -155,17 +128,6 @@ def score(cfg: JudgeConfig, cands: list[dict]) -> tuple[dict[str, float], dict[C
     return scores, rejects
 
 
-def _by_prompt(cands: list[dict]) -> dict[int, list[dict]]:
-    out: dict[int, list[dict]] = {}
-    for c in cands:
-        out.setdefault(c["prompt_index"], []).append(c)
-    return out
-
-
-def _rng(seed: int, rec: dict) -> random.Random:
-    return random.Random(f"{seed}:{rec['prompt_id']}:{rec['prompt_index']}")
-
-
 def _pair_row(rec: dict, chosen: int, rejected: int, scores: dict[int, float]) -> dict:
     prompt = candidate_prompt(rec)
     answer = (lambda t: [{"role": "assistant", "content": t}]) if rec["conversational"] else (lambda t: t)
@@ -184,13 +146,13 @@ def make_pairs(cfg: JudgeConfig, rows: list[dict], cands: list[dict], scores: di
                pairs_of: dict | None) -> tuple[list[dict], dict[CandidateKey, int]]:
     """Pair rows, and how many pairs each candidate is in. Scores go through `select_pairs` (its rejects
     are added to `rejects`); a sheet's labels (`pairs_of`) are the pairs as they are."""
-    pairs, in_pairs, by_prompt = [], {}, _by_prompt(cands)
+    pairs, in_pairs, by_prompt = [], {}, group_by_prompt(cands)
     for rec in rows:
         i = rec["prompt_index"]
         if pairs_of is None:
             usable = {c["response_index"]: scores[c["key"]] for c in by_prompt.get(i, [])
                       if c["key"] in scores and c["key"] not in rejects}
-            chosen_pairs, left = select_pairs(usable, cfg.pairs, cfg.min_margin, _rng(cfg.seed, rec))
+            chosen_pairs, left = select_pairs(usable, cfg.pairs, cfg.min_margin, prompt_rng(cfg.seed, rec))
             for j, (reason, detail) in left.items():
                 rejects[(i, j)] = (reason, detail)
             local = usable
@@ -214,7 +176,7 @@ def run(cfg: JudgeConfig) -> dict:
     settings = _settings(cfg, manifest)
     done = finished(cfg.output, settings, cfg.overwrite, holds="pairs")
     if done is not None:
-        say(f"judge: {cfg.output} already holds these pairs ({done['counts']['pairs']}): not judged again")
+        console.say("judge", f"{cfg.output} already holds these pairs ({done['counts']['pairs']}): not judged again")
         return {**done, "skipped": True}
     with Lease(cfg.output, "judge"):
         return _judge(cfg, manifest, rows, settings)
@@ -306,100 +268,6 @@ def failure(errors: dict, reject_rows: list[dict], output: str) -> str:
 
 def _write_jsonl(url: str, rows: list[dict]) -> None:
     storage.write_bytes_atomic(url, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
-
-
-# --- human labels ---------------------------------------------------------------------------------
-
-def export_sheet(cfg: JudgeConfig, rows: list[dict]) -> dict:
-    """Per prompt, two distinct responses (a seeded random two when there are more) as A and B, in a seeded
-    random order; the order is on the sheet (a_index, b_index), so reading it back needs nothing else."""
-    cands, _ = flatten(rows)
-    by_prompt = _by_prompt(cands)
-    sheet = []
-    for rec in rows:
-        usable = [c["response_index"] for c in by_prompt.get(rec["prompt_index"], [])]
-        if len(usable) < 2:
-            continue
-        rng = _rng(cfg.seed, rec)
-        a, b = rng.sample(usable, 2)
-        sheet.append({"sheet_id": f"{rec['prompt_index']}-{a}-{b}", "prompt_index": rec["prompt_index"],
-                      "prompt_id": rec["prompt_id"], "prompt": rec["prompt"], "response_a": rec["responses"][a],
-                      "response_b": rec["responses"][b], "a_index": a, "b_index": b, "label": ""})
-    if cfg.export_sheet.endswith(".csv"):
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=SHEET_COLUMNS)
-        writer.writeheader()
-        writer.writerows(sheet)
-        data = buf.getvalue()
-    elif cfg.export_sheet.endswith(".jsonl"):
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sheet)
-    else:
-        raise ConfigError(f"config key 'export_sheet': {cfg.export_sheet} must end in .csv or .jsonl")
-    storage.write_bytes_atomic(cfg.export_sheet, data.encode())
-    return {"sheet": cfg.export_sheet, "rows": len(sheet), "prompts": len(rows)}
-
-
-def _sheet_rows(path: str) -> list[tuple[int, dict]]:
-    text = storage.read_bytes(path).decode("utf-8-sig")
-    if path.endswith(".csv"):
-        return list(enumerate(csv.DictReader(io.StringIO(text)), start=2))  # line 1 is the header
-    if path.endswith(".jsonl"):
-        out = []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    out.append((n, json.loads(line)))
-                except ValueError as e:
-                    raise DataError(f"{path} line {n}: not JSON ({e})") from None
-        return out
-    raise DataError(f"--labels {path}: expected a .csv or .jsonl sheet")
-
-
-def read_labels(path: str, rows: list[dict], usable: set[CandidateKey]):
-    """A marked sheet -> ({prompt_index: [(chosen, rejected)]}, rejects, scores: 1 chosen, 0 rejected).
-    A sheet row that does not match the candidates (another generate run, edited responses) is an error
-    naming its line; a row marked neither A, B nor tie is a reject (unlabelled, bad_label)."""
-    by_index = {rec["prompt_index"]: rec for rec in rows}
-    pairs: dict[int, list[tuple[int, int]]] = {}
-    rejects: dict[CandidateKey, tuple[str, str]] = {}
-    scores: dict[CandidateKey, float] = {}
-    seen: set[str] = set()
-    for line, r in _sheet_rows(path):
-        missing = [c for c in ("sheet_id", "prompt_index", "response_a", "response_b", "a_index", "b_index", "label")
-                   if c not in r]
-        if missing:
-            raise DataError(f"{path} line {line}: no column(s) {', '.join(missing)}")
-        try:
-            i, a, b = int(r["prompt_index"]), int(r["a_index"]), int(r["b_index"])
-        except (TypeError, ValueError):
-            raise DataError(f"{path} line {line}: prompt_index / a_index / b_index are not integers") from None
-        rec = by_index.get(i)
-        if rec is None or not (0 <= a < len(rec["responses"]) and 0 <= b < len(rec["responses"])) or a == b:
-            raise DataError(f"{path} line {line}: prompt {i}, responses {a} / {b} are not in these candidates")
-        if rec["responses"][a] != r["response_a"] or rec["responses"][b] != r["response_b"]:
-            raise DataError(f"{path} line {line}: the responses differ from the candidates' (prompt {i}); the "
-                            "sheet belongs to other candidates or was edited")
-        if r["sheet_id"] in seen:
-            raise DataError(f"{path} line {line}: sheet_id {r['sheet_id']} appears twice")
-        seen.add(r["sheet_id"])
-        ka, kb = (i, a), (i, b)
-        label = str(r["label"] if r["label"] is not None else "").strip().lower()
-        if label in ("a", "b"):
-            chosen, rejected = (a, b) if label == "a" else (b, a)
-            pairs.setdefault(i, []).append((chosen, rejected))
-            scores[(i, chosen)], scores[(i, rejected)] = 1.0, 0.0
-        else:
-            reason = {"tie": "tie", "": "unlabelled"}.get(label, "bad_label")
-            detail = {"tie": f"marked tie on {path} line {line}", "unlabelled": f"no label on {path} line {line}"
-                      }.get(reason, f"label {r['label']!r} on {path} line {line} is not A, B or tie")
-            rejects[ka] = rejects[kb] = (reason, detail)
-    if seen and not scores and all(reason == "unlabelled" for reason, _ in rejects.values()):
-        raise DataError(f"none of the {len(seen)} rows of {path} is labelled: mark each row's label A, B or tie, "
-                        "then read it back")
-    for key in usable:
-        if key not in scores and key not in rejects:
-            rejects[key] = ("not_selected", "not on the sheet")
-    return pairs, rejects, scores
 
 
 def summary(result: dict, cfg: JudgeConfig) -> str:
