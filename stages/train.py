@@ -18,7 +18,8 @@ from stages.core.config.options import TrainConfig
 from stages.core.lease import Lease
 from stages.core.runtime.cluster import run_train_workers
 from stages.core.runtime.preemption import Preempted, Preemption
-from stages.core.training.trainer import output_dir, prepare_output, ray_worker, train_loop
+from stages.core.training.run_folder import output_dir, prepare_output
+from stages.core.training.trainer import ray_worker, train_loop
 
 
 def run(cfg: TrainConfig) -> dict:

@@ -18,7 +18,7 @@ def test_every_error_class_is_a_pipeline_error():
     from stages.core.runtime.models import ModelError
     from stages.core.storage import StorageError
     from stages.core.training.checkpoint import CheckpointError
-    from stages.core.training.trainer import TrainingError
+    from stages.core.training.run_folder import TrainingError
     from stages.precompute import NothingWritten, OutputMismatch
     from stages.submit import SubmitError
 

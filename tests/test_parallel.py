@@ -25,7 +25,8 @@ from stages import train
 from stages.core.config.options import TrainConfig
 from stages.core.training import checkpoint
 from stages.core.training.metrics import read
-from stages.core.training.trainer import prepare_output, train_loop
+from stages.core.training.run_folder import prepare_output
+from stages.core.training.trainer import train_loop
 
 pytestmark = pytest.mark.slow
 

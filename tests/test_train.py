@@ -19,7 +19,7 @@ from stages import train
 from stages.core.config.options import TrainConfig
 from stages.core.refs.stream import ShardError
 from stages.core.training.metrics import TIMING, read
-from stages.core.training.trainer import TrainingError
+from stages.core.training.run_folder import TrainingError
 
 
 def cfg_for(refs, out, **kw) -> TrainConfig:
