@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 from stages.core import console, storage
 from stages.core.config.engine import ConfigError, public
 from stages.core.config.online import GenerateConfig
+from stages.core.inputs.files import MalformedRow
 from stages.core.inputs.prompts import prompt_id, read_prompts
-from stages.core.inputs.readers import MalformedRow
 from stages.core.lease import Lease
 from stages.core.online.outputs import finished
 from stages.core.online.sampling import CANDIDATE_SCHEMA, Sampler

@@ -34,7 +34,7 @@ from stages.core.config.engine import ConfigError
 from stages.core.config.online import GenerateConfig, JudgeConfig
 from stages.core.config.options import EvalConfig, PrecomputeConfig, TrainConfig
 from stages.core.errors import PipelineError
-from stages.core.inputs.readers import DataError
+from stages.core.inputs.files import DataError
 from stages.core.lease import Lease
 from stages.core.online.rounds import IterateState, RoundState
 

@@ -52,8 +52,10 @@ from stages.core import storage
 from stages.core.config.engine import ConfigError, to_yaml
 from stages.core.config.options import PrecomputeConfig
 from stages.core.errors import PipelineError
+from stages.core.inputs.files import MalformedRow
+from stages.core.inputs.folders import embedded_layout, resolve_source
 from stages.core.inputs.formats import Columns, detect
-from stages.core.inputs.readers import MalformedRow, check_columns, embedded_layout, read_rows, resolve_source
+from stages.core.inputs.readers import check_columns, read_rows
 from stages.core.inputs.unpaired import is_unpaired
 from stages.core.lease import Lease
 from stages.core.refs import output

@@ -85,7 +85,9 @@ def test_empty_input_exits_non_zero_with_one_line(tmp_path, tiny_model_dir):
     res = subprocess.run(cli("precompute", "--data", str(tmp_path / "in.jsonl"), "--model", tiny_model_dir,
                              "--output", str(out), "--format", "hh"), capture_output=True, text=True)
     assert res.returncode == 2, res.stderr[-2000:]
-    assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+    # the progress lines (`device: cpu for ...`) share stderr with the error: the error is one line, after them
+    said = [line for line in res.stderr.splitlines() if not line.startswith("device: ")]
+    assert len(said) == 1 and said[0].startswith("error: "), res.stderr
     assert "no pairs" in res.stderr and "no input rows" in res.stderr
     assert json.loads((out / "manifest.json").read_text())["rows_read"] == 0
 
