@@ -12,13 +12,7 @@ import os
 from typing import Any, Iterator
 
 from stages.core import storage
-
-# `MalformedRow as MalformedRow` and `embedded_layout as embedded_layout` are re-exports: precompute and
-# generate still import them from here (those files were being changed by another hand when readers was
-# split). Point them at files / folders, then drop the re-exports.
 from stages.core.inputs.files import DataError, read_file
-from stages.core.inputs.files import MalformedRow as MalformedRow
-from stages.core.inputs.folders import embedded_layout as embedded_layout
 from stages.core.inputs.folders import list_input_files, resolve_source
 from stages.core.inputs.formats import Columns
 
