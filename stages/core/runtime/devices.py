@@ -36,13 +36,6 @@ def pick_device(requested: str = "auto", what: str | None = None) -> str:
     return device
 
 
-def say(message: str) -> None:
-    """A line that already names its stage (`judge: ...`), on the console channel. stages/judge.py is
-    its last caller (its `... already holds these pairs` line); once that is `console.say("judge", ...)`
-    this goes."""
-    console.line(message)
-
-
 def ray_use_gpu(requested: str, what: str, workers: int, gpus_each: int, timeout_s: float,
                 need_all: bool = True) -> bool:
     """Whether `workers` Ray workers of `what` each get `gpus_each` GPUs.
