@@ -61,7 +61,7 @@ from stages.core.lease import Lease
 from stages.core.refs import output
 from stages.core.refs.identity import OutputMismatch  # noqa: F401  (raised by refs.output: the command's error)
 from stages.core.refs.manifest import Manifest, ShardEntry
-from stages.core.refs.plan import Source, content_hash, pair_id  # noqa: F401  (content_hash, pair_id: the row key)
+from stages.core.refs.plan import Source
 from stages.core.refs.scoring_run import NotEnoughGpus, ScoringRun, use_gpu
 from stages.core.refs.writer import pair_ids_sum
 from stages.core.runtime.cluster import init_ray

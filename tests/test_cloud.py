@@ -313,19 +313,20 @@ def test_two_overlapping_precomputes_into_one_output(s3, tiny_model_dir, ray_ses
     import pipeline
     from stages import precompute
     from stages.core.config.options import PrecomputeConfig
+    from stages.core.refs.scoring_run import ScoringRun
 
     put_rows(s3, "overlap/in.jsonl", short_rows(4))
     args = ["precompute", "--data", "s3://dpo/overlap/in.jsonl", "--model", tiny_model_dir, "--output",
             "s3://dpo/overlap/refs", "--format", "hh", "--progress", "false"]
     holding, gate, result = threading.Event(), threading.Event(), {}
-    real_run = precompute._Run.run
+    real_run = ScoringRun.run
 
     def gated_run(self):  # the first run, inside its lease
         holding.set()
         assert gate.wait(120)
         return real_run(self)
 
-    monkeypatch.setattr(precompute._Run, "run", gated_run)
+    monkeypatch.setattr(ScoringRun, "run", gated_run)
     first = threading.Thread(target=lambda: result.update(manifest=precompute.run(PrecomputeConfig(
         data="s3://dpo/overlap/in.jsonl", model=tiny_model_dir, output="s3://dpo/overlap/refs", format="hh",
         progress=False))))

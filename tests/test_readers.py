@@ -20,7 +20,7 @@ from stages.core.config.options import PrecomputeConfig
 from stages.core.inputs.files import DataError, MalformedRow
 from stages.core.inputs.formats import ADAPTERS, Columns, RowRejected, detect, normalise
 from stages.core.inputs.readers import check_columns, read_rows
-from stages.precompute import content_hash, pair_id
+from stages.core.refs.plan import content_hash, pair_id
 
 CFG = Columns()
 ROWS = [{"prompt": f"Q{i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)]

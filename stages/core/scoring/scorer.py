@@ -146,7 +146,7 @@ class ReferenceScorer:
         # Flash-attention kernels take no 4D masks: such models score the two sequences separately.
         self.pack = pack_prompts and supports_4d_mask(self.model)
         self.progress = progress
-        # tokenize: this scorer takes untokenized rows and runs tokenize_batch itself (see precompute._dataset)
+        # tokenize: this scorer takes untokenized rows and runs tokenize_batch itself (see refs.scoring_run._dataset)
         self.tokenize = tokenize
         self.model_path = model_path
 
