@@ -54,7 +54,7 @@ demo-online: $(STAMP)
 
 # Everything, the lint step included (CI runs this).
 test: lint
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=40 tests
 
 # The tests not marked slow (no real model, subprocess, Ray head or S3): under two minutes.
 test-fast: $(STAMP)
