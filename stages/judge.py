@@ -33,8 +33,8 @@ from stages.core.lease import Lease
 from stages.core.online.candidate_rows import flatten, group_by_prompt, prompt_rng
 from stages.core.online.judges import (
     CandidateKey,
-    ImplicitScorer,
-    RewardScorer,
+    ImplicitRewardJudge,
+    RewardModelJudge,
     call_reward_fn,
     candidate_key,
     candidate_prompt,
@@ -116,10 +116,10 @@ def score(cfg: JudgeConfig, cands: list[dict]) -> tuple[dict[str, float], dict[C
 
         path = resolve_model(cfg.reward_model)
         check_reward_model(path)
-        raw = _score_with_actors(cfg, cands, RewardScorer, {"model_path": for_workers(cfg.reward_model, path),
+        raw = _score_with_actors(cfg, cands, RewardModelJudge, {"model_path": for_workers(cfg.reward_model, path),
                                                             "dtype": cfg.dtype, "max_tokens": cfg.max_length})
     else:
-        raw = _score_with_actors(cfg, cands, ImplicitScorer, _implicit_args(cfg))
+        raw = _score_with_actors(cfg, cands, ImplicitRewardJudge, _implicit_args(cfg))
     for key, (value, error) in raw.items():
         if value is None:
             rejects[key] = ("judge_error", error or "no score")

@@ -20,7 +20,7 @@ from stages.core.inputs.candidates import read_candidates
 from stages.core.inputs.files import DataError
 from stages.core.inputs.prompts import read_prompts
 from stages.core.inputs.tokenization import prompt_token_ids, tokenize_row
-from stages.core.online.judges import RewardScorer, reward_model_ids, select_pairs
+from stages.core.online.judges import RewardModelJudge, reward_model_ids, select_pairs
 from stages.core.online.sampling import Sampler, finish, sample_seed, top_p_filter
 
 REWARDS = ROOT / "tests" / "online_rewards.py"
@@ -403,7 +403,7 @@ def test_judge_with_a_reward_model_pairs_best_and_worst_by_its_scores(tmp_path, 
     write_candidates(tmp_path / "cands", cands)
     # the model called directly, one unpadded sequence at a time
     model = AutoModelForSequenceClassification.from_pretrained(reward_model_dir).eval()
-    scorer_tok = RewardScorer(reward_model_dir, "float32", 2048, device="cpu").tokenizer
+    scorer_tok = RewardModelJudge(reward_model_dir, "float32", 2048, device="cpu").tokenizer
     direct = []
     for c in cands:
         direct.append([])

@@ -1,10 +1,10 @@
 """The judges of `pipeline.py judge`, and how their scores become pairs.
 
 Each judge gives every candidate (prompt, response) a score, higher is better:
-- `RewardScorer` (a Ray actor): a sequence-classification reward model with one logit, on the chat
+- `RewardModelJudge` (a Ray actor): a sequence-classification reward model with one logit, on the chat
   template's rendering of prompt + response (a string prompt: prompt + response as text);
 - `load_reward_fn`: a Python callable (prompt, response) -> float, for verifiable tasks;
-- `ImplicitScorer` (a Ray actor): a DPO policy's implicit reward beta * (log pi(y|x) - log pi_ref(y|x)),
+- `ImplicitRewardJudge` (a Ray actor): a DPO policy's implicit reward beta * (log pi(y|x) - log pi_ref(y|x)),
   both log-probs from precompute's scorer (`ReferenceScorer.score_sequences`, THE log-prob function),
   over the tokens precompute and the trainer use for that response.
 Human labels come as A / B / tie on a sheet (`stages.judge`), not as scores.
@@ -113,7 +113,7 @@ def _one_output(model_path: str, num_labels: int) -> None:
 
 
 def check_reward_model(model_path: str) -> None:
-    """What RewardScorer needs, checked in the driver before actors load the model: a failure inside an
+    """What RewardModelJudge needs, checked in the driver before actors load the model: a failure inside an
     actor reaches the user as a Ray traceback, not as this one line."""
     from transformers import AutoConfig
 
@@ -127,7 +127,7 @@ def check_reward_model(model_path: str) -> None:
     _one_output(model_path, config.num_labels)
 
 
-class RewardScorer:
+class RewardModelJudge:
     """A sequence-classification reward model (one logit); each call scores a batch of candidates."""
 
     def __init__(self, model_path: str, dtype: str, max_tokens: int, device: str = "auto",
@@ -171,7 +171,7 @@ class RewardScorer:
         return score_rows(keys, [None if s is None else next(values) for s in seqs], errors)
 
 
-class ImplicitScorer:
+class ImplicitRewardJudge:
     """beta * (log pi(y|x) - log pi_ref(y|x)) of each candidate, on the tokens precompute scores: the
     response is tokenized as an unpaired completion (TRL's rule: EOS after a string response) and cut by
     the reference output's truncation (its manifest's)."""
