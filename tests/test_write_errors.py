@@ -217,7 +217,7 @@ def _cli(capsys, *argv: str) -> tuple[int, str, list[str]]:
     capsys.readouterr()
     code = pipeline.main(list(argv))
     out, err = capsys.readouterr()
-    return code, out, [line for line in err.splitlines() if line.strip()]
+    return code, out, [line for line in err.splitlines() if line.strip() and not line.startswith("device: ")]
 
 
 @pytest.mark.slow
