@@ -186,21 +186,27 @@ def test_a_write_refused_in_a_ray_worker_is_one_line(ray_session, read_only):
 
 
 @pytest.mark.slow
-def test_pipeline_prints_a_ray_workers_refused_write_in_one_line(ray_session, monkeypatch, capsys):
+@pytest.mark.parametrize("raised,line", [
+    (OSError(errno.EROFS, os.strerror(errno.EROFS), "/o/x.png"),
+     "error: cannot write /o/x.png: read-only file system\n"),
+    # A PipelineError raised in a Ray task reaches the user as its own line, not Ray's remote traceback.
+    (StorageError("cannot read s3://b/x: access denied"), "error: cannot read s3://b/x: access denied\n"),
+])
+def test_pipeline_prints_a_ray_workers_error_in_one_line(ray_session, monkeypatch, capsys, raised, line):
     import ray
 
     @ray.remote
-    def raw():
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS), "/o/x.png")
+    def fail():
+        raise raised
 
-    error = _caught(raw.remote())
+    error = _caught(fail.remote())
 
     def command(argv):
         raise error
 
     monkeypatch.setitem(pipeline.COMMANDS, "inspect", command)
     assert pipeline.main(["inspect", "x"]) == 2
-    assert capsys.readouterr().err == "error: cannot write /o/x.png: read-only file system\n"
+    assert capsys.readouterr().err == line
 
 
 # --- every stage, through the CLI, on a read-only disk -----------------------------------------------------------
@@ -385,25 +391,6 @@ def test_iterate_rounds_plot_layout_keeps_whole_rounds(tmp_path, saved_figures):
     assert layout_problems(saved_figures[-1]) == []
     fig, _ = saved_figures[-1]
     assert all(float(t).is_integer() for ax in fig.axes for t in ax.get_xticks())
-
-
-@pytest.mark.slow
-def test_pipeline_prints_a_ray_workers_own_error_line(ray_session, monkeypatch, capsys):
-    """A PipelineError raised in a Ray task reaches the user as its own line, not Ray's remote traceback."""
-    import ray
-
-    @ray.remote
-    def bad():
-        raise StorageError("cannot read s3://b/x: access denied")
-
-    error = _caught(bad.remote())
-
-    def command(argv):
-        raise error
-
-    monkeypatch.setitem(pipeline.COMMANDS, "inspect", command)
-    assert pipeline.main(["inspect", "x"]) == 2
-    assert capsys.readouterr().err == "error: cannot read s3://b/x: access denied\n"
 
 
 @pytest.mark.slow
