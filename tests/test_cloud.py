@@ -198,6 +198,9 @@ def ray_head(tmp_path):
     ray_bin = str(Path(sys.executable).parent / "ray")
     command = [ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "3",
+               # Ray's fixed default (52365) is taken by any other Ray session on this machine; the head's
+               # job agent listens there, and without it no job can be submitted.
+               "--dashboard-agent-listen-port", str(free_port()),
                "--temp-dir", tempfile.mkdtemp(prefix="ray", dir="/tmp")]  # sockets need a short path
     head = subprocess.Popen(command, env=env, start_new_session=True, stdout=open(tmp_path / "head.log", "w"),
                             stderr=subprocess.STDOUT)
