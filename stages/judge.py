@@ -60,7 +60,7 @@ def _settings(cfg: JudgeConfig, manifest: dict) -> dict:
     return {"candidates": cfg.candidates, "candidates_files": [f["sha256"] for f in manifest["files"]],
             "judge": judge, "judge_spec": spec, "pairs": cfg.pairs, "min_margin": cfg.min_margin,
             "missing_eos_penalty": cfg.missing_eos_penalty, "seed": cfg.seed, "beta": cfg.beta, "refs": cfg.refs,
-            "max_length": cfg.max_length}
+            "max_length": cfg.reward_max_tokens}  # the key outputs judged before the rename carry
 
 
 def _score_with_actors(cfg: JudgeConfig, cands: list[dict], actor,
@@ -117,7 +117,7 @@ def score(cfg: JudgeConfig, cands: list[dict]) -> tuple[dict[str, float], dict[C
         path = resolve_model(cfg.reward_model)
         check_reward_model(path)
         raw = _score_with_actors(cfg, cands, RewardModelJudge, {"model_path": for_workers(cfg.reward_model, path),
-                                                            "dtype": cfg.dtype, "max_tokens": cfg.max_length})
+                                                            "dtype": cfg.dtype, "max_tokens": cfg.reward_max_tokens})
     else:
         raw = _score_with_actors(cfg, cands, ImplicitRewardJudge, _implicit_args(cfg))
     for key, (value, error) in raw.items():

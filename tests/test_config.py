@@ -152,3 +152,16 @@ def test_flags_take_their_full_name_only(capsys):
     with pytest.raises(SystemExit):
         parse_args(TrainConfig, ["--lr", "1e-5"], prog="pipeline.py train")
     assert capsys.readouterr().err.startswith("error: pipeline.py train: unrecognized arguments: --lr 1e-5")
+
+
+def test_a_renamed_key_names_its_new_name(capsys):
+    """judge's reward-model length was `max_length`, a key that means a Truncation everywhere else."""
+    from stages.core.config.engine import from_mapping
+    from stages.core.config.online import JudgeConfig
+
+    assert parse_args(JudgeConfig, ["--reward-max-tokens", "64"], prog="j").reward_max_tokens == 64
+    with pytest.raises(ConfigError, match="--judge-options: key 'max_length' is now 'reward_max_tokens'"):
+        from_mapping(JudgeConfig, {"max_length": 64}, source="--judge-options")
+    with pytest.raises(SystemExit):
+        parse_args(JudgeConfig, ["--max-length", "64"], prog="pipeline.py judge")
+    assert "(did you mean --reward-max-tokens?)" in capsys.readouterr().err

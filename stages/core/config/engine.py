@@ -141,6 +141,10 @@ def from_mapping(cls: type, values: dict[str, Any], base: Any = None, source: st
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = [k for k in values if k.replace("-", "_") not in names]
+    renamed = getattr(cls, "RENAMED", {})
+    moved = [k for k in unknown if k.replace("-", "_") in renamed]
+    if moved:
+        raise ConfigError(f"{source}: key {moved[0]!r} is now {renamed[moved[0].replace('-', '_')]!r}")
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; "
                           f"known keys: {', '.join(sorted(names))}")
@@ -212,10 +216,12 @@ class Parser(argparse.ArgumentParser):
     contract, without the whole usage), naming the flag a misspelt one resembles. No abbreviations:
     flags are config keys, and a prefix (`--lr`) would bind to whichever key starts with it."""
 
-    def __init__(self, *args: Any, unrecognized_hint: str = "", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, unrecognized_hint: str = "", renamed: dict[str, str] | None = None,
+                 **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self.unrecognized_hint = unrecognized_hint  # what to add when a word is no flag of this command
+        self.renamed = {k.replace("_", "-"): v.replace("_", "-") for k, v in (renamed or {}).items()}
 
     def error(self, message: str) -> typing.NoReturn:
         if "unrecognized arguments:" in message:
@@ -227,6 +233,7 @@ class Parser(argparse.ArgumentParser):
         words = [w.split("=", 1)[0] for w in message.split("unrecognized arguments:", 1)[1].split()]
         guesses: list[str] = []
         for word in (w.lstrip("-").replace("_", "-") for w in words if w.startswith("-")):  # --learning_rate
+            word = self.renamed.get(word, word)  # a renamed key's old flag: its new name
             close = [word] if word in known else difflib.get_close_matches(word, known, n=1, cutoff=0.75)
             guesses += [known[g] for g in close if known[g] not in guesses]
         return f" (did you mean {' or '.join(guesses)}?)" if guesses else ""
@@ -253,7 +260,8 @@ def _add_field(group: Any, f: dataclasses.Field, tp: Any) -> None:
 def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
     """One flag per field, in argument groups (`help_groups`); values stay strings here and are coerced with
     the field's type."""
-    parser = Parser(prog=prog, description=description, usage="%(prog)s [--config FILE.yaml] [--FLAG VALUE ...]")
+    parser = Parser(prog=prog, description=description, usage="%(prog)s [--config FILE.yaml] [--FLAG VALUE ...]",
+                    renamed=getattr(cls, "RENAMED", None))
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys (CLI flags win over it) "
                                                               "(default: none)")
     hints = typing.get_type_hints(cls)

@@ -4,7 +4,7 @@ share with `iterate` (`chain.py`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from stages.core.config.engine import ConfigError, doc
 from stages.core.config.options import Common, Dtype, check_limit, positive
@@ -91,14 +91,17 @@ class JudgeConfig(Common):
     seed: int = doc("seed of --pairs random and of the sheet's A/B order", group="judge", default=0)
     batch_size: int = doc("responses per reward-model / policy call", default=16)
     num_workers: int = doc("judge actors (reward model or implicit reward)", default=1)
-    max_length: int = doc("most tokens of prompt + response a reward model reads (longer: cut at the start's "
-                          "end, keep_start)", group="judge", default=2048)
+    # Not `max_length`: in precompute and train that key is a Truncation of prompt + answer to the scored
+    # sequence; here it is only how much of one answer a reward model reads.
+    reward_max_tokens: int = doc("most tokens of prompt + response a reward model reads (longer: cut at the "
+                                 "start's end, keep_start)", group="judge", default=2048)
+    RENAMED: ClassVar[dict[str, str]] = {"max_length": "reward_max_tokens"}
     dtype: Dtype = doc("dtype of the reward model / policy", default="float32")
     overwrite: bool = doc("replace an output judged with other settings", default=False)
 
     def check(self) -> None:
         super().check()
-        positive(self, "batch_size", "num_workers", "max_length")
+        positive(self, "batch_size", "num_workers", "reward_max_tokens")
         if self.min_margin < 0 or self.missing_eos_penalty < 0:
             raise ConfigError("config keys 'min_margin', 'missing_eos_penalty': must be 0 or more "
                               f"(got {self.min_margin}, {self.missing_eos_penalty})")
