@@ -147,20 +147,20 @@ def trl_setup(tokenizer):
         ex["ref_rejected_logps"] = float(-900 + 50 * torch.randn(1, generator=g))
     inputs = collator(examples)
     trainer.precompute_ref_logps = True
-    return trainer, model, inputs
+    from stages.core.scoring.logprobs import sequence_logps
+
+    with torch.no_grad():  # ours, from the same padded batch: chosen rows first, then rejected, as TRL lays them out
+        logps = sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+    return trainer, model, inputs, logps
 
 
 @pytest.mark.parametrize("name", TRL_SHARED)
 def test_matches_trl_loss(trl_setup, name):
-    from stages.core.scoring.logprobs import sequence_logps
-
-    trainer, model, inputs = trl_setup
+    trainer, model, inputs, logps = trl_setup
     beta, eps = 0.01, 0.1 if name in ("robust", "exo_pair", "aot", "aot_unpaired") else 0.0
     trainer.loss_types, trainer.loss_weights, trainer.beta, trainer.label_smoothing = [name], [1.0], beta, eps
     with torch.no_grad():
         trl_loss = trainer._compute_loss(model, inputs, return_outputs=False).item()
-        # Ours, from the same padded batch: chosen rows first, then rejected, as TRL lays them out.
-        logps = sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
     n = inputs["input_ids"].size(0) // 2
     tokens = inputs["completion_mask"].sum(1).double()
     b = Batch(logps[:n], logps[n:], inputs["ref_chosen_logps"].double(), inputs["ref_rejected_logps"].double(),
