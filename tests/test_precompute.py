@@ -1,14 +1,19 @@
-"""The precompute stage through real Ray Data with a tiny model: shards, rejects, manifest, re-runs."""
+"""The precompute stage through real Ray Data with a tiny model: shards, rejects, manifest, re-runs.
+
+The end-to-end tests share one run over the dirty input (the `dirty` fixture)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
@@ -42,7 +47,7 @@ def write_dirty_input(path: Path, n_good: int = 24) -> dict:
 
 
 def run(tmp_path, model, name="out", **kw):
-    cfg = PrecomputeConfig(data=str(tmp_path / "in.jsonl"), model=model, output=str(tmp_path / name),
+    cfg = PrecomputeConfig(data=str(kw.pop("data", tmp_path / "in.jsonl")), model=model, output=str(tmp_path / name),
                            rows_per_shard=kw.pop("rows_per_shard", 8), max_length=kw.pop("max_length", 512),
                            progress=False, **kw)
     return cfg, precompute.run(cfg)
@@ -54,10 +59,22 @@ def read_shards(out: Path, manifest: dict):
     return pa.concat_tables([pq.read_table(out / s["path"]) for s in manifest["shards"]]).to_pylist()
 
 
-def test_shards_rejects_and_manifest(tmp_path, tiny_model_dir, ray_session):
-    expected = write_dirty_input(tmp_path / "in.jsonl")
-    cfg, m = run(tmp_path, tiny_model_dir, batch_size=4)
-    out = Path(cfg.output)
+@pytest.fixture(scope="module")
+def dirty(tmp_path_factory, tiny_model_dir, ray_session):
+    """The dirty input (24 pairs, one row per reject reason) as `in/a.jsonl`, precomputed once: 4 shards
+    of 8 rows, batch size 4, one scorer. A stage run costs seconds of actor start-up whatever its size:
+    the tests below read this run (or a copy of it) instead of making their own. None writes into its
+    output; the re-run test adds a file to its folder for a while (an output records its --data)."""
+    tmp = tmp_path_factory.mktemp("dirty")
+    (tmp / "in").mkdir()
+    expected = write_dirty_input(tmp / "in" / "a.jsonl")
+    cfg, m = run(tmp, tiny_model_dir, data=tmp / "in", batch_size=4)
+    return SimpleNamespace(data=tmp / "in", cfg=cfg, out=Path(cfg.output), manifest=m, expected=expected)
+
+
+@pytest.mark.slow
+def test_shards_rejects_and_manifest(dirty, tiny_model_dir):
+    cfg, m, out, expected = dirty.cfg, dirty.manifest, dirty.out, dirty.expected
     validate_manifest(m)
     assert m["rows_read"] == 30 and m["rows_written"] == 24 and m["rows_rejected"] == 6
     assert m["input_rows_read"] == 30  # pairs: the input rows are the rows read
@@ -67,8 +84,6 @@ def test_shards_rejects_and_manifest(tmp_path, tiny_model_dir, ray_session):
     assert len(m["shards"]) == 4
     for s in m["shards"]:
         data = (out / s["path"]).read_bytes()
-        import hashlib
-
         assert hashlib.sha256(data).hexdigest() == s["sha256"]
         validate_table(pq.read_table(out / s["path"]), SHARD_SCHEMA)
         assert pq.ParquetFile(out / s["path"]).metadata.num_rows == s["rows"]
@@ -93,11 +108,12 @@ def test_shards_rejects_and_manifest(tmp_path, tiny_model_dir, ray_session):
 
 
 @pytest.mark.slow
-def test_same_logps_for_any_batch_size_and_worker_count(tmp_path, tiny_model_dir, ray_session):
+def test_same_logps_for_any_batch_size_and_worker_count(dirty, tmp_path, tiny_model_dir, ray_session):
+    """`dirty` scored 4 pairs per call with one scorer; here one pair per call (no padding), two scorers."""
     write_dirty_input(tmp_path / "in.jsonl")
-    _, m1 = run(tmp_path, tiny_model_dir, name="a", batch_size=1, num_workers=1)
-    _, m2 = run(tmp_path, tiny_model_dir, name="b", batch_size=7, num_workers=2)
-    a = {r["pair_id"]: r for r in read_shards(tmp_path / "a", m1)}
+    _, m2 = run(tmp_path, tiny_model_dir, name="b", batch_size=1, num_workers=2)
+    m1 = dirty.manifest
+    a = {r["pair_id"]: r for r in read_shards(dirty.out, m1)}
     b = {r["pair_id"]: r for r in read_shards(tmp_path / "b", m2)}
     assert a.keys() == b.keys() and m1["pair_ids_fingerprint"] == m2["pair_ids_fingerprint"]
     for pid in a:
@@ -107,37 +123,67 @@ def test_same_logps_for_any_batch_size_and_worker_count(tmp_path, tiny_model_dir
 
 
 @pytest.mark.slow
-def test_rerun_skips_and_other_settings_are_refused(tmp_path, tiny_model_dir, ray_session):
-    write_dirty_input(tmp_path / "in.jsonl")
-    cfg, first = run(tmp_path, tiny_model_dir)
-    _, again = run(tmp_path, tiny_model_dir)
-    assert again["last_run"]["pairs_scored"] == 0 and again["last_run"]["rows_already_done"] == 30
-    assert again["pair_ids_fingerprint"] == first["pair_ids_fingerprint"]
-    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in first["shards"]]
+def test_rerun_skips_grown_input_scores_only_new_rows_and_other_settings_are_refused(dirty, tmp_path, tiny_model_dir,
+                                                                                     ray_session):
+    """Re-runs into a copy of `dirty`'s output, over its --data folder (an output records its data: a
+    copy of the folder would be another data set)."""
+    out = tmp_path / "out"
+    shutil.copytree(dirty.out, out)
+    first = dirty.manifest
+
+    def again(**kw):
+        return run(tmp_path, tiny_model_dir, data=dirty.data, **kw)[1]
+
+    # The same command again: nothing scored, the same shards.
+    same = again()
+    assert same["last_run"]["pairs_scored"] == 0 and same["last_run"]["rows_already_done"] == 30
+    assert same["pair_ids_fingerprint"] == first["pair_ids_fingerprint"]
+    assert [s["sha256"] for s in same["shards"]] == [s["sha256"] for s in first["shards"]]
+
+    # Grown input: a new file sorting *before* the old one, with 6 new rows and one copy of an old row.
+    rows = [r for r in read_jsonl_gz(HH_SAMPLE, 400)
+            if r["chosen"] != r["rejected"] and max(len(r["chosen"]), len(r["rejected"])) < 1500]
+    new = dirty.data / "0-new.jsonl"
+    new.write_text("".join(json.dumps(r) + "\n" for r in rows[24:30] + [rows[1]]))
+    try:
+        second = again()
+        third = again()
+    finally:
+        new.unlink()  # the folder as `dirty` wrote it
+    assert second["last_run"]["pairs_scored"] == 6 and second["last_run"]["rows_already_done"] == 30
+    assert (second["rows_read"], second["rows_written"], second["rejects_by_reason"]) == \
+        (37, 30, {**dirty.expected, "duplicate": 2})
+    ids = [r["pair_id"] for r in read_shards(out, second)]
+    assert len(ids) == len(set(ids)) == 30
+    old = [(s["path"], s["sha256"]) for s in first["shards"]]
+    assert [(s["path"], s["sha256"]) for s in second["shards"][:4]] == old  # old shards kept
+    assert third["last_run"]["pairs_scored"] == 0 and third["pair_ids_fingerprint"] == second["pair_ids_fingerprint"]
+
+    # Other settings are refused; --overwrite replaces the output.
     with pytest.raises(OutputMismatch, match=r"max_length: 512 -> 128"):
-        run(tmp_path, tiny_model_dir, max_length=128)
-    _, replaced = run(tmp_path, tiny_model_dir, max_length=128, overwrite=True)
+        again(max_length=128)
+    replaced = again(max_length=128, overwrite=True)
     assert replaced["max_length"] == 128 and replaced["last_run"]["pairs_scored"] > 0
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("user data")
     with pytest.raises(OutputMismatch, match="not a precompute output"):
-        run(tmp_path, tiny_model_dir, name="other")
+        run(tmp_path, tiny_model_dir, name="other", data=dirty.data)
 
 
 def _cli(tmp_path, model, out):
     return [sys.executable, str(ROOT / "pipeline.py"), "precompute", "--data", str(tmp_path / "in.jsonl"),
-            "--model", model, "--output", str(out), "--rows-per-shard", "3", "--batch-size", "1",
-            "--max-length", "256", "--progress", "false"]
+            "--model", model, "--output", str(out), "--rows-per-shard", "2", "--batch-size", "1",
+            "--max-length", "512", "--progress", "false"]
 
 
 @pytest.mark.slow
-def test_sigkill_and_rerun_gives_the_same_pairs(tmp_path, tiny_model_dir):
-    rows = [r for r in read_jsonl_gz(HH_SAMPLE, 400) if r["chosen"] != r["rejected"]][:42]
-    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+def test_sigkill_and_rerun_gives_the_same_pairs(dirty, tmp_path, tiny_model_dir, ray_session):
+    """A real `pipeline.py precompute` (its own Ray: RAY_ADDRESS="") over the dirty input, 15 shards of 2
+    rows, killed with SIGKILL once a few are finished; the same run again (in this process) finishes with
+    `dirty`'s pairs and log-probs (an uninterrupted run of the same input: other shards, the same pairs)."""
+    write_dirty_input(tmp_path / "in.jsonl")
     env = {**os.environ, "RAY_ADDRESS": ""}
-    ref = subprocess.run(_cli(tmp_path, tiny_model_dir, tmp_path / "whole"), env=env, capture_output=True, text=True)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    whole = json.loads((tmp_path / "whole" / "manifest.json").read_text())
+    whole = dirty.manifest
 
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cli(tmp_path, tiny_model_dir, out), env=env, start_new_session=True,
@@ -158,45 +204,22 @@ def test_sigkill_and_rerun_gives_the_same_pairs(tmp_path, tiny_model_dir):
         time.sleep(1)
         count = len(list(progress.glob("shard-*.json")))
         settled, finished_at_kill = (settled + 1, count) if count == finished_at_kill else (0, count)
-    assert finished_at_kill < 14 and not (out / "manifest.json").exists()
+    assert finished_at_kill < 15 and not (out / "manifest.json").exists()
 
-    again = subprocess.run(_cli(tmp_path, tiny_model_dir, out), env=env, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr[-3000:]
-    resumed = json.loads((out / "manifest.json").read_text())
-    assert 0 < resumed["last_run"]["pairs_scored"] < 42
+    # The same command again (its settings as a config; the killed run's lease is taken over).
+    _, resumed = run(tmp_path, tiny_model_dir, name="killed", rows_per_shard=2, batch_size=1)
+    assert 0 < resumed["last_run"]["pairs_scored"] < whole["rows_written"]
     assert resumed["last_run"]["rows_already_done"] == sum(s["rows_read"] for s in resumed["shards"][:finished_at_kill])
     ids = [r["pair_id"] for r in read_shards(out, resumed)]
     assert len(ids) == len(set(ids)) == whole["rows_written"]
     assert resumed["pair_ids_fingerprint"] == whole["pair_ids_fingerprint"]
-    a = {r["pair_id"]: r for r in read_shards(tmp_path / "whole", whole)}
+    a = {r["pair_id"]: r for r in read_shards(dirty.out, whole)}
     for r in read_shards(out, resumed):
         assert r["chosen_ids"] == a[r["pair_id"]]["chosen_ids"]
         assert abs(r["ref_chosen_logps"] - a[r["pair_id"]]["ref_chosen_logps"]) < 1e-4
     assert not [p for p in out.rglob("*.partial")]
     # Only finished shards remain: every shard file has its completion marker.
     assert {p.stem for p in (out / "shards").iterdir()} == {p.stem for p in (out / "_progress").glob("shard-*.json")}
-
-
-@pytest.mark.slow
-def test_grown_input_scores_only_new_rows(tmp_path, tiny_model_dir, ray_session):
-    rows = [r for r in read_jsonl_gz(HH_SAMPLE, 100) if r["chosen"] != r["rejected"] and len(r["chosen"]) < 1500]
-    folder = tmp_path / "in"
-    folder.mkdir()
-    (folder / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:10]))
-    cfg = PrecomputeConfig(data=str(folder), model=tiny_model_dir, output=str(tmp_path / "out"), rows_per_shard=4,
-                           max_length=512, progress=False)
-    first = precompute.run(cfg)
-    assert first["rows_written"] == 10 and first["last_run"]["pairs_scored"] == 10
-    # A new file sorting *before* the old one, with 6 new rows and one copy of an old row.
-    (folder / "0-new.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[10:16] + [rows[0]]))
-    second = precompute.run(cfg)
-    assert second["last_run"]["pairs_scored"] == 6 and second["last_run"]["rows_already_done"] == 10
-    assert (second["rows_read"], second["rows_written"], second["rejects_by_reason"]) == (17, 16, {"duplicate": 1})
-    ids = [r["pair_id"] for r in read_shards(tmp_path / "out", second)]
-    assert len(ids) == len(set(ids)) == 16
-    assert [s["path"] for s in second["shards"][:3]] == [s["path"] for s in first["shards"]]  # old shards kept
-    third = precompute.run(cfg)
-    assert third["last_run"]["pairs_scored"] == 0 and third["pair_ids_fingerprint"] == second["pair_ids_fingerprint"]
 
 
 def test_plan_forwards_minimises_padding_plus_overhead():
