@@ -1,16 +1,21 @@
 """Precompute under faults: runs that write nothing, a second data set, damaged outputs, a killed
-scorer process, and the noise a successful run must not print."""
+scorer process, and the noise a successful run must not print.
+
+A stage run costs seconds of start-up whatever its size: one real CLI run (`cli_run`) is what several
+tests read (its output, stdout and stderr) or copy and damage, and the clean run others compare with."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
@@ -19,6 +24,8 @@ from conftest import HH_SAMPLE, ROOT, read_jsonl_gz
 from stages import inspect_refs, precompute
 from stages.core.config.options import PrecomputeConfig
 from stages.core.errors import PipelineError
+from stages.core.refs.manifest import Manifest
+from stages.core.refs.writer import shard_name
 
 
 def hh_rows(n: int, skip: int = 0) -> list[dict]:
@@ -50,6 +57,42 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, str(ROOT / "pipeline.py"), *args]
 
 
+def _precompute_cli(data: Path, model: str, out: Path, *more: str) -> list[str]:
+    return cli("precompute", "--data", str(data), "--model", model, "--output", str(out), "--format", "hh",
+               "--rows-per-shard", "3", "--batch-size", "1", "--max-length", "160", *more)
+
+
+CLI_ROWS = 31
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, tiny_model_dir):
+    """A real `pipeline.py precompute` with its progress bar (its own Ray: RAY_ADDRESS=""), over 30 HH
+    rows and a copy of one (a duplicate, in shard 1): 11 shards of 3 rows, one pair per scorer call, at
+    max_length 160 (some prompts are too long: token-level rejects, which pass through the scorer).
+    Tests read it or copy it; none writes into it."""
+    tmp = tmp_path_factory.mktemp("cli-run")
+    rows = hh_rows(30)
+    rows.insert(5, rows[1])
+    data = write_rows(tmp / "in.jsonl", rows)
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_AUTH_MODE", None)
+    res = subprocess.run(_precompute_cli(data, tiny_model_dir, tmp / "out"), env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return SimpleNamespace(data=data, out=tmp / "out", res=res,
+                           manifest=json.loads((tmp / "out" / "manifest.json").read_text()))
+
+
+def cli_config(tmp_path: Path, model: str, data: Path, name: str = "out", **kw) -> PrecomputeConfig:
+    """`cli_run`'s settings, as a config."""
+    return config(tmp_path, model, data, name, rows_per_shard=3, max_length=160, **kw)
+
+
+def copy_of(cli_run, tmp_path: Path) -> Path:
+    shutil.copytree(cli_run.out, tmp_path / "out")
+    return tmp_path / "out"
+
+
 # --- 4: a run that leaves no usable pair fails, after writing what it has --------------------------
 
 @pytest.mark.slow
@@ -69,16 +112,18 @@ def test_all_rows_rejected_fails_after_writing_manifest_and_rejects(tmp_path, ti
 
 
 @pytest.mark.slow
-def test_summary_counts_pairs_written_not_rows_through_the_scorer(tmp_path, tiny_model_dir, ray_session):
+def test_summary_counts_pairs_written_not_rows_through_the_scorer(cli_run):
     # At max_length 160 some HH prompts are too long: token-level rejects pass through the scorer.
-    data = write_rows(tmp_path / "in.jsonl", hh_rows(12))
-    m = precompute.run(config(tmp_path, tiny_model_dir, data, max_length=160))
+    m = cli_run.manifest
     written, rejected = m["rows_written"], m["rows_rejected"]
-    assert written > 0 and rejected > 0 and written + rejected == 12
+    assert m["rejects_by_reason"].get("prompt_too_long", 0) > 0
+    assert written > 0 and rejected > 0 and written + rejected == CLI_ROWS
     assert (m["last_run"]["pairs_written"], m["last_run"]["rows_rejected"]) == (written, rejected)
-    assert f"{written} pairs written, {rejected} rejected this run" in precompute.summary(m, "out")
+    said = f"{written} pairs written, {rejected} rejected this run"
+    assert said in precompute.summary(Manifest.from_json(m), "out") and said in cli_run.res.stdout
 
 
+@pytest.mark.slow
 def test_empty_input_exits_non_zero_with_one_line(tmp_path, tiny_model_dir):
     (tmp_path / "in.jsonl").write_text("")
     out = tmp_path / "out"
@@ -95,32 +140,32 @@ def test_empty_input_exits_non_zero_with_one_line(tmp_path, tiny_model_dir):
 # --- 5: another data set is refused unless --append -----------------------------------------------
 
 @pytest.mark.slow
-def test_other_data_is_refused_unless_append(tmp_path, tiny_model_dir, ray_session, monkeypatch):
-    a = write_rows(tmp_path / "a.jsonl", hh_rows(3))
-    b = write_rows(tmp_path / "b.jsonl", hh_rows(3, skip=3))
-    first = precompute.run(config(tmp_path, tiny_model_dir, a))
-    with pytest.raises(precompute.OutputMismatch, match=r"a\.jsonl.*b\.jsonl.*--append"):
-        precompute.run(config(tmp_path, tiny_model_dir, b))
+def test_other_data_is_refused_unless_append(cli_run, tmp_path, tiny_model_dir, ray_session, monkeypatch):
+    a, first = cli_run.data, cli_run.manifest
+    copy_of(cli_run, tmp_path)
+    # three pairs short enough for max_length 160, none of them in a
+    b = write_rows(tmp_path / "b.jsonl", [r for r in hh_rows(200, skip=30) if len(r["chosen"]) < 400][:3])
+    with pytest.raises(precompute.OutputMismatch, match=r"in\.jsonl.*b\.jsonl.*--append"):
+        precompute.run(cli_config(tmp_path, tiny_model_dir, b))
     # the same source named another way (a relative path) is the same source
-    monkeypatch.chdir(tmp_path)
-    again = precompute.run(config(tmp_path, tiny_model_dir, Path("a.jsonl")))
-    assert again["last_run"]["rows_already_done"] == 3 and again["rows_written"] == first["rows_written"]
-    both = precompute.run(config(tmp_path, tiny_model_dir, b, append=True))
-    assert both["rows_written"] == 6 and both["last_run"]["pairs_written"] == 3
+    monkeypatch.chdir(a.parent)
+    again = precompute.run(cli_config(tmp_path, tiny_model_dir, Path(a.name)))
+    assert again["last_run"]["rows_already_done"] == CLI_ROWS and again["rows_written"] == first["rows_written"]
+    both = precompute.run(cli_config(tmp_path, tiny_model_dir, b, append=True))
+    assert both["rows_written"] == first["rows_written"] + 3 and both["last_run"]["pairs_written"] == 3
     assert both["data_sources"] == sorted([str(a), str(b)])
 
 
 # --- 6: damaged outputs are repaired, and inspect --verify finds them ------------------------------
 
 @pytest.mark.slow
-def test_missing_and_damaged_shards_are_rescored_into_the_same_shards(tmp_path, tiny_model_dir, ray_session, capsys):
-    rows = hh_rows(14)
-    rows.insert(5, rows[1])  # a duplicate: a reject in shard 1
-    data = write_rows(tmp_path / "in.jsonl", rows)
-    cfg = config(tmp_path, tiny_model_dir, data)
-    out = Path(cfg.output)
-    first = precompute.run(cfg)
-    assert len(first["shards"]) == 4 and first["rejects_by_reason"] == {"duplicate": 1}
+def test_missing_and_damaged_shards_are_rescored_into_the_same_shards(cli_run, tmp_path, tiny_model_dir, ray_session,
+                                                                       capsys):
+    cfg = cli_config(tmp_path, tiny_model_dir, cli_run.data)
+    out = copy_of(cli_run, tmp_path)
+    first = cli_run.manifest
+    n = len(first["shards"])
+    assert n == 11 and first["rejects_by_reason"]["duplicate"] == 1  # in shard 1
     before = pairs_by_shard(out, first)
     keys_before = sorted(reject_keys(out, first))
 
@@ -136,7 +181,8 @@ def test_missing_and_damaged_shards_are_rescored_into_the_same_shards(tmp_path, 
     text = capsys.readouterr().out
     for bad in ("shards/shard-00001.parquet", "shards/shard-00002.parquet", "rejects/shard-00003.parquet"):
         assert bad in text
-    assert "shard-00000" not in text
+    for k in (0, *range(4, n)):
+        assert shard_name(k) not in text
     assert sorted(p for p in out.rglob("*")) == listing  # --verify writes nothing
 
     again = precompute.run(cfg)
@@ -146,33 +192,39 @@ def test_missing_and_damaged_shards_are_rescored_into_the_same_shards(tmp_path, 
     assert pairs_by_shard(out, again) == before  # same shards, same pairs in each
     assert sorted(reject_keys(out, again)) == keys_before
     assert again["last_run"]["pairs_written"] == sum(len(before[f"shards/shard-0000{k}.parquet"]) for k in (1, 2, 3))
-    assert again["last_run"]["rows_already_done"] == first["shards"][0]["rows_read"]
-    assert again["rows_read"] == again["rows_written"] + again["rows_rejected"] == 15
+    assert again["last_run"]["rows_already_done"] == sum(s["rows_read"] for k, s in enumerate(first["shards"])
+                                                         if k not in (1, 2, 3))
+    assert again["rows_read"] == again["rows_written"] + again["rows_rejected"] == CLI_ROWS
     assert again["pair_ids_fingerprint"] == first["pair_ids_fingerprint"]
     assert inspect_refs.main([str(out), "--verify"]) == 0
     assert "OK" in capsys.readouterr().out
 
-    # A shard of an older output, whose keys were in its marker, as an output of 18e113a has them: its
-    # keys move to a keys file before its marker goes, and its rows go back into it.
+    # Two shards of older outputs, repaired in one run.
+    # Shard 0 as an output of 18e113a has it, its keys in its marker: its keys move to a keys file before
+    # its marker goes, and its rows go back into it.
     marker = out / "_progress" / "shard-00000.json"
     keys_file = out / "_progress" / "shard-00000.keys.parquet"
     old_keys = pq.read_table(keys_file).column("row_key").to_pylist()
     keys_file.unlink()
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "row_keys": old_keys}))
     (out / "shards" / "shard-00000.parquet").unlink()
-    assert pairs_by_shard(out, precompute.run(cfg)) == before
-    assert pq.read_table(keys_file).column("row_key").to_pylist() == old_keys
-
-    # A marker without row keys and no keys file (written before markers held them): its rows, once its
-    # shard is lost, are new work and go into a new shard after the last; still every row once.
-    keys_file.unlink()
-    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "row_keys"}))
-    (out / "shards" / "shard-00000.parquet").unlink()
+    # Shard 9 with a marker without row keys and no keys file (written before markers held them): its
+    # rows, once its shard is lost, are new work and go into a new shard after the last (10); still every
+    # row once.
+    lost = shard_name(9)
+    (out / "_progress" / f"{lost}.keys.parquet").unlink()
+    lost_marker = out / "_progress" / f"{lost}.json"
+    lost_marker.write_text(json.dumps({k: v for k, v in json.loads(lost_marker.read_text()).items()
+                                       if k != "row_keys"}))
+    (out / "shards" / f"{lost}.parquet").unlink()
     third = precompute.run(cfg)
     moved = pairs_by_shard(out, third)
-    assert list(moved) == [f"shards/shard-0000{k}.parquet" for k in (1, 2, 3, 4)]
-    assert moved["shards/shard-00004.parquet"] == before["shards/shard-00000.parquet"]
-    assert third["rows_read"] == third["rows_written"] + third["rows_rejected"] == 15
+    assert pq.read_table(keys_file).column("row_key").to_pylist() == old_keys
+    assert list(moved) == [f"shards/{shard_name(k)}.parquet" for k in (*range(9), 10, 11)]
+    assert moved["shards/shard-00011.parquet"] == before[f"shards/{lost}.parquet"]
+    assert {p: ids for p, ids in moved.items() if p != "shards/shard-00011.parquet"} == \
+        {p: ids for p, ids in before.items() if p != f"shards/{lost}.parquet"}  # shard 0: back into it
+    assert third["rows_read"] == third["rows_written"] + third["rows_rejected"] == CLI_ROWS
     assert third["pair_ids_fingerprint"] == first["pair_ids_fingerprint"]
 
 
@@ -215,21 +267,15 @@ def test_scorer_reports_progress_per_forward_with_unchanged_results(tiny_model_d
 
 
 @pytest.mark.slow
-def test_successful_cli_run_prints_only_the_bar(tmp_path, tiny_model_dir):
-    write_rows(tmp_path / "in.jsonl", hh_rows(12))
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    env.pop("RAY_AUTH_MODE", None)
-    res = subprocess.run(cli("precompute", "--data", str(tmp_path / "in.jsonl"), "--model", tiny_model_dir,
-                             "--output", str(tmp_path / "out"), "--format", "hh", "--max-length", "256"),
-                         env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_successful_cli_run_prints_only_the_bar(cli_run):
+    res = cli_run.res
     # Cut out the bar's own frames only: a log line may follow one on the same line (no newline between).
     rest = re.sub(r"reference log-probs:[^\]\r\n]*\]", "", res.stderr)
     # and the console channel's one `device:` line (which device scores, and why): nothing else is said
     lines = [line for line in re.split(r"[\r\n]", rest) if line.strip() and not line.startswith("device: ")]
     assert not lines, "\n".join(lines)
-    frames = re.findall(r"\| (\d+)/12 \[", res.stderr)
-    assert "12" in frames and "0" in frames
+    frames = re.findall(rf"\| (\d+)/{CLI_ROWS} \[", res.stderr)
+    assert str(CLI_ROWS) in frames and "0" in frames
     assert "pairs written" in res.stdout
 
 
@@ -253,29 +299,21 @@ def _scorer_pids(root: int) -> list[int]:
     return found
 
 
-def _precompute_cli(tmp_path: Path, model: str, out: Path) -> list[str]:
-    return cli("precompute", "--data", str(tmp_path / "in.jsonl"), "--model", model, "--output", str(out),
-               "--format", "hh", "--rows-per-shard", "3", "--batch-size", "1", "--max-length", "256",
-               "--progress", "false")
-
-
 def _manifest_pairs(out: Path) -> tuple[dict, list[str]]:
     m = json.loads((out / "manifest.json").read_text())
     return m, [p for ids in pairs_by_shard(out, m).values() for p in ids]
 
 
 @pytest.mark.slow
-def test_killed_scorer_actor_loses_and_repeats_nothing(tmp_path, tiny_model_dir):
-    write_rows(tmp_path / "in.jsonl", hh_rows(30))
+def test_killed_scorer_actor_loses_and_repeats_nothing(cli_run, tmp_path, tiny_model_dir):
+    """`cli_run` again, without its bar, one of its scorer processes killed with SIGKILL mid-run."""
     env = {**os.environ, "RAY_ADDRESS": ""}
-    clean = subprocess.run(_precompute_cli(tmp_path, tiny_model_dir, tmp_path / "clean"), env=env,
-                           capture_output=True, text=True)
-    assert clean.returncode == 0, clean.stderr[-3000:]
-    _, clean_ids = _manifest_pairs(tmp_path / "clean")
+    _, clean_ids = _manifest_pairs(cli_run.out)
+    command = _precompute_cli(cli_run.data, tiny_model_dir, tmp_path / "killed", "--progress", "false")
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_precompute_cli(tmp_path, tiny_model_dir, out), env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     killed, deadline = None, time.time() + 300
     try:
         while killed is None and time.time() < deadline:
@@ -293,12 +331,11 @@ def test_killed_scorer_actor_loses_and_repeats_nothing(tmp_path, tiny_model_dir)
             os.killpg(proc.pid, signal.SIGKILL)
     if proc.returncode != 0:  # allowed: a clean one-line failure, after which a re-run completes
         assert proc.returncode == 2 and stderr.strip().splitlines()[-1].startswith("error: "), stderr[-3000:]
-        again = subprocess.run(_precompute_cli(tmp_path, tiny_model_dir, out), env=env, capture_output=True,
-                               text=True)
+        again = subprocess.run(command, env=env, capture_output=True, text=True)
         assert again.returncode == 0, again.stderr[-3000:]
     m, ids = _manifest_pairs(out)
     assert len(ids) == len(set(ids))
-    assert m["rows_read"] == m["rows_written"] + m["rows_rejected"] == 30
+    assert m["rows_read"] == m["rows_written"] + m["rows_rejected"] == CLI_ROWS
     assert set(ids) == set(clean_ids)
     assert {p.stem for p in (out / "shards").iterdir()} == {p.stem for p in (out / "_progress").glob("shard-*.json")}
 
@@ -306,16 +343,15 @@ def test_killed_scorer_actor_loses_and_repeats_nothing(tmp_path, tiny_model_dir)
 # --- 8: a full disk during precompute: one line, nothing half-written, the re-run completes ----------
 
 @pytest.mark.slow
-def test_full_disk_during_precompute_then_rerun(tmp_path, tiny_model_dir, ray_session, small_disk, capsys):
+def test_full_disk_during_precompute_then_rerun(cli_run, tiny_model_dir, ray_session, small_disk, capsys):
     """A 40 KiB tmpfs holds the run's identity and the first shards (a few KiB each, a page per
-    file), not all five: one `error:` line naming the path, no partial file under a final name; the
-    disk grows and the same command finishes with a clean run's pairs."""
+    file), not all eleven: one `error:` line naming the path, no partial file under a final name; the
+    disk grows and the same command finishes with a clean run's (`cli_run`'s) pairs."""
     import pipeline
 
-    data = write_rows(tmp_path / "in.jsonl", hh_rows(20))
     disk = small_disk(40 * 1024)
-    args = ["precompute", "--data", str(data), "--model", tiny_model_dir, "--output", str(disk / "out"),
-            "--rows-per-shard", "4", "--max-length", "512", "--format", "hh", "--progress", "false"]
+    args = ["precompute", "--data", str(cli_run.data), "--model", tiny_model_dir, "--output", str(disk / "out"),
+            "--rows-per-shard", "3", "--max-length", "160", "--format", "hh", "--progress", "false"]
     capsys.readouterr()
     assert pipeline.main(args) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("device: ")]
@@ -326,6 +362,5 @@ def test_full_disk_during_precompute_then_rerun(tmp_path, tiny_model_dir, ray_se
     subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
     assert pipeline.main(args) == 0
     manifest = json.loads((disk / "out" / "manifest.json").read_text())
-    clean = precompute.run(config(tmp_path, tiny_model_dir, data, name="clean", max_length=512))
-    assert manifest["rows_read"] == 20 == manifest["rows_written"] + manifest["rows_rejected"]
-    assert manifest["pair_ids_fingerprint"] == clean["pair_ids_fingerprint"]
+    assert manifest["rows_read"] == CLI_ROWS == manifest["rows_written"] + manifest["rows_rejected"]
+    assert manifest["pair_ids_fingerprint"] == cli_run.manifest["pair_ids_fingerprint"]
