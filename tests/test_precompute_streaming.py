@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,8 +12,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
 
-from make_precompute_golden import run_scenarios  # noqa: E402
+from make_precompute_golden import golden_input, run_scenarios, snapshot  # noqa: E402
 
+from stages import precompute  # noqa: E402
 from stages.core.refs import duplicates, plan, sharding  # noqa: E402
 from stages.core.refs.writer import fingerprint, pair_ids_sum  # noqa: E402
 
@@ -25,8 +27,35 @@ def _rejects(snapshot: dict) -> list[tuple]:
                   for r in snapshot["rejects"])
 
 
+@pytest.fixture(scope="module")
+def grown_first(tmp_path_factory, tiny_model_dir, ray_session):
+    """The golden `grown` scenario (make_precompute_golden.run_scenarios) up to its second run: the first
+    run (a.jsonl alone), then the folder grown to the whole golden input. Each test copies the output and
+    makes the second run itself (an output records its --data folder: the folder is shared, unchanged)."""
+    tmp = tmp_path_factory.mktemp("golden")
+    golden_input(tmp / "grown", first_only=True)
+    precompute.run(_grown_config(tmp / "grown", tiny_model_dir, tmp / "out-grown"))
+    golden_input(tmp / "grown")
+    return tmp
+
+
+def _grown_config(data: Path, model: str, out: Path):
+    from stages.core.config.options import PrecomputeConfig
+
+    return PrecomputeConfig(data=str(data), model=model, output=str(out), rows_per_shard=7, max_length=512,
+                            batch_size=4, progress=False)
+
+
+def _second_grown_run(grown_first: Path, model: str, tmp_path: Path) -> dict:
+    """The golden `grown` scenario's second run, into a copy of `grown_first`'s output; its snapshot."""
+    out = tmp_path / "out-grown"
+    shutil.copytree(grown_first / "out-grown", out)
+    return snapshot(out, precompute.run(_grown_config(grown_first / "grown", model, out)))
+
+
 @pytest.mark.slow
-def test_same_pairs_values_rejects_and_shards_as_the_driver_side_stage(tiny_model_dir, ray_session, monkeypatch):
+def test_same_pairs_values_rejects_and_shards_as_the_driver_side_stage(grown_first, tiny_model_dir, ray_session,
+                                                                       tmp_path, monkeypatch):
     from stages.core.inputs import readers
 
     read, yielded = readers.read_file, []
@@ -38,8 +67,9 @@ def test_same_pairs_values_rejects_and_shards_as_the_driver_side_stage(tiny_mode
 
     monkeypatch.setattr(readers, "read_file", counted)  # this process only: Ray's workers read the real way
     want = json.loads(GOLDEN.read_text())
-    got = run_scenarios(tiny_model_dir)
-    assert len(yielded) == 3  # the driver read one row per run (three runs), for the layout; tasks the rest
+    got = run_scenarios(tiny_model_dir, ("whole",))
+    got["grown"] = _second_grown_run(grown_first, tiny_model_dir, tmp_path)
+    assert len(yielded) == 2  # the driver read one row per run (two runs here), for the layout; tasks the rest
     for scenario in ("whole", "grown"):
         w, g = want[scenario], got[scenario]
         assert g["shards"] == w["shards"] and g["last_run"] == w["last_run"], scenario
@@ -58,15 +88,18 @@ def test_same_pairs_values_rejects_and_shards_as_the_driver_side_stage(tiny_mode
 
 
 @pytest.mark.slow
-def test_tokenize_tasks_and_shuffles_give_the_same_shards(tiny_model_dir, ray_session, monkeypatch):
+def test_tokenize_tasks_and_shuffles_give_the_same_shards(grown_first, tiny_model_dir, ray_session, tmp_path,
+                                                          monkeypatch):
     """On CPU the scorers tokenize their own batches; with GPUs, tokenize tasks run apart from them. Also
-    the plan through Ray Data's hash shuffles, in 2 partitions (a set this small is planned in one task)."""
+    the plan through Ray Data's hash shuffles, in 2 partitions (a set this small is planned in one task).
+    Both on the golden `grown` scenario's second run, the one with rows the output already holds (every
+    step of the shuffles; a fresh output's plan only lacks those rows); its first run is `grown_first`."""
     from stages.core.refs import scoring_run
 
     monkeypatch.setattr(scoring_run, "_tokenize_apart", lambda use_gpu: True)
     monkeypatch.setattr(plan, "PARTITION_ROWS", 25)
     want = json.loads(GOLDEN.read_text())["grown"]  # a run, then one over the grown input with known keys
-    got = run_scenarios(tiny_model_dir, ("grown",))["grown"]
+    got = _second_grown_run(grown_first, tiny_model_dir, tmp_path)
     assert got["shards"] == want["shards"] and _rejects(got) == _rejects(want)
     ids = {p["pair_id"]: (p["chosen_ids"], p["rejected_ids"]) for p in got["pairs"]}
     assert ids == {p["pair_id"]: (p["chosen_ids"], p["rejected_ids"]) for p in want["pairs"]}
@@ -137,8 +170,6 @@ def test_the_count_pass_counts_what_the_reader_yields(tmp_path, text):
 
 @pytest.mark.slow
 def test_a_task_error_is_one_line(tmp_path, tiny_model_dir, ray_session, capsys):
-    from make_precompute_golden import golden_input
-
     import pipeline
 
     # A file that fails whole (a .json array cut short) fails the run in its count task: one line naming it.
@@ -157,7 +188,6 @@ def test_a_save_to_disk_folder_is_read_in_row_ranges(tmp_path, tiny_model_dir, r
     from datasets import Dataset, DatasetDict
     from test_precompute import read_shards, write_dirty_input
 
-    from stages import precompute
     from stages.core.config.options import PrecomputeConfig
     from stages.core.inputs.formats import Columns, RowRejected, normalise
 
