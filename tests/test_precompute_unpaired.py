@@ -45,6 +45,7 @@ def shard_rows(out, manifest):
     return rows
 
 
+@pytest.mark.slow
 def test_unpaired_shards_hold_the_oracles_values_and_a_fixed_kl_pairing(tmp_path, tiny_model_dir, ray_session):
     import torch
     from transformers import AutoModelForCausalLM
@@ -105,6 +106,7 @@ def test_kl_partners_never_the_example_or_its_completion():
     assert sorted(kl_partners(list("abcdefg"), 5, 1)) == list(range(7))  # each completion used once
 
 
+@pytest.mark.slow
 def test_unpair_turns_each_pair_into_two_examples(tmp_path, tiny_model_dir, ray_session):
     from stages.core.inputs.formats import Columns, normalise
     from stages.core.inputs.unpaired import tokenize_unpaired_row, unpair
