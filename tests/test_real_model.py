@@ -1,15 +1,18 @@
-"""The real SmolLM2-135M-Instruct on real HH-RLHF pairs: exact log-probs and the embedded CLI run."""
+"""The real SmolLM2-135M-Instruct on real HH-RLHF pairs: the embedded default run and exact log-probs.
+
+One run of the command's defaults (`cli_default`) serves both tests: a run of the real model costs
+its scorers' start-up and model load, whatever the number of rows."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import subprocess
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import HH_SAMPLE, ROOT, read_jsonl_gz
+from conftest import ROOT, read_jsonl_gz
 from oracle import exact_logps
 
 from stages import precompute
@@ -24,31 +27,25 @@ def _rows(out, manifest):
     return pa.concat_tables([pq.read_table(f"{out}/{s['path']}") for s in manifest["shards"]]).to_pylist()
 
 
-def test_smollm_logps_exact_and_batch_invariant(tmp_path, smollm_path, ray_session):
-    rows = [r for r in read_jsonl_gz(HH_SAMPLE, 40) if max(len(r["chosen"]), len(r["rejected"])) < 1200][:5]
-    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    base = dict(data=str(tmp_path / "in.jsonl"), model=smollm_path, format="hh", max_length=512, progress=False)
-    m1 = precompute.run(PrecomputeConfig(output=str(tmp_path / "a"), batch_size=1, num_workers=1, **base))
-    m2 = precompute.run(PrecomputeConfig(output=str(tmp_path / "b"), batch_size=5, num_workers=2, **base))
-    a, b = _rows(tmp_path / "a", m1), {r["pair_id"]: r for r in _rows(tmp_path / "b", m2)}
-    assert len(a) == len(b) == 5
-    model = load_model(smollm_path)
-    worst_exact = worst_batch = 0.0
-    for r in a:
-        for ids, ref in (("chosen_ids", "ref_chosen_logps"), ("rejected_ids", "ref_rejected_logps")):
-            seq, start = Truncation(512).scored_sequence(r["prompt_ids"], r[ids])
-            worst_exact = max(worst_exact, abs(exact_logps(model, seq, start) - r[ref]))
-            worst_batch = max(worst_batch, abs(b[r["pair_id"]][ref] - r[ref]))
-    assert worst_exact < 1e-3, worst_exact
-    assert worst_batch < 1e-3, worst_batch
+@pytest.fixture(scope="module")
+def cli_default(tmp_path_factory, ray_session):
+    """`pipeline.py precompute --limit 3` with every other setting its default (the embedded model and
+    data, 64 pairs per scorer call: the three rows in one padded call, one scorer), from the repository
+    root, run in this process (pipeline.main: its arguments, exit code and stdout)."""
+    import pipeline
+
+    out = tmp_path_factory.mktemp("real") / "demo"
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+        mp.chdir(ROOT)
+        code = pipeline.main(["precompute", "--limit", "3", "--output", str(out), "--progress", "false"])
+    return code, stdout.getvalue(), out
 
 
-def test_embedded_default_cli(tmp_path, tokenizer):
-    out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "precompute", "--limit", "3",
-                           "--output", str(out), "--progress", "false"], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "rows read 3" in proc.stdout
+def test_embedded_default_cli(cli_default, tokenizer):
+    code, stdout, out = cli_default
+    assert code == 0
+    assert "rows read 3" in stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["reference_model"]["name"] == "embedded:smollm2-135m-instruct"
     assert manifest["data_source"] == "embedded:hh-rlhf-helpful"
@@ -61,3 +58,24 @@ def test_embedded_default_cli(tmp_path, tokenizer):
     answer = read_jsonl_gz(resolve_source("embedded:hh-rlhf-helpful"), 1)[0]["chosen"].rsplit("\n\nAssistant: ", 1)[1]
     assert tokenizer.decode(first["chosen_ids"]) == answer + "<|im_end|>\n"
     assert tokenizer.decode(first["prompt_ids"]).endswith("<|im_start|>assistant\n")
+
+
+def test_smollm_logps_exact_and_batch_invariant(cli_default, tmp_path, smollm_path, ray_session):
+    """`cli_default`'s pairs (3 in one padded call, one scorer) against the same rows one pair per call
+    with two scorers, and each log-prob against the oracle (one unpadded forward)."""
+    _, _, out = cli_default
+    m1 = json.loads((out / "manifest.json").read_text())
+    m2 = precompute.run(PrecomputeConfig(output=str(tmp_path / "b"), limit=3, batch_size=1, num_workers=2,
+                                         progress=False))
+    a, b = _rows(out, m1), {r["pair_id"]: r for r in _rows(tmp_path / "b", m2)}
+    assert len(a) == len(b) == 3
+    model = load_model(smollm_path)
+    truncation = Truncation(m1["max_length"], m1["max_prompt_length"], m1["truncation_mode"])
+    worst_exact = worst_batch = 0.0
+    for r in a:
+        for ids, ref in (("chosen_ids", "ref_chosen_logps"), ("rejected_ids", "ref_rejected_logps")):
+            seq, start = truncation.scored_sequence(r["prompt_ids"], r[ids])
+            worst_exact = max(worst_exact, abs(exact_logps(model, seq, start) - r[ref]))
+            worst_batch = max(worst_batch, abs(b[r["pair_id"]][ref] - r[ref]))
+    assert worst_exact < 1e-3, worst_exact
+    assert worst_batch < 1e-3, worst_batch
