@@ -31,10 +31,11 @@ def test_eval_of_the_reference_is_zero(refs, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_after_training_rises_and_kl_is_positive(refs, tmp_path, tiny_model_dir):
-    train.run(TrainConfig(refs=str(refs), output=str(tmp_path / "run"), epochs=3, batch_size=4, micro_batch_size=4,
-                          learning_rate=3e-3, warmup_ratio=0.0, progress=False))
-    res = evaluate.run(EvalConfig(refs=str(refs), model=str(tmp_path / "run" / "final"), progress=False, samples=2,
+def test_eval_after_training_rises_and_kl_is_positive(refs, tmp_path_factory):
+    from test_train import trained_run
+
+    run = trained_run(refs, tmp_path_factory)  # 4 epochs on the pairs evaluated here, in a folder named "run"
+    res = evaluate.run(EvalConfig(refs=str(refs), model=str(run / "final"), progress=False, samples=2,
                                   max_new_tokens=8))
     assert res["eval/rewards/accuracies"] > 0.6 and res["eval/rewards/margins"] > 0
     assert res["eval/logratio/chosen"] > 0 and res["eval/logratio_per_token/chosen"] > 0
@@ -46,7 +47,7 @@ def test_eval_after_training_rises_and_kl_is_positive(refs, tmp_path, tiny_model
     assert base["eval/rewards/accuracies"] == 0 and base["eval/rewards/margins"] == 0
     assert base["eval/loss"] == pytest.approx(math.log(2))
     assert "| preference accuracy | 0.0000 |" in evaluate.table(res)
-    out = tmp_path / "run" / "final" / "eval"
+    out = run / "final" / "eval"
     rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all({"prompt", "chosen", "reference", "policy"} <= r.keys() for r in rows)
     md = (out / "samples.md").read_text()
@@ -62,7 +63,7 @@ def test_early_stopping_keeps_the_best(refs, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "heldout_metrics", fake_evaluate)
     cfg = TrainConfig(refs=str(refs), output=str(tmp_path / "run"), max_steps=6, batch_size=4, micro_batch_size=2,
                       learning_rate=1e-3, eval_refs=str(refs), eval_every=1, early_stopping_patience=2,
-                      save_every=1, keep_checkpoints=10, progress=False)
+                      save_every=2, keep_checkpoints=10, progress=False)  # the checkpoints read: steps 2 and 4
     summary = train.run(cfg)
     assert summary["steps"] == 4 and summary["best_step"] == 2 and summary["outcome"] == "early_stopped"
     assert summary["weights"] == str(tmp_path / "run" / "best")
@@ -83,6 +84,7 @@ def test_early_stopping_keeps_the_best(refs, tmp_path, monkeypatch):
         parse_args(TrainConfig, ["--early-stopping-patience", "2"], prog="t")
 
 
+@pytest.mark.slow  # two training runs and their evaluations
 def test_sweep_two_betas(refs, tmp_path):
     rows = sweep.run(SweepConfig(refs=str(refs), eval_refs=str(refs), beta=[0.1, 0.5], output=str(tmp_path / "sw"),
                                  max_steps=2, batch_size=4, learning_rate=1e-3, progress=False))

@@ -144,10 +144,26 @@ def test_generate_is_reproducible_and_counts_match(tmp_path, tiny_model_dir, ray
     base = dict(prompts=str(tmp_path / "p.jsonl"), model=tiny_model_dir, num_samples=3, max_new_tokens=6,
                 temperature=1.0, seed=3, batch_size=2, rows_per_file=3, progress=False)
     a = generate.run(GenerateConfig(output=str(tmp_path / "a"), **base))
-    b = generate.run(GenerateConfig(output=str(tmp_path / "b"), **base))
     _, rows_a = read_candidates(str(tmp_path / "a"))
-    _, rows_b = read_candidates(str(tmp_path / "b"))
-    assert [r["responses"] for r in rows_a] == [r["responses"] for r in rows_b]
+    # The same samples again: the sampler in this process (not a second Ray run), over the same batches of 2
+    # prompts with the same CPU threads as the Ray actor had.
+    import pyarrow as pa
+
+    from stages.core.runtime.devices import threads_per_worker
+
+    threads = torch.get_num_threads()
+    try:
+        cfg = GenerateConfig(output=str(tmp_path / "a"), **base)
+        sampling = {k: getattr(cfg, k) for k in ("num_samples", "temperature", "top_p", "max_new_tokens", "seed")}
+        sampler = Sampler(tiny_model_dir, cfg.dtype, sampling, device="cpu", threads=threads_per_worker(1))
+        columns = ("prompt_index", "prompt_id", "prompt", "conversational", "template_json")
+        again = [r for i in range(0, len(rows_a), 2)
+                 for r in sampler(pa.Table.from_pylist([{k: r[k] for k in columns} for r in rows_a[i:i + 2]]))
+                 .to_pylist()]
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["responses"] for r in rows_a] == [r["responses"] for r in again]
+    b = generate.settings_of(cfg, tiny_model_dir)  # the settings a second run compares with
     assert [f["name"] for f in a["files"]] == ["candidates-00000.parquet", "candidates-00001.parquet"]
     c = a["counts"]
     assert c["rows_read"] == 7 and c["prompts"] == 5 == len(rows_a) and c["prompts_rejected"] == 2
@@ -157,7 +173,7 @@ def test_generate_is_reproducible_and_counts_match(tmp_path, tiny_model_dir, ray
     assert c["response_tokens"] == sum(sum(r["response_tokens"]) for r in rows_a)
     assert all(1 <= n <= 6 for r in rows_a for n in r["response_tokens"])
     assert [r["prompt_index"] for r in rows_a] == [0, 1, 2, 3, 4]
-    assert a["settings"]["seed"] == 3 and a["settings"]["weights_hash"] == b["settings"]["weights_hash"]
+    assert a["settings"]["seed"] == 3 and a["settings"]["weights_hash"] == b["weights_hash"]
     rejects = [json.loads(x) for x in (tmp_path / "a" / "rejects.jsonl").read_text().splitlines()]
     assert [(r["source_index"], r["reason"]) for r in rejects] == [(5, "missing_field"), (6, "empty_prompt")]
     # plain Parquet
@@ -433,13 +449,13 @@ def test_judge_with_a_reward_model_pairs_best_and_worst_by_its_scores(tmp_path, 
 
 
 @pytest.mark.slow
-def test_the_implicit_judge_prefers_what_the_policy_was_trained_toward(tmp_path, refs, ray_session):
-    from stages import train
-    from stages.core.config.options import TrainConfig
+def test_the_implicit_judge_prefers_what_the_policy_was_trained_toward(tmp_path, tmp_path_factory, refs,
+                                                                     ray_session):
+    from test_train import trained_run
+
     from stages.core.inputs.formats import Columns, hh
 
-    policy = train.run(TrainConfig(refs=str(refs), output=str(tmp_path / "run"), max_steps=12, batch_size=4,
-                                   learning_rate=5e-3, warmup_ratio=0.0, beta=0.1, progress=False))["weights"]
+    policy = str(trained_run(refs, tmp_path_factory) / "final")  # 4 epochs on these pairs, beta 0.1
     rows = [json.loads(x) for x in (refs.parent / "in.jsonl").read_text().splitlines()]
     cands = []
     for r in rows:  # the training pairs, as candidates: response 0 chosen, 1 rejected (and the other way round)

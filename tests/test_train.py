@@ -50,23 +50,43 @@ def test_step_zero_with_the_reference_gives_ln2(refs, tmp_path):
     assert list((tmp_path / "run" / "tensorboard").iterdir())
 
 
+_TRAINED: dict[str, Path] = {}
+
+
+def trained_run(refs, tmp_path_factory) -> Path:
+    """A run that learns conftest's 20 training pairs (4 epochs, 20 steps at lr 3e-3), in a folder named "run".
+    Made once a session (a module cache: conftest's fixtures are not this file's to add to) and read by
+    test_training_learns_the_training_pairs, test_evaluate (eval after training) and test_online (the
+    implicit judge): each of them used to train its own. Nobody writes into it but evaluations (final/eval/)."""
+    if "run" not in _TRAINED:
+        out = tmp_path_factory.mktemp("trained") / "run"
+        train.run(cfg_for(refs, out, epochs=4, learning_rate=3e-3, warmup_ratio=0.0))
+        _TRAINED["run"] = out
+    return _TRAINED["run"]
+
+
 @pytest.mark.slow
-def test_training_learns_the_training_pairs(refs, tmp_path):
-    train.run(cfg_for(refs, tmp_path / "run", epochs=4, learning_rate=3e-3, warmup_ratio=0.0))
-    records = read(str(tmp_path / "run" / "metrics.jsonl"))
+def test_training_learns_the_training_pairs(refs, tmp_path_factory):
+    records = read(str(trained_run(refs, tmp_path_factory) / "metrics.jsonl"))
     early = sum(r["rewards/accuracies"] for r in records[:5]) / 5
     late = sum(r["rewards/accuracies"] for r in records[-5:]) / 5
     assert late > early and records[-1]["rewards/margins"] > 0
 
 
 @pytest.mark.slow
-def test_resume_is_exact(refs, tmp_path):
+def test_resume_is_exact_and_overwrite_starts_clean(refs, tmp_path):
+    """A run stopped at step 5 and resumed ends as the uninterrupted run, step for step and bit for bit. The
+    stopped run starts with --overwrite over an older run with more checkpoints (steps 2, 4 and 6): those
+    must not outrank the new run's, nor be what its --resume finds."""
     kw = dict(max_steps=8, save_every=3, lr_scheduler="cosine", warmup_ratio=0.25)
     train.run(cfg_for(refs, tmp_path / "whole", **kw))
-    stopped = train.run(cfg_for(refs, tmp_path / "parts", stop_at_step=5, **kw))
+    train.run(cfg_for(refs, tmp_path / "parts", max_steps=6, save_every=2, keep_checkpoints=5))  # the old run
+    stopped = train.run(cfg_for(refs, tmp_path / "parts", stop_at_step=5, overwrite=True, **kw))
     assert (stopped["outcome"], stopped["steps"], stopped["total_steps"]) == ("stopped", 5, 8)
     assert stopped["weights"] == str(tmp_path / "parts" / "checkpoints" / "step-5")
+    assert sorted(p.name for p in (tmp_path / "parts" / "checkpoints").iterdir()) == ["step-3", "step-5"]
     assert (tmp_path / "parts" / "checkpoints" / "step-5").is_dir() and not (tmp_path / "parts" / "final").exists()
+    assert [r["step"] for r in read(str(tmp_path / "parts" / "metrics.jsonl"))] == [1, 2, 3, 4, 5]
     assert train.summary_text(stopped).startswith("train: stopped at step 5 of 8")
     train.run(cfg_for(refs, tmp_path / "parts", resume="true", **kw))
     a = untimed(read(str(tmp_path / "whole" / "metrics.jsonl")))
@@ -171,28 +191,13 @@ def test_a_run_that_failed_before_its_first_checkpoint_starts_over(refs, tmp_pat
 
 
 def test_existing_run_needs_resume_or_overwrite(refs, tmp_path):
-    train.run(cfg_for(refs, tmp_path / "run", max_steps=2, save_every=1))
+    train.run(cfg_for(refs, tmp_path / "run", max_steps=1, save_every=1))  # a checkpoint and final/
     with pytest.raises(TrainingError, match="checkpoints: pass --resume to continue it or --overwrite"):
         train.run(cfg_for(refs, tmp_path / "run", max_steps=2))
     shutil.rmtree(tmp_path / "run" / "checkpoints")  # a finished run without checkpoints: its weights are kept
     with pytest.raises(TrainingError, match=r"weights \(final/\) and no checkpoint: pass --overwrite"):
         train.run(cfg_for(refs, tmp_path / "run", max_steps=1))
     train.run(cfg_for(refs, tmp_path / "run", max_steps=1, overwrite=True))
-
-
-@pytest.mark.slow
-def test_overwrite_starts_clean(refs, tmp_path):
-    """An old run's checkpoints must not outrank the new run's, nor be what a later --resume finds."""
-    out = tmp_path / "run"
-    train.run(cfg_for(refs, out, max_steps=6, save_every=2, keep_checkpoints=5))
-    kw = dict(max_steps=4, save_every=1, keep_checkpoints=2)
-    train.run(cfg_for(refs, out, stop_at_step=2, overwrite=True, **kw))
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
-    assert not (out / "final").exists() and [r["step"] for r in read(str(out / "metrics.jsonl"))] == [1, 2]
-    train.run(cfg_for(refs, out, resume="true", **kw))
-    assert [r["step"] for r in read(str(out / "metrics.jsonl"))] == [1, 2, 3, 4]
-    train.run(cfg_for(refs, tmp_path / "whole", **kw))
-    assert untimed(read(str(out / "metrics.jsonl"))) == untimed(read(str(tmp_path / "whole" / "metrics.jsonl")))
 
 
 def test_other_tokenizer_is_refused_other_policy_allowed(refs, tmp_path, tokenizer, capsys):
