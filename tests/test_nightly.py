@@ -23,11 +23,9 @@ def write(path, some):
     path.write_text("".join(json.dumps(r) + "\n" for r in some))
 
 
-def test_two_nights_and_a_retried_one(tmp_path, tiny_model_dir, ray_session, capsys):
-    data, held = tmp_path / "prefs.jsonl", tmp_path / "held.jsonl"
-    write(held, rows(30)[24:])
-    assert pipeline.main(["precompute", "--data", str(held), "--model", tiny_model_dir, "--output",
-                          str(tmp_path / "held-refs"), "--format", "hh", "--progress", "false"]) == 0
+@pytest.mark.slow  # three nights of Ray precompute, training and eval
+def test_two_nights_and_a_retried_one(tmp_path, tiny_model_dir, refs, capsys):
+    data, held = tmp_path / "prefs.jsonl", refs  # the held-out refs: conftest's 20 pairs
     config = tmp_path / "nightly.yaml"  # stage options as YAML mappings
     config.write_text(f"data: {data}\nmodel: {tiny_model_dir}\nrefs: {tmp_path / 'refs'}\nruns: {tmp_path / 'runs'}\n"
                       "precompute_options: {format: hh, rows_per_shard: 5}\n"
@@ -41,20 +39,20 @@ def test_two_nights_and_a_retried_one(tmp_path, tiny_model_dir, ray_session, cap
     assert first["stages"]["train"]["outcome"] == "finished" and "eval" not in first["stages"]
 
     write(data, rows(16))  # six rows arrive during the day
-    assert pipeline.main([*night, "--date", "2026-11-25", "--eval-refs", str(tmp_path / "held-refs")]) == 0
+    assert pipeline.main([*night, "--date", "2026-11-25", "--eval-refs", str(held)]) == 0
     out = capsys.readouterr().out
     second_dir = tmp_path / "runs" / "nightly-2026-11-25"
     second = json.loads((second_dir / "run.json").read_text())
     assert second["stages"]["precompute"]["last_run"]["pairs_written"] == 6  # only the new rows were scored
     assert second["stages"]["precompute"]["rows_written"] == 16
     assert (second_dir / "final" / "model.safetensors").exists() and (second_dir / "eval" / "eval.json").exists()
-    assert second["stages"]["eval"]["pairs"] == 6 and "eval/rewards/accuracies" in second["stages"]["eval"]
+    assert second["stages"]["eval"]["pairs"] == 20 and "eval/rewards/accuracies" in second["stages"]["eval"]
     assert "run: " + str(second_dir) in out and "new pairs" in out
     assert json.loads((tmp_path / "runs" / "latest.json").read_text())["run"] == str(second_dir)
     assert (tmp_path / "runs" / "nightly-2026-11-24" / "final").exists()  # the first night's run is kept
 
     metrics = (second_dir / "metrics.jsonl").read_text()
-    assert pipeline.main([*night, "--date", "2026-11-25", "--eval-refs", str(tmp_path / "held-refs")]) == 0
+    assert pipeline.main([*night, "--date", "2026-11-25", "--eval-refs", str(held)]) == 0
     assert "train already finished on these refs" in capsys.readouterr().err
     assert (second_dir / "metrics.jsonl").read_text() == metrics  # a retried night repeats no training
     again = json.loads((second_dir / "run.json").read_text())

@@ -5,6 +5,8 @@ form; two workers reproduce one; a pair loss on unpaired shards (and KTO on pair
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from test_parallel import assert_same_run, spawn_train
@@ -34,9 +36,17 @@ def kto_cfg(refs, out, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def test_kto_step_zero_then_learning(unpaired_refs, tmp_path):
-    train.run(kto_cfg(unpaired_refs, tmp_path / "run"))
-    records = read(str(tmp_path / "run" / "metrics.jsonl"))
+@pytest.fixture(scope="module")
+def kto_run(unpaired_refs, tmp_path_factory) -> Path:
+    """One worker, 4 steps: the run test_kto_step_zero_then_learning reads and two workers must reproduce."""
+    out = tmp_path_factory.mktemp("kto-run") / "run"
+    train.run(kto_cfg(unpaired_refs, out))
+    return out
+
+
+@pytest.mark.slow  # a precompute (Ray) and a training run
+def test_kto_step_zero_then_learning(unpaired_refs, kto_run, tmp_path):
+    records = read(str(kto_run / "metrics.jsonl"))
     first, last = records[0], records[-1]
     d, u = first["count/desirable"], first["count/undesirable"]
     assert d + u == 8 and d > 0 and u > 0
@@ -49,7 +59,8 @@ def test_kto_step_zero_then_learning(unpaired_refs, tmp_path):
     assert last["rewards/margins"] > 0.05  # desirable completions rose above undesirable ones
     assert any(r["kl"] > 0 for r in records[1:])
 
-    results = evaluate.run(EvalConfig(refs=str(unpaired_refs), model=str(tmp_path / "run" / "final")))
+    results = evaluate.run(EvalConfig(refs=str(unpaired_refs), model=str(kto_run / "final"),
+                                      output=str(tmp_path / "eval")))
     ref = results["reference"]
     n_d, n_u = ref["eval/count/desirable"], ref["eval/count/undesirable"]
     assert ref["eval/loss"] == pytest.approx(0.5 * (n_d + 2.5 * n_u) / (n_d + n_u), abs=1e-9)  # weights from the run
@@ -60,17 +71,26 @@ def test_kto_step_zero_then_learning(unpaired_refs, tmp_path):
 
     text, info = report(load_refs(str(unpaired_refs)), examples=1)
     assert f"{info['desirable']} desirable, {info['undesirable']} undesirable" in text and "--- example" in text
-
-
-def test_two_kto_workers_reproduce_one(unpaired_refs, tmp_path):
-    train.run(kto_cfg(unpaired_refs, tmp_path / "one", max_steps=3))
-    spawn_train(kto_cfg(unpaired_refs, tmp_path / "two", max_steps=3), 2)
-    assert_same_run(tmp_path / "one", tmp_path / "two", keys=("loss", "kl", "rewards/margins", "grad_norm"))
-
-
-def test_a_loss_of_the_other_kind_is_refused_by_name(unpaired_refs, refs, tmp_path):
+    # a pair loss on the real unpaired shards (test_a_loss_of_the_other_kind_is_refused_by_name: the manifest)
     with pytest.raises(ConfigError, match="loss 'sigmoid' takes preference pairs, and the shards hold unpaired"):
         train.run(kto_cfg(unpaired_refs, tmp_path / "a", loss_type="sigmoid"))
+
+
+@pytest.mark.slow  # two spawned processes
+def test_two_kto_workers_reproduce_one(unpaired_refs, kto_run, tmp_path):
+    spawn_train(kto_cfg(unpaired_refs, tmp_path / "two"), 2)
+    assert_same_run(kto_run, tmp_path / "two", keys=("loss", "kl", "rewards/margins", "grad_norm"))
+
+
+def test_a_loss_of_the_other_kind_is_refused_by_name(refs, tmp_path):
+    """Refused from the manifest's kind, before a step: here a copy of the paired refs whose manifest says
+    unpaired (no precompute in the fast tests; the real unpaired shards: test_kto_step_zero_then_learning)."""
+    unpaired = tmp_path / "unpaired-refs"
+    shutil.copytree(refs, unpaired)
+    manifest = json.loads((unpaired / "manifest.json").read_text())
+    (unpaired / "manifest.json").write_text(json.dumps({**manifest, "kind": "unpaired"}))
+    with pytest.raises(ConfigError, match="loss 'sigmoid' takes preference pairs, and the shards hold unpaired"):
+        train.run(kto_cfg(unpaired, tmp_path / "a", loss_type="sigmoid"))
     with pytest.raises(ConfigError, match="loss 'kto' takes unpaired examples .* the shards hold paired"):
         train.run(kto_cfg(refs, tmp_path / "b"))
     with pytest.raises(ConfigError, match="cannot be combined"):
