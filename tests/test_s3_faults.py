@@ -130,10 +130,34 @@ def slow_s3():
 
 
 @pytest.fixture
-def ray_in_s3_env(slow_s3, ray_session):
-    """Ray restarted inside slow_s3's environment (see conftest.ray_in_this_env)."""
+def ray_in_s3_env(slow_s3):
+    """Ray restarted inside slow_s3's environment (see conftest.ray_in_this_env; Ray runs again without the
+    AWS_* variables afterwards, so this starts it where the session has not yet)."""
     with ray_in_this_env():
         yield
+
+
+@pytest.fixture
+def no_backoff_here(monkeypatch):
+    """No backoff waits in this process, botocore's (up to 15 s a request) and s3fs's (0.1 s x 1.7^i
+    between its tries): what the throttling tests check is which requests are made, not the waits
+    between them. Ray's workers are other processes: they still wait theirs."""
+    import asyncio
+    import types
+
+    import aiobotocore.endpoint
+    import s3fs.core
+
+    async def no_wait(self, seconds):
+        return None
+
+    async def no_sleep(delay, result=None):
+        return await asyncio.sleep(0, result)  # still yields to the event loop
+
+    monkeypatch.setattr(aiobotocore.endpoint.AioEndpoint, "_sleep", no_wait)
+    # s3fs.core's own name for asyncio only: the event loop and every other caller keep the real sleep
+    names = {k: getattr(asyncio, k) for k in dir(asyncio) if not k.startswith("__")}
+    monkeypatch.setattr(s3fs.core, "asyncio", types.SimpleNamespace(**{**names, "sleep": no_sleep}))
 
 
 @pytest.fixture
@@ -142,18 +166,11 @@ def retry_log(caplog):
     return lambda: [r.getMessage() for r in caplog.records if r.name == "stages.core.storage"]
 
 
-def test_one_call_under_constant_throttling_is_bounded(slow_s3, monkeypatch, retry_log):
+def test_one_call_under_constant_throttling_is_bounded(slow_s3, monkeypatch, retry_log, no_backoff_here):
     """Every request to one key answered 503: one storage call makes at most (1 + RETRIES) x 5 (s3fs)
     x 5 (botocore, legacy retry mode) requests, each of our retries is logged, then a StorageError."""
-    import aiobotocore.endpoint
-
     monkeypatch.setattr(storage, "RETRIES", 2)
-    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
-
-    async def no_wait(self, seconds):  # botocore's backoff (up to 15 s a request): the count is what matters
-        return None
-
-    monkeypatch.setattr(aiobotocore.endpoint.AioEndpoint, "_sleep", no_wait)
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)  # our own backoff too: the count is what matters
     storage.write_bytes_atomic("s3://dpo/hot/key.json", b"{}")
     counts = {}
     for name, always, call in (
@@ -184,9 +201,10 @@ def _rows(n):
 
 
 def test_both_stages_through_throttling_match_an_unthrottled_run(slow_s3, tmp_path, tiny_model_dir, ray_in_s3_env,
-                                                                 retry_log):
+                                                                 retry_log, no_backoff_here):
     """Every 3rd request answered 503 SlowDown: precompute and training on s3:// finish with the
-    shards and metrics of the same runs on local disk, within the documented bound of attempts."""
+    shards and metrics of the same runs on local disk, within the documented bound of attempts.
+    (Training, single-worker, runs in this process: its retries skip the backoff waits, no_backoff_here.)"""
     # Own prefixes: moto keeps one store per process, shared with test_cloud.py's buckets.
     text = "".join(json.dumps(r) + "\n" for r in _rows(8))
     (tmp_path / "in.jsonl").write_text(text)
