@@ -24,7 +24,7 @@ def options(out: Path, model: str, **extra) -> list[str]:
     flags = {"--model": model, "--output": str(out), "--rounds": "2", "--num-samples": "3", "--max-new-tokens": "8",
              "--temperature": "1.0", "--progress": "false",
              "--precompute-options": json.dumps({"max_length": 128, "rows_per_shard": 4}),
-             "--train-options": json.dumps({"batch_size": 2, "learning_rate": 1e-3, "save_every": 1}), **extra}
+             "--train-options": json.dumps({"batch_size": 2, "learning_rate": 1e-3}), **extra}
     return [x for k, v in flags.items() for x in (k, v)]
 
 
@@ -55,7 +55,7 @@ def test_two_rounds_killed_in_round_two_resume_without_redoing_round_one(tmp_pat
                         num_samples=3, max_new_tokens=8, temperature=1.0, progress=False, eval_refs=str(refs),
                         reward_fn=f"{REWARDS}:chars", eval_options={"samples": 2},
                         precompute_options={"max_length": 128, "rows_per_shard": 4},
-                        train_options={"batch_size": 2, "learning_rate": 1e-3, "save_every": 1})
+                        train_options={"batch_size": 2, "learning_rate": 1e-3})
     state = iterate.run(cfg)
     assert sorted(state["rounds"]) == ["1", "2"] and "samples" in state["rounds"]["2"]
     assert {p: p.stat().st_mtime_ns for p in (out / "round-1").rglob("*") if p.is_file()} == round_one
