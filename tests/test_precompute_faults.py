@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -161,6 +162,10 @@ def test_other_data_is_refused_unless_append(cli_run, tmp_path, tiny_model_dir, 
 @pytest.mark.slow
 def test_missing_and_damaged_shards_are_rescored_into_the_same_shards(cli_run, tmp_path, tiny_model_dir, ray_session,
                                                                        capsys):
+    """A copy of `cli_run`'s 11 shards with five of them damaged, all repaired by one re-run: a missing
+    shard file (1), a damaged one (2), a damaged rejects file (3), and two shards of older outputs that
+    lost their shard files: 0 with its row keys in its marker (as an output of 18e113a has them), 9 with
+    a marker without row keys and no keys file (written before markers held them)."""
     cfg = cli_config(tmp_path, tiny_model_dir, cli_run.data)
     out = copy_of(cli_run, tmp_path)
     first = cli_run.manifest
@@ -174,58 +179,54 @@ def test_missing_and_damaged_shards_are_rescored_into_the_same_shards(cli_run, t
     damaged.write_bytes(damaged.read_bytes()[:-40] + b"\0" * 40)
     rejects = out / "rejects" / "shard-00003.parquet"
     rejects.write_bytes(rejects.read_bytes()[:100])
-    capsys.readouterr()
-
-    listing = sorted(p for p in out.rglob("*"))
-    assert inspect_refs.main([str(out), "--verify"]) != 0
-    text = capsys.readouterr().out
-    for bad in ("shards/shard-00001.parquet", "shards/shard-00002.parquet", "rejects/shard-00003.parquet"):
-        assert bad in text
-    for k in (0, *range(4, n)):
-        assert shard_name(k) not in text
-    assert sorted(p for p in out.rglob("*")) == listing  # --verify writes nothing
-
-    again = precompute.run(cfg)
-    err = capsys.readouterr().err
-    repaired = [line for line in err.splitlines() if "repair" in line]
-    assert len(repaired) == 3 and all(f"shard-0000{k}" in line for k, line in zip((1, 2, 3), repaired))
-    assert pairs_by_shard(out, again) == before  # same shards, same pairs in each
-    assert sorted(reject_keys(out, again)) == keys_before
-    assert again["last_run"]["pairs_written"] == sum(len(before[f"shards/shard-0000{k}.parquet"]) for k in (1, 2, 3))
-    assert again["last_run"]["rows_already_done"] == sum(s["rows_read"] for k, s in enumerate(first["shards"])
-                                                         if k not in (1, 2, 3))
-    assert again["rows_read"] == again["rows_written"] + again["rows_rejected"] == CLI_ROWS
-    assert again["pair_ids_fingerprint"] == first["pair_ids_fingerprint"]
-    assert inspect_refs.main([str(out), "--verify"]) == 0
-    assert "OK" in capsys.readouterr().out
-
-    # Two shards of older outputs, repaired in one run.
-    # Shard 0 as an output of 18e113a has it, its keys in its marker: its keys move to a keys file before
-    # its marker goes, and its rows go back into it.
+    # Shard 0's keys in its marker: they move to a keys file before its marker goes, and its rows go back
+    # into it.
     marker = out / "_progress" / "shard-00000.json"
     keys_file = out / "_progress" / "shard-00000.keys.parquet"
     old_keys = pq.read_table(keys_file).column("row_key").to_pylist()
     keys_file.unlink()
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "row_keys": old_keys}))
     (out / "shards" / "shard-00000.parquet").unlink()
-    # Shard 9 with a marker without row keys and no keys file (written before markers held them): its
-    # rows, once its shard is lost, are new work and go into a new shard after the last (10); still every
-    # row once.
+    # Shard 9 leaves no keys behind: its rows are new work and go into a new shard after the last (11);
+    # still every row once.
     lost = shard_name(9)
     (out / "_progress" / f"{lost}.keys.parquet").unlink()
     lost_marker = out / "_progress" / f"{lost}.json"
     lost_marker.write_text(json.dumps({k: v for k, v in json.loads(lost_marker.read_text()).items()
                                        if k != "row_keys"}))
     (out / "shards" / f"{lost}.parquet").unlink()
-    third = precompute.run(cfg)
-    moved = pairs_by_shard(out, third)
+    capsys.readouterr()
+
+    listing = sorted(p for p in out.rglob("*"))
+    assert inspect_refs.main([str(out), "--verify"]) != 0
+    text = capsys.readouterr().out
+    for bad in ("shards/shard-00000.parquet", "shards/shard-00001.parquet", "shards/shard-00002.parquet",
+                "rejects/shard-00003.parquet", f"shards/{lost}.parquet"):
+        assert bad in text
+    for k in (*range(4, 9), 10):
+        assert shard_name(k) not in text
+    assert sorted(p for p in out.rglob("*")) == listing  # --verify writes nothing
+
+    again = precompute.run(cfg)
+    err = capsys.readouterr().err
+    repaired = [line for line in err.splitlines() if "repair" in line]
+    assert len(repaired) == 5 and all(shard_name(k) in line for k, line in zip((0, 1, 2, 3, 9), repaired))
     assert pq.read_table(keys_file).column("row_key").to_pylist() == old_keys
+    moved = pairs_by_shard(out, again)
     assert list(moved) == [f"shards/{shard_name(k)}.parquet" for k in (*range(9), 10, 11)]
     assert moved["shards/shard-00011.parquet"] == before[f"shards/{lost}.parquet"]
+    # every other shard the same, with the same pairs (shards 0-3 scored again into themselves)
     assert {p: ids for p, ids in moved.items() if p != "shards/shard-00011.parquet"} == \
-        {p: ids for p, ids in before.items() if p != f"shards/{lost}.parquet"}  # shard 0: back into it
-    assert third["rows_read"] == third["rows_written"] + third["rows_rejected"] == CLI_ROWS
-    assert third["pair_ids_fingerprint"] == first["pair_ids_fingerprint"]
+        {p: ids for p, ids in before.items() if p != f"shards/{lost}.parquet"}
+    assert sorted(reject_keys(out, again)) == keys_before
+    assert again["last_run"]["pairs_written"] == sum(len(before[f"shards/{shard_name(k)}.parquet"])
+                                                     for k in (0, 1, 2, 3, 9))
+    assert again["last_run"]["rows_already_done"] == sum(s["rows_read"] for k, s in enumerate(first["shards"])
+                                                         if k not in (0, 1, 2, 3, 9))
+    assert again["rows_read"] == again["rows_written"] + again["rows_rejected"] == CLI_ROWS
+    assert again["pair_ids_fingerprint"] == first["pair_ids_fingerprint"]
+    assert inspect_refs.main([str(out), "--verify"]) == 0
+    assert "OK" in capsys.readouterr().out
 
 
 # --- 12: progress per forward, and a quiet successful run ------------------------------------------
@@ -281,19 +282,16 @@ def test_successful_cli_run_prints_only_the_bar(cli_run):
 
 # --- the fault to inject: a scorer actor killed mid-run --------------------------------------------
 
-def _scorer_pids(root: int) -> list[int]:
-    """Ray workers running the ReferenceScorer actor among the descendants of the CLI process."""
+def _scorer_pids() -> set[int]:
+    """Ray workers running the ReferenceScorer actor among the descendants of this process (the
+    session's Ray: its raylet is a child of this process, its workers are the raylet's)."""
     import psutil
 
-    try:
-        procs = psutil.Process(root).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    found = []
-    for p in procs:
+    found = set()
+    for p in psutil.Process().children(recursive=True):
         try:
             if "ReferenceScorer" in " ".join(p.cmdline()):
-                found.append(p.pid)
+                found.add(p.pid)
         except psutil.Error:
             pass
     return found
@@ -305,34 +303,44 @@ def _manifest_pairs(out: Path) -> tuple[dict, list[str]]:
 
 
 @pytest.mark.slow
-def test_killed_scorer_actor_loses_and_repeats_nothing(cli_run, tmp_path, tiny_model_dir):
-    """`cli_run` again, without its bar, one of its scorer processes killed with SIGKILL mid-run."""
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    _, clean_ids = _manifest_pairs(cli_run.out)
-    command = _precompute_cli(cli_run.data, tiny_model_dir, tmp_path / "killed", "--progress", "false")
+def test_killed_scorer_actor_loses_and_repeats_nothing(cli_run, tmp_path, tiny_model_dir, ray_session, capsys):
+    """`cli_run`'s command again, without its bar, in this process (pipeline.main, on the session's Ray);
+    its scorer process killed with SIGKILL once a shard is finished."""
+    import pipeline
 
+    _, clean_ids = _manifest_pairs(cli_run.out)
     out = tmp_path / "killed"
-    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    killed, deadline = None, time.time() + 300
-    try:
-        while killed is None and time.time() < deadline:
-            assert proc.poll() is None, "the run ended before the scorer could be killed"
-            pids = _scorer_pids(proc.pid)
+    args = _precompute_cli(cli_run.data, tiny_model_dir, out, "--progress", "false")[2:]
+    others = _scorer_pids()  # an earlier run's scorer, still going down: not this run's
+    ended, killed = threading.Event(), {}
+
+    def kill_the_scorer():
+        deadline = time.time() + 300
+        while not ended.is_set() and time.time() < deadline:
+            pids = _scorer_pids() - others
             if pids and len(list((out / "_progress").glob("shard-*.json"))) >= 1:
-                os.kill(pids[0], signal.SIGKILL)
-                killed = pids[0]
+                killed["mid_run"] = not (out / "manifest.json").exists()
+                os.kill(min(pids), signal.SIGKILL)
+                killed["pid"] = min(pids)
+                return
             time.sleep(0.05)
-        assert killed, "no scorer process found"
-        assert not (out / "manifest.json").exists()  # it died mid-run
-        _, stderr = proc.communicate(timeout=300)
+
+    killer = threading.Thread(target=kill_the_scorer, daemon=True)
+    killer.start()
+    capsys.readouterr()
+    try:
+        code = pipeline.main(args)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    if proc.returncode != 0:  # allowed: a clean one-line failure, after which a re-run completes
-        assert proc.returncode == 2 and stderr.strip().splitlines()[-1].startswith("error: "), stderr[-3000:]
-        again = subprocess.run(command, env=env, capture_output=True, text=True)
-        assert again.returncode == 0, again.stderr[-3000:]
+        ended.set()
+        killer.join()
+    err = capsys.readouterr().err
+    assert killed.get("pid"), "no scorer process found before the run ended"
+    assert killed["mid_run"]  # it died mid-run
+    if code == 0:  # the run noticed, and scored the unfinished shards with a new scorer
+        assert "a scorer process died" in err, err[-3000:]
+    else:  # allowed: a clean one-line failure, after which a re-run completes
+        assert code == 2 and err.strip().splitlines()[-1].startswith("error: "), err[-3000:]
+        assert pipeline.main(args) == 0
     m, ids = _manifest_pairs(out)
     assert len(ids) == len(set(ids))
     assert m["rows_read"] == m["rows_written"] + m["rows_rejected"] == CLI_ROWS
