@@ -164,12 +164,12 @@ def test_device_cuda_without_gpus_fails_after_a_bounded_wait(command, tmp_path, 
     argv = (["precompute", "--data", str(data), "--model", tiny_model_dir] if command == "precompute"
             else ["train", "--refs", str(refs), "--max-steps", "1"])
     started = time.monotonic()
-    assert pipeline.main([*argv, "--output", str(out), "--device", "cuda", "--gpu-wait-seconds", "2",
+    assert pipeline.main([*argv, "--output", str(out), "--device", "cuda", "--gpu-wait-seconds", "0.5",
                           "--progress", "false"]) == 2
     assert time.monotonic() - started < 60
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("\n") == 1
-    assert err.startswith("error: --device cuda: ") and "within 2s (--gpu-wait-seconds)" in err
+    assert err.startswith("error: --device cuda: ") and "within 0.5s (--gpu-wait-seconds)" in err
     assert "it has 0 GPUs" in err and "--device cpu" in err
     assert not (out / "shards").exists() and not (out / "checkpoints").exists()
 

@@ -61,7 +61,7 @@ def test_early_stopping_keeps_the_best(refs, tmp_path, monkeypatch):
         return {"eval/loss": next(crafted), "eval/rewards/accuracies": 0.5}
 
     monkeypatch.setattr(trainer, "heldout_metrics", fake_evaluate)
-    cfg = TrainConfig(refs=str(refs), output=str(tmp_path / "run"), max_steps=6, batch_size=4, micro_batch_size=2,
+    cfg = TrainConfig(refs=str(refs), output=str(tmp_path / "run"), max_steps=6, batch_size=2, micro_batch_size=2,
                       learning_rate=1e-3, eval_refs=str(refs), eval_every=1, early_stopping_patience=2,
                       save_every=2, keep_checkpoints=10, progress=False)  # the checkpoints read: steps 2 and 4
     summary = train.run(cfg)
@@ -132,8 +132,8 @@ def test_eval_streams_the_heldout_set(refs, tmp_path, monkeypatch):
 
 def test_eval_scores_with_the_runs_loss_settings_unless_told(refs, tmp_path):
     """A run trained with beta 0.5 and IPO is evaluated with them; an explicit --beta wins."""
-    train.run(TrainConfig(refs=str(refs), output=str(tmp_path / "run"), max_steps=1, batch_size=4,
-                          micro_batch_size=4, beta=0.5, loss_type="ipo", progress=False))
+    train.run(TrainConfig(refs=str(refs), output=str(tmp_path / "run"), max_steps=1, batch_size=2,
+                          micro_batch_size=2, beta=0.5, loss_type="ipo", progress=False))
     model = str(tmp_path / "run" / "final")
     res = evaluate.run(EvalConfig(refs=str(refs), model=model, output=str(tmp_path / "ev"), progress=False))
     assert (res["config"]["beta"], res["config"]["loss_type"]) == (0.5, "ipo")

@@ -78,20 +78,21 @@ def test_resume_is_exact_and_overwrite_starts_clean(refs, tmp_path):
     """A run stopped at step 5 and resumed ends as the uninterrupted run, step for step and bit for bit. The
     stopped run starts with --overwrite over an older run with more checkpoints (steps 2, 4 and 6): those
     must not outrank the new run's, nor be what its --resume finds."""
-    kw = dict(max_steps=8, save_every=3, lr_scheduler="cosine", warmup_ratio=0.25)
+    kw = dict(max_steps=7, save_every=3, lr_scheduler="cosine", warmup_ratio=0.25)  # 5 steps an epoch
     train.run(cfg_for(refs, tmp_path / "whole", **kw))
-    train.run(cfg_for(refs, tmp_path / "parts", max_steps=6, save_every=2, keep_checkpoints=5))  # the old run
+    train.run(cfg_for(refs, tmp_path / "parts", max_steps=6, save_every=2, keep_checkpoints=5, batch_size=1,
+                      micro_batch_size=1))  # the old run: one pair a step is enough for it
     stopped = train.run(cfg_for(refs, tmp_path / "parts", stop_at_step=5, overwrite=True, **kw))
-    assert (stopped["outcome"], stopped["steps"], stopped["total_steps"]) == ("stopped", 5, 8)
+    assert (stopped["outcome"], stopped["steps"], stopped["total_steps"]) == ("stopped", 5, 7)
     assert stopped["weights"] == str(tmp_path / "parts" / "checkpoints" / "step-5")
     assert sorted(p.name for p in (tmp_path / "parts" / "checkpoints").iterdir()) == ["step-3", "step-5"]
     assert (tmp_path / "parts" / "checkpoints" / "step-5").is_dir() and not (tmp_path / "parts" / "final").exists()
     assert [r["step"] for r in read(str(tmp_path / "parts" / "metrics.jsonl"))] == [1, 2, 3, 4, 5]
-    assert train.summary_text(stopped).startswith("train: stopped at step 5 of 8")
+    assert train.summary_text(stopped).startswith("train: stopped at step 5 of 7")
     train.run(cfg_for(refs, tmp_path / "parts", resume="true", **kw))
     a = untimed(read(str(tmp_path / "whole" / "metrics.jsonl")))
     b = untimed(read(str(tmp_path / "parts" / "metrics.jsonl")))
-    assert [r["step"] for r in b] == list(range(1, 9))
+    assert [r["step"] for r in b] == list(range(1, 8))
     assert a == b
     from safetensors.torch import load_file
 
@@ -191,13 +192,13 @@ def test_a_run_that_failed_before_its_first_checkpoint_starts_over(refs, tmp_pat
 
 
 def test_existing_run_needs_resume_or_overwrite(refs, tmp_path):
-    train.run(cfg_for(refs, tmp_path / "run", max_steps=1, save_every=1))  # a checkpoint and final/
+    train.run(cfg_for(refs, tmp_path / "run", max_steps=1, batch_size=2, save_every=1))  # a checkpoint and final/
     with pytest.raises(TrainingError, match="checkpoints: pass --resume to continue it or --overwrite"):
         train.run(cfg_for(refs, tmp_path / "run", max_steps=2))
     shutil.rmtree(tmp_path / "run" / "checkpoints")  # a finished run without checkpoints: its weights are kept
     with pytest.raises(TrainingError, match=r"weights \(final/\) and no checkpoint: pass --overwrite"):
         train.run(cfg_for(refs, tmp_path / "run", max_steps=1))
-    train.run(cfg_for(refs, tmp_path / "run", max_steps=1, overwrite=True))
+    train.run(cfg_for(refs, tmp_path / "run", max_steps=1, batch_size=2, overwrite=True))
 
 
 def test_other_tokenizer_is_refused_other_policy_allowed(refs, tmp_path, tokenizer, capsys):
@@ -215,9 +216,9 @@ def test_other_tokenizer_is_refused_other_policy_allowed(refs, tmp_path, tokeniz
 
 
 def test_eval_refs_logged_under_eval(refs, tmp_path):
-    summary = train.run(cfg_for(refs, tmp_path / "run", max_steps=4, eval_refs=str(refs), eval_every=2))
+    summary = train.run(cfg_for(refs, tmp_path / "run", max_steps=3, batch_size=2, eval_refs=str(refs), eval_every=2))
     records = read(str(tmp_path / "run" / "metrics.jsonl"))
-    assert [r["step"] for r in records if "eval/loss" in r] == [2, 4]
+    assert [r["step"] for r in records if "eval/loss" in r] == [2, 3]  # every 2 steps, and at the last
     assert records[1]["eval/loss"] > 0 and "eval/rewards/accuracies" in records[1]
     assert summary["eval"]["eval/loss"] == records[-1]["eval/loss"]
 
