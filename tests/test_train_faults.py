@@ -131,7 +131,7 @@ def test_full_disk_at_a_checkpoint_then_resume_from_the_last_good_one(refs, tmp_
     N vs M'). One error line, no half checkpoint left, and --resume goes on from step-1."""
     disk = small_disk(64 * MB)
     out = disk / "run"
-    args = ["--refs", str(refs), "--output", str(out), "--max-steps", "4", "--save-every", "1",
+    args = ["--refs", str(refs), "--output", str(out), "--max-steps", "3", "--save-every", "1",
             "--keep-checkpoints", "1", "--batch-size", "4", "--micro-batch-size", "2", "--learning-rate", "1e-3",
             "--shuffle-buffer", "6", "--seed", "3"]
     code, err = _pipeline_train(capsys, *args)
@@ -146,9 +146,9 @@ def test_full_disk_at_a_checkpoint_then_resume_from_the_last_good_one(refs, tmp_
     (out / "checkpoints" / ".step-3.partial" / "model.safetensors").write_bytes(b"half")
     code, err = _pipeline_train(capsys, *args, "--resume")
     assert code == 0, err
-    assert sorted(os.listdir(out / "checkpoints")) == ["step-4"]
-    train.run(cfg_for(refs, tmp_path / "whole", max_steps=4))
-    assert [r["step"] for r in read(str(out / "metrics.jsonl"))] == [1, 2, 3, 4]
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-3"]  # the leftover .step-3.partial is gone too
+    train.run(cfg_for(refs, tmp_path / "whole", max_steps=3))
+    assert [r["step"] for r in read(str(out / "metrics.jsonl"))] == [1, 2, 3]
     assert untimed(read(str(out / "metrics.jsonl"))) == untimed(read(str(tmp_path / "whole" / "metrics.jsonl")))
 
 
