@@ -132,14 +132,17 @@ def test_eval_streams_the_heldout_set(refs, tmp_path, monkeypatch):
 
 def test_eval_scores_with_the_runs_loss_settings_unless_told(refs, tmp_path):
     """A run trained with beta 0.5 and IPO is evaluated with them; an explicit --beta wins."""
+    from test_train import first_shard
+
     train.run(TrainConfig(refs=str(refs), output=str(tmp_path / "run"), max_steps=1, batch_size=2,
                           micro_batch_size=2, beta=0.5, loss_type="ipo", progress=False))
     model = str(tmp_path / "run" / "final")
-    res = evaluate.run(EvalConfig(refs=str(refs), model=model, output=str(tmp_path / "ev"), progress=False))
+    held = first_shard(refs, tmp_path)  # 5 of the pairs: their number proves nothing here
+    res = evaluate.run(EvalConfig(refs=str(held), model=model, output=str(tmp_path / "ev"), progress=False))
     assert (res["config"]["beta"], res["config"]["loss_type"]) == (0.5, "ipo")
     # rewards are beta * log-ratio: the run's beta scales them
     assert res["eval/rewards/chosen"] == pytest.approx(0.5 * res["eval/logratio/chosen"], rel=1e-9)
-    told = evaluate.run(EvalConfig(refs=str(refs), model=model, output=str(tmp_path / "ev2"), beta=0.2,
+    told = evaluate.run(EvalConfig(refs=str(held), model=model, output=str(tmp_path / "ev2"), beta=0.2,
                                    progress=False))
     assert (told["config"]["beta"], told["config"]["loss_type"]) == (0.2, "ipo")
     assert told["eval/rewards/chosen"] == pytest.approx(0.2 * told["eval/logratio/chosen"], rel=1e-9)

@@ -13,9 +13,11 @@ import logging
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
-from conftest import HH_SAMPLE, ray_in_this_env, read_jsonl_gz
+import yaml
+from conftest import ray_in_this_env
 from test_train import untimed
 
 from stages import precompute, train
@@ -195,26 +197,21 @@ def test_one_call_under_constant_throttling_is_bounded(slow_s3, monkeypatch, ret
     assert storage.read_bytes("s3://dpo/hot/key.json") == b"{}"  # the throttling stopped: it reads again
 
 
-def _rows(n):
-    rows = [r for r in read_jsonl_gz(HH_SAMPLE, 200) if r["chosen"] != r["rejected"] and len(r["chosen"]) < 700]
-    return rows[:n]
-
-
-def test_both_stages_through_throttling_match_an_unthrottled_run(slow_s3, tmp_path, tiny_model_dir, ray_in_s3_env,
-                                                                 retry_log, no_backoff_here):
+def test_both_stages_through_throttling_match_an_unthrottled_run(slow_s3, refs, tmp_path, ray_in_s3_env, retry_log,
+                                                                 no_backoff_here):
     """Every 3rd request answered 503 SlowDown: precompute and training on s3:// finish with the
-    shards and metrics of the same runs on local disk, within the documented bound of attempts.
-    (Training, single-worker, runs in this process: its retries skip the backoff waits, no_backoff_here.)"""
+    shards and metrics of the same runs on local disk (conftest's refs: the same rows and settings),
+    within the documented bound of attempts. (Training, single-worker, runs in this process: its
+    retries skip the backoff waits, no_backoff_here.)"""
     # Own prefixes: moto keeps one store per process, shared with test_cloud.py's buckets.
-    text = "".join(json.dumps(r) + "\n" for r in _rows(8))
-    (tmp_path / "in.jsonl").write_text(text)
-    storage.write_bytes_atomic("s3://dpo/throttled/in/in.jsonl", text.encode())
-    common = dict(model=tiny_model_dir, format="hh", rows_per_shard=5, max_length=256, progress=False)
-    local_manifest = precompute.run(PrecomputeConfig(data=str(tmp_path / "in.jsonl"), output=str(tmp_path / "refs"),
-                                                     **common))
+    made = yaml.safe_load((refs / "config.yaml").read_text())  # what made refs: the same settings here
+    storage.write_bytes_atomic("s3://dpo/throttled/in/in.jsonl", Path(made["data"]).read_bytes())
+    common = dict(model=made["model"], format=made["format"], rows_per_shard=made["rows_per_shard"],
+                  max_length=made["max_length"], progress=False)
+    local_manifest = json.loads((refs / "manifest.json").read_text())
     run = dict(batch_size=4, micro_batch_size=2, learning_rate=1e-3, shuffle_buffer=6, progress=False, seed=3,
                max_steps=2, save_every=2)
-    train.run(TrainConfig(refs=str(tmp_path / "refs"), output=str(tmp_path / "run"), **run))
+    train.run(TrainConfig(refs=str(refs), output=str(tmp_path / "run"), **run))
 
     slow_s3.reset(every=3)
     manifest = precompute.run(PrecomputeConfig(data="s3://dpo/throttled/in/", output="s3://dpo/throttled/refs",

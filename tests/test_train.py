@@ -108,6 +108,22 @@ def _copy(refs, tmp_path) -> Path:
     return dst
 
 
+def first_shard(refs, tmp_path) -> Path:
+    """A precompute output of conftest's first shard alone (5 pairs; the manifest says so): a held-out set
+    that costs a quarter of the whole one to evaluate, where its size proves nothing."""
+    dst = tmp_path / "first-shard"
+    manifest = json.loads((refs / "manifest.json").read_text())
+    entry = manifest["shards"][0]
+    for part in ("path", "rejects_path"):
+        (dst / entry[part]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(refs / entry[part], dst / entry[part])
+    rows = entry["rows"]
+    (dst / "manifest.json").write_text(json.dumps({**manifest, "shards": [entry], "rows_read": rows,
+                                                  "rows_written": rows, "rows_rejected": 0,
+                                                  "tokens": entry["tokens"]}))
+    return dst
+
+
 def _rewrite_shard(root: Path, table) -> None:
     """Replace shard 0 and record its new checksum in the manifest, as if precompute wrote it."""
     path = root / "shards" / "shard-00000.parquet"
@@ -216,7 +232,8 @@ def test_other_tokenizer_is_refused_other_policy_allowed(refs, tmp_path, tokeniz
 
 
 def test_eval_refs_logged_under_eval(refs, tmp_path):
-    summary = train.run(cfg_for(refs, tmp_path / "run", max_steps=3, batch_size=2, eval_refs=str(refs), eval_every=2))
+    held = first_shard(refs, tmp_path)
+    summary = train.run(cfg_for(refs, tmp_path / "run", max_steps=3, batch_size=2, eval_refs=str(held), eval_every=2))
     records = read(str(tmp_path / "run" / "metrics.jsonl"))
     assert [r["step"] for r in records if "eval/loss" in r] == [2, 3]  # every 2 steps, and at the last
     assert records[1]["eval/loss"] > 0 and "eval/rewards/accuracies" in records[1]
