@@ -123,3 +123,27 @@ def test_two_gpu_workers_follow_one(refs, tmp_path, strategy):
     train.run(TrainConfig(output=str(tmp_path / "two"), num_workers=2, strategy=strategy, **kw))
     for a, b in zip(read(str(tmp_path / "one" / "metrics.jsonl")), read(str(tmp_path / "two" / "metrics.jsonl"))):
         assert b["loss"] == pytest.approx(a["loss"], abs=5e-3)
+
+
+def test_flex_path_on_cuda_equals_dense_with_gradients(tokenizer):
+    """The compiled FlexAttention path on CUDA: the policy's log-probs and gradients (float32, with activation
+    checkpointing) equal the dense path's, and the scorer's flex path equals its dense path."""
+    from stages.core.scoring import flex
+    from stages.core.training.losses import LossParams
+    from stages.core.training.policy_pass import PassContext
+
+    pairs = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in _pairs(tokenizer, 5, 11)]
+    logps, grads = {}, {}
+    for attention in ("dense", "flex"):
+        model = make_tiny_model(tokenizer, seed=6).to("cuda").train()
+        enable_activation_checkpointing(model)
+        ctx = PassContext(5, Truncation(None), tokenizer.pad_token_id, "cuda", "float32", (("sigmoid", 1.0),),
+                          LossParams(0.1, 0.0, 0.05, 0.5), attention=attention)
+        chosen, rejected, _ = forward(model, pairs, ctx)
+        (chosen.sum() - 0.5 * rejected.sum()).backward()
+        logps[attention] = torch.cat([chosen, rejected]).detach().cpu()
+        grads[attention] = {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    assert torch.allclose(logps["dense"], logps["flex"], atol=1e-3, rtol=0)
+    for name, g in grads["dense"].items():
+        assert torch.allclose(g, grads["flex"][name], atol=1e-3, rtol=1e-3), name
+    assert flex.resolve("auto", "cuda", model) == "flex"

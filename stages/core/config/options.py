@@ -22,6 +22,11 @@ LOSS_NAMES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_
 # Losses on unpaired examples (KTO shards); `stages.core.training.unpaired_losses.UNPAIRED_LOSSES` implements these.
 UNPAIRED_LOSS_NAMES = ("kto", "apo_zero_unpaired")
 Dtype = Literal["float32", "bfloat16"]
+# How packed rows attend (stages.core.scoring.flex): one name for precompute, train and eval.
+Attention = Literal["auto", "dense", "flex"]
+ATTENTION_HELP = ("packed rows' attention: dense (a (T, T) mask per row, padded: the CPU path), flex (FlexAttention "
+                  "block masks: several pairs end to end in one sequence, no padding, no dense mask; compiled on "
+                  "CUDA), auto (flex on CUDA where torch has it, else dense); the values agree to float precision")
 
 
 def parse_loss_types(loss_type: str, loss_weights: str | None) -> list[tuple[str, float]]:
@@ -80,8 +85,8 @@ HELP_GROUPS = {
     "input": ("data", "refs", "candidates", "prompts", "format", "split", "limit", "prompt_column", "chosen_column",
               "rejected_column", "completion_column", "label_column", "unpair", "kl_seed"),
     "lengths and truncation": ("max_length", "max_prompt_length", "truncation_mode"),
-    "model": ("model", "dtype", "pack_prompts", "gradient_checkpointing", "lora_r", "lora_alpha", "lora_dropout",
-              "lora_target_modules"),
+    "model": ("model", "dtype", "pack_prompts", "attention", "gradient_checkpointing", "lora_r", "lora_alpha",
+              "lora_dropout", "lora_target_modules"),
     "output": ("output", "overwrite", "append", "rows_per_shard", "rows_per_file", "runs", "run_name", "date"),
     "training": ("learning_rate", "weight_decay", "lr_scheduler", "warmup_ratio", "max_steps", "epochs",
                  "max_grad_norm", "shuffle_buffer"),
@@ -95,7 +100,7 @@ HELP_GROUPS = {
     "rounds": ("rounds", "new_rounds", "reference"),
     "stage options": ("precompute_options", "train_options", "eval_options", "generate_options", "judge_options"),
     "workers and devices": ("device", "gpu_wait_seconds", "num_workers", "gpus_per_worker", "strategy",
-                            "max_failures", "batch_size", "micro_batch_size"),
+                            "max_failures", "batch_size", "micro_batch_size", "tokens_per_forward"),
     "storage": ("storage_options",),
     "progress": ("progress",),
 }
@@ -159,6 +164,9 @@ class PrecomputeConfig(Common):
                                "over K GPUs (device_map); needs CUDA when above 1", default=1)
     dtype: Dtype = doc("reference model dtype", default="float32")
     pack_prompts: bool = doc("score each prompt once for both answers (packed rows, 4D mask)", default=True)
+    attention: Attention = doc(ATTENTION_HELP, default="auto")
+    tokens_per_forward: int | None = doc("tokens in one forward of a scorer, padding included (None: 8192 on CPU; "
+                                         "on CUDA sized from the model and the GPU's free memory)", default=None)
     rows_per_shard: int = doc("new input rows per output shard: each run groups the rows it has not seen "
                               "before, in input order, into shards of this many", default=1000)
     limit: int | None = doc("read only the first N input rows", default=None)
@@ -168,7 +176,7 @@ class PrecomputeConfig(Common):
     def check(self) -> None:
         super().check()
         positive(self, "batch_size", "num_workers", "gpus_per_worker", "rows_per_shard", "max_length",
-                  "max_prompt_length")
+                  "max_prompt_length", "tokens_per_forward")
         check_limit(self.limit, "input rows")
         ml, mpl = self.max_length, self.max_prompt_length
         if ml is not None and mpl is not None and mpl >= ml:
@@ -193,6 +201,7 @@ class PolicyPass(Common):
     dtype: Dtype = doc("compute dtype (bfloat16: autocast over float32 weights)", default="float32")
     pack_prompts: bool = doc("run each prompt once for both answers (packed rows, 4D mask): fewer tokens, "
                              "less activation memory, same values", default=True)
+    attention: Attention = doc(ATTENTION_HELP, default="auto")
 
     def check(self) -> None:
         super().check()

@@ -96,7 +96,8 @@ def _dataset(cfg: PrecomputeConfig, model_path: str, plan: Plan, progress, write
         ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=0.5,
                             fn_kwargs=dict(model_path=model_path, truncation=truncation))
     scorer_args = dict(model_path=model_path, dtype=cfg.dtype, truncation=truncation,
-                       pack_prompts=cfg.pack_prompts, progress=progress,
+                       pack_prompts=cfg.pack_prompts, attention=cfg.attention,
+                       tokens_per_forward=cfg.tokens_per_forward, progress=progress,
                        threads=None if use_gpu else threads_per_worker(cfg.num_workers), gpus=cfg.gpus_per_worker,
                        # Scoring on CPU, a tokenize task would take the cores the scorers score on; the
                        # scorer tokenizes its own batch instead, and its rows skip a trip through Ray.

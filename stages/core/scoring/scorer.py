@@ -21,17 +21,19 @@ from stages.core.inputs.tokenization import tokenize_row
 from stages.core.inputs.unpaired import tokenize_unpaired_row
 from stages.core.runtime.devices import pick_device
 from stages.core.runtime.models import gpu_memory, load_model, load_tokenizer, resolve_model
+from stages.core.scoring import flex
 from stages.core.scoring.logprobs import scored_logps, sequence_logps
 from stages.core.scoring.packing import (
     FORWARD_OVERHEAD_TOKENS,
     MASK_ELEMENTS,
-    TOKENS_PER_FORWARD,
     pack_rows,
     pad_batch,
     pair_rows,
+    plan_flat,
     plan_forwards,
     row_width,
     supports_4d_mask,
+    tokens_per_forward_for,
 )
 from stages.core.scoring.truncation import Truncation
 
@@ -125,8 +127,8 @@ class ReferenceScorer:
     loading one from `model_path` (whose tokenizer still gives the padding id)."""
 
     def __init__(self, model_path: str, dtype: str, truncation: Truncation, threads: int | None = None,
-                 tokens_per_forward: int = TOKENS_PER_FORWARD, pack_prompts: bool = True, progress=None, gpus: int = 1,
-                 tokenize: bool = False, device: str = "auto", model=None):
+                 tokens_per_forward: int | None = None, pack_prompts: bool = True, progress=None,
+                 gpus: int = 1, tokenize: bool = False, device: str = "auto", model=None, attention: str = "auto"):
         if threads:
             torch.set_num_threads(threads)
         self.device = pick_device(device)  # "cuda" or "cpu": also what the forward planning is tuned for
@@ -142,9 +144,12 @@ class ReferenceScorer:
         self.model.requires_grad_(False)
         self.pad_id = _tokenizer(model_path).pad_token_id or 0
         self.truncation = truncation
-        self.tokens_per_forward = tokens_per_forward
-        # Flash-attention kernels take no 4D masks: such models score the two sequences separately.
-        self.pack = pack_prompts and supports_4d_mask(self.model)
+        # None: sized for the device (CPU: TOKENS_PER_FORWARD; CUDA: the model and the GPU's free memory)
+        self.tokens_per_forward = tokens_per_forward or tokens_per_forward_for(self.model, self.device)
+        # flex: pairs end to end under a BlockMask; dense: a 4D mask per row. Flash-attention kernels take
+        # neither: such models score the two sequences separately.
+        self.attention = flex.resolve(attention, self.device, self.model) if pack_prompts else "dense"
+        self.pack = pack_prompts and (self.attention == "flex" or supports_4d_mask(self.model))
         self.progress = progress
         # tokenize: this scorer takes untokenized rows and runs tokenize_batch itself (see refs.scoring_run._dataset)
         self.tokenize = tokenize
@@ -173,6 +178,8 @@ class ReferenceScorer:
     def score_packed(self, rows: list[tuple], n_seqs: int, on_forward=None) -> list[float]:
         """Summed log-probs of sequences 0..n_seqs-1 laid out as `pair_rows` rows, prefixes run once.
         on_forward(n): called after each forward with the number of sequences it scored."""
+        if self.attention == "flex":
+            return self._score_flat(rows, n_seqs, on_forward)
         total = torch.zeros(n_seqs, dtype=torch.float64)
         for group in self._groups([row_width(r) for r in rows], square=True):
             inputs, r, c, labels, seq_ids = pack_rows([rows[i] for i in group], self.pad_id, self.model.dtype,
@@ -180,6 +187,17 @@ class ReferenceScorer:
             with torch.inference_mode():
                 total += scored_logps(self.model, inputs, r, c, labels, seq_ids, n_seqs).cpu()
             if on_forward:  # a row holds one sequence, or two that share the prompt
+                on_forward(sum(1 if rows[i][3] == rows[i][4] else 2 for i in group))
+        return total.tolist()
+
+    def _score_flat(self, rows: list[tuple], n_seqs: int, on_forward=None) -> list[float]:
+        """score_packed on the flex path: rows end to end, up to tokens_per_forward tokens a forward."""
+        total = torch.zeros(n_seqs, dtype=torch.float64)
+        for group in plan_flat([row_width(r) for r in rows], self.tokens_per_forward):
+            inputs, r, c, labels, seq_ids = flex.pack_flat([rows[i] for i in group], self.pad_id, self.input_device)
+            with torch.inference_mode(), flex.flex_attention_in(self.model):
+                total += scored_logps(self.model, inputs, r, c, labels, seq_ids, n_seqs).cpu()
+            if on_forward:
                 on_forward(sum(1 if rows[i][3] == rows[i][4] else 2 for i in group))
         return total.tolist()
 

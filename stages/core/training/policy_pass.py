@@ -18,6 +18,7 @@ from stages.core.config.options import PolicyPass
 from stages.core.refs.manifest import Manifest
 from stages.core.refs.stream import Refs, check_tokenizer, epoch_pairs
 from stages.core.runtime.models import load_model, load_tokenizer, tokenizer_hashes
+from stages.core.scoring import flex
 from stages.core.scoring.logprobs import scored_logps, sequence_logps
 from stages.core.scoring.packing import pack_rows, pad_batch, pair_rows, row_width, supports_4d_mask
 from stages.core.scoring.truncation import Truncation
@@ -59,6 +60,7 @@ class PassContext:
     params: LossParams
     pack_prompts: bool = True
     unpaired: UnpairedParams | None = None  # set for the losses on unpaired examples (KTO shards)
+    attention: str = "auto"                # packed rows: "dense", "flex" or "auto" (flex.resolve)
 
     @property
     def sum_keys(self) -> list[str]:
@@ -88,7 +90,8 @@ def pass_context(cfg: PolicyPass, manifest: Manifest, pad_id: int, device: str) 
                           f"{kind!r}): use {other}, or shards of the other kind")
     return PassContext(cfg.micro_batch_size, manifest.truncation, pad_id,
                        device, cfg.dtype, terms, params, cfg.pack_prompts,
-                       UnpairedParams(cfg.beta, cfg.desirable_weight, cfg.undesirable_weight) if unpaired else None)
+                       UnpairedParams(cfg.beta, cfg.desirable_weight, cfg.undesirable_weight) if unpaired else None,
+                       cfg.attention)
 
 
 def load_policy(model_path: str, refs: Refs, device: str):
@@ -102,16 +105,24 @@ def forward(model, pairs: list[dict], ctx: PassContext) -> tuple[torch.Tensor, t
     """Policy log-probs of chosen and rejected in one forward -> (chosen (m,), rejected (m,), tokens run).
 
     Packed (the default where attention takes a 4D mask): each pair is one row, prompt + chosen +
-    rejected, the prompt run once; otherwise chosen and rejected as right-padded sequences.
+    rejected, the prompt run once; on the flex path (`ctx.attention`) the rows lie end to end in one
+    sequence under a BlockMask; otherwise chosen and rejected as right-padded sequences.
     """
     m = len(pairs)
     autocast = torch.autocast(device_type=ctx.device, dtype=torch.bfloat16, enabled=ctx.dtype == "bfloat16")
-    if ctx.pack_prompts and supports_4d_mask(model):
+    attention = flex.resolve(ctx.attention, "cuda" if str(ctx.device).startswith("cuda") else "cpu", model,
+                             backward=torch.is_grad_enabled()) if ctx.pack_prompts else "dense"
+    if ctx.pack_prompts and (attention == "flex" or supports_4d_mask(model)):
         rows = [row for j, p in enumerate(pairs) for row in
                 pair_rows(j, p["prompt_ids"], p["chosen_ids"], p["rejected_ids"], ctx.truncation)]
-        inputs, r, c, labels, seq_ids = pack_rows(rows, ctx.pad_id, torch.float32, ctx.device)
-        with autocast:
-            logps = scored_logps(model, inputs, r, c, labels, seq_ids, 2 * m)
+        if attention == "flex":
+            inputs, r, c, labels, seq_ids = flex.pack_flat(rows, ctx.pad_id, ctx.device)
+            with autocast, flex.flex_attention_in(model):
+                logps = scored_logps(model, inputs, r, c, labels, seq_ids, 2 * m)
+        else:
+            inputs, r, c, labels, seq_ids = pack_rows(rows, ctx.pad_id, torch.float32, ctx.device)
+            with autocast:
+                logps = scored_logps(model, inputs, r, c, labels, seq_ids, 2 * m)
         # Copies, not views: FSDP2 warns about (and in-place ops on) views a wrapped forward returns.
         return logps[0::2].clone(), logps[1::2].clone(), sum(row_width(row) for row in rows)
     seqs, starts = [], []
