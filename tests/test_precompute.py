@@ -108,13 +108,12 @@ def test_shards_rejects_and_manifest(dirty, tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_same_logps_for_any_batch_size_and_worker_count(dirty, tmp_path, tiny_model_dir, ray_session):
-    """`dirty` scored 4 pairs per call with one scorer; here one pair per call (no padding), two scorers."""
-    write_dirty_input(tmp_path / "in.jsonl")
-    _, m2 = run(tmp_path, tiny_model_dir, name="b", batch_size=1, num_workers=2)
-    m1 = dirty.manifest
+def test_same_logps_for_any_batch_size_and_worker_count(dirty, killed):
+    """`dirty` scored 4 pairs per call with one scorer; `killed`'s pairs were all scored one pair per call
+    (no padding) by two scorers (the killed run's, then the re-run's)."""
+    m1, m2 = dirty.manifest, killed.manifest
     a = {r["pair_id"]: r for r in read_shards(dirty.out, m1)}
-    b = {r["pair_id"]: r for r in read_shards(tmp_path / "b", m2)}
+    b = {r["pair_id"]: r for r in read_shards(killed.out, m2)}
     assert a.keys() == b.keys() and m1["pair_ids_fingerprint"] == m2["pair_ids_fingerprint"]
     for pid in a:
         assert a[pid]["chosen_ids"] == b[pid]["chosen_ids"]
@@ -173,17 +172,19 @@ def test_rerun_skips_grown_input_scores_only_new_rows_and_other_settings_are_ref
 def _cli(tmp_path, model, out):
     return [sys.executable, str(ROOT / "pipeline.py"), "precompute", "--data", str(tmp_path / "in.jsonl"),
             "--model", model, "--output", str(out), "--rows-per-shard", "2", "--batch-size", "1",
-            "--max-length", "512", "--progress", "false"]
+            "--num-workers", "2", "--max-length", "512", "--progress", "false"]
 
 
-@pytest.mark.slow
-def test_sigkill_and_rerun_gives_the_same_pairs(dirty, tmp_path, tiny_model_dir, ray_session):
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory, tiny_model_dir, ray_session):
     """A real `pipeline.py precompute` (its own Ray: RAY_ADDRESS="") over the dirty input, 15 shards of 2
-    rows, killed with SIGKILL once a few are finished; the same run again (in this process) finishes with
-    `dirty`'s pairs and log-probs (an uninterrupted run of the same input: other shards, the same pairs)."""
+    rows, one pair per scorer call with two scorers, killed with SIGKILL once a few shards are finished;
+    then the same run again (in this process, the same settings) finishes it. Its pairs were all scored
+    one pair per call by two scorers: the batch-size/worker test reads it too (a run costs seconds of
+    start-up, a CLI run more)."""
+    tmp_path = tmp_path_factory.mktemp("killed")
     write_dirty_input(tmp_path / "in.jsonl")
     env = {**os.environ, "RAY_ADDRESS": ""}
-    whole = dirty.manifest
 
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cli(tmp_path, tiny_model_dir, out), env=env, start_new_session=True,
@@ -204,10 +205,20 @@ def test_sigkill_and_rerun_gives_the_same_pairs(dirty, tmp_path, tiny_model_dir,
         time.sleep(1)
         count = len(list(progress.glob("shard-*.json")))
         settled, finished_at_kill = (settled + 1, count) if count == finished_at_kill else (0, count)
-    assert finished_at_kill < 15 and not (out / "manifest.json").exists()
+    manifest_at_kill = (out / "manifest.json").exists()
 
     # The same command again (its settings as a config; the killed run's lease is taken over).
-    _, resumed = run(tmp_path, tiny_model_dir, name="killed", rows_per_shard=2, batch_size=1)
+    _, resumed = run(tmp_path, tiny_model_dir, name="killed", rows_per_shard=2, batch_size=1, num_workers=2)
+    return SimpleNamespace(out=out, manifest=resumed, finished_at_kill=finished_at_kill,
+                           manifest_at_kill=manifest_at_kill)
+
+
+@pytest.mark.slow
+def test_sigkill_and_rerun_gives_the_same_pairs(dirty, killed):
+    """`killed`: the CLI run killed with SIGKILL, then run again; it finishes with `dirty`'s pairs and
+    log-probs (an uninterrupted run of the same input: other shards, the same pairs)."""
+    whole, out, resumed, finished_at_kill = dirty.manifest, killed.out, killed.manifest, killed.finished_at_kill
+    assert finished_at_kill < 15 and not killed.manifest_at_kill
     assert 0 < resumed["last_run"]["pairs_scored"] < whole["rows_written"]
     assert resumed["last_run"]["rows_already_done"] == sum(s["rows_read"] for s in resumed["shards"][:finished_at_kill])
     ids = [r["pair_id"] for r in read_shards(out, resumed)]
