@@ -1,0 +1,345 @@
+#!/usr/bin/env python
+"""The scorer and the trainer on one GPU, beside the TRL-shaped pass, in one run: a JSON file and a markdown table.
+
+    python bench/gpu.py [--shapes 1b,8b] [--pairs 512] [--out bench/results/gpu]   # one CUDA device
+    .venv/bin/python bench/gpu.py --quick --out /tmp/gpu-quick                    # tiny shapes on CPU (a test)
+
+Needs torch, transformers and pyarrow only (no Ray, datasets or s3fs): it calls the library's scorer
+and policy pass directly, on pairs read as token ids from bench/data/gpu (bench/gpu_data.py made them
+with SmolLM2's tokenizer: HH-RLHF short pairs, Orca and ShareGPT long ones). Models are random
+weights with real shapes (Llama-3.2-1B, Llama-3.1-8B; speed does not depend on the values).
+
+- scoring: the project's ReferenceScorer at its defaults (attention auto, and dense beside it) vs the
+  TRL-shaped pass (8 pairs a batch in dataset order, chosen and rejected concatenated and right-padded,
+  logits at every position, float32 log-softmax), pairs/s, tokens/s, estimated MFU (2 x params x
+  tokens, the prompt counted once), peak memory;
+- training: steps with precomputed references vs with a bf16 reference beside the policy (its forward on
+  every micro-batch), alternated, after warm-up steps that are not counted;
+- long pairs: random ids, the prompt half the pair, 1k to 16k tokens: the scorer's tokens/s and memory.
+MFU uses the H200's dense bf16 peak (989 TFLOP/s) unless --peak-tflops says otherwise; on CPU none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DATA = ROOT / "bench" / "data" / "gpu"
+
+SHAPES = {  # LlamaConfig fields; vocabulary 128,256 as the Llama 3 family
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=False),
+}
+
+
+def load_pairs(name: str, n: int, max_length: int) -> list[dict]:
+    """The first n pairs of the set that precompute keeps at max_length, cut as it cuts them."""
+    from stages.core.inputs.formats import RowRejected
+    from stages.core.scoring.truncation import Truncation
+
+    cut, pairs = Truncation(max_length), []
+    with gzip.open(DATA / f"{name}.jsonl.gz", "rt") as fh:
+        for line in fh:
+            try:
+                pairs.append(cut.cut(json.loads(line)))
+            except RowRejected:  # a prompt with no room left: precompute rejects it too
+                continue
+            if len(pairs) == n:
+                break
+    return pairs
+
+
+def random_pairs(n: int, length: int, vocab: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    ids = lambda k: [rng.randrange(100, vocab) for _ in range(k)]  # noqa: E731
+    return [{"prompt_ids": ids(length // 2), "chosen_ids": ids(length // 4), "rejected_ids": ids(length // 4)}
+            for _ in range(n)]
+
+
+def pair_tokens(pairs: list[dict]) -> int:
+    return sum(len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
+
+
+def build(shape: str, device: str, dtype):
+    """(model folder with config + tokenizer, model) with random weights, made on the device in `dtype`."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tempfile.mkdtemp(prefix=f"bench-{shape}-")
+    config = LlamaConfig(max_position_embeddings=32768, **SHAPES[shape])
+    config.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(DATA / "tokenizer").save_pretrained(folder)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(before)
+    return folder, model.eval()
+
+
+class Clock:
+    def __init__(self, device: str):
+        self.device = device
+
+    def sync(self):
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def reset_peak(self):
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gb(self) -> float | None:
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 1e9 if self.device == "cuda" else None
+
+
+def as_table(pairs: list[dict]):
+    import pyarrow as pa
+
+    from stages.core.scoring.scorer import TOKENIZED_SCHEMA
+
+    n = len(pairs)
+    cols = {name: [None] * n for name in TOKENIZED_SCHEMA.names}
+    cols.update(pair_id=[str(i) for i in range(n)], row_key=[str(i) for i in range(n)], source_index=list(range(n)),
+                shard=[0] * n, **{k: [p[k] for p in pairs] for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
+    return pa.Table.from_pydict(cols, schema=TOKENIZED_SCHEMA)
+
+
+def run_scorer(scorer, pairs: list[dict], per_call: int, clock: Clock) -> float:
+    """Seconds for the scorer over `pairs` in calls of `per_call` pairs, as the precompute's actors call it."""
+    clock.sync()
+    start = time.perf_counter()
+    for i in range(0, len(pairs), per_call):
+        scorer(as_table(pairs[i:i + per_call]))
+    clock.sync()
+    return time.perf_counter() - start
+
+
+def trl_shaped(model, pairs: list[dict], pad_id: int, device: str, clock: Clock, batch: int = 8) -> float:
+    """TRL's precompute pass, in shape: batches of 8 pairs in order, chosen and rejected concatenated and
+    right-padded, logits at every position, float32 log-softmax, completion tokens summed."""
+    import torch
+
+    clock.sync()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(pairs), batch):
+            chunk = pairs[i:i + batch]
+            seqs = [p["prompt_ids"] + p[k] for k in ("chosen_ids", "rejected_ids") for p in chunk]
+            starts = [len(p["prompt_ids"]) for p in chunk] * 2
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            comp = torch.zeros_like(ids)
+            for j, (s, st) in enumerate(zip(seqs, starts)):
+                ids[j, :len(s)], mask[j, :len(s)], comp[j, st:len(s)] = torch.tensor(s), 1, 1
+            ids, mask, comp = ids.to(device), mask.to(device), comp.to(device)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            logps = logits.log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            (logps * comp[:, 1:]).sum(-1).tolist()
+    clock.sync()
+    return time.perf_counter() - start
+
+
+def scoring(a, shape: str, device: str, clock: Clock, rows: list[dict]) -> None:
+    import torch
+
+    from stages.core.scoring.scorer import ReferenceScorer
+    from stages.core.scoring.truncation import Truncation
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    folder, model = build(shape, device, dtype)
+    params = sum(p.numel() for p in model.parameters())
+    pad = 0
+    for name in a.sets:
+        pairs = load_pairs(name, a.pairs, a.max_length)
+        tokens = pair_tokens(pairs)
+        # CPU (--quick): flex once, on the first set (unfused flex on CPU is slow, and only the path is checked)
+        paths = ["auto", "dense"] if device == "cuda" else ["auto", "flex"] if name == a.sets[0] else ["auto"]
+        for attention in paths:
+            scorer = ReferenceScorer(folder, "bfloat16" if device == "cuda" else "float32", Truncation(a.max_length),
+                                     model=model, device=device, attention=attention)
+            run_scorer(scorer, pairs[:a.per_call], a.per_call, clock)  # warm-up (and compilation), not counted
+            clock.reset_peak()
+            s = run_scorer(scorer, pairs, a.per_call, clock)
+            rows.append(dict(section="scoring", shape=shape, data=name, what=f"project, attention {attention} "
+                             f"({scorer.attention}), {a.per_call} pairs a call, {scorer.tokens_per_forward} tokens "
+                             "a forward", pairs=len(pairs), seconds=s, pairs_per_s=len(pairs) / s,
+                             tokens_per_s=tokens / s, mfu=mfu(2 * params * tokens / s, a), peak_gb=clock.peak_gb()))
+        trl_shaped(model, pairs[:8], pad, device, clock)
+        clock.reset_peak()
+        s = trl_shaped(model, pairs, pad, device, clock)
+        rows.append(dict(section="scoring", shape=shape, data=name, what="TRL-shaped (8 pairs a batch, padded, "
+                         "float32 log-softmax)", pairs=len(pairs), seconds=s, pairs_per_s=len(pairs) / s,
+                         tokens_per_s=tokens / s, mfu=mfu(2 * params * tokens / s, a), peak_gb=clock.peak_gb()))
+    if shape == a.long_shape:
+        long_pairs(a, model, folder, params, device, clock, rows)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def long_pairs(a, model, folder, params, device, clock, rows) -> None:
+    from stages.core.scoring.scorer import ReferenceScorer
+    from stages.core.scoring.truncation import Truncation
+
+    for length in a.long_lengths:
+        pairs = random_pairs(max(2, a.long_tokens // length), length, model.config.vocab_size)
+        tokens = pair_tokens(pairs)
+        scorer = ReferenceScorer(folder, "bfloat16" if device == "cuda" else "float32", Truncation(None), model=model,
+                                 device=device, attention="auto")
+        run_scorer(scorer, pairs[:1], 1, clock)
+        clock.reset_peak()
+        s = run_scorer(scorer, pairs, a.per_call, clock)
+        peak = clock.peak_gb()
+        rows.append(dict(section="long pairs", shape=a.long_shape, data=f"random ids, {length} tokens a pair",
+                         what=f"project, attention auto ({scorer.attention})", pairs=len(pairs), seconds=s,
+                         pairs_per_s=len(pairs) / s, tokens_per_s=tokens / s, mfu=mfu(2 * params * tokens / s, a),
+                         peak_gb=peak))
+
+
+def training(a, device: str, clock: Clock, rows: list[dict]) -> None:
+    """Steps with precomputed references and with a bf16 reference beside the policy, alternated."""
+    import torch
+
+    from stages.core.runtime.models import enable_activation_checkpointing
+    from stages.core.scoring.truncation import Truncation
+    from stages.core.training.losses import LossParams
+    from stages.core.training.policy_pass import PassContext, forward
+
+    shape = a.train_shape
+    _, policy = build(shape, device, torch.float32)
+    policy.train()
+    enable_activation_checkpointing(policy)
+    _, reference = build(shape, device, torch.bfloat16 if device == "cuda" else torch.float32)
+    reference.requires_grad_(False)
+    params = sum(p.numel() for p in policy.parameters())
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=device == "cuda")
+    ctx = PassContext(a.micro_batch, Truncation(a.max_length), 0, device, "bfloat16" if device == "cuda" else "float32",
+                      (("sigmoid", 1.0),), LossParams(0.1, 0.0, 0.05, 0.5))
+    pairs = load_pairs(a.train_set, a.step_pairs * (a.steps + a.warmup) * 2, a.max_length)
+    batches = [pairs[i:i + a.step_pairs] for i in range(0, len(pairs), a.step_pairs)]
+
+    def step(batch: list[dict], beside: bool) -> None:
+        for i in range(0, len(batch), a.micro_batch):
+            mb = batch[i:i + a.micro_batch]
+            chosen, rejected, _ = forward(policy, mb, ctx)
+            if beside:
+                with torch.no_grad():
+                    ref_c, ref_r, _ = forward(reference, mb, ctx)
+            else:  # precomputed: numbers read from the shards (their values do not change the speed)
+                ref_c = ref_r = torch.zeros_like(chosen)
+            margin = 0.1 * ((chosen - ref_c) - (rejected - ref_r))
+            (-torch.nn.functional.logsigmoid(margin).sum() / len(batch)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times = {False: [], True: []}
+    peaks = {False: None, True: None}
+    for k, batch in enumerate(batches[:2 * (a.steps + a.warmup)]):
+        beside = k % 2 == 1  # alternated, so drift in clocks or memory hits both alike
+        clock.reset_peak()
+        clock.sync()
+        start = time.perf_counter()
+        step(batch, beside)
+        clock.sync()
+        if k >= 2 * a.warmup:
+            times[beside].append(time.perf_counter() - start)
+            peaks[beside] = clock.peak_gb()
+    tokens = pair_tokens(batches[0])
+    for beside, label in ((False, "precomputed references"), (True, "reference beside the policy (bf16, every "
+                                                                     "micro-batch)")):
+        s = sum(times[beside]) / len(times[beside])
+        rows.append(dict(section="training", shape=shape, data=a.train_set, what=label, pairs=a.step_pairs,
+                         seconds=s, s_per_step=s, tokens_per_s=tokens / s, mfu=mfu(6 * params * tokens / s, a),
+                         peak_gb=peaks[beside], steps=len(times[beside])))
+
+
+def mfu(flops_per_s: float, a) -> float | None:
+    return flops_per_s / (a.peak_tflops * 1e12) if a.peak_tflops else None
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    out = [header, "", "| section | shape | data | what | pairs/s | tokens/s | s/step | MFU | peak GB |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    f = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
+    for r in rows:
+        out.append(f"| {r['section']} | {r['shape']} | {r['data']} | {r['what']} | {f(r.get('pairs_per_s'), '.1f')} "
+                   f"| {f(r.get('tokens_per_s'), ',.0f')} | {f(r.get('s_per_step'), '.3f')} "
+                   f"| {f(r.get('mfu') and 100 * r['mfu'], '.1f')} | {f(r.get('peak_gb'), '.1f')} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few pairs, CPU: a smoke run (the tests')")
+    p.add_argument("--shapes", default="1b,8b")
+    p.add_argument("--sets", default="hh,orca,sharegpt")
+    p.add_argument("--pairs", type=int, default=256, help="pairs per data set")
+    p.add_argument("--per-call", type=int, default=256, help="pairs per scorer call")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--long-lengths", default="1024,4096,8192,16384")
+    p.add_argument("--long-tokens", type=int, default=262144, help="tokens scored per long-pair length")
+    p.add_argument("--train-set", default="orca")
+    p.add_argument("--steps", type=int, default=5, help="measured steps per mode")
+    p.add_argument("--warmup", type=int, default=2, help="steps per mode not measured")
+    p.add_argument("--step-pairs", type=int, default=16)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: 989 on CUDA)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu"))
+    a = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() and not a.quick else "cpu"
+    if a.quick:
+        a.shapes, a.sets, a.pairs, a.per_call, a.max_length = "tiny", "hh,orca", 4, 4, 256
+        a.long_lengths, a.long_tokens, a.steps, a.warmup, a.step_pairs, a.micro_batch = "512", 512, 1, 1, 2, 2
+    elif device != "cuda":
+        p.error("no CUDA device: run with --quick for the CPU smoke run")
+    if a.peak_tflops is None and device == "cuda":
+        a.peak_tflops = 989.0
+    shapes = a.shapes.split(",")
+    a.sets, a.long_lengths = a.sets.split(","), [int(x) for x in a.long_lengths.split(",")]
+    a.long_shape = a.train_shape = shapes[0]
+    clock = Clock(device)
+    rows: list[dict] = []
+    started = time.perf_counter()
+    for shape in shapes:
+        scoring(a, shape, device, clock, rows)
+    training(a, device, clock, rows)
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    header = f"bench/gpu.py on {name}: torch {torch.__version__}, {when}, {time.perf_counter() - started:.0f} s"
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"device": name, "torch": torch.__version__, "args": {k: v for k, v in vars(a).items()}, "rows": rows}
+    (out / "gpu.json").write_text(json.dumps(result, indent=1, default=str))
+    table = markdown(rows, header)
+    (out / "gpu.md").write_text(table)
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()

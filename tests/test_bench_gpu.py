@@ -1,0 +1,33 @@
+"""bench/gpu.py --quick: the GPU bench's CPU smoke run, in a process of its own that must not import Ray,
+datasets or s3fs (the GPU machines have none of them)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # a subprocess: ~15 s
+
+
+def test_quick_run_writes_its_table_without_ray_datasets_or_s3fs(tmp_path):
+    code = ("import runpy, sys; sys.argv = ['gpu.py', '--quick', '--out', sys.argv[1]]; "
+            "runpy.run_path('bench/gpu.py', run_name='__main__'); "
+            "bad = [m for m in ('ray', 'datasets', 's3fs') if m in sys.modules]; "
+            "assert not bad, f'bench/gpu.py imported {bad}'")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    rows = result["rows"]
+    sections = {r["section"] for r in rows}
+    assert sections == {"scoring", "long pairs", "training"}
+    whats = [r["what"] for r in rows if r["section"] == "scoring" and r["data"] == "hh"]
+    assert any("attention flex (flex)" in w for w in whats) and any(w.startswith("TRL-shaped") for w in whats)
+    assert all(r["tokens_per_s"] > 0 and r["seconds"] > 0 for r in rows)
+    assert {r["what"].split(" (")[0] for r in rows if r["section"] == "training"} == {
+        "precomputed references", "reference beside the policy"}
+    table = (tmp_path / "gpu.md").read_text()
+    assert table.startswith("bench/gpu.py on CPU") and table.count("\n| ") == len(rows) + 1
