@@ -158,7 +158,8 @@ class PrecomputeConfig(Common):
     max_prompt_length: int | None = doc("max prompt tokens before max_length applies (None: no limit)", default=None)
     truncation_mode: Literal["keep_start", "keep_end"] = doc("which end of a too-long sequence to keep",
                                                              default="keep_start")
-    batch_size: int = doc("pairs per scorer call (cut by length into forwards inside the call)", default=64)
+    batch_size: int | None = doc("pairs per scorer call, cut by length into forwards inside the call (None: 64 on "
+                                 "CPU, 512 on a GPU, where bigger calls fill bigger forwards)", default=None)
     num_workers: int = doc("scorer actors (one GPU each where CUDA exists)", default=1)
     gpus_per_worker: int = doc("GPUs of one node per scorer actor: a reference too big for one GPU is spread "
                                "over K GPUs (device_map); needs CUDA when above 1", default=1)

@@ -33,6 +33,7 @@ from stages.core.refs.writer import ShardWriter, deliver
 from stages.core.runtime.cluster import actor_pool_map, init_ray, quiet_ray_data
 from stages.core.runtime.devices import ray_use_gpu, threads_per_worker
 from stages.core.runtime.models import for_workers
+from stages.core.scoring.packing import PAIRS_PER_CALL
 from stages.core.scoring.scorer import PairProgress, ReferenceScorer, tokenize_batch
 from stages.core.scoring.truncation import Truncation
 
@@ -102,7 +103,8 @@ def _dataset(cfg: PrecomputeConfig, model_path: str, plan: Plan, progress, write
                        # Scoring on CPU, a tokenize task would take the cores the scorers score on; the
                        # scorer tokenizes its own batch instead, and its rows skip a trip through Ray.
                        tokenize=not apart, device="cuda" if use_gpu else "cpu")
-    ds = actor_pool_map(ds, ReferenceScorer, batch_size=cfg.batch_size, size=cfg.num_workers,
+    per_call = cfg.batch_size or PAIRS_PER_CALL["cuda" if use_gpu else "cpu"]
+    ds = actor_pool_map(ds, ReferenceScorer, batch_size=per_call, size=cfg.num_workers,
                         num_gpus=cfg.gpus_per_worker if use_gpu else 0, num_cpus=1, fn_constructor_kwargs=scorer_args)
     return ds.map_batches(deliver, batch_format="pyarrow", batch_size=None, num_cpus=0.1,
                           fn_kwargs=dict(writers=writers))

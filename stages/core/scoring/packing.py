@@ -19,6 +19,9 @@ from stages.core.scoring.truncation import Truncation
 # scored a 1B model 2.15x faster at 65,536 tokens a forward than at 8,192; 131,072 was slower again).
 TOKENS_PER_FORWARD = 8192
 GPU_TOKENS_PER_FORWARD = 65536
+# Pairs per scorer call when --batch-size is not given: a call's pairs are cut into forwards, so a GPU's
+# bigger forwards need bigger calls (an H200 scored 2.15x faster at 256 pairs a call than at 64).
+PAIRS_PER_CALL = {"cpu": 64, "cuda": 512}
 # Share of the GPU's free memory one forward's transient activations may take.
 GPU_MEMORY_SHARE = 0.25
 # Packed rows carry a (T, T) additive mask each: at most this many mask entries per forward (128 MB fp32).
