@@ -110,7 +110,7 @@ def test_shards_rejects_and_manifest(dirty, tiny_model_dir):
 @pytest.mark.slow
 def test_same_logps_for_any_batch_size_and_worker_count(dirty, killed):
     """`dirty` scored 4 pairs per call with one scorer; `killed`'s pairs were all scored one pair per call
-    (no padding) by two scorers (the killed run's, then the re-run's)."""
+    (no padding), those of its re-run (all but the few shards finished before the kill) by two scorers."""
     m1, m2 = dirty.manifest, killed.manifest
     a = {r["pair_id"]: r for r in read_shards(dirty.out, m1)}
     b = {r["pair_id"]: r for r in read_shards(killed.out, m2)}
@@ -172,16 +172,17 @@ def test_rerun_skips_grown_input_scores_only_new_rows_and_other_settings_are_ref
 def _cli(tmp_path, model, out):
     return [sys.executable, str(ROOT / "pipeline.py"), "precompute", "--data", str(tmp_path / "in.jsonl"),
             "--model", model, "--output", str(out), "--rows-per-shard", "2", "--batch-size", "1",
-            "--num-workers", "2", "--max-length", "512", "--progress", "false"]
+            "--max-length", "512", "--progress", "false"]
 
 
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory, tiny_model_dir, ray_session):
     """A real `pipeline.py precompute` (its own Ray: RAY_ADDRESS="") over the dirty input, 15 shards of 2
-    rows, one pair per scorer call with two scorers, killed with SIGKILL once a few shards are finished;
-    then the same run again (in this process, the same settings) finishes it. Its pairs were all scored
-    one pair per call by two scorers: the batch-size/worker test reads it too (a run costs seconds of
-    start-up, a CLI run more)."""
+    rows, one pair per scorer call, killed with SIGKILL once a few shards are finished; then the same run
+    again (in this process) finishes it with two scorers (--num-workers is no setting an output must
+    match). All its pairs were scored one pair per call, the re-run's (most of them) by two scorers: the
+    batch-size/worker test reads it too, instead of a run of its own (a run costs seconds of start-up;
+    a second scorer in the killed CLI run cost as much as it saved)."""
     tmp_path = tmp_path_factory.mktemp("killed")
     write_dirty_input(tmp_path / "in.jsonl")
     env = {**os.environ, "RAY_ADDRESS": ""}
@@ -207,7 +208,7 @@ def killed(tmp_path_factory, tiny_model_dir, ray_session):
         settled, finished_at_kill = (settled + 1, count) if count == finished_at_kill else (0, count)
     manifest_at_kill = (out / "manifest.json").exists()
 
-    # The same command again (its settings as a config; the killed run's lease is taken over).
+    # The same command again (its settings as a config; the killed run's lease is taken over), two scorers.
     _, resumed = run(tmp_path, tiny_model_dir, name="killed", rows_per_shard=2, batch_size=1, num_workers=2)
     return SimpleNamespace(out=out, manifest=resumed, finished_at_kill=finished_at_kill,
                            manifest_at_kill=manifest_at_kill)
