@@ -39,8 +39,15 @@ def test_two_nights_and_a_retried_one(tmp_path, tiny_model_dir, refs, capsys):
     assert first["stages"]["train"]["outcome"] == "finished" and "eval" not in first["stages"]
 
     write(data, rows(16))  # six rows arrive during the day
-    assert pipeline.main([*night, "--date", "2026-11-25", "--eval-refs", str(held)]) == 0
-    out = capsys.readouterr().out
+    capsys.readouterr()
+    # This night with the progress bar on, its default: the chain of pairs with the bar (moved here from
+    # test_progress, whose own chain of pairs was three more stage runs).
+    assert night[-2:] == ["--progress", "false"]
+    assert pipeline.main([*night[:-2], "--date", "2026-11-25", "--eval-refs", str(held)]) == 0
+    out, err = capsys.readouterr()
+    assert "pair/s" in err and "acc " in err  # precompute's bar and train's
+    assert "rows read 16, written 16" in out and "6 pairs written" in out and "held-out pairs" in out
+    assert "precompute 6 new pairs, 16 in all" in out and "eval/rewards/accuracies" in out.splitlines()[-1]
     second_dir = tmp_path / "runs" / "nightly-2026-11-25"
     second = json.loads((second_dir / "run.json").read_text())
     assert second["stages"]["precompute"]["last_run"]["pairs_written"] == 6  # only the new rows were scored
