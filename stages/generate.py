@@ -25,7 +25,7 @@ from stages.core.config.engine import ConfigError, public
 from stages.core.config.online import GenerateConfig
 from stages.core.inputs.files import MalformedRow
 from stages.core.inputs.prompts import prompt_id, read_prompts
-from stages.core.lease import Lease
+from stages.core.lease import Lease, check_held
 from stages.core.online.outputs import finished
 from stages.core.online.sampling import CANDIDATE_SCHEMA, Sampler
 from stages.core.runtime.cluster import actor_pool_map, init_ray, quiet_ray_data
@@ -141,6 +141,7 @@ def _sample(cfg: GenerateConfig, items: list[dict], rejects: list[dict], rows_re
     files, buffer, counts = [], [], {"samples": 0, "stop": 0, "length": 0, "prompt_tokens": 0, "response_tokens": 0}
     bar = _bar(cfg, len(items))
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        check_held()  # a run that lost its output's lease stops at the next batch
         for rec in batch.to_pylist():
             if rec["reject_reason"]:
                 rejects.append(_reject(rec["prompt_index"], rec["reject_reason"], rec["reject_detail"],

@@ -29,7 +29,7 @@ from stages.core.errors import PipelineError
 from stages.core.inputs.candidates import read_candidates
 from stages.core.inputs.folders import check_exists
 from stages.core.inputs.formats import RowRejected
-from stages.core.lease import Lease
+from stages.core.lease import Lease, check_held
 from stages.core.online.candidate_rows import flatten, group_by_prompt, prompt_rng
 from stages.core.online.judges import (
     CandidateKey,
@@ -80,6 +80,7 @@ def _score_with_actors(cfg: JudgeConfig, cands: list[dict], actor,
                                                "threads": None if use_gpu else threads_per_worker(cfg.num_workers)})
     out = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        check_held()  # a run that lost its output's lease stops at the next batch
         for r in batch.to_pylist():
             out[candidate_key(r)] = (r["score"], r["error"])
     return out

@@ -15,7 +15,7 @@ import torch
 
 from stages.core import storage
 from stages.core.config.options import TrainConfig
-from stages.core.lease import Lease
+from stages.core.lease import Lease, LeaseWatch
 from stages.core.runtime.cluster import run_train_workers
 from stages.core.runtime.preemption import Preempted, Preemption
 from stages.core.training.run_folder import output_dir, prepare_output
@@ -26,27 +26,35 @@ def run(cfg: TrainConfig) -> dict:
     """Train; returns the run's summary (`stages.core.training.trainer.summary`). Raises `Preempted` after
     a SIGTERM, once the checkpoint is written."""
     storage.configure(cfg.storage_options_dict)
-    with Lease(output_dir(cfg), "train"):  # one run at a time writes an output
-        result = _run(cfg)
+    with Lease(output_dir(cfg), "train") as lease:  # one run at a time writes an output
+        try:
+            result = _run(cfg, lease)
+        except Exception:
+            lease.check(read=True)  # a run stopped for a lost lease names who took it, not what its workers raised
+            raise
     if result["outcome"] == "preempted":
         raise Preempted(f"train: preempted (SIGTERM) at step {result['steps']} of {result['total_steps']}; "
                         f"checkpoint {result['weights']}: continue with --resume auto")
     return result
 
 
-def _run(cfg: TrainConfig) -> dict:
+def _run(cfg: TrainConfig, lease: Lease) -> dict:
     resume_from = prepare_output(cfg)
     if cfg.num_workers == 1 and not (cfg.device == "cuda" and not torch.cuda.is_available()):
         preemption = Preemption()
         try:
-            result = train_loop(cfg, resume_from, preemption)
+            # this process's heartbeat, and the lease file itself (read every few seconds at most): a take-over
+            # stops the loop at the next step even between two beats
+            watch = LeaseWatch(lease.url, lease.run_id, lease.ttl)
+            result = train_loop(cfg, resume_from, preemption, lambda: lease.is_lost() or watch.lost())
         finally:
             preemption.close()
     else:
         absolute = lambda u: os.path.abspath(u) if u and storage.is_local(u) else u  # noqa: E731  workers' cwd
         out = absolute(output_dir(cfg))
         cfg = dataclasses.replace(cfg, refs=absolute(cfg.refs), output=out, eval_refs=absolute(cfg.eval_refs))
-        run_train_workers(ray_worker, {**dataclasses.asdict(cfg), "_resume_from": resume_from}, cfg.num_workers,
+        run_train_workers(ray_worker, {**dataclasses.asdict(cfg), "_resume_from": resume_from,
+                                       "_lease": (lease.url, lease.run_id, lease.ttl)}, cfg.num_workers,
                           os.path.join(storage.staging_dir(out), "ray"), cfg.max_failures)
         result = storage.read_json(storage.join(out, "summary.json"))
     return result

@@ -25,6 +25,7 @@ from contextlib import contextmanager, nullcontext
 from stages.core import console, storage
 from stages.core.config.options import PrecomputeConfig
 from stages.core.errors import PipelineError, unwrap
+from stages.core.lease import check_held
 from stages.core.refs import output
 from stages.core.refs.manifest import ShardEntry
 from stages.core.refs.plan import Source, build_plan, pair_kl
@@ -252,6 +253,7 @@ class ScoringRun:
         raise AssertionError("unreachable")
 
     def on_batch(self, rows: int, pairs: int, tokens: int, entries: list[dict]) -> None:
+        check_held()  # a run that lost its output's lease stops at the next scored batch
         self.entries += entries
         self.received += rows
         self.stream_tokens += tokens

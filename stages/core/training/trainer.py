@@ -20,13 +20,14 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from stages.core import console, storage
 from stages.core.config.engine import to_yaml
 from stages.core.config.options import TrainConfig
+from stages.core.lease import LeaseHeld, LeaseWatch
 from stages.core.plots import training_curves
 from stages.core.refs.stream import Refs, batches, check_tokenizer, load_refs
 from stages.core.runtime.devices import pick_device, threads_per_worker
@@ -330,8 +331,11 @@ def _advance(bar, record: dict) -> None:
     bar.update(1)
 
 
-def train_loop(cfg: TrainConfig, resume_from: str | None = None, preemption: Preemption | None = None) -> dict:
-    """Train; returns the summary. Runs as is in one process or inside a Ray Train worker."""
+def train_loop(cfg: TrainConfig, resume_from: str | None = None, preemption: Preemption | None = None,
+               lease_lost: Callable[[], bool] | None = None) -> dict:
+    """Train; returns the summary. Runs as is in one process or inside a Ray Train worker.
+    `lease_lost()`: asked after every optimizer step (by every worker, their answers or-ed); when the run
+    no longer holds its output's lease the loop stops at once, writing nothing more (LeaseHeld)."""
     run = start(cfg, resume_from, preemption)
     stream = batches(run.refs, cfg.batch_size, cfg.seed, cfg.shuffle_buffer, run.epoch, run.consumed)
     end = min(run.steps, cfg.stop_at_step or run.steps)
@@ -339,6 +343,9 @@ def train_loop(cfg: TrainConfig, resume_from: str | None = None, preemption: Pre
     with storage.local_write(run.staging):  # metrics, TensorBoard, final/, curves: on a full disk, one line
         while run.step < end and not run.stopper.should_stop:
             record = train_step(run, *next(stream))
+            if lease_lost is not None and run.dist.any_(lease_lost()):
+                raise LeaseHeld(f"train: {cfg.output}: this run lost its output's lease at step {run.step} (another "
+                                "run took it over, or it could not be renewed); stopped without writing more")
             record.update(evaluate_step(run))
             if run.log is not None:
                 run.log.write(record)
@@ -366,8 +373,10 @@ def ray_worker(config: dict) -> None:
 
     config = dict(config)
     resume_from, flag = config.pop("_resume_from"), config.pop("_preemption_flag")
+    watch = LeaseWatch(*config.pop("_lease")) if config.get("_lease") else None
+    config.pop("_lease", None)
     cfg = TrainConfig(**config)
     storage.configure(cfg.storage_options_dict)
     resume_from = checkpoint.latest(output_dir(cfg)) or resume_from
     torch.set_num_threads(threads_per_worker(cfg.num_workers))
-    train_loop(cfg, resume_from, Preemption(preemption_asker(flag)))
+    train_loop(cfg, resume_from, Preemption(preemption_asker(flag)), watch.lost if watch else None)

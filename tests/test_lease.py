@@ -1,0 +1,213 @@
+"""stages/core/lease.py and stages/core/conditional.py: the output lease by compare-and-swap, on local
+disk and on S3 (moto on 127.0.0.1, which honours If-None-Match / If-Match): exactly one winner when runs
+race, however slow one's write is; a retried request that meets its own first attempt; take-over of a
+dead run's lease and of this job's predecessor's; a holder that cannot renew stops; release only of
+its own version."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from stages.core import conditional, storage
+from stages.core import lease as lease_mod
+from stages.core.lease import Lease, LeaseHeld, LeaseWatch
+
+moto_server = pytest.importorskip("moto.server")
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    import socket
+
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="leases")
+        yield env
+    server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def where(request, tmp_path):
+    """An output URL on local disk or on S3 (a prefix of its own per test)."""
+    if request.param == "local":
+        return str(tmp_path / "out")
+    request.getfixturevalue("s3_env")
+    return f"s3://leases/{request.node.name.replace('[', '-').rstrip(']')}/out"
+
+
+def test_conditional_operations_answer_who_got_there_first(where):
+    url = storage.join(where, "_lease.json")
+    assert conditional.read(url) is None
+    tag = conditional.create(url, b"one")
+    assert tag and conditional.create(url, b"two") is None  # something is there: not overwritten
+    got = conditional.read(url)
+    assert (got.data, got.tag) == (b"one", tag)
+    new = conditional.replace(url, b"three", tag)
+    assert new and new != tag
+    assert conditional.replace(url, b"four", tag) is None  # a stale version: refused
+    assert conditional.delete(url, tag) is False and conditional.read(url).data == b"three"
+    assert conditional.delete(url, new) is True and conditional.read(url) is None
+    assert conditional.delete(url, new) is False  # nothing there
+
+
+def test_a_live_lease_refuses_and_is_released_by_its_holder(where):
+    with Lease(where, "precompute", ttl=30) as first:
+        held = storage.read_json(f"{where}/_lease.json")
+        assert held["run_id"] == first.run_id and held["expires_at"] > time.time()
+        with pytest.raises(LeaseHeld, match=rf"being written by another run \(precompute on .*{first.run_id[:12]}"):
+            Lease(where, "train").__enter__()
+        first.check()
+    assert not storage.exists(f"{where}/_lease.json")
+
+
+def test_racing_runs_with_a_slow_write_have_one_winner_every_time(where, monkeypatch):
+    """Each trial: two runs start together and one's create request is delayed 0.3 s (it read "no lease"
+    long before its write lands): exactly one holds the lease, the other is refused naming it."""
+    real = conditional.create
+    slow = threading.local()
+
+    def create(url, data):
+        if getattr(slow, "on", False):
+            time.sleep(0.3)
+        return real(url, data)
+
+    monkeypatch.setattr(conditional, "create", create)
+    for trial in range(8):
+        url = f"{where}/trial-{trial}"
+        barrier, outcome = threading.Barrier(2), []
+
+        def race(delayed: bool, url=url, barrier=barrier, outcome=outcome) -> None:
+            slow.on = delayed
+            lease = Lease(url, "precompute", ttl=30)
+            barrier.wait()
+            try:
+                outcome.append(lease.__enter__())
+            except LeaseHeld as e:
+                outcome.append(str(e))
+
+        threads = [threading.Thread(target=race, args=(d,)) for d in (trial % 2 == 0, trial % 2 == 1)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        winners = [x for x in outcome if isinstance(x, Lease)]
+        assert len(outcome) == 2 and len(winners) == 1, outcome
+        assert winners[0].run_id[:12] in next(x for x in outcome if isinstance(x, str))
+        assert storage.read_json(f"{url}/_lease.json")["run_id"] == winners[0].run_id
+        winners[0].__exit__(None, None, None)
+
+
+def test_a_create_retried_after_it_landed_is_recognised_as_ours(where, monkeypatch):
+    """The first create lands but its answer is lost (a timeout): the retry meets the lease; reading it
+    back, the run finds its own run id and holds the lease."""
+    real = conditional.create
+    calls = []
+
+    def create(url, data):
+        calls.append(url)
+        real(url, data)
+        if len(calls) == 1:
+            return None  # as a retried conditional PUT answers (412) when its first attempt had landed
+        return real(url, data)
+
+    monkeypatch.setattr(conditional, "create", create)
+    with Lease(where, "train", ttl=30) as lease:
+        assert storage.read_json(f"{where}/_lease.json")["run_id"] == lease.run_id
+        lease.check()
+    assert not storage.exists(f"{where}/_lease.json")
+
+
+def test_take_over_a_dead_runs_lease_and_this_jobs_predecessors(where, monkeypatch):
+    url = f"{where}/_lease.json"
+    storage.write_json(url, {"run_id": "dead" * 8, "holder": "gone pid 1", "expires_at": time.time() - 1})
+    with Lease(where, "precompute", ttl=30) as taker:  # expired: taken over
+        assert storage.read_json(url)["run_id"] == taker.run_id
+    live = {"run_id": "a" * 32, "holder": "other pid 7", "host": "elsewhere", "job_id": "nightly-2026-12-05",
+            "command": "precompute", "expires_at": time.time() + 300}
+    storage.write_json(url, live)
+    monkeypatch.setenv("DPO_JOB_ID", "nightly-2026-12-04")
+    with pytest.raises(LeaseHeld, match="other pid 7"):  # another job's live lease: refused
+        Lease(where, "precompute").__enter__()
+    monkeypatch.setenv("DPO_JOB_ID", "nightly-2026-12-05")
+    with Lease(where, "precompute", ttl=30) as retry:  # a retry of the same job: its predecessor's lease is its own
+        held = storage.read_json(url)
+        assert held["run_id"] == retry.run_id and held["job_id"] == "nightly-2026-12-05"
+
+
+def test_a_holder_that_cannot_renew_or_was_taken_over_stops(where, monkeypatch):
+    """Renewals fail (storage down): the lease is lost once it expires, check() says why, and the run
+    leaves the lease alone. A holder whose lease another run took over knows it at its next beat."""
+    def down(*a, **kw):
+        raise storage.StorageError("storage unavailable")
+
+    lease = Lease(where, "train", ttl=0.6).__enter__()
+    watch = LeaseWatch(lease.url, lease.run_id, 0.6)
+    assert not watch.lost()
+    monkeypatch.setattr(conditional, "replace", down)
+    monkeypatch.setattr(storage, "write_bytes_atomic", down)
+    deadline = time.time() + 10
+    while not lease.is_lost() and time.time() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(LeaseHeld, match="lost its lease .*could not renew it before it expired"):
+        lease.check()
+    with pytest.raises(LeaseHeld):
+        lease_mod.check_held()  # what stages call at their natural steps
+    lease.__exit__(None, None, None)
+    assert storage.read_json(f"{where}/_lease.json")["run_id"] == lease.run_id  # expired, left to expire
+    time.sleep(0.2)
+    assert watch.lost()  # a worker of the holder sees it expired
+    monkeypatch.undo()
+
+    other = Lease(f"{where}/2", "train", ttl=0.6).__enter__()
+    stale = json.loads(storage.read_bytes(other.url))
+    storage.write_json(other.url, {**stale, "run_id": "b" * 32, "holder": "thief pid 9",
+                                   "expires_at": time.time() + 60})
+    deadline = time.time() + 10
+    while not other.is_lost() and time.time() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(LeaseHeld, match="thief pid 9"):
+        other.check()
+    other.__exit__(None, None, None)
+    assert storage.read_json(other.url)["run_id"] == "b" * 32  # not ours: not removed
+
+
+def test_a_lost_lease_stops_training_within_one_step(refs, tmp_path, monkeypatch):
+    """Another run takes the output's lease over during step 2: the trainer stops after that step with
+    one LeaseHeld line naming the other run, logs no record of it and writes no checkpoint or final weights."""
+    from stages import train
+    from stages.core.config.options import TrainConfig
+    from stages.core.training import trainer
+
+    monkeypatch.setattr(lease_mod, "TTL_SECONDS", 1.2)  # LeaseWatch reads the file at most every ttl/6 s
+    real = trainer.train_step
+    out = tmp_path / "run"
+
+    def step(run, *a):
+        record = real(run, *a)
+        if run.step == 2:
+            time.sleep(0.25)  # past the watch's interval
+            held = storage.read_json(f"{out}/_lease.json")
+            storage.write_json(f"{out}/_lease.json", {**held, "run_id": "c" * 32, "holder": "usurper pid 3",
+                                                      "expires_at": time.time() + 60})
+        return record
+
+    monkeypatch.setattr(trainer, "train_step", step)
+    cfg = TrainConfig(refs=str(refs), output=str(out), max_steps=6, batch_size=2, micro_batch_size=2, save_every=1,
+                      progress=False)
+    with pytest.raises(LeaseHeld, match="usurper pid 3"):
+        train.run(cfg)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"] and not (out / "final").exists()
