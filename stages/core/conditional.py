@@ -4,9 +4,10 @@
   PutObject / DeleteObject with `If-Match: <ETag>` of the version read. The store decides, at the
   moment the request arrives, so a slow request cannot overwrite what another run wrote meanwhile.
 - Local paths: create is a hard link of a complete temporary file (fails if the name exists); replace
-  and delete take an exclusive `flock` on a hidden lock file beside the object, compare the content's
-  hash with the one read, then rename or unlink. (flock holds between processes of one machine, which
-  is what a local output is shared by; not over NFS.)
+  and delete take an exclusive `flock` on a lock file named for the object's real path (in the system's
+  temp folder, so outputs stay clean), compare the content's hash with the one read, then rename or
+  unlink. (flock holds between the processes of one machine, which is what a local output is shared
+  by; not over NFS.)
 - Any other fsspec store: `supported()` is False and the caller falls back to write, settle, read back.
 
 A version's tag is the S3 ETag, or the content's sha256 locally. Each operation answers "done" (a new
@@ -63,9 +64,11 @@ def _sha(data: bytes) -> str:
 @contextlib.contextmanager
 def _locked(path: str):
     import fcntl
+    import tempfile
 
-    folder, name = os.path.split(path)
-    with open(os.path.join(folder, f".{name}.lock"), "a") as fh:
+    folder = os.path.join(tempfile.gettempdir(), "dpo-refstream-locks")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, _sha(os.path.realpath(path).encode())[:32] + ".lock"), "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
