@@ -232,6 +232,56 @@ def _wait_for_steps(out: Path, n: int, proc: subprocess.Popen, timeout: float = 
     raise AssertionError(f"no {n} steps in {timeout} s")
 
 
+def _signalled(cmd: list[str], out: Path, steps: int, signals: list, wait: float, timeout: float) -> dict:
+    """A CLI run started now, and a thread that sends it `signals` once it has `steps` steps (waiting up to
+    `wait` s) and then waits up to `timeout` s for its end: the run goes on while other tests run. The
+    result: "out", "proc", "thread"; once the thread is done "err" (the run's stderr) or "error" (what went
+    wrong, as the test would have raised it). stdout to /dev/null: not into another test's captured output."""
+    import threading
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    result: dict = {"out": out, "proc": proc}
+
+    def stop_it():
+        try:
+            _wait_for_steps(out, steps, proc, timeout=wait)
+            for sig in signals:
+                proc.send_signal(sig)
+            _, result["err"] = proc.communicate(timeout=timeout)
+        except BaseException as e:  # the test reports it
+            result["error"] = repr(e)
+
+    result["thread"] = threading.Thread(target=stop_it, daemon=True)
+    result["thread"].start()
+    return result
+
+
+def _ended(run: dict) -> str:
+    """The stderr of a `_signalled` run, once it has ended."""
+    run["thread"].join(timeout=600)
+    assert not run["thread"].is_alive() and "error" not in run, run.get("error")
+    return run["err"]
+
+
+def _not_left_running(*runs: dict) -> None:
+    for run in runs:
+        if run["proc"].poll() is None:  # a test failed before the run's end
+            run["proc"].kill()
+            run["proc"].communicate()
+
+
+@pytest.fixture(scope="module")
+def sigterm_runs(refs, tmp_path_factory) -> dict:
+    """The CLI runs of the two SIGTERM tests below (one SIGTERM after step 2; two at once after step 3), started
+    together: each is one process that keeps about one core busy, and the machine may have two."""
+    root = tmp_path_factory.mktemp("sigterm")
+    runs = {"once": _signalled(_train_command(refs, root / "pre"), root / "pre", 2, [signal.SIGTERM], 180, 120),
+            "twice": _signalled(_train_command(refs, root / "twice", "--save-every", "1"), root / "twice", 3,
+                                [signal.SIGTERM, signal.SIGTERM], 180, 120)}
+    yield runs
+    _not_left_running(*runs.values())
+
+
 @pytest.fixture(scope="module")
 def whole(refs, tmp_path_factory) -> Path:
     """One uninterrupted single-process run of _train_command's steps: what a run stopped by SIGTERM
@@ -241,12 +291,9 @@ def whole(refs, tmp_path_factory) -> Path:
     return out
 
 
-def test_sigterm_checkpoints_and_resume_auto_continues(refs, tmp_path, whole):
-    out = tmp_path / "pre"
-    proc = subprocess.Popen(_train_command(refs, out), cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    _wait_for_steps(out, 2, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+def test_sigterm_checkpoints_and_resume_auto_continues(refs, sigterm_runs, whole):
+    out, proc = sigterm_runs["once"]["out"], sigterm_runs["once"]["proc"]  # SIGTERMed after its step 2
+    err = _ended(sigterm_runs["once"])
     assert proc.returncode == 143, err
     assert "preempted (SIGTERM) at step" in err and "--resume auto" in err
     step = checkpoint.step_of(Path(checkpoint.latest(str(out))).name)
@@ -259,8 +306,9 @@ def test_sigterm_checkpoints_and_resume_auto_continues(refs, tmp_path, whole):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def _ray_train_workers() -> list:
-    """The Ray Train workers of this process's Ray (never those of another session on the machine)."""
+def _ray_train_workers(other: subprocess.Popen | None = None) -> list:
+    """The Ray Train workers of this process's Ray (never those of another session on the machine, nor those of
+    the Ray of `other`, a CLI run started by this process: its own Ray, its own workers)."""
     import psutil
 
     def cmdline(p) -> list[str]:
@@ -269,11 +317,31 @@ def _ray_train_workers() -> list:
         except psutil.Error:  # ended since it was listed
             return []
 
-    return [p for p in psutil.Process().children(recursive=True) if any("RayTrainWorker" in c for c in cmdline(p))]
+    theirs = set()
+    if other is not None:
+        try:
+            theirs = {c.pid for c in psutil.Process(other.pid).children(recursive=True)}
+        except psutil.Error:  # it has ended, and its Ray with it
+            pass
+    return [p for p in psutil.Process().children(recursive=True)
+            if p.pid not in theirs and any("RayTrainWorker" in c for c in cmdline(p))]
+
+
+@pytest.fixture(scope="module")
+def ray_pre(refs, tmp_path_factory) -> dict:
+    """The CLI run of test_sigterm_to_the_driver_of_ray_train_workers (FSDP2 on two Ray Train workers, its own
+    Ray), SIGTERMed after its step 2: started here so that it runs while the in-process Ray Train run of
+    test_fsdp_on_ray_train_workers_one_killed_and_restarted_from_the_checkpoint does; each spends much of its
+    time waiting (Ray's start, its workers' imports, the controller's polls)."""
+    out = tmp_path_factory.mktemp("ray-pre") / "run"
+    run = _signalled(_train_command(refs, out, "--num-workers", "2", "--strategy", "fsdp", steps=RAY_STEPS), out, 2,
+                     [signal.SIGTERM], 240, 240)
+    yield run
+    _not_left_running(run)
 
 
 def test_fsdp_on_ray_train_workers_one_killed_and_restarted_from_the_checkpoint(refs, tmp_path, runs, capfd,
-                                                                                 ray_session):
+                                                                                 ray_session, ray_pre):
     """FSDP2 on two Ray Train workers, the driver in this process (a SIGKILL to one of its workers is the point,
     not the driver's process): a thread kills a worker once the first checkpoint is there; Ray Train starts
     the group again, which goes on from that checkpoint. The run still ends where one worker ends."""
@@ -286,7 +354,7 @@ def test_fsdp_on_ray_train_workers_one_killed_and_restarted_from_the_checkpoint(
         deadline = time.time() + 240
         while checkpoint.latest(str(out)) is None and time.time() < deadline:
             time.sleep(0.1)
-        victims = _ray_train_workers()
+        victims = _ray_train_workers(other=ray_pre["proc"])
         if victims:
             os.kill(victims[-1].pid, signal.SIGKILL)
         killed.append(len(victims))
@@ -311,14 +379,11 @@ def test_fsdp_on_ray_train_workers_one_killed_and_restarted_from_the_checkpoint(
     assert_same_run(runs["full"], out)
 
 
-def test_sigterm_to_the_driver_of_ray_train_workers(refs, tmp_path):
-    """Under Ray Train the driver takes the signal; the workers finish the step, checkpoint, stop."""
-    out = tmp_path / "ray-pre"
-    proc = subprocess.Popen(_train_command(refs, out, "--num-workers", "2", "--strategy", "fsdp", steps=RAY_STEPS),
-                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    _wait_for_steps(out, 2, proc, timeout=240)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=240)
+def test_sigterm_to_the_driver_of_ray_train_workers(refs, ray_pre):
+    """Under Ray Train the driver takes the signal; the workers finish the step, checkpoint, stop. (The run,
+    SIGTERMed after its step 2: started in `ray_pre`.)"""
+    out, proc = ray_pre["out"], ray_pre["proc"]
+    err = _ended(ray_pre)
     assert proc.returncode == 143, err[-3000:]
     last = checkpoint.latest(str(out))
     assert last is not None and checkpoint.step_of(Path(last).name) >= 2
@@ -327,14 +392,9 @@ def test_sigterm_to_the_driver_of_ray_train_workers(refs, tmp_path):
     assert [r["step"] for r in read(str(out / "metrics.jsonl"))] == list(range(1, RAY_STEPS + 1))
 
 
-def test_second_sigterm_stops_at_once_and_keeps_the_last_checkpoint(refs, tmp_path, whole):
-    out = tmp_path / "twice"
-    proc = subprocess.Popen(_train_command(refs, out, "--save-every", "1"), cwd=ROOT, stderr=subprocess.PIPE,
-                            text=True)
-    _wait_for_steps(out, 3, proc)
-    proc.send_signal(signal.SIGTERM)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
+def test_second_sigterm_stops_at_once_and_keeps_the_last_checkpoint(refs, sigterm_runs, whole):
+    out, proc = sigterm_runs["twice"]["out"], sigterm_runs["twice"]["proc"]  # two SIGTERMs at once after step 3
+    _ended(sigterm_runs["twice"])
     assert proc.returncode != 0
     last = checkpoint.latest(str(out))
     assert last is not None and (Path(last) / "state" / ".metadata").exists()
