@@ -211,3 +211,41 @@ def test_a_lost_lease_stops_training_within_one_step(refs, tmp_path, monkeypatch
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"] and not (out / "final").exists()
+
+
+def test_a_trainer_pins_its_refs(refs, tmp_path, monkeypatch):
+    """Refs rewritten under a training run (a shard replaced, its checksum recorded in the manifest as a
+    precompute would) stop it before its next checkpoint, with one line; a resume on changed refs is
+    refused; the same refs resume."""
+    import shutil
+
+    from stages import train
+    from stages.core.config.options import TrainConfig
+    from stages.core.training import trainer
+    from stages.core.training.run_folder import TrainingError
+
+    own = tmp_path / "refs"
+    shutil.copytree(refs, own)
+    out = tmp_path / "run"
+    cfg = TrainConfig(refs=str(own), output=str(out), max_steps=4, batch_size=2, micro_batch_size=2, save_every=1,
+                      progress=False)
+    real = trainer.train_step
+    manifest = json.loads((own / "manifest.json").read_text())
+
+    def step(run, *a):
+        record = real(run, *a)
+        if run.step == 2:  # shard 0 rewritten (a repair with other content): its new checksum in the manifest
+            shards = [{**manifest["shards"][0], "sha256": "0" * 64}] + manifest["shards"][1:]
+            (own / "manifest.json").write_text(json.dumps({**manifest, "shards": shards}))
+        return record
+
+    monkeypatch.setattr(trainer, "train_step", step)
+    with pytest.raises(TrainingError, match=r"changed while this run trained .*step 2\): stopped before its"):
+        train.run(cfg)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
+    resume = TrainConfig(**{**cfg.__dict__, "resume": "auto"})
+    with pytest.raises(TrainingError, match="changed since this run started"):
+        train.run(resume)
+    (own / "manifest.json").write_text(json.dumps(manifest))  # the refs it started from: it resumes
+    assert train.run(resume)["steps"] == 4

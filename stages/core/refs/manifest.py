@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -192,6 +193,15 @@ class Manifest(_Json, Mapping):
 
     def replace(self, **changes) -> Manifest:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def contents(self) -> str:
+        """What the refs hold, as one hash: the pairs (their id fingerprint and count) and every shard's
+        path and checksum. A trainer pins it: a precompute that adds, repairs or replaces shards changes it;
+        a re-run that changes nothing does not."""
+        parts = [self.kind, self.pair_ids_fingerprint, str(self.rows_written)] + \
+            [f"{s.path}:{s.sha256}" for s in sorted(self.shards, key=lambda s: s.path)]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     @property
     def sources(self) -> list[str]:

@@ -180,6 +180,11 @@ def start(cfg: TrainConfig, resume_from: str | None, preemption: Preemption | No
               preemption or Preemption(listen=False), model_path)
     if resume_from is not None:
         state = checkpoint.load(resume_from, run.parts, dist)
+        pinned = state.get("refs_contents")  # older checkpoints pinned nothing
+        if pinned is not None and pinned != refs.manifest.contents:
+            raise TrainingError(f"{cfg.refs} changed since this run started (a precompute added, repaired or replaced "
+                                f"shards): resuming on other pairs would mix two data sets; restore those refs, or "
+                                f"start over with --overwrite")
         run.step, run.epoch, run.consumed = state["step"], state["epoch"], state["consumed"]
         run.stopper.restore(state.get("early_stopping"))
         if dist.is_main and storage.exists(storage.join(out, "metrics.jsonl")):
@@ -265,11 +270,16 @@ def checkpoint_step(run: Run, end: int, preempted: bool = False) -> None:
     cfg = run.cfg
     if not ((cfg.save_every and run.step % cfg.save_every == 0) or run.step == end < run.steps or preempted):
         return
+    changed = run.dist.is_main and load_refs(run.refs.root).manifest.contents != run.refs.manifest.contents
+    if run.dist.any_(changed):  # a precompute rewrote the refs under this run: never train on a changed set
+        raise TrainingError(f"{cfg.refs} changed while this run trained (a precompute added, repaired or replaced "
+                            f"shards; step {run.step}): stopped before its checkpoint; restore the refs and resume, or "
+                            "start over with --overwrite")
     if run.dist.is_main:
         run.publish("metrics.jsonl")  # before the checkpoint: resume reads both
     checkpoint.save(run.out, run.staging, run.step, run.parts,
-                    {"epoch": run.epoch, "consumed": run.consumed, "early_stopping": run.stopper.state()},
-                    cfg.keep_checkpoints, run.dist)
+                    {"epoch": run.epoch, "consumed": run.consumed, "early_stopping": run.stopper.state(),
+                     "refs_contents": run.refs.manifest.contents}, cfg.keep_checkpoints, run.dist)
 
 
 def summary(run: Run, outcome: str, weights: str) -> dict:
