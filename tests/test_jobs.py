@@ -524,3 +524,31 @@ def test_the_dockerfile_matches_the_manifests():
     assert re.search(r"^WORKDIR /app$", dockerfile, re.M)
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", "runs"} <= ignored
+
+
+def _cluster_specs(doc: dict):
+    """Every rayClusterSpec in a RayJob or a RayCronJob's RayJob template."""
+    spec = doc.get("spec", {})
+    for holder in (spec, spec.get("rayJobTemplate", {}).get("spec", {}), spec.get("jobTemplate", {})):
+        if isinstance(holder, dict) and "rayClusterSpec" in holder:
+            yield holder["rayClusterSpec"]
+
+
+def test_every_cluster_takes_a_dashboard_token():
+    """The dashboard / Jobs API of pods that hold storage credentials is never open: token auth on
+    every Ray cluster a manifest makes."""
+    import glob
+
+    import yaml
+
+    found = 0
+    for path in sorted(glob.glob(str(ROOT / "jobs" / "**" / "*.yaml"), recursive=True)):
+        for doc in yaml.safe_load_all(open(path)):
+            if not isinstance(doc, dict) or doc.get("kind") not in ("RayJob", "RayCronJob"):
+                continue
+            specs = list(_cluster_specs(doc))
+            assert specs, f"{path}: no rayClusterSpec found"
+            for spec in specs:
+                assert spec.get("authOptions", {}).get("mode") == "token", path
+                found += 1
+    assert found >= 7
