@@ -552,3 +552,36 @@ def test_every_cluster_takes_a_dashboard_token():
                 assert spec.get("authOptions", {}).get("mode") == "token", path
                 found += 1
     assert found >= 7
+
+
+def test_the_lock_file_is_current():
+    """constraints.txt (what `make install` and the image install from) pins every dependency pyproject
+    names, and each pin is the version installed here, the one the tests ran with."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, pinned = line.partition("==")
+            pins[canonicalize_name(name)] = pinned
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in deps:
+        name = canonicalize_name(Requirement(dep).name)
+        if name == "torch":  # installed first, from the CPU or CUDA index the machine needs
+            continue
+        assert name in pins, f"constraints.txt pins no {name}"
+    stale = []
+    for name, pinned in pins.items():
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            continue  # a platform-specific package absent here
+        if installed != pinned:
+            stale.append(f"{name}: pinned {pinned}, installed {installed}")
+    assert not stale, "constraints.txt is stale (regenerate it, see its header): " + "; ".join(stale)
