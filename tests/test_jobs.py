@@ -585,3 +585,56 @@ def test_the_lock_file_is_current():
         if installed != pinned:
             stale.append(f"{name}: pinned {pinned}, installed {installed}")
     assert not stale, "constraints.txt is stale (regenerate it, see its header): " + "; ".join(stale)
+
+
+CRONJOB = ROOT / "jobs" / "kubernetes" / "cronjob-nightly.yaml"
+
+
+def test_the_cronjob_and_its_rbac_against_kubernetes_schemas():
+    """Strict: an unknown or misplaced field fails, as the API server would refuse it."""
+    import kubernetes_validate
+
+    docs = _docs(CRONJOB)
+    assert [d["kind"] for d in docs] == ["ServiceAccount", "Role", "RoleBinding", "CronJob"]
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.30.0", strict=True)
+    cron = docs[-1]["spec"]
+    assert cron["concurrencyPolicy"] == "Forbid" and 0 < cron["startingDeadlineSeconds"] <= 3600
+    (rule,) = docs[1]["rules"]
+    assert rule == {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get", "create"]}
+    with pytest.raises(kubernetes_validate.ValidationError):  # the check can fail
+        kubernetes_validate.validate({**docs[-1], "spec": {**cron, "concurrency": "Forbid"}}, "1.30.0", strict=True)
+
+
+def _run_creator(tmp_path, exists: bool) -> tuple[subprocess.CompletedProcess, Path]:
+    """The CronJob's script with a stand-in kubectl: `get` answers as if tonight's RayJob exists (or not),
+    `create -f -` keeps what it was given."""
+    (tmp_path / "template").mkdir(exist_ok=True)
+    (tmp_path / "template" / "rayjob.yaml").write_text((KUBERAY / "rayjob-nightly.yaml").read_text())
+    created = tmp_path / "created.yaml"
+    kubectl = tmp_path / "bin" / "kubectl"
+    kubectl.parent.mkdir(exist_ok=True)
+    kubectl.write_text(f"#!/bin/sh\nif [ \"$1\" = get ]; then exit {0 if exists else 1}; fi\ncat > {created}\n")
+    kubectl.chmod(0o755)
+    script = _docs(CRONJOB)[-1]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    script = script.replace("/template/", f"{tmp_path}/template/")
+    done = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PATH": f"{kubectl.parent}:{os.environ['PATH']}"})
+    return done, created
+
+
+def test_the_cronjob_creates_one_rayjob_per_night_named_for_it(tmp_path):
+    import datetime
+
+    done, created = _run_creator(tmp_path, exists=False)
+    assert done.returncode == 0, done.stderr
+    job = yaml.safe_load(created.read_text())
+    night = f"dpo-nightly-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d}"
+    assert job["metadata"]["name"] == night
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "DPO_JOB_ID", "value": night} in head["env"]  # a retry of this RayJob keeps its lease
+    for release in RELEASES.values():
+        assert schema_errors(job, release) == []
+    created.unlink()
+    done, created = _run_creator(tmp_path, exists=True)  # tonight's exists: nothing created, no failure
+    assert done.returncode == 0 and "created already" in done.stdout and not created.exists()
