@@ -188,7 +188,7 @@ HEAD_CONTAINER = "spec.rayClusterSpec.headGroupSpec.template.spec.containers.0"
     ("spec.preRunningDeadlineSeconds", 0),                   # below the schema's minimum (1)
     ("spec.ttlSecondsAfterFinished", 2 ** 31),               # past int32
     ("spec.rayClusterSpec.rayVersoin", "2.60.0"),            # a typo, deep down
-    (f"{HEAD_CONTAINER}.env.0.valueFrom.secretKeyRef.optionnal", True),
+    (f"{HEAD_CONTAINER}.env.1.valueFrom.secretKeyRef.optionnal", True),
     (f"{HEAD_CONTAINER}.resources.limits.cpu", "four"),      # not a quantity
     ("spec.deletionStrategy", {"deletionRules": [{"policy": "DeleteAll", "condition": {"jobStatus": "FAILED"}}]}),
 ])
@@ -638,3 +638,19 @@ def test_the_cronjob_creates_one_rayjob_per_night_named_for_it(tmp_path):
     created.unlink()
     done, created = _run_creator(tmp_path, exists=True)  # tonight's exists: nothing created, no failure
     assert done.returncode == 0 and "created already" in done.stdout and not created.exists()
+
+
+def test_job_identity_for_retries():
+    """Every RayJob's head names the job in DPO_JOB_ID (its own name: a KubeRay retry of it takes over its
+    predecessor's lease); no RayCronJob does (its ticks share one template) and each says to use KubeRay
+    >= 1.7 only, pointing at the CronJob."""
+    for path in RAY_MANIFESTS:
+        doc = _manifest(path)
+        head = _job_spec(doc)["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+        ids = [e.get("value") for e in head.get("env", []) if e["name"] == "DPO_JOB_ID"]
+        if doc["kind"] == "RayJob":
+            assert ids == [doc["metadata"]["name"]], _rel(path)
+        else:
+            assert ids == [], _rel(path)
+            header = _header(path)
+            assert "KubeRay >= 1.7 only" in header and "jobs/kubernetes/cronjob-nightly.yaml" in header, _rel(path)
