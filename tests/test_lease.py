@@ -24,6 +24,7 @@ def s3_env():
     import socket
 
     import boto3
+    import s3fs
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -36,7 +37,9 @@ def s3_env():
         for k, v in env.items():
             mp.setenv(k, v)
         boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="leases")
-        yield env
+        s3fs.S3FileSystem.clear_instance_cache()  # fsspec keeps clients by options, not by endpoint: none of
+        yield env                                 # another module's (stopped) server is reused here
+        s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
 
 
