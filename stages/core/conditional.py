@@ -134,7 +134,10 @@ def create(url: str, data: bytes) -> str | None:
             except FileExistsError:
                 return None
         return _sha(data)
-    out = _s3_call(url, "put_object", Body=data, IfNoneMatch="*")
+    try:
+        out = _s3_call(url, "put_object", Body=data, IfNoneMatch="*")
+    except FileNotFoundError:  # a PUT's 404 is the bucket's
+        raise storage.StorageError(f"cannot write {url}: the bucket or container does not exist") from None
     return None if out is None else out["ETag"]
 
 
@@ -174,7 +177,10 @@ def replace(url: str, data: bytes, tag: str) -> str | None:
                 return None
             _local_put(path, data, exclusive=False)
         return _sha(data)
-    out = _s3_call(url, "put_object", Body=data, IfMatch=tag)
+    try:
+        out = _s3_call(url, "put_object", Body=data, IfMatch=tag)
+    except FileNotFoundError:  # nothing there to match (removed, or the bucket is gone): not that version
+        return None
     return None if out is None else out["ETag"]
 
 
