@@ -10,6 +10,11 @@ A re-run of the same date (a retried job) goes on where the last stopped: precom
 new, train resumes from its latest checkpoint, and a training run already finished on the same
 refs is not repeated. RUN/run.json records what each stage did; RUNS/latest.json names the last
 finished run.
+
+Schedules cannot pile up: the chain holds a lease on RUNS for its whole run, so a second chain (a
+duplicated tick, a night started by hand) is refused while one runs, before it scores anything; and
+a night whose run finished is refused (one line, exit 2) unless --rerun, so a duplicate that comes
+after it scores and trains nothing either.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from stages import evaluate, precompute, train
 from stages.core import console, storage
 from stages.core.config.chain import RUN_OWNS, Chain, RunConfig, utc_now
 from stages.core.config.options import EvalConfig, PrecomputeConfig, TrainConfig
+from stages.core.errors import PipelineError
+from stages.core.lease import Lease
 
 
 def run_dir(cfg: RunConfig) -> str:
@@ -41,14 +48,27 @@ def stage_configs(cfg: RunConfig, out: str) -> tuple[PrecomputeConfig, TrainConf
     return pre, tr, ev
 
 
+class NightDone(PipelineError):
+    """This night's run finished already (a duplicated or late schedule): refused unless --rerun."""
+
+
 def run(cfg: RunConfig) -> dict:
     """Run the chain; returns RUN/run.json's content."""
     storage.configure(cfg.storage_options_dict)
+    with Lease(storage.absolute(cfg.runs), "run"):  # one chain at a time over these runs
+        return _run(cfg)
+
+
+def _run(cfg: RunConfig) -> dict:
     out = storage.absolute(run_dir(cfg))
     cfg = dataclasses.replace(cfg, refs=storage.absolute(cfg.refs), eval_refs=storage.absolute(cfg.eval_refs))
     pre_cfg, train_cfg, eval_cfg = stage_configs(cfg, out)
     record_path = storage.join(out, "run.json")
     record = storage.read_json(record_path) if storage.exists(record_path) else {}
+    if record.get("finished_at") and not cfg.rerun:
+        raise NightDone(f"{out} finished at {record['finished_at']} (its run.json): this night is not run again, "
+                        "so a duplicated schedule scores and trains nothing; pass --rerun to run it again")
+    record.pop("finished_at", None)
     record.update(run=out, data=cfg.data, refs=cfg.refs, started_at=utc_now())
     stages = record.setdefault("stages", {})
 

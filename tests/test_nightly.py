@@ -24,7 +24,7 @@ def write(path, some):
 
 
 @pytest.mark.slow  # three nights of Ray precompute, training and eval
-def test_two_nights_and_a_retried_one(tmp_path, tiny_model_dir, refs, capsys):
+def test_two_nights_a_refused_duplicate_and_a_rerun(tmp_path, tiny_model_dir, refs, capsys):
     data, held = tmp_path / "prefs.jsonl", refs  # the held-out refs: conftest's 20 pairs
     config = tmp_path / "nightly.yaml"  # stage options as YAML mappings
     config.write_text(f"data: {data}\nmodel: {tiny_model_dir}\nrefs: {tmp_path / 'refs'}\nruns: {tmp_path / 'runs'}\n"
@@ -59,7 +59,16 @@ def test_two_nights_and_a_retried_one(tmp_path, tiny_model_dir, refs, capsys):
     assert (tmp_path / "runs" / "nightly-2026-11-24" / "final").exists()  # the first night's run is kept
 
     metrics = (second_dir / "metrics.jsonl").read_text()
-    assert pipeline.main([*night, "--date", "2026-11-25", "--eval-refs", str(held)]) == 0
+    refs_manifest = (tmp_path / "refs" / "manifest.json").read_text()
+    write(data, rows(18))  # more rows: a duplicate of a finished night must not score them
+    capsys.readouterr()
+    assert pipeline.main([*night, "--date", "2026-11-25", "--eval-refs", str(held)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "finished at" in err and "--rerun" in err
+    assert (tmp_path / "refs" / "manifest.json").read_text() == refs_manifest  # nothing scored
+    write(data, rows(16))
+    # --rerun: the night again, as a retried job would go on; it repeats nothing either
+    assert pipeline.main([*night, "--date", "2026-11-25", "--eval-refs", str(held), "--rerun"]) == 0
     assert "train already finished on these refs" in capsys.readouterr().err
     assert (second_dir / "metrics.jsonl").read_text() == metrics  # a retried night repeats no training
     again = json.loads((second_dir / "run.json").read_text())
@@ -97,3 +106,17 @@ def test_the_run_folder_is_dated_by_the_program():
     today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     assert run_dir(RunConfig(runs="s3://b/runs")) in (f"s3://b/runs/nightly-{today}",)
     assert run_dir(RunConfig(runs="r", run_name="dpo-{date}", date="2026-01-02")) == storage.join("r", "dpo-2026-01-02")
+
+
+def test_a_second_chain_is_refused_while_one_runs(tmp_path, capsys):
+    """The chain holds a lease on RUNS: a duplicated tick or a hand-started night exits 2 naming the
+    running one, before anything is read or scored."""
+    from stages.core.lease import Lease
+
+    runs, refs = tmp_path / "runs", tmp_path / "refs"
+    with Lease(str(runs), "run") as running:
+        assert pipeline.main(["run", "--data", str(tmp_path / "absent.jsonl"), "--runs", str(runs), "--refs",
+                              str(refs), "--progress", "false"]) == 2
+    err = capsys.readouterr().err
+    assert "being written by another run (run on" in err and running.run_id[:12] in err
+    assert not refs.exists()

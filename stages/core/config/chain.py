@@ -72,6 +72,8 @@ class RunConfig(Common):
     run_name: str = doc("name of this run's folder; {date} is the run's date (UTC, YYYY-MM-DD)",
                         default="nightly-{date}")
     date: str | None = doc("the run's date, YYYY-MM-DD (default: today, UTC)", default=None)
+    rerun: bool = doc("run a night again whose run finished (its run.json says so); without it such a run is "
+                      "refused before anything is scored", group="output", default=False)
     eval_refs: str | None = doc("precompute output of a held-out set: evaluated after training", default=None)
     num_workers: int = doc("scorer actors and training workers", default=1)
     dtype: Dtype = doc("reference and compute dtype", default="float32")
