@@ -60,7 +60,7 @@ demo-online: $(STAMP)
 test: lint
 	$(PY) -m pytest -q -ra --durations=40 tests
 
-# The tests not marked slow (no real model, subprocess, Ray head or S3) (3 min 56 s on 2 cores at a0dc584; the target is under two minutes).
+# The tests not marked slow (no real model, subprocess, Ray head or S3) (2 min 0 s on 2 cores, fresh clone of 86031bd; the target is under two minutes).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow" tests
 
