@@ -167,16 +167,21 @@ def _read_body(fs, body) -> bytes:
     return sync(fs.loop, _all)
 
 
+def _local_if(url: str, tag: str, act) -> bool:
+    """Under the lock, act(path) if the local object is the version `tag`; whether it was."""
+    path = _local_path(url)
+    with storage.local_write(path), _locked(path):
+        current = _local_read(path)
+        if current is None or current.tag != tag:
+            return False
+        act(path)
+    return True
+
+
 def replace(url: str, data: bytes, tag: str) -> str | None:
     """Write `data` over the version `tag`: the new tag, or None when what is there is not that version."""
     if storage.is_local(url):
-        path = _local_path(url)
-        with storage.local_write(path), _locked(path):
-            current = _local_read(path)
-            if current is None or current.tag != tag:
-                return None
-            _local_put(path, data, exclusive=False)
-        return _sha(data)
+        return _sha(data) if _local_if(url, tag, lambda path: _local_put(path, data, exclusive=False)) else None
     try:
         out = _s3_call(url, "put_object", Body=data, IfMatch=tag)
     except FileNotFoundError:  # nothing there to match (removed, or the bucket is gone): not that version
@@ -187,13 +192,7 @@ def replace(url: str, data: bytes, tag: str) -> str | None:
 def delete(url: str, tag: str) -> bool:
     """Remove the version `tag`: False when what is there is another version (or nothing)."""
     if storage.is_local(url):
-        path = _local_path(url)
-        with storage.local_write(path), _locked(path):
-            current = _local_read(path)
-            if current is None or current.tag != tag:
-                return False
-            os.remove(path)
-        return True
+        return _local_if(url, tag, os.remove)
     try:
         return _s3_call(url, "delete_object", IfMatch=tag) is not None
     except FileNotFoundError:
