@@ -15,7 +15,7 @@ import torch
 
 from stages.core import storage
 from stages.core.config.options import TrainConfig
-from stages.core.lease import Lease, LeaseWatch
+from stages.core.lease import Lease, LeaseHeld, LeaseWatch
 from stages.core.runtime.cluster import run_train_workers
 from stages.core.runtime.preemption import Preempted, Preemption
 from stages.core.training.run_folder import output_dir, prepare_output
@@ -30,7 +30,12 @@ def run(cfg: TrainConfig) -> dict:
         try:
             result = _run(cfg, lease)
         except Exception:
-            lease.check(read=True)  # a run stopped for a lost lease names who took it, not what its workers raised
+            try:  # a run stopped for a lost lease names who took it, not what its workers raised
+                lease.check(read=True)
+            except LeaseHeld:
+                raise
+            except Exception:  # noqa: BLE001 - the lease unreadable: the run's own error is the one to show
+                pass
             raise
     if result["outcome"] == "preempted":
         raise Preempted(f"train: preempted (SIGTERM) at step {result['steps']} of {result['total_steps']}; "
