@@ -3,6 +3,7 @@ test_parallel.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -246,3 +247,52 @@ def test_bf16_autocast_and_gradient_checkpointing_run(refs, tmp_path):
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in records)
     # bf16 moves the policy's log-probs, so step 0 is near, not at, ln 2
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=0.05)
+
+
+def _pair(prompt: int, chosen: int, rejected: int) -> dict:
+    return {"prompt_ids": [1] * prompt, "chosen_ids": [2] * chosen, "rejected_ids": [3] * rejected}
+
+
+def test_micro_batches_fill_a_token_budget():
+    from stages.core.training.policy_pass import PassContext, micro_batches, rounds_for
+
+    ctx = PassContext(2, None, 0, "cpu", "float32", (("sigmoid", 1.0),), None)
+    pairs = [_pair(10, 5, 5), _pair(2, 1, 1), _pair(40, 30, 30), _pair(4, 2, 2), _pair(6, 3, 3)]
+    # no budget: micro_batch_size pairs each, in the order given
+    assert [len(g) for g in micro_batches(pairs, ctx)] == [2, 2, 1]
+    # widths (packed: prompt once) 4, 8, 12, 20, 100 sorted; budget 24: 4+8 -> 2 x 8 = 16, + 12 -> 3 x 12 = 36 > 24;
+    # 12 and 20 -> 2 x 20 = 40 > 24: alone; 100 is over the budget: alone
+    tight = dataclasses.replace(ctx, micro_batch_tokens=24)
+    assert [[_length(p) for p in g] for g in micro_batches(pairs, tight)] == [[4, 8], [12], [20], [100]]
+    # unpacked: two rows of prompt + the longer answer each (6, 12, 18, 30, 140); budget 54: 3 x 18 fits, 4 x 30 not
+    unpacked = dataclasses.replace(tight, pack_prompts=False, micro_batch_tokens=54)
+    assert [[_length(p) for p in g] for g in micro_batches(pairs, unpacked)] == [[4, 8, 12], [20], [100]]
+    # two workers deal pairs 0, 2, 4 and 1, 3: the first has two micro-batches ([10..20] and [100]), so both run 2
+    assert rounds_for(pairs, 2, dataclasses.replace(ctx, micro_batch_tokens=64)) == 2
+    assert rounds_for(pairs, 2, ctx) == 2  # ceil(ceil(5 / 2) / 2)
+
+
+def _length(p: dict) -> int:
+    return len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"])
+
+
+def test_micro_batches_by_tokens_train_as_pairs_do(refs, tmp_path):
+    """Grouping pairs by a token budget instead of a pair count changes no metric and no weight beyond rounding:
+    one pair per forward, the whole step's slice in one forward, and a budget in between."""
+    runs = {}
+    for name, kw in {"pairs": dict(micro_batch_size=1), "all": dict(micro_batch_tokens=100_000),
+                     "some": dict(micro_batch_tokens=400)}.items():
+        train.run(cfg_for(refs, tmp_path / name, max_steps=3, **kw))
+        runs[name] = untimed(read(str(tmp_path / name / "metrics.jsonl")))
+    for name in ("all", "some"):
+        for a, b in zip(runs["pairs"], runs[name]):
+            assert a.keys() == b.keys()
+            assert all(a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6) for k in a), (name, a, b)
+    from safetensors.torch import load_file
+
+    w = {n: load_file(next((tmp_path / n / "final").glob("*.safetensors"))) for n in runs}
+    for name in ("all", "some"):
+        diff = max(float((w["pairs"][k] - w[name][k]).abs().max()) for k in w["pairs"])
+        # AdamW divides by sqrt(v) + 1e-8: rounding in near-zero gradients moves a weight by up to ~lr; a lost
+        # or doubled pair would move many by about lr (1e-3) each step
+        assert diff < 1e-4, (name, diff)

@@ -100,7 +100,8 @@ HELP_GROUPS = {
     "rounds": ("rounds", "new_rounds", "reference"),
     "stage options": ("precompute_options", "train_options", "eval_options", "generate_options", "judge_options"),
     "workers and devices": ("device", "gpu_wait_seconds", "num_workers", "gpus_per_worker", "strategy",
-                            "max_failures", "batch_size", "micro_batch_size", "tokens_per_forward"),
+                            "max_failures", "batch_size", "micro_batch_size", "micro_batch_tokens",
+                            "tokens_per_forward"),
     "storage": ("storage_options",),
     "progress": ("progress",),
 }
@@ -233,6 +234,10 @@ class TrainConfig(PolicyPass):
     lr_scheduler: Literal["linear", "cosine", "constant"] = doc("decay after warmup", default="linear")
     warmup_ratio: float = doc("fraction of steps spent warming up", default=0.1)
     batch_size: int = doc("pairs per optimizer step (global, over all workers)", group="training", default=8)
+    micro_batch_tokens: int | None = doc(
+        "tokens per forward/backward on one worker, padding included: micro-batches are cut from the length-sorted "
+        "pairs to fill it, so short pairs share a forward and long ones go alone; wins over micro_batch_size "
+        "(None: micro_batch_size pairs each)", default=None)
     max_steps: int | None = doc("optimizer steps (wins over epochs)", default=None)
     epochs: int = doc("passes over the shards when max_steps is unset", default=1)
     max_grad_norm: float = doc("gradient clipping norm (0: off)", default=1.0)

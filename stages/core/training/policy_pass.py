@@ -7,6 +7,7 @@ per metric so workers can add them with one all-reduce before dividing.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -61,6 +62,7 @@ class PassContext:
     pack_prompts: bool = True
     unpaired: UnpairedParams | None = None  # set for the losses on unpaired examples (KTO shards)
     attention: str = "auto"                # packed rows: "dense", "flex" or "auto" (flex.resolve)
+    micro_batch_tokens: int | None = None  # set: micro-batches fill this many tokens (`micro_batches`)
 
     @property
     def sum_keys(self) -> list[str]:
@@ -91,7 +93,7 @@ def pass_context(cfg: PolicyPass, manifest: Manifest, pad_id: int, device: str) 
     return PassContext(cfg.micro_batch_size, manifest.truncation, pad_id,
                        device, cfg.dtype, terms, params, cfg.pack_prompts,
                        UnpairedParams(cfg.beta, cfg.desirable_weight, cfg.undesirable_weight) if unpaired else None,
-                       cfg.attention)
+                       cfg.attention, getattr(cfg, "micro_batch_tokens", None))
 
 
 def load_policy(model_path: str, refs: Refs, device: str):
@@ -157,13 +159,54 @@ def _unpaired_sums(b: UnpairedBatch, per_example: torch.Tensor, ctx: PassContext
     return torch.tensor([float(values[k]) for k in UNPAIRED_KEYS], dtype=torch.float64)
 
 
+def _length(p: dict) -> int:
+    return len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"])
+
+
+def pair_width(p: dict, packed: bool) -> int:
+    """Tokens a pair takes in a forward: one packed row (prompt once), or two rows of the longer answer."""
+    prompt = len(p["prompt_ids"])
+    return _length(p) if packed else 2 * (prompt + max(len(p["chosen_ids"]), len(p["rejected_ids"])))
+
+
+def micro_batches(pairs: list[dict], ctx: PassContext) -> list[list[dict]]:
+    """The pass's micro-batches. Without a token budget, `micro_batch_size` pairs each, in the given order.
+    With `micro_batch_tokens`, pairs sorted by length and cut, in that order, where the next pair would take
+    the micro-batch's padded tokens (pairs x the widest pair's width) over the budget; a pair wider than the
+    budget goes alone. Short pairs then share a forward by the dozen and long ones are not stacked into an
+    out-of-memory one. Every loss is per pair and a step's gradient is their sum, so the grouping changes
+    no value beyond rounding."""
+    budget = ctx.micro_batch_tokens
+    if budget is None:
+        return [pairs[i:i + ctx.micro_batch_size] for i in range(0, len(pairs), ctx.micro_batch_size)]
+    groups: list[list[dict]] = []
+    widest = 0
+    for p in sorted(pairs, key=_length):
+        width = pair_width(p, ctx.pack_prompts)
+        if groups and (len(groups[-1]) + 1) * max(widest, width) <= budget:
+            groups[-1].append(p)
+            widest = max(widest, width)
+        else:
+            groups.append([p])
+            widest = width
+    return groups
+
+
+def rounds_for(batch: list[dict], world: int, ctx: PassContext) -> int:
+    """Micro-batches every worker runs for an optimizer batch dealt `batch[rank::world]`: the most any worker
+    has (every worker knows the whole batch, so they agree without asking each other)."""
+    if ctx.micro_batch_tokens is None:
+        return math.ceil(math.ceil(len(batch) / world) / ctx.micro_batch_size)
+    return max(len(micro_batches(batch[r::world], ctx)) for r in range(world))
+
+
 def kl_sums(model, pairs: list[dict], ctx: PassContext, rounds: int | None = None,
             ghost: list[dict] | None = None) -> torch.Tensor:
     """(sum, count) of log pi(y'|x) - log pi_ref(y'|x) over the examples that have a KL completion, without
     gradients: a step adds them over its workers and then takes KTO's KL estimate (`kl_estimate`). With
     workers every one runs `rounds` forwards (a ghost at weight zero), as in `run_pairs`."""
     out = torch.zeros(2, dtype=torch.float64)
-    micros = [pairs[i:i + ctx.micro_batch_size] for i in range(0, len(pairs), ctx.micro_batch_size)]
+    micros = micro_batches(pairs, ctx)
     rounds = len(micros) if rounds is None else rounds
     with torch.no_grad():
         for k in range(rounds):
@@ -224,8 +267,7 @@ def run_pairs(model, pairs: list[dict], ctx: PassContext, batch_size_total: floa
     sums = torch.zeros(len(ctx.sum_keys), dtype=torch.float64)
     # Micro-batches of similar lengths pad less. Every loss is per pair and the step's gradient a
     # sum over pairs, so how pairs are grouped into micro-batches does not change it.
-    pairs = sorted(pairs, key=lambda p: len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]))
-    micros = [pairs[i:i + ctx.micro_batch_size] for i in range(0, len(pairs), ctx.micro_batch_size)]
+    micros = micro_batches(sorted(pairs, key=_length), ctx)
     rounds = len(micros) if rounds is None else rounds
     for k in range(rounds):
         micro, weight = (micros[k], 1.0) if k < len(micros) else (ghost, 0.0)

@@ -44,6 +44,7 @@ from stages.core.training.policy_pass import (
     load_policy,
     metrics_of,
     pass_context,
+    rounds_for,
     run_pairs,
 )
 from stages.core.training.run_folder import TrainingError, output_dir
@@ -204,7 +205,7 @@ def train_step(run: Run, epoch: int, consumed: int, batch: list[dict]) -> dict:
     chosen_tokens = float(sum(p["chosen_scored_tokens"] for p in batch))
     # DDP and FSDP2 average gradients over workers: each scales its slice by `world` so the average
     # is the batch's sum. Every worker runs as many micro-batches as the one with the most pairs.
-    rounds = math.ceil(math.ceil(len(batch) / world) / run.cfg.micro_batch_size)
+    rounds = rounds_for(batch, world, run.ctx)
     kl = 0.0
     if run.ctx.needs_kl:  # KTO: the KL estimate over the whole optimizer batch and every worker, first
         kl = float(kl_estimate(*run.dist.sum_(kl_sums(run.wrapped, mine, run.ctx, rounds, batch[:1]))))
