@@ -24,6 +24,7 @@ import torch
 from stages.core import console, storage
 from stages.core.config.engine import public
 from stages.core.config.options import EvalConfig
+from stages.core.lease import Lease
 from stages.core.refs.stream import Refs, check_tokenizer, epoch_pairs, load_refs
 from stages.core.runtime.devices import pick_device
 from stages.core.runtime.models import load_model, load_tokenizer, resolve_model, tokenizer_hashes
@@ -193,6 +194,16 @@ def run(cfg: EvalConfig) -> dict:
     storage.configure(cfg.storage_options_dict)
     refs = load_refs(cfg.refs)
     cfg, loss_source = with_run_settings(cfg, refs.kind)
+    out = output_dir(cfg)
+    with Lease(out, "eval") as lease:  # one evaluation at a time writes a folder; checked per micro-batch
+        results = _run(cfg, refs, loss_source, out)
+        lease.check(read=True)  # a run that lost its lease while it ran leaves the folder to the new holder
+        storage.write_json(storage.join(out, "eval.json"), results)
+    results["output"] = out
+    return results
+
+
+def _run(cfg: EvalConfig, refs, loss_source: str | None, out: str) -> dict:
     reference_path = refs.manifest.reference_model.path
     device = pick_device(cfg.device, "evaluation")
     policy_path = resolve_model(cfg.model or reference_path)
@@ -208,7 +219,6 @@ def run(cfg: EvalConfig) -> dict:
     results = {"model": cfg.model or reference_path, "refs": cfg.refs, "pairs": refs.num_pairs, "kind": refs.kind,
                "loss_settings_from": loss_source or "eval flags / defaults", **heldout_metrics(model, refs, ctx),
                "reference": reference_metrics(refs, ctx), "config": public(cfg)}
-    out = output_dir(cfg)
     if cfg.samples > 0:
         _say(cfg, f"sampling {cfg.samples} prompt(s) from the reference and the policy "
                   f"(up to {cfg.max_new_tokens} new tokens each)")
@@ -217,8 +227,6 @@ def run(cfg: EvalConfig) -> dict:
         storage.write_bytes_atomic(storage.join(out, "samples.jsonl"),
                                    "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
         storage.write_bytes_atomic(storage.join(out, "samples.md"), samples_markdown(rows, cfg).encode())
-    storage.write_json(storage.join(out, "eval.json"), results)
-    results["output"] = out
     return results
 
 

@@ -252,3 +252,36 @@ def test_a_trainer_pins_its_refs(refs, tmp_path, monkeypatch):
         train.run(resume)
     (own / "manifest.json").write_text(json.dumps(manifest))  # the refs it started from: it resumes
     assert train.run(resume)["steps"] == 4
+
+
+def test_a_lost_lease_stops_eval_before_it_writes(refs, tmp_path, monkeypatch):
+    """`pipeline.py eval` holds its output folder's lease: another run takes it over after the first micro-batch,
+    and the evaluation stops at the next one with the LeaseHeld line naming that run, writing no eval.json; a
+    second evaluation into a folder whose lease is live is refused before it scores anything."""
+    from stages import evaluate
+    from stages.core.config.options import EvalConfig
+    from stages.core.training import policy_pass
+
+    monkeypatch.setattr(lease_mod, "TTL_SECONDS", 1.2)  # the heartbeat reads the file every ttl/3 s
+    out = tmp_path / "eval"
+    real, calls = policy_pass.run_pairs, []
+
+    def run_pairs(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            held = storage.read_json(f"{out}/_lease.json")
+            storage.write_json(f"{out}/_lease.json", {**held, "run_id": "d" * 32, "holder": "usurper pid 4",
+                                                      "expires_at": time.time() + 60})
+            time.sleep(0.8)  # past a heartbeat
+        return real(*a, **kw)
+
+    monkeypatch.setattr(policy_pass, "run_pairs", run_pairs)
+    cfg = EvalConfig(refs=str(refs), output=str(out), micro_batch_size=4, progress=False)
+    with pytest.raises(LeaseHeld, match="usurper pid 4"):
+        evaluate.run(cfg)
+    assert len(calls) == 1 and not (out / "eval.json").exists()
+    monkeypatch.setattr(policy_pass, "run_pairs", real)
+    calls.clear()
+    with pytest.raises(LeaseHeld, match="usurper pid 4"):  # its lease is live: refused at the start
+        evaluate.run(cfg)
+    assert not calls and not (out / "eval.json").exists()

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 
 from stages.core.config.engine import ConfigError
 from stages.core.config.options import PolicyPass
+from stages.core.lease import check_held
 from stages.core.refs.manifest import Manifest
 from stages.core.refs.stream import Refs, check_tokenizer, epoch_pairs
 from stages.core.runtime.models import load_model, load_tokenizer, tokenizer_hashes
@@ -346,6 +347,7 @@ def heldout_metrics(model, refs: Refs, ctx: PassContext, rank: int = 0, world: i
                 parts += kl_sums(model, chunk, ctx, rounds=1, ghost=ghost)
             kl = float(kl_estimate(*reduce(parts)))
         for chunk, ghost in _chunks(epoch_pairs(refs, 0, 0, 1), ctx.micro_batch_size, rank, world):
+            check_held()  # an eval (or in-process training) that lost its output's lease stops here
             chosen_tokens = float(sum(p["chosen_scored_tokens"] for p in chunk))
             sums += run_pairs(model, chunk, ctx, max(len(chunk), 1), chosen_tokens, train=False, rounds=1,
                               ghost=ghost, kl=kl)
