@@ -15,7 +15,10 @@ weights with real shapes (Llama-3.2-1B, Llama-3.1-8B; speed does not depend on t
   tokens, the prompt counted once), peak memory;
 - training: steps with precomputed references vs with a bf16 reference beside the policy (its forward on
   every micro-batch), alternated, after warm-up steps that are not counted;
-- long pairs: random ids, the prompt half the pair, 1k to 16k tokens: the scorer's tokens/s and memory.
+- long pairs: random ids, the prompt half the pair, 1k to 16k tokens: the scorer's tokens/s and memory;
+- profile (--profile-steps, default 3): torch.profiler over warm steps with precomputed references; each kind
+  of op's share of the device's kernel time (CPU: of the ops' own time), and the step's wall time the ops
+  leave unexplained (Python, packing, waiting), into profile.md and the JSON.
 MFU uses the H200's dense bf16 peak (989 TFLOP/s) unless --peak-tflops says otherwise; on CPU none.
 """
 
@@ -226,7 +229,7 @@ def training(a, device: str, clock: Clock, rows: list[dict]) -> None:
     from stages.core.runtime.models import enable_activation_checkpointing
     from stages.core.scoring.truncation import Truncation
     from stages.core.training.losses import LossParams
-    from stages.core.training.policy_pass import PassContext, forward
+    from stages.core.training.policy_pass import PassContext, forward, micro_batches
 
     shape = a.train_shape
     _, policy = build(shape, device, torch.float32)
@@ -237,13 +240,13 @@ def training(a, device: str, clock: Clock, rows: list[dict]) -> None:
     params = sum(p.numel() for p in policy.parameters())
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=device == "cuda")
     ctx = PassContext(a.micro_batch, Truncation(a.max_length), 0, device, "bfloat16" if device == "cuda" else "float32",
-                      (("sigmoid", 1.0),), LossParams(0.1, 0.0, 0.05, 0.5))
-    pairs = load_pairs(a.train_set, a.step_pairs * (a.steps + a.warmup) * 2, a.max_length)
+                      (("sigmoid", 1.0),), LossParams(0.1, 0.0, 0.05, 0.5),
+                      micro_batch_tokens=a.micro_batch_tokens)
+    pairs = load_pairs(a.train_set, a.step_pairs * (a.steps + a.warmup + a.profile_steps) * 2, a.max_length)
     batches = [pairs[i:i + a.step_pairs] for i in range(0, len(pairs), a.step_pairs)]
 
     def step(batch: list[dict], beside: bool) -> None:
-        for i in range(0, len(batch), a.micro_batch):
-            mb = batch[i:i + a.micro_batch]
+        for mb in micro_batches(batch, ctx):  # a.micro_batch pairs each, or by --micro-batch-tokens
             chosen, rejected, _ = forward(policy, mb, ctx)
             if beside:
                 with torch.no_grad():
@@ -274,6 +277,58 @@ def training(a, device: str, clock: Clock, rows: list[dict]) -> None:
         rows.append(dict(section="training", shape=shape, data=a.train_set, what=label, pairs=a.step_pairs,
                          seconds=s, s_per_step=s, tokens_per_s=tokens / s, mfu=mfu(6 * params * tokens / s, a),
                          peak_gb=peaks[beside], steps=len(times[beside])))
+    if a.profile_steps:
+        profile(a, device, clock, [b for b in batches[2 * (a.steps + a.warmup):]][:a.profile_steps],
+                lambda b: step(b, False), rows)
+
+
+# Kinds of op for the profile, by the op's name (its own time: a linear's work is in its addmm).
+OP_KINDS = (("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm", "aten::baddbmm")),
+            ("attention", ("attention", "flex")),
+            ("copy and cast", ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous")),
+            ("elementwise mul", ("aten::mul",)),
+            ("log-softmax", ("logsumexp", "log_softmax", "aten::exp", "aten::sub", "aten::gather")),
+            ("optimizer", ("adam", "Optimizer.step", "aten::_foreach")))
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((k for k, keys in OP_KINDS if any(x.lower() in low for x in keys)), "other")
+
+
+def profile(a, device: str, clock, batches: list[list[dict]], step, rows: list[dict]) -> None:
+    """torch.profiler over warm training steps: each kind of op's share of the device's kernel time (on CPU, of
+    the ops' own CPU time), the wall time of the steps and the share of it that no op's time covers."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    clock.sync()
+    start = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        for batch in batches:
+            step(batch)
+        clock.sync()
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    own = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    times = {e.key: float(getattr(e, own, 0.0) or 0.0) for e in events}  # microseconds
+    total = sum(times.values()) or 1e-9
+    kinds: dict[str, float] = {}
+    for name, t in times.items():
+        kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + t
+    cpu = sum(float(e.self_cpu_time_total) for e in events)
+    what = "GPU kernel time" if device == "cuda" else "ops' own CPU time"
+    lines = [f"profile: {len(batches)} warm steps with precomputed references, {wall:.2f} s wall; {what} "
+             f"{total / 1e6:.2f} s, CPU time in ops {cpu / 1e6:.2f} s", "", f"| kind | share of {what} | s |",
+             "|---|---|---|"]
+    for k, t in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {k} | {100 * t / total:.1f}% | {t / 1e6:.3f} |")
+        rows.append(dict(section="profile", shape=a.train_shape, data=a.train_set, what=k, share=t / total,
+                         seconds=t / 1e6, steps=len(batches)))
+    top = sorted(times.items(), key=lambda kv: -kv[1])[:15]
+    lines += ["", f"| op | share of {what} |", "|---|---|"] + [f"| {n} | {100 * t / total:.1f}% |" for n, t in top]
+    a.profile_text = "\n".join(lines) + "\n"
 
 
 def mfu(flops_per_s: float, a) -> float | None:
@@ -308,6 +363,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=2, help="steps per mode not measured")
     p.add_argument("--step-pairs", type=int, default=16)
     p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--micro-batch-tokens", type=int, default=None, help="training micro-batches by token budget")
+    p.add_argument("--profile-steps", type=int, default=3, help="warm steps under torch.profiler (0: none)")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: 989 on CUDA)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu"))
     a = p.parse_args(argv)
@@ -315,6 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.quick:
         a.shapes, a.sets, a.pairs, a.per_call, a.max_length = "tiny", "hh,orca", 4, 4, 256
         a.long_lengths, a.long_tokens, a.steps, a.warmup, a.step_pairs, a.micro_batch = "512", 512, 1, 1, 2, 2
+        a.profile_steps = min(a.profile_steps, 1)
     elif device != "cuda":
         p.error("no CUDA device: run with --quick for the CPU smoke run")
     if a.peak_tflops is None and device == "cuda":
@@ -335,9 +393,12 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     result = {"device": name, "torch": torch.__version__, "args": {k: v for k, v in vars(a).items()}, "rows": rows}
     (out / "gpu.json").write_text(json.dumps(result, indent=1, default=str))
-    table = markdown(rows, header)
+    table = markdown([r for r in rows if r["section"] != "profile"], header)
     (out / "gpu.md").write_text(table)
     print(table)
+    if getattr(a, "profile_text", None):
+        (out / "profile.md").write_text(a.profile_text)
+        print(a.profile_text)
     return result
 
 

@@ -14,16 +14,20 @@ pytestmark = pytest.mark.slow  # a subprocess: ~15 s
 
 
 def test_quick_run_writes_its_table_without_ray_datasets_or_s3fs(tmp_path):
-    code = ("import runpy, sys; sys.argv = ['gpu.py', '--quick', '--out', sys.argv[1]]; "
+    code = ("import runpy, sys; "
+            "sys.argv = ['gpu.py', '--quick', '--micro-batch-tokens', '4096', '--out', sys.argv[1]]; "
             "runpy.run_path('bench/gpu.py', run_name='__main__'); "
             "bad = [m for m in ('ray', 'datasets', 's3fs') if m in sys.modules]; "
             "assert not bad, f'bench/gpu.py imported {bad}'")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu.json").read_text())
-    rows = result["rows"]
-    sections = {r["section"] for r in rows}
-    assert sections == {"scoring", "long pairs", "training"}
+    profiled = [r for r in result["rows"] if r["section"] == "profile"]
+    rows = [r for r in result["rows"] if r["section"] != "profile"]
+    assert {r["section"] for r in rows} == {"scoring", "long pairs", "training"}
+    # the profile: shares of the ops' time by kind, adding up to the whole; matmuls among them
+    assert abs(sum(r["share"] for r in profiled) - 1) < 1e-6 and any(r["what"] == "matmul" for r in profiled)
+    assert (tmp_path / "profile.md").read_text().startswith("profile: 1 warm steps")
     whats = [r["what"] for r in rows if r["section"] == "scoring" and r["data"] == "hh"]
     assert any("attention flex (flex)" in w for w in whats) and any(w.startswith("TRL-shaped") for w in whats)
     assert all(r["tokens_per_s"] > 0 and r["seconds"] > 0 for r in rows)
