@@ -254,6 +254,35 @@ def test_a_trainer_pins_its_refs(refs, tmp_path, monkeypatch):
     assert train.run(resume)["steps"] == 4
 
 
+def test_a_shard_file_replaced_after_its_first_epoch_stops_training(refs, tmp_path, monkeypatch):
+    """A shard's file replaced (by another shard's bytes: valid rows, manifest untouched) once the first epoch
+    has read it: the second epoch's visit checks the bytes it reads against the manifest and stops the run with
+    one line naming the file, instead of training on pairs the run did not start from."""
+    import shutil
+
+    from stages import train
+    from stages.core.config.options import TrainConfig
+    from stages.core.refs.stream import ShardError
+    from stages.core.training import trainer
+
+    own = tmp_path / "refs"
+    shutil.copytree(refs, own)
+    shards = json.loads((own / "manifest.json").read_text())["shards"]
+    real = trainer.train_step
+
+    def step(run, *a):
+        record = real(run, *a)
+        if run.step == 10:  # 20 pairs, 2 a step: the first epoch is over, every shard read once
+            (own / shards[0]["path"]).write_bytes((own / shards[1]["path"]).read_bytes())
+        return record
+
+    monkeypatch.setattr(trainer, "train_step", step)
+    cfg = TrainConfig(refs=str(own), output=str(tmp_path / "run"), max_steps=20, batch_size=2, micro_batch_size=2,
+                      progress=False)
+    with pytest.raises(ShardError, match=rf"{shards[0]['path']}: checksum .* does not match the manifest"):
+        train.run(cfg)
+
+
 def test_a_lost_lease_stops_eval_before_it_writes(refs, tmp_path, monkeypatch):
     """`pipeline.py eval` holds its output folder's lease: another run takes it over after the first micro-batch,
     and the evaluation stops at the next one with the LeaseHeld line naming that run, writing no eval.json; a

@@ -3,8 +3,13 @@
 The order of pairs in an epoch depends only on the manifest, the seed and the epoch: shard order
 is shuffled per epoch, then rows pass through a shuffle buffer of bounded size. So a run can be
 resumed from a cursor (epoch, pairs consumed), and every Ray Train worker sees the same global
-order and keeps its own slice of each batch. Memory holds one row group and the buffer, never the
-whole set.
+order and keeps its own slice of each batch. Memory holds one shard's file, one row group and the
+buffer, never the whole set.
+
+A shard is read once per visit, its bytes checked against the manifest's checksum, and its rows read
+from those same bytes: a trainer trains only on the files its manifest (read once, at the start:
+pinned) describes. A shard replaced since (a precompute that repaired or overwrote it) stops the run
+with one line naming the file, however many epochs in; shards added since are not in its manifest.
 
 Every row is checked as it is read (`row_problem`): it must fit the manifest's truncation rule and
 the policy's vocabulary, so an edited manifest or a foreign shard stops with the shard file and
@@ -13,10 +18,12 @@ pair named instead of a PyTorch error steps later.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from typing import Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas import SHARD_SCHEMA, UNPAIRED_SHARD_SCHEMA, SchemaError
@@ -75,24 +82,20 @@ def check_tokenizer(refs: Refs, hashes: dict[str, str]) -> None:
                          "train with the reference model's tokenizer or re-run precompute")
 
 
-_verified: set[tuple[str, str]] = set()
-
-
-def verify_shard(url: str, sha256: str, kind: str = "paired") -> None:
-    """Stream-hash the file (no copy kept) and check the schema; once per file per process."""
-    if (url, sha256) in _verified:
-        return
+def verified_shard(url: str, sha256: str, kind: str = "paired") -> pq.ParquetFile:
+    """The shard, read whole once and checked against the manifest's checksum and the Parquet schema; the rows
+    read from the file returned are the bytes that were checked (no second read that could see another file)."""
     try:
-        with storage.open_binary(url) as fh:
-            h = storage.hash_stream(fh)
+        data = storage.read_bytes(url)
     except FileNotFoundError:
         raise ShardError(f"shard missing: {url} (listed in the manifest)") from None
-    if h.hexdigest() != sha256:
-        raise ShardError(f"shard {url}: checksum {h.hexdigest()[:16]}... does not match the manifest's "
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise ShardError(f"shard {url}: checksum {digest[:16]}... does not match the manifest's "
                          f"{sha256[:16]}...: the file changed or is truncated")
     try:
-        with storage.open_binary(url) as fh:
-            schema = pq.ParquetFile(fh).schema_arrow
+        pf = pq.ParquetFile(pa.BufferReader(data))
+        schema = pf.schema_arrow
     except Exception as e:  # pyarrow raises several types for a damaged file
         raise ShardError(f"shard {url} is not readable Parquet: {e}") from None
     expected, columns = (UNPAIRED_SHARD_SCHEMA, UNPAIRED_COLUMNS) if kind == "unpaired" else (SHARD_SCHEMA, COLUMNS)
@@ -100,19 +103,31 @@ def verify_shard(url: str, sha256: str, kind: str = "paired") -> None:
         found = schema.field(field.name).type if field.name in schema.names else None
         if field.name in columns and (found is None or not found.equals(field.type)):
             raise ShardError(f"shard {url}: column '{field.name}' missing or not {field.type}")
-    _verified.add((url, sha256))
+    return pf
 
 
-def iter_rows(url: str, kind: str = "paired") -> Iterator[dict]:
-    """Rows of one shard, a row group at a time; unpaired examples in the shape of a pair (`as_pair`)."""
+def verify_shard(url: str, sha256: str, kind: str = "paired") -> None:
+    """Check the shard's checksum and schema (`verified_shard`), keeping nothing."""
+    verified_shard(url, sha256, kind)
+
+
+def _rows(pf: pq.ParquetFile, kind: str) -> Iterator[dict]:
+    for i in range(pf.num_row_groups):
+        if kind == "unpaired":
+            yield from map(as_pair, pf.read_row_group(i, columns=UNPAIRED_COLUMNS).to_pylist())
+        else:
+            yield from pf.read_row_group(i, columns=COLUMNS).to_pylist()
+
+
+def iter_rows(url: str, kind: str = "paired", pf: pq.ParquetFile | None = None) -> Iterator[dict]:
+    """Rows of one shard, a row group at a time (from `pf`, a verified shard, when given); unpaired examples in
+    the shape of a pair (`as_pair`)."""
     try:
+        if pf is not None:
+            yield from _rows(pf, kind)
+            return
         with storage.open_binary(url) as fh:
-            pf = pq.ParquetFile(fh)
-            for i in range(pf.num_row_groups):
-                if kind == "unpaired":
-                    yield from map(as_pair, pf.read_row_group(i, columns=UNPAIRED_COLUMNS).to_pylist())
-                else:
-                    yield from pf.read_row_group(i, columns=COLUMNS).to_pylist()
+            yield from _rows(pq.ParquetFile(fh), kind)
     except (OSError, ValueError) as e:
         raise ShardError(f"shard {url} could not be read: {e}") from None
 
@@ -191,9 +206,7 @@ def epoch_pairs(refs: Refs, epoch: int, seed: int, buffer_size: int, verify: boo
     buffer: list[dict] = []
     for shard in shards:
         url = storage.join(refs.root, shard.path)
-        if verify:
-            verify_shard(url, shard.sha256, refs.kind)
-        for row in iter_rows(url, refs.kind):
+        for row in iter_rows(url, refs.kind, verified_shard(url, shard.sha256, refs.kind) if verify else None):
             problem = row_problem(row, max_length, mode, refs.vocab_size)
             if problem is not None:
                 raise ShardError(f"shard {url}: pair {row['pair_id']}: {problem}")
