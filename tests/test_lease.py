@@ -77,38 +77,43 @@ def test_a_live_lease_refuses_and_is_released_by_its_holder(where):
     assert not storage.exists(f"{where}/_lease.json")
 
 
+TRIALS = 24
+
+
 def test_racing_runs_with_a_slow_write_have_one_winner_every_time(where, monkeypatch):
-    """Each trial: two runs start together and one's create request is delayed 0.3 s (it read "no lease"
-    long before its write lands): exactly one holds the lease, the other is refused naming it."""
+    """Each trial: two runs start together and one's create request is delayed (0.02 to 0.3 s: it read "no
+    lease" long before its write lands): exactly one holds the lease, the other is refused naming it. The
+    trials run at once, each on an output of its own, so the store also sees many racing pairs together."""
     real = conditional.create
-    slow = threading.local()
+    delay = threading.local()
 
     def create(url, data):
-        if getattr(slow, "on", False):
-            time.sleep(0.3)
+        time.sleep(getattr(delay, "s", 0.0))
         return real(url, data)
 
     monkeypatch.setattr(conditional, "create", create)
-    for trial in range(8):
-        url = f"{where}/trial-{trial}"
-        barrier, outcome = threading.Barrier(2), []
+    outcomes: dict[int, list] = {t: [] for t in range(TRIALS)}
 
-        def race(delayed: bool, url=url, barrier=barrier, outcome=outcome) -> None:
-            slow.on = delayed
-            lease = Lease(url, "precompute", ttl=30)
-            barrier.wait()
-            try:
-                outcome.append(lease.__enter__())
-            except LeaseHeld as e:
-                outcome.append(str(e))
+    def race(trial: int, delayed: bool, barrier: threading.Barrier) -> None:
+        delay.s = 0.02 + 0.28 * trial / TRIALS if delayed else 0.0
+        lease = Lease(f"{where}/trial-{trial}", "precompute", ttl=30)
+        barrier.wait()
+        try:
+            outcomes[trial].append(lease.__enter__())
+        except LeaseHeld as e:
+            outcomes[trial].append(str(e))
 
-        threads = [threading.Thread(target=race, args=(d,)) for d in (trial % 2 == 0, trial % 2 == 1)]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
+    threads = []
+    for trial in range(TRIALS):
+        barrier = threading.Barrier(2)
+        threads += [threading.Thread(target=race, args=(trial, d, barrier)) for d in (trial % 2 == 0, trial % 2 == 1)]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    for trial, outcome in outcomes.items():
         winners = [x for x in outcome if isinstance(x, Lease)]
-        assert len(outcome) == 2 and len(winners) == 1, outcome
+        assert len(outcome) == 2 and len(winners) == 1, (trial, outcome)
         assert winners[0].run_id[:12] in next(x for x in outcome if isinstance(x, str))
-        assert storage.read_json(f"{url}/_lease.json")["run_id"] == winners[0].run_id
+        assert storage.read_json(f"{where}/trial-{trial}/_lease.json")["run_id"] == winners[0].run_id
         winners[0].__exit__(None, None, None)
 
 
