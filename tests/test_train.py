@@ -296,3 +296,24 @@ def test_micro_batches_by_tokens_train_as_pairs_do(refs, tmp_path):
         # AdamW divides by sqrt(v) + 1e-8: rounding in near-zero gradients moves a weight by up to ~lr; a lost
         # or doubled pair would move many by about lr (1e-3) each step
         assert diff < 1e-4, (name, diff)
+
+
+def test_compiled_decoder_layers_train_as_eager_ones(refs, tmp_path, monkeypatch):
+    """--compile: each decoder layer goes through torch.compile (graph capture of forward, backward and the
+    activation-checkpointing recompute, with the packed rows' masks, at varying lengths); the metrics are the
+    eager run's. aot_eager keeps the test to seconds: inductor's kernels are what a GPU run adds."""
+    import torch._dynamo
+
+    from stages.core.training import trainer
+
+    monkeypatch.setattr(trainer, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    runs = {}
+    for name, kw in {"eager": {}, "compiled": dict(compile=True)}.items():
+        train.run(cfg_for(refs, tmp_path / name, max_steps=2, **kw))
+        runs[name] = untimed(read(str(tmp_path / name / "metrics.jsonl")))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the layers were compiled
+    for a, b in zip(runs["eager"], runs["compiled"]):
+        assert all(a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6) for k in a), (a, b)
+    torch._dynamo.reset()

@@ -271,6 +271,9 @@ class TrainConfig(PolicyPass):
     gradient_checkpointing: bool = doc("recompute activations in backward: less memory for more time per step "
                                        "(on, as in TRL; false for the fastest steps)", default=True)
     shuffle_buffer: int = doc("pairs held for shuffling within the stream", default=256)
+    compile: bool = doc("torch.compile each decoder layer (dynamic shapes): the first steps pay the compile time "
+                        "(tens of seconds), later ones run fused kernels; meant for GPUs (see BENCHMARKS.md)",
+                        default=False)
     overwrite: bool = doc("start over in an OUTPUT that already has a run (its old files are removed)",
                           default=False)
 

@@ -115,8 +115,14 @@ def _optimizer(cfg: TrainConfig, model, steps: int):
     return optimizer, scheduler
 
 
+# What --compile compiles with: inductor (fused kernels). The tests use "aot_eager" (the same graph capture,
+# forward and backward, without generating kernels, which takes tens of seconds even for a tiny model).
+COMPILE_BACKEND = "inductor"
+
+
 def _adapt(cfg: TrainConfig, model):
-    """LoRA adapters when asked for, activation checkpointing, training mode -> (model, LoraConfig | None)."""
+    """LoRA adapters when asked for, activation checkpointing, compiled decoder layers, training mode
+    -> (model, LoraConfig | None)."""
     from stages.core.runtime.models import enable_activation_checkpointing
 
     lora = None
@@ -124,6 +130,12 @@ def _adapt(cfg: TrainConfig, model):
         model, lora = parallel.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    if cfg.compile:
+        # Each decoder layer on its own (as torchtitan does): one small graph, compiled once and reused by every
+        # layer, that FSDP2 can still shard layer by layer; dynamic, as packed micro-batches vary in length.
+        # `Module.compile` keeps the parameter names, so checkpoints and final/ are as without it.
+        for layer in parallel.decoder_layers(model):
+            layer.compile(dynamic=True, backend=COMPILE_BACKEND)
     model.train()
     return model, lora
 
