@@ -259,6 +259,7 @@ def test_a_trainer_pins_its_refs(refs, tmp_path, monkeypatch):
     assert train.run(resume)["steps"] == 4
 
 
+@pytest.mark.slow  # a training or evaluation run
 def test_a_shard_file_replaced_after_its_first_epoch_stops_training(refs, tmp_path, monkeypatch):
     """A shard's file replaced (by another shard's bytes: valid rows, manifest untouched) once the first epoch
     has read it: the second epoch's visit checks the bytes it reads against the manifest and stops the run with
@@ -288,6 +289,7 @@ def test_a_shard_file_replaced_after_its_first_epoch_stops_training(refs, tmp_pa
         train.run(cfg)
 
 
+@pytest.mark.slow  # a training or evaluation run
 def test_a_lost_lease_stops_eval_before_it_writes(refs, tmp_path, monkeypatch):
     """`pipeline.py eval` holds its output folder's lease: another run takes it over after the first micro-batch,
     and the evaluation stops at the next one with the LeaseHeld line naming that run, writing no eval.json; a

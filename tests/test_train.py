@@ -276,6 +276,7 @@ def _length(p: dict) -> int:
     return len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"])
 
 
+@pytest.mark.slow  # three training runs
 def test_micro_batches_by_tokens_train_as_pairs_do(refs, tmp_path):
     """Grouping pairs by a token budget instead of a pair count changes no metric and no weight beyond rounding:
     one pair per forward, the whole step's slice in one forward, and a budget in between."""
@@ -298,6 +299,7 @@ def test_micro_batches_by_tokens_train_as_pairs_do(refs, tmp_path):
         assert diff < 1e-4, (name, diff)
 
 
+@pytest.mark.slow  # graph capture: ~10 s
 def test_compiled_decoder_layers_train_as_eager_ones(refs, tmp_path, monkeypatch):
     """--compile: each decoder layer goes through torch.compile (graph capture of forward, backward and the
     activation-checkpointing recompute, with the packed rows' masks, at varying lengths); the metrics are the
