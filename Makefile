@@ -63,7 +63,7 @@ demo-online: $(STAMP)
 test: lint
 	$(PY) -m pytest -q -ra --durations=40 tests
 
-# The tests not marked slow (no real model, subprocess, Ray head or S3) (2 min 0 s on 2 cores, fresh clone of 86031bd; the target is under two minutes).
+# The tests not marked slow (no real model, subprocess, Ray head or S3) (1 min 30 s on 2 cores, fresh clone of d3413d4; the target is under two minutes).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow" tests
 
