@@ -278,12 +278,13 @@ def _length(p: dict) -> int:
 
 @pytest.mark.slow  # three training runs
 def test_micro_batches_by_tokens_train_as_pairs_do(refs, tmp_path):
-    """Grouping pairs by a token budget instead of a pair count changes no metric and no weight beyond rounding:
-    one pair per forward, the whole step's slice in one forward, and a budget in between."""
+    """Grouping pairs by a token budget instead of a pair count changes no metric (eval/* included: the held-out
+    pass keeps its chunks of micro_batch_size) and no weight beyond rounding: one pair per forward, the whole
+    step's slice in one forward, and a budget in between."""
     runs = {}
     for name, kw in {"pairs": dict(micro_batch_size=1), "all": dict(micro_batch_tokens=100_000),
                      "some": dict(micro_batch_tokens=400)}.items():
-        train.run(cfg_for(refs, tmp_path / name, max_steps=3, **kw))
+        train.run(cfg_for(refs, tmp_path / name, max_steps=3, eval_refs=str(refs), **kw))
         runs[name] = untimed(read(str(tmp_path / name / "metrics.jsonl")))
     for name in ("all", "some"):
         for a, b in zip(runs["pairs"], runs[name]):

@@ -270,6 +270,8 @@ def run_pairs(model, pairs: list[dict], ctx: PassContext, batch_size_total: floa
     # sum over pairs, so how pairs are grouped into micro-batches does not change it.
     micros = micro_batches(sorted(pairs, key=_length), ctx)
     rounds = len(micros) if rounds is None else rounds
+    if rounds < len(micros):  # a caller's round count that would leave pairs out
+        raise RuntimeError(f"{len(micros)} micro-batches for {rounds} rounds")
     for k in range(rounds):
         micro, weight = (micros[k], 1.0) if k < len(micros) else (ghost, 0.0)
         with torch.set_grad_enabled(train), grad_sync(model, not train or k == rounds - 1):
@@ -337,7 +339,8 @@ def heldout_metrics(model, refs: Refs, ctx: PassContext, rank: int = 0, world: i
     in memory at a time); `reduce` sums the per-worker sums across workers."""
     was_training = model.training
     model.eval()
-    ctx = ctx.for_refs(refs)
+    # One chunk of micro_batch_size pairs is one forward here (rounds=1, so workers run as many): no token budget.
+    ctx = dataclasses.replace(ctx.for_refs(refs), micro_batch_tokens=None)
     sums = torch.zeros(len(ctx.sum_keys), dtype=torch.float64)
     kl = 0.0
     with torch.no_grad():
