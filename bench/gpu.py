@@ -278,7 +278,7 @@ def training(a, device: str, clock: Clock, rows: list[dict]) -> None:
                          seconds=s, s_per_step=s, tokens_per_s=tokens / s, mfu=mfu(6 * params * tokens / s, a),
                          peak_gb=peaks[beside], steps=len(times[beside])))
     if a.profile_steps:
-        profile(a, device, clock, [b for b in batches[2 * (a.steps + a.warmup):]][:a.profile_steps],
+        profile(a, device, clock, batches[2 * (a.steps + a.warmup):][:a.profile_steps],
                 lambda b: step(b, False), rows)
 
 
@@ -316,7 +316,8 @@ def profile(a, device: str, clock, batches: list[list[dict]], step, rows: list[d
     total = sum(times.values()) or 1e-9
     kinds: dict[str, float] = {}
     for name, t in times.items():
-        kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + t
+        kind = kind_of(name)
+        kinds[kind] = kinds.get(kind, 0.0) + t
     cpu = sum(float(e.self_cpu_time_total) for e in events)
     what = "GPU kernel time" if device == "cuda" else "ops' own CPU time"
     lines = [f"profile: {len(batches)} warm steps with precomputed references, {wall:.2f} s wall; {what} "
