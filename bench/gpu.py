@@ -178,8 +178,11 @@ def scoring(a, shape: str, device: str, clock: Clock, rows: list[dict]) -> None:
     for name in a.sets:
         pairs = load_pairs(name, a.pairs, a.max_length)
         tokens = pair_tokens(pairs)
-        # CPU (--quick): flex once, on the first set (unfused flex on CPU is slow, and only the path is checked)
-        paths = ["auto", "dense"] if device == "cuda" else ["auto", "flex"] if name == a.sets[0] else ["auto"]
+        # Each path beside auto on the first set only (the bench must fit its 8 minutes); on CPU (--quick)
+        # unfused flex is slow, and only the paths are checked.
+        paths = ["auto"] + (["dense"] if device == "cuda" else []) + (
+            ["dense", "varlen"] if device == "cuda" else ["flex", "varlen"]) * (name == a.sets[0])
+        paths = list(dict.fromkeys(paths))
         for attention in paths:
             scorer = ReferenceScorer(folder, "bfloat16" if device == "cuda" else "float32", Truncation(a.max_length),
                                      model=model, device=device, attention=attention)
@@ -229,7 +232,7 @@ def training(a, device: str, clock: Clock, rows: list[dict]) -> None:
     from stages.core.runtime.models import enable_activation_checkpointing
     from stages.core.scoring.truncation import Truncation
     from stages.core.training.losses import LossParams
-    from stages.core.training.policy_pass import PassContext, forward, micro_batches
+    from stages.core.training.policy_pass import PassContext, attention_path, forward, held_attention, micro_batches
 
     shape = a.train_shape
     _, policy = build(shape, device, torch.float32)
@@ -241,20 +244,22 @@ def training(a, device: str, clock: Clock, rows: list[dict]) -> None:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=device == "cuda")
     ctx = PassContext(a.micro_batch, Truncation(a.max_length), 0, device, "bfloat16" if device == "cuda" else "float32",
                       (("sigmoid", 1.0),), LossParams(0.1, 0.0, 0.05, 0.5),
-                      micro_batch_tokens=a.micro_batch_tokens)
+                      attention=a.train_attention, micro_batch_tokens=a.micro_batch_tokens)
+    path = attention_path(policy, ctx, True)
     pairs = load_pairs(a.train_set, a.step_pairs * (a.steps + a.warmup + a.profile_steps) * 2, a.max_length)
     batches = [pairs[i:i + a.step_pairs] for i in range(0, len(pairs), a.step_pairs)]
 
     def step(batch: list[dict], beside: bool) -> None:
         for mb in micro_batches(batch, ctx):  # a.micro_batch pairs each, or by --micro-batch-tokens
-            chosen, rejected, _ = forward(policy, mb, ctx)
             if beside:
                 with torch.no_grad():
                     ref_c, ref_r, _ = forward(reference, mb, ctx)
             else:  # precomputed: numbers read from the shards (their values do not change the speed)
-                ref_c = ref_r = torch.zeros_like(chosen)
-            margin = 0.1 * ((chosen - ref_c) - (rejected - ref_r))
-            (-torch.nn.functional.logsigmoid(margin).sum() / len(batch)).backward()
+                ref_c = ref_r = torch.zeros(len(mb), dtype=torch.float64, device=device)
+            with held_attention(policy, ctx, True):  # the checkpointing recompute in backward: the same attention
+                chosen, rejected, _ = forward(policy, mb, ctx)
+                margin = 0.1 * ((chosen - ref_c) - (rejected - ref_r))
+                (-torch.nn.functional.logsigmoid(margin).sum() / len(batch)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -271,10 +276,11 @@ def training(a, device: str, clock: Clock, rows: list[dict]) -> None:
             times[beside].append(time.perf_counter() - start)
             peaks[beside] = clock.peak_gb()
     tokens = pair_tokens(batches[0])
-    for beside, label in ((False, "precomputed references"), (True, "reference beside the policy (bf16, every "
-                                                                     "micro-batch)")):
+    for beside, label in ((False, "precomputed references"),
+                          (True, "reference beside the policy (bf16, every micro-batch)")):
         s = sum(times[beside]) / len(times[beside])
-        rows.append(dict(section="training", shape=shape, data=a.train_set, what=label, pairs=a.step_pairs,
+        rows.append(dict(section="training", shape=shape, data=a.train_set,
+                         what=f"{label}; attention {a.train_attention} ({path})", pairs=a.step_pairs,
                          seconds=s, s_per_step=s, tokens_per_s=tokens / s, mfu=mfu(6 * params * tokens / s, a),
                          peak_gb=peaks[beside], steps=len(times[beside])))
     if a.profile_steps:
@@ -365,6 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--step-pairs", type=int, default=16)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--micro-batch-tokens", type=int, default=None, help="training micro-batches by token budget")
+    p.add_argument("--train-attention", default="auto", help="training's attention: auto, dense, flex or varlen")
     p.add_argument("--profile-steps", type=int, default=3, help="warm steps under torch.profiler (0: none)")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: 989 on CUDA)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu"))

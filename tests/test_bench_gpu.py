@@ -29,9 +29,12 @@ def test_quick_run_writes_its_table_without_ray_datasets_or_s3fs(tmp_path):
     assert abs(sum(r["share"] for r in profiled) - 1) < 1e-6 and any(r["what"] == "matmul" for r in profiled)
     assert (tmp_path / "profile.md").read_text().startswith("profile: 1 warm steps")
     whats = [r["what"] for r in rows if r["section"] == "scoring" and r["data"] == "hh"]
-    assert any("attention flex (flex)" in w for w in whats) and any(w.startswith("TRL-shaped") for w in whats)
+    assert any("attention flex (flex)" in w for w in whats) and any("attention varlen (varlen)" in w for w in whats)
+    assert any(w.startswith("TRL-shaped") for w in whats)
     assert all(r["tokens_per_s"] > 0 and r["seconds"] > 0 for r in rows)
-    assert {r["what"].split(" (")[0] for r in rows if r["section"] == "training"} == {
-        "precomputed references", "reference beside the policy"}
+    training = [r["what"] for r in rows if r["section"] == "training"]
+    labels = {w.split(";")[0].split(" (")[0] for w in training}
+    assert labels == {"precomputed references", "reference beside the policy"}
+    assert all(w.endswith("attention auto (dense)") for w in training)  # CPU: auto trains on the dense path
     table = (tmp_path / "gpu.md").read_text()
     assert table.startswith("bench/gpu.py on CPU") and table.count("\n| ") == len(rows) + 1

@@ -125,25 +125,51 @@ def test_two_gpu_workers_follow_one(refs, tmp_path, strategy):
         assert b["loss"] == pytest.approx(a["loss"], abs=5e-3)
 
 
-def test_flex_path_on_cuda_equals_dense_with_gradients(tokenizer):
-    """The compiled FlexAttention path on CUDA: the policy's log-probs and gradients (float32, with activation
-    checkpointing) equal the dense path's, and the scorer's flex path equals its dense path."""
-    from stages.core.scoring import flex
+@pytest.mark.parametrize("path,dtype,tol", [("flex", "float32", 1e-3), ("varlen", "float32", 1e-3),
+                                            ("flex", "bfloat16", 0.5), ("varlen", "bfloat16", 0.5)])
+def test_flat_paths_on_cuda_equal_dense_with_gradients(tokenizer, path, dtype, tol):
+    """The flat paths on CUDA (flex compiled; varlen through a flash kernel under bf16 autocast, its reference
+    kernel in float32): the policy's log-probs and gradients, with activation checkpointing and backward
+    outside `forward` as in training (`held_attention`), equal the dense path's."""
+    from stages.core.scoring import attention
     from stages.core.training.losses import LossParams
-    from stages.core.training.policy_pass import PassContext
+    from stages.core.training.policy_pass import PassContext, held_attention
 
     pairs = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in _pairs(tokenizer, 5, 11)]
     logps, grads = {}, {}
-    for attention in ("dense", "flex"):
+    for name in ("dense", path):
         model = make_tiny_model(tokenizer, seed=6).to("cuda").train()
         enable_activation_checkpointing(model)
-        ctx = PassContext(5, Truncation(None), tokenizer.pad_token_id, "cuda", "float32", (("sigmoid", 1.0),),
-                          LossParams(0.1, 0.0, 0.05, 0.5), attention=attention)
-        chosen, rejected, _ = forward(model, pairs, ctx)
-        (chosen.sum() - 0.5 * rejected.sum()).backward()
-        logps[attention] = torch.cat([chosen, rejected]).detach().cpu()
-        grads[attention] = {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
-    assert torch.allclose(logps["dense"], logps["flex"], atol=1e-3, rtol=0)
-    for name, g in grads["dense"].items():
-        assert torch.allclose(g, grads["flex"][name], atol=1e-3, rtol=1e-3), name
-    assert flex.resolve("auto", "cuda", model) == "flex"
+        ctx = PassContext(5, Truncation(None), tokenizer.pad_token_id, "cuda", dtype, (("sigmoid", 1.0),),
+                          LossParams(0.1, 0.0, 0.05, 0.5), attention=name)
+        with held_attention(model, ctx, True):
+            chosen, rejected, _ = forward(model, pairs, ctx)
+            (chosen.sum() - 0.5 * rejected.sum()).backward()
+        logps[name] = torch.cat([chosen, rejected]).detach().cpu()
+        grads[name] = torch.cat([p.grad.detach().flatten().float().cpu() for p in model.parameters()
+                                 if p.grad is not None])
+    assert torch.allclose(logps["dense"], logps[path], atol=tol, rtol=0)
+    assert torch.nn.functional.cosine_similarity(grads["dense"], grads[path], dim=0) > 0.999
+    if dtype == "float32":
+        assert torch.allclose(grads["dense"], grads[path], atol=1e-3, rtol=1e-3)
+    assert attention.resolve("auto", "cuda", model) == "flex"
+
+
+def test_varlen_flash_kernel_aligns_short_queries_at_the_bottom_right():
+    """The flash varlen kernel on a row whose second answer sees only the prefix (fewer queries than keys):
+    bf16 flash output equals the float32 reference kernel's on the same inputs."""
+    from stages.core.scoring import varlen
+
+    if not varlen.fast_kernel_available():
+        pytest.skip("no flash varlen kernel in this torch")
+    rows = pair_rows(0, list(range(1, 300)), list(range(300, 420)), list(range(420, 500)), Truncation(None)) + \
+        pair_rows(1, list(range(1, 40)), list(range(40, 90)), [], Truncation(None))
+    inputs, *_ = varlen.pack_varlen(rows, 0, "cuda")
+    t = inputs["input_ids"].size(1)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, h, t, 64, device="cuda") for h in (8, 2, 2))
+    docs = {varlen.KWARG: inputs[varlen.KWARG]}
+    assert varlen.kernel("cuda", torch.bfloat16) in ("torch", "flash_attn")
+    fast, _ = varlen.attention_forward(None, *(x.bfloat16() for x in (q, k, v)), None, scaling=0.125, **docs)
+    ref, _ = varlen.attention_forward(None, q, k, v, None, scaling=0.125, **docs)
+    assert (fast.float() - ref).abs().max() < 3e-2

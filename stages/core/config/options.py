@@ -22,11 +22,13 @@ LOSS_NAMES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_
 # Losses on unpaired examples (KTO shards); `stages.core.training.unpaired_losses.UNPAIRED_LOSSES` implements these.
 UNPAIRED_LOSS_NAMES = ("kto", "apo_zero_unpaired")
 Dtype = Literal["float32", "bfloat16"]
-# How packed rows attend (stages.core.scoring.flex): one name for precompute, train and eval.
-Attention = Literal["auto", "dense", "flex"]
+# How packed rows attend (stages.core.scoring.attention): one name for precompute, train and eval.
+Attention = Literal["auto", "dense", "flex", "varlen"]
 ATTENTION_HELP = ("packed rows' attention: dense (a (T, T) mask per row, padded: the CPU path), flex (FlexAttention "
                   "block masks: several pairs end to end in one sequence, no padding, no dense mask; compiled on "
-                  "CUDA), auto (flex on CUDA where torch has it, else dense); the values agree to float precision")
+                  "CUDA), varlen (the same layout as variable-length documents: flash attention's varlen kernels on "
+                  "CUDA, no mask at all), auto (flex on CUDA where torch has it, else varlen where a flash kernel "
+                  "is, else dense); the values agree to float precision")
 
 
 def parse_loss_types(loss_type: str, loss_weights: str | None) -> list[tuple[str, float]]:

@@ -18,17 +18,15 @@ on CPU flex runs unfused (it materialises scores inside the call), which is righ
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 
 import torch
 
-from stages.core.config.engine import ConfigError
+from stages.core.scoring.flat import lay_flat
 
 BLOCK = 128  # FlexAttention's block: the unit of the block lists, and what a sequence is padded to
 NAME = "dpo_flex"  # the attention function registered with transformers for the model's forward
-CHOICES = ("auto", "dense", "flex")
 
 
 def available() -> bool:
@@ -40,69 +38,30 @@ def available() -> bool:
     return True
 
 
-def resolve(choice: str, device: str, model=None, backward: bool = False) -> str:
-    """`attention` -> the path used: "dense" or "flex". auto: flex on CUDA where torch has it and the
-    model's attention is one transformers dispatches by name (sdpa, eager, flex); else dense.
-    flex asked for where it cannot run is an error, not a silent fallback: without FlexAttention,
-    with a flash-attention model, or with gradients on CPU (FlexAttention has no CPU backward)."""
-    if choice not in CHOICES:
-        raise ConfigError(f"config key 'attention': one of {', '.join(CHOICES)}, not {choice!r}")
-    if choice == "dense":
-        return "dense"
-    dispatched = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") in (
-        "sdpa", "eager", "flex_attention", NAME)
-    if choice == "flex":
-        if not available():
-            raise ConfigError("config key 'attention': flex needs torch >= 2.5 (torch.nn.attention.flex_attention)")
-        if model is not None and not dispatched:
-            raise ConfigError(f"config key 'attention': flex needs a model whose attention transformers dispatches by "
-                              f"name; this one uses {model.config._attn_implementation!r}")
-        if backward and device != "cuda":
-            raise ConfigError("config key 'attention': flex trains only on CUDA (FlexAttention has no backward on "
-                              f"{device}); use auto or dense there")
-        return "flex"
-    return "flex" if device == "cuda" and available() and dispatched else "dense"
-
-
 # --- layout ----------------------------------------------------------------------------------------
 
 
 def pack_flat(rows: list[tuple], pad_id: int, device=None, block: int = BLOCK):
     """Rows (prefix, first, second, seq_first, seq_second) -> one sequence for `scored_logps`, the rows end
-    to end, padded at the end to a multiple of `block`. Returns (inputs, rows, cols, labels, seq_ids) like
-    `packing.pack_rows`; inputs["attention_mask"] is a BlockMask."""
-    ids: list[int] = []
-    pos: list[int] = []
+    to end (`flat.lay_flat`), padded at the end to a multiple of `block`. Returns (inputs, rows, cols, labels,
+    seq_ids) like `packing.pack_rows`; inputs["attention_mask"] is a BlockMask."""
+    flat = lay_flat(rows, pad_id, block)
     starts: list[int] = []  # per token: where its row starts (the first key it may see)
     hide_lo: list[int] = []  # per token: keys in [hide_lo, hide_hi) are hidden from it (second's view of first)
     hide_hi: list[int] = []
-    cols: list[int] = []
-    labels: list[int] = []
-    seq_ids: list[int] = []
-    for p, c, r, sc, sr in rows:
-        at, lp, lc, lr = len(ids), len(p), len(c), len(r)
-        ids += list(p) + list(c) + list(r)
-        pos += list(range(lp + lc)) + list(range(lp, lp + lr))
+    for at, lp, lc, lr in flat.spans:
         starts += [at] * (lp + lc + lr)
         hide_lo += [0] * (lp + lc) + [at + lp] * lr
         hide_hi += [0] * (lp + lc) + [at + lp + lc] * lr
-        labels += list(c) + list(r)
-        cols += range(at + lp - 1, at + lp + lc - 1)  # first's token k at lp + k, predicted from lp + k - 1
-        if lr:  # second's first token is predicted from the prefix's last position
-            cols += [at + lp - 1, *range(at + lp + lc, at + lp + lc + lr - 1)]
-        seq_ids += [sc] * lc + [sr] * lr
-    used = len(ids)
-    length = max(block, -(-used // block) * block)
-    pad = length - used  # the tail: one row of its own, causal, so no query is without a key
-    ids += [pad_id] * pad
-    pos += list(range(pad))
-    starts += [used] * pad
+    pad = len(flat.ids) - flat.used  # the tail: one row of its own, causal, so no query is without a key
+    starts += [flat.used] * pad
     hide_lo += [0] * pad
     hide_hi += [0] * pad
     t = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
-    mask = block_mask(t(starts), t(hide_lo), t(hide_hi), block)
-    inputs = {"input_ids": t(ids).unsqueeze(0), "position_ids": t(pos).unsqueeze(0), "attention_mask": mask}
-    return inputs, torch.zeros(len(labels), dtype=torch.long, device=device), t(cols), t(labels), t(seq_ids)
+    ids, pos, r, cols, labels, seq_ids = flat.tensors(device)
+    inputs = {"input_ids": ids, "position_ids": pos, "attention_mask": block_mask(t(starts), t(hide_lo), t(hide_hi),
+                                                                                  block)}
+    return inputs, r, cols, labels, seq_ids
 
 
 def _overlap(lo: torch.Tensor, hi: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
@@ -173,21 +132,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
 
 
 @functools.lru_cache(maxsize=None)
-def _register() -> None:
+def register() -> None:
+    """`attention_forward` registered with transformers under NAME (once)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(NAME, attention_forward)
-
-
-@contextlib.contextmanager
-def flex_attention_in(model):
-    """The model's attention runs `attention_forward` inside the block (its config names the function
-    transformers dispatches to; set back afterwards, so generate and the dense path are untouched)."""
-    _register()
-    config = model.config
-    before = config._attn_implementation
-    config._attn_implementation = NAME
-    try:
-        yield
-    finally:
-        config._attn_implementation = before

@@ -21,7 +21,7 @@ from stages.core.inputs.tokenization import tokenize_row
 from stages.core.inputs.unpaired import tokenize_unpaired_row
 from stages.core.runtime.devices import pick_device
 from stages.core.runtime.models import gpu_memory, load_model, load_tokenizer, resolve_model
-from stages.core.scoring import flex
+from stages.core.scoring import attention as attention_setting
 from stages.core.scoring.logprobs import scored_logps, sequence_logps
 from stages.core.scoring.packing import (
     FORWARD_OVERHEAD_TOKENS,
@@ -32,7 +32,6 @@ from stages.core.scoring.packing import (
     plan_flat,
     plan_forwards,
     row_width,
-    supports_4d_mask,
     tokens_per_forward_for,
 )
 from stages.core.scoring.truncation import Truncation
@@ -146,10 +145,10 @@ class ReferenceScorer:
         self.truncation = truncation
         # None: sized for the device (CPU: TOKENS_PER_FORWARD; CUDA: the model and the GPU's free memory)
         self.tokens_per_forward = tokens_per_forward or tokens_per_forward_for(self.model, self.device)
-        # flex: pairs end to end under a BlockMask; dense: a 4D mask per row. Flash-attention kernels take
-        # neither: such models score the two sequences separately.
-        self.attention = flex.resolve(attention, self.device, self.model) if pack_prompts else "dense"
-        self.pack = pack_prompts and (self.attention == "flex" or supports_4d_mask(self.model))
+        # flex / varlen: pairs end to end in one sequence; dense: a 4D mask per row, which flash-attention
+        # models cannot take: on dense they score the two sequences separately.
+        self.attention = attention_setting.resolve(attention, self.device, self.model) if pack_prompts else "dense"
+        self.pack = attention_setting.packs(self.attention, self.model, pack_prompts)
         self.progress = progress
         # tokenize: this scorer takes untokenized rows and runs tokenize_batch itself (see refs.scoring_run._dataset)
         self.tokenize = tokenize
@@ -178,7 +177,7 @@ class ReferenceScorer:
     def score_packed(self, rows: list[tuple], n_seqs: int, on_forward=None) -> list[float]:
         """Summed log-probs of sequences 0..n_seqs-1 laid out as `pair_rows` rows, prefixes run once.
         on_forward(n): called after each forward with the number of sequences it scored."""
-        if self.attention == "flex":
+        if self.attention in attention_setting.FLAT:
             return self._score_flat(rows, n_seqs, on_forward)
         total = torch.zeros(n_seqs, dtype=torch.float64)
         for group in self._groups([row_width(r) for r in rows], square=True):
@@ -191,11 +190,12 @@ class ReferenceScorer:
         return total.tolist()
 
     def _score_flat(self, rows: list[tuple], n_seqs: int, on_forward=None) -> list[float]:
-        """score_packed on the flex path: rows end to end, up to tokens_per_forward tokens a forward."""
+        """score_packed on the flex or varlen path: rows end to end, up to tokens_per_forward tokens a forward."""
         total = torch.zeros(n_seqs, dtype=torch.float64)
         for group in plan_flat([row_width(r) for r in rows], self.tokens_per_forward):
-            inputs, r, c, labels, seq_ids = flex.pack_flat([rows[i] for i in group], self.pad_id, self.input_device)
-            with torch.inference_mode(), flex.flex_attention_in(self.model):
+            inputs, r, c, labels, seq_ids = attention_setting.pack(self.attention, [rows[i] for i in group],
+                                                                   self.pad_id, self.input_device)
+            with torch.inference_mode(), attention_setting.attention_in(self.model, self.attention):
                 total += scored_logps(self.model, inputs, r, c, labels, seq_ids, n_seqs).cpu()
             if on_forward:
                 on_forward(sum(1 if rows[i][3] == rows[i][4] else 2 for i in group))

@@ -20,9 +20,9 @@ from stages.core.lease import check_held
 from stages.core.refs.manifest import Manifest
 from stages.core.refs.stream import Refs, check_tokenizer, epoch_pairs
 from stages.core.runtime.models import load_model, load_tokenizer, tokenizer_hashes
-from stages.core.scoring import flex
+from stages.core.scoring import attention as attention_setting
 from stages.core.scoring.logprobs import scored_logps, sequence_logps
-from stages.core.scoring.packing import pack_rows, pad_batch, pair_rows, row_width, supports_4d_mask
+from stages.core.scoring.packing import pack_rows, pad_batch, pair_rows, row_width
 from stages.core.scoring.truncation import Truncation
 from stages.core.training.losses import Batch, LossParams, combined_loss, rewards
 from stages.core.training.unpaired_losses import (
@@ -62,7 +62,7 @@ class PassContext:
     params: LossParams
     pack_prompts: bool = True
     unpaired: UnpairedParams | None = None  # set for the losses on unpaired examples (KTO shards)
-    attention: str = "auto"                # packed rows: "dense", "flex" or "auto" (flex.resolve)
+    attention: str = "auto"                # packed rows: "dense", "flex", "varlen" or "auto" (attention.resolve)
     micro_batch_tokens: int | None = None  # set: micro-batches fill this many tokens (`micro_batches`)
 
     @property
@@ -104,28 +104,45 @@ def load_policy(model_path: str, refs: Refs, device: str):
     return tokenizer, load_model(model_path, "float32", device)
 
 
+def attention_path(model, ctx: PassContext, backward: bool) -> str:
+    """The attention path `forward` takes for `model` (a transformers model) under `ctx`."""
+    device = "cuda" if str(ctx.device).startswith("cuda") else "cpu"
+    return attention_setting.resolve(ctx.attention, device, model, backward=backward) if ctx.pack_prompts else "dense"
+
+
+def policy_of(model) -> PreTrainedModel:
+    """The transformers model inside a training wrapper (PolicyCall, under DDP or FSDP2), or the model itself."""
+    inner = getattr(model, "module", model)  # DDP keeps the wrapped module here
+    return getattr(inner, "policy", inner)
+
+
+def held_attention(model, ctx: PassContext, backward: bool):
+    """The attention path of `model` (or the policy in its wrapper) held for a block that runs forwards AND
+    their backward: the activation-checkpointing recompute in backward must reach the same attention."""
+    policy = policy_of(model)
+    return attention_setting.attention_in(policy, attention_path(policy, ctx, backward))
+
+
 def forward(model, pairs: list[dict], ctx: PassContext) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Policy log-probs of chosen and rejected in one forward -> (chosen (m,), rejected (m,), tokens run).
 
     Packed (the default where attention takes a 4D mask): each pair is one row, prompt + chosen +
-    rejected, the prompt run once; on the flex path (`ctx.attention`) the rows lie end to end in one
-    sequence under a BlockMask; otherwise chosen and rejected as right-padded sequences.
+    rejected, the prompt run once; on the flex and varlen paths (`ctx.attention`) the rows lie end to end
+    in one sequence; otherwise chosen and rejected as right-padded sequences. A backward outside this call
+    must run under `held_attention` (run_pairs does).
     """
     m = len(pairs)
     autocast = torch.autocast(device_type=ctx.device, dtype=torch.bfloat16, enabled=ctx.dtype == "bfloat16")
-    attention = flex.resolve(ctx.attention, "cuda" if str(ctx.device).startswith("cuda") else "cpu", model,
-                             backward=torch.is_grad_enabled()) if ctx.pack_prompts else "dense"
-    if ctx.pack_prompts and (attention == "flex" or supports_4d_mask(model)):
+    path = attention_path(model, ctx, torch.is_grad_enabled())
+    if attention_setting.packs(path, model, ctx.pack_prompts):
         rows = [row for j, p in enumerate(pairs) for row in
                 pair_rows(j, p["prompt_ids"], p["chosen_ids"], p["rejected_ids"], ctx.truncation)]
-        if attention == "flex":
-            inputs, r, c, labels, seq_ids = flex.pack_flat(rows, ctx.pad_id, ctx.device)
-            with autocast, flex.flex_attention_in(model):
-                logps = scored_logps(model, inputs, r, c, labels, seq_ids, 2 * m)
+        if path in attention_setting.FLAT:
+            inputs, r, c, labels, seq_ids = attention_setting.pack(path, rows, ctx.pad_id, ctx.device)
         else:
             inputs, r, c, labels, seq_ids = pack_rows(rows, ctx.pad_id, torch.float32, ctx.device)
-            with autocast:
-                logps = scored_logps(model, inputs, r, c, labels, seq_ids, 2 * m)
+        with autocast, attention_setting.attention_in(model, path):
+            logps = scored_logps(model, inputs, r, c, labels, seq_ids, 2 * m)
         # Copies, not views: FSDP2 warns about (and in-place ops on) views a wrapped forward returns.
         return logps[0::2].clone(), logps[1::2].clone(), sum(row_width(row) for row in rows)
     seqs, starts = [], []
@@ -274,7 +291,8 @@ def run_pairs(model, pairs: list[dict], ctx: PassContext, batch_size_total: floa
         raise RuntimeError(f"{len(micros)} micro-batches for {rounds} rounds")
     for k in range(rounds):
         micro, weight = (micros[k], 1.0) if k < len(micros) else (ghost, 0.0)
-        with torch.set_grad_enabled(train), grad_sync(model, not train or k == rounds - 1):
+        with torch.set_grad_enabled(train), grad_sync(model, not train or k == rounds - 1), \
+                held_attention(model, ctx, train):
             chosen, rejected, tokens = _score(model, micro, ctx)
             # KTO: `kl`, the step's KL estimate, was fixed before this pass (`kl_sums`)
             per_pair, micro_sums = _losses(micro, chosen, rejected, ctx, batch_chosen_tokens, kl, tokens)

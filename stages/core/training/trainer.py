@@ -32,7 +32,7 @@ from stages.core.plots import training_curves
 from stages.core.refs.stream import Refs, batches, check_tokenizer, load_refs
 from stages.core.runtime.devices import pick_device, threads_per_worker
 from stages.core.runtime.preemption import Preemption
-from stages.core.scoring import flex
+from stages.core.scoring import attention as attention_setting
 from stages.core.training import checkpoint, parallel
 from stages.core.training.distributed import Dist
 from stages.core.training.early_stopping import EarlyStopping
@@ -173,7 +173,7 @@ def start(cfg: TrainConfig, resume_from: str | None, preemption: Preemption | No
     storage.configure(cfg.storage_options_dict)
     dist = Dist()
     device = pick_device(cfg.device, None if dist.on else "training")
-    flex.resolve(cfg.attention, device, backward=True)  # --attention flex on CPU: refused before the model loads
+    attention_setting.resolve(cfg.attention, device, backward=True)  # flex on CPU: refused before the model loads
     if device == "cuda" and dist.on:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     torch.manual_seed(cfg.seed)
