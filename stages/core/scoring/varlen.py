@@ -117,6 +117,7 @@ def fast_kernel_available() -> bool:
     return _torch_varlen() is not None or _flash_attn() is not None
 
 
+@torch.compiler.disable  # a compiled layer calls it as is: traced, its loop would unroll per document count
 def _reference(q, k, v, docs: Docs, scale) -> torch.Tensor:
     """(T, H, D) queries, (Tk, Hkv, D) keys and values -> (T, H, D): each document on its own."""
     out = []
