@@ -25,12 +25,14 @@ MFU uses the H200's dense bf16 peak (989 TFLOP/s) unless --peak-tflops says othe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import random
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,6 +131,22 @@ def as_table(pairs: list[dict]):
     return pa.Table.from_pydict(cols, schema=TOKENIZED_SCHEMA)
 
 
+@contextlib.contextmanager
+def recorded(rows: list[dict], section: str, shape: str, data: str, what: str):
+    """One measurement: an error in it becomes a row of the table ("FAILED" and the error's first line, the
+    traceback on stderr) and the bench goes on. A GPU run is scarce: one failed path must not cost the rest."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001
+        import torch
+
+        traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        rows.append(dict(section=section, shape=shape, data=data, what=f"{what}: FAILED {type(e).__name__}: {first}"))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def run_scorer(scorer, pairs: list[dict], per_call: int, clock: Clock) -> float:
     """Seconds for the scorer over `pairs` in calls of `per_call` pairs, as the precompute's actors call it."""
     clock.sync()
@@ -178,27 +196,29 @@ def scoring(a, shape: str, device: str, clock: Clock, rows: list[dict]) -> None:
     for name in a.sets:
         pairs = load_pairs(name, a.pairs, a.max_length)
         tokens = pair_tokens(pairs)
-        # Each path beside auto on the first set only (the bench must fit its 8 minutes); on CPU (--quick)
-        # unfused flex is slow, and only the paths are checked.
-        paths = ["auto"] + (["dense"] if device == "cuda" else []) + (
-            ["dense", "varlen"] if device == "cuda" else ["flex", "varlen"]) * (name == a.sets[0])
-        paths = list(dict.fromkeys(paths))
-        for attention in paths:
-            scorer = ReferenceScorer(folder, "bfloat16" if device == "cuda" else "float32", Truncation(a.max_length),
-                                     model=model, device=device, attention=attention)
-            run_scorer(scorer, pairs[:a.per_call], a.per_call, clock)  # warm-up (and compilation), not counted
+        # The other paths on the first set only (the bench must fit its 8 minutes); on CPU (--quick) unfused
+        # flex is slow, and only the paths are checked.
+        extra = (["varlen"] if device == "cuda" else ["flex", "varlen"]) if name == a.sets[0] else []
+        for attention in ["auto"] + (["dense"] if device == "cuda" else []) + extra:
+            with recorded(rows, "scoring", shape, name, f"project, attention {attention}"):
+                scorer = ReferenceScorer(folder, "bfloat16" if device == "cuda" else "float32",
+                                         Truncation(a.max_length), model=model, device=device, attention=attention)
+                run_scorer(scorer, pairs[:a.per_call], a.per_call, clock)  # warm-up (and compilation), not counted
+                clock.reset_peak()
+                s = run_scorer(scorer, pairs, a.per_call, clock)
+                rows.append(dict(section="scoring", shape=shape, data=name, what=f"project, attention {attention} "
+                                 f"({scorer.attention}), {a.per_call} pairs a call, {scorer.tokens_per_forward} "
+                                 "tokens a forward", pairs=len(pairs), seconds=s, pairs_per_s=len(pairs) / s,
+                                 tokens_per_s=tokens / s, mfu=mfu(2 * params * tokens / s, a),
+                                 peak_gb=clock.peak_gb()))
+        what = "TRL-shaped (8 pairs a batch, padded, float32 log-softmax)"
+        with recorded(rows, "scoring", shape, name, what):
+            trl_shaped(model, pairs[:8], pad, device, clock)
             clock.reset_peak()
-            s = run_scorer(scorer, pairs, a.per_call, clock)
-            rows.append(dict(section="scoring", shape=shape, data=name, what=f"project, attention {attention} "
-                             f"({scorer.attention}), {a.per_call} pairs a call, {scorer.tokens_per_forward} tokens "
-                             "a forward", pairs=len(pairs), seconds=s, pairs_per_s=len(pairs) / s,
-                             tokens_per_s=tokens / s, mfu=mfu(2 * params * tokens / s, a), peak_gb=clock.peak_gb()))
-        trl_shaped(model, pairs[:8], pad, device, clock)
-        clock.reset_peak()
-        s = trl_shaped(model, pairs, pad, device, clock)
-        rows.append(dict(section="scoring", shape=shape, data=name, what="TRL-shaped (8 pairs a batch, padded, "
-                         "float32 log-softmax)", pairs=len(pairs), seconds=s, pairs_per_s=len(pairs) / s,
-                         tokens_per_s=tokens / s, mfu=mfu(2 * params * tokens / s, a), peak_gb=clock.peak_gb()))
+            s = trl_shaped(model, pairs, pad, device, clock)
+            rows.append(dict(section="scoring", shape=shape, data=name, what=what, pairs=len(pairs), seconds=s,
+                             pairs_per_s=len(pairs) / s, tokens_per_s=tokens / s,
+                             mfu=mfu(2 * params * tokens / s, a), peak_gb=clock.peak_gb()))
     if shape == a.long_shape:
         long_pairs(a, model, folder, params, device, clock, rows)
     del model
@@ -211,18 +231,19 @@ def long_pairs(a, model, folder, params, device, clock, rows) -> None:
     from stages.core.scoring.truncation import Truncation
 
     for length in a.long_lengths:
-        pairs = random_pairs(max(2, a.long_tokens // length), length, model.config.vocab_size)
-        tokens = pair_tokens(pairs)
-        scorer = ReferenceScorer(folder, "bfloat16" if device == "cuda" else "float32", Truncation(None), model=model,
-                                 device=device, attention="auto")
-        run_scorer(scorer, pairs[:1], 1, clock)
-        clock.reset_peak()
-        s = run_scorer(scorer, pairs, a.per_call, clock)
-        peak = clock.peak_gb()
-        rows.append(dict(section="long pairs", shape=a.long_shape, data=f"random ids, {length} tokens a pair",
-                         what=f"project, attention auto ({scorer.attention})", pairs=len(pairs), seconds=s,
-                         pairs_per_s=len(pairs) / s, tokens_per_s=tokens / s, mfu=mfu(2 * params * tokens / s, a),
-                         peak_gb=peak))
+        data = f"random ids, {length} tokens a pair"
+        with recorded(rows, "long pairs", a.long_shape, data, "project, attention auto"):
+            pairs = random_pairs(max(2, a.long_tokens // length), length, model.config.vocab_size)
+            tokens = pair_tokens(pairs)
+            scorer = ReferenceScorer(folder, "bfloat16" if device == "cuda" else "float32", Truncation(None),
+                                     model=model, device=device, attention="auto")
+            run_scorer(scorer, pairs[:1], 1, clock)
+            clock.reset_peak()
+            s = run_scorer(scorer, pairs, a.per_call, clock)
+            rows.append(dict(section="long pairs", shape=a.long_shape, data=data,
+                             what=f"project, attention auto ({scorer.attention})", pairs=len(pairs), seconds=s,
+                             pairs_per_s=len(pairs) / s, tokens_per_s=tokens / s,
+                             mfu=mfu(2 * params * tokens / s, a), peak_gb=clock.peak_gb()))
 
 
 def training(a, device: str, clock: Clock, rows: list[dict]) -> None:
@@ -284,8 +305,9 @@ def training(a, device: str, clock: Clock, rows: list[dict]) -> None:
                          seconds=s, s_per_step=s, tokens_per_s=tokens / s, mfu=mfu(6 * params * tokens / s, a),
                          peak_gb=peaks[beside], steps=len(times[beside])))
     if a.profile_steps:
-        profile(a, device, clock, batches[2 * (a.steps + a.warmup):][:a.profile_steps],
-                lambda b: step(b, False), rows)
+        with recorded(rows, "profile", shape, a.train_set, "torch.profiler"):
+            profile(a, device, clock, batches[2 * (a.steps + a.warmup):][:a.profile_steps],
+                    lambda b: step(b, False), rows)
 
 
 # Kinds of op for the profile, by the op's name (its own time: a linear's work is in its addmm).
@@ -391,23 +413,35 @@ def main(argv: list[str] | None = None) -> dict:
     clock = Clock(device)
     rows: list[dict] = []
     started = time.perf_counter()
-    for shape in shapes:
-        scoring(a, shape, device, clock, rows)
-    training(a, device, clock, rows)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    result = {"device": name, "torch": torch.__version__, "args": {k: v for k, v in vars(a).items()}, "rows": rows}
+    for shape in shapes:
+        with recorded(rows, "scoring", shape, "", "set-up"):
+            scoring(a, shape, device, clock, rows)
+        write(a, result, started, final=False)  # what is measured so far survives a run cut short
+    with recorded(rows, "training", a.train_shape, a.train_set, "set-up"):
+        training(a, device, clock, rows)
+    write(a, result, started, final=True)
+    return result
+
+
+def write(a, result: dict, started: float, final: bool) -> None:
+    """gpu.json, gpu.md (and profile.md) under --out; printed when `final`."""
+    import torch
+
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    header = f"bench/gpu.py on {name}: torch {torch.__version__}, {when}, {time.perf_counter() - started:.0f} s"
+    header = (f"bench/gpu.py on {result['device']}: torch {torch.__version__}, {when}, "
+              f"{time.perf_counter() - started:.0f} s" + ("" if final else " (so far: the run goes on)"))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"device": name, "torch": torch.__version__, "args": {k: v for k, v in vars(a).items()}, "rows": rows}
     (out / "gpu.json").write_text(json.dumps(result, indent=1, default=str))
-    table = markdown([r for r in rows if r["section"] != "profile"], header)
+    table = markdown([r for r in result["rows"] if r["section"] != "profile"], header)
     (out / "gpu.md").write_text(table)
-    print(table)
     if getattr(a, "profile_text", None):
         (out / "profile.md").write_text(a.profile_text)
-        print(a.profile_text)
-    return result
+    if final:
+        print(table)
+        print(getattr(a, "profile_text", None) or "")
 
 
 if __name__ == "__main__":

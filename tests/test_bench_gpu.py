@@ -38,3 +38,28 @@ def test_quick_run_writes_its_table_without_ray_datasets_or_s3fs(tmp_path):
     assert all(w.endswith("attention auto (dense)") for w in training)  # CPU: auto trains on the dense path
     table = (tmp_path / "gpu.md").read_text()
     assert table.startswith("bench/gpu.py on CPU") and table.count("\n| ") == len(rows) + 1
+
+
+def test_a_failed_measurement_is_a_row_and_the_rest_still_runs(tmp_path, monkeypatch):
+    """One GPU run is scarce: a path that fails (here the TRL-shaped pass, and training as a whole) leaves a
+    FAILED row naming the error, and every other measurement is still taken and written."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def boom(*a, **kw):
+        raise RuntimeError("CUDA out of memory.\nTried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(bench, "trl_shaped", boom)
+    monkeypatch.setattr(bench, "training", boom)
+    result = bench.main(["--quick", "--out", str(tmp_path)])
+    failed = [(r["section"], r["data"], r["what"]) for r in result["rows"] if "FAILED" in r["what"]]
+    trl = "TRL-shaped (8 pairs a batch, padded, float32 log-softmax): FAILED RuntimeError: CUDA out of memory."
+    assert failed == [("scoring", "hh", trl), ("scoring", "orca", trl),
+                      ("training", "orca", "set-up: FAILED RuntimeError: CUDA out of memory.")]
+    measured = [r for r in result["rows"] if "FAILED" not in r["what"]]
+    assert {r["section"] for r in measured} == {"scoring", "long pairs"} and all(r["seconds"] > 0 for r in measured)
+    assert json.loads((tmp_path / "gpu.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    assert "FAILED RuntimeError" in (tmp_path / "gpu.md").read_text()
