@@ -654,3 +654,17 @@ def test_job_identity_for_retries():
             assert ids == [], _rel(path)
             header = _header(path)
             assert "KubeRay >= 1.7 only" in header and "jobs/kubernetes/cronjob-nightly.yaml" in header, _rel(path)
+
+
+def test_the_operators_guide_lists_every_manifest_and_names_only_real_ones():
+    """docs/cloud.md's manifest table holds every file under jobs/, and every manifest path the guide names exists."""
+    text = (ROOT / "docs" / "cloud.md").read_text()
+    jobs = ROOT / "jobs"
+    for path in sorted(jobs.rglob("*.yaml")):
+        rel = path.relative_to(jobs).as_posix()
+        assert f"`{rel}`" in text, f"docs/cloud.md's table does not list jobs/{rel}"
+    named = set(re.findall(r"\b((?:jobs/)?(?:kuberay|kubernetes|examples)/[\w.-]+\.yaml)", text))
+    named |= set(re.findall(r"\b(jobs/[a-z][\w.-]*\.yaml)", text))  # not the placeholder jobs/NAME.yaml
+    assert len(named) > 10
+    for name in named:
+        assert (jobs / name.removeprefix("jobs/")).is_file(), f"docs/cloud.md names {name}, which does not exist"
