@@ -321,3 +321,32 @@ def test_a_lost_lease_stops_eval_before_it_writes(refs, tmp_path, monkeypatch):
     with pytest.raises(LeaseHeld, match="usurper pid 4"):  # its lease is live: refused at the start
         evaluate.run(cfg)
     assert not calls and not (out / "eval.json").exists()
+
+
+def test_a_lost_lease_stops_precompute_before_its_manifest(refs, tiny_model_dir, tmp_path, monkeypatch):
+    """Another run takes the refs folder's lease over while the first batch is scored: precompute stops at
+    that batch with the LeaseHeld line naming the other run, and writes no manifest (the shards it wrote stay
+    unlisted: the holder's own run decides what the refs are)."""
+    from stages import precompute
+    from stages.core.config.options import PrecomputeConfig
+    from stages.core.refs import scoring_run
+
+    monkeypatch.setattr(lease_mod, "TTL_SECONDS", 1.2)  # the heartbeat reads the file every ttl/3 s
+    out = tmp_path / "refs"
+    real, calls = scoring_run.ScoringRun.on_batch, []
+
+    def on_batch(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            held = storage.read_json(f"{out}/_lease.json")
+            storage.write_json(f"{out}/_lease.json", {**held, "run_id": "e" * 32, "holder": "usurper pid 5",
+                                                      "expires_at": time.time() + 60})
+            time.sleep(0.8)  # past a heartbeat
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(scoring_run.ScoringRun, "on_batch", on_batch)
+    cfg = PrecomputeConfig(data=str(refs.parent / "in.jsonl"), model=tiny_model_dir, output=str(out), format="hh",
+                           rows_per_shard=5, batch_size=5, max_length=256, progress=False)  # 4 scored batches
+    with pytest.raises(LeaseHeld, match="usurper pid 5"):
+        precompute.run(cfg)
+    assert len(calls) == 1 and not (out / "manifest.json").exists()
