@@ -285,6 +285,7 @@ def training(a, device: str, clock: Clock, rows: list[dict]) -> None:
         optimizer.zero_grad(set_to_none=True)
 
     times = {False: [], True: []}
+    tokens = {False: 0, True: 0}  # of the measured steps: batches differ in length
     peaks = {False: None, True: None}
     for k, batch in enumerate(batches[:2 * (a.steps + a.warmup)]):
         beside = k % 2 == 1  # alternated, so drift in clocks or memory hits both alike
@@ -295,14 +296,16 @@ def training(a, device: str, clock: Clock, rows: list[dict]) -> None:
         clock.sync()
         if k >= 2 * a.warmup:
             times[beside].append(time.perf_counter() - start)
-            peaks[beside] = clock.peak_gb()
-    tokens = pair_tokens(batches[0])
+            tokens[beside] += pair_tokens(batch)
+            peak = clock.peak_gb()
+            peaks[beside] = None if peak is None else max(peak, peaks[beside] or 0.0)  # the steps' highest
     for beside, label in ((False, "precomputed references"),
                           (True, "reference beside the policy (bf16, every micro-batch)")):
         s = sum(times[beside]) / len(times[beside])
+        per_s = tokens[beside] / sum(times[beside])
         rows.append(dict(section="training", shape=shape, data=a.train_set,
                          what=f"{label}; attention {a.train_attention} ({path})", pairs=a.step_pairs,
-                         seconds=s, s_per_step=s, tokens_per_s=tokens / s, mfu=mfu(6 * params * tokens / s, a),
+                         seconds=s, s_per_step=s, tokens_per_s=per_s, mfu=mfu(6 * params * per_s, a),
                          peak_gb=peaks[beside], steps=len(times[beside])))
     if a.profile_steps:
         with recorded(rows, "profile", shape, a.train_set, "torch.profiler"):
@@ -324,6 +327,27 @@ def kind_of(name: str) -> str:
     return next((k for k, keys in OP_KINDS if any(x.lower() in low for x in keys)), "other")
 
 
+UNLAUNCHED = "(kernels no op launched: compiled graphs, ...)"
+
+
+def op_times(events, device: str) -> dict[str, float]:
+    """Each op's own time in microseconds, adding up to the whole without counting anything twice. CPU: the ops'
+    own CPU time. CUDA: the whole is the kernels' time (the CUDA rows, not user annotations, as torch's own
+    table counts it); each CPU op gets the time of the kernels it launched itself (its self device time), and
+    what no op launched (compiled graphs' kernels, under annotations) is a row of its own."""
+    if device != "cuda":
+        return {e.key: float(e.self_cpu_time_total or 0.0) for e in events}
+    on_cpu = lambda e: str(e.device_type).rsplit(".", 1)[-1] == "CPU"  # noqa: E731
+    kernels = sum(float(e.self_device_time_total or 0.0) for e in events
+                  if not on_cpu(e) and not e.is_user_annotation)
+    times = {e.key: float(e.self_device_time_total) for e in events
+             if on_cpu(e) and not e.is_user_annotation and e.self_device_time_total}
+    rest = kernels - sum(times.values())
+    if rest > 0:
+        times[UNLAUNCHED] = rest
+    return times
+
+
 def profile(a, device: str, clock, batches: list[list[dict]], step, rows: list[dict]) -> None:
     """torch.profiler over warm training steps: each kind of op's share of the device's kernel time (on CPU, of
     the ops' own CPU time), the wall time of the steps and the share of it that no op's time covers."""
@@ -339,8 +363,7 @@ def profile(a, device: str, clock, batches: list[list[dict]], step, rows: list[d
         clock.sync()
     wall = time.perf_counter() - start
     events = prof.key_averages()
-    own = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    times = {e.key: float(getattr(e, own, 0.0) or 0.0) for e in events}  # microseconds
+    times = op_times(events, device)  # microseconds
     total = sum(times.values()) or 1e-9
     kinds: dict[str, float] = {}
     for name, t in times.items():

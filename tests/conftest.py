@@ -52,12 +52,15 @@ def tokenizer():
     return load_tokenizer(str(path))
 
 
-def make_tiny_model(tokenizer, seed: int = 0, layers: int = 2):
+def make_tiny_model(tokenizer, seed: int = 0, layers: int = 2, hidden: int = 32):
+    """A random Llama of 4 heads (2 key-value heads) of hidden / 4 dimensions: 8 by default; the GPU tests take
+    64 (heads of 16), the least compiled FlexAttention runs on CUDA."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False)

@@ -63,3 +63,34 @@ def test_a_failed_measurement_is_a_row_and_the_rest_still_runs(tmp_path, monkeyp
     assert {r["section"] for r in measured} == {"scoring", "long pairs"} and all(r["seconds"] > 0 for r in measured)
     assert json.loads((tmp_path / "gpu.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
     assert "FAILED RuntimeError" in (tmp_path / "gpu.md").read_text()
+
+
+def test_the_profiles_gpu_time_is_counted_once():
+    """On CUDA torch.profiler lists each kernel twice (as a CUDA row, and in the self device time of the CPU op
+    that launched it) and annotated regions on top: the kernels' rows are the whole, CPU ops get what they
+    launched, and the kernels no op launched (a compiled graph's) are a row of their own."""
+    import importlib.util
+    from types import SimpleNamespace as E
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cpu, cuda = "DeviceType.CPU", "DeviceType.CUDA"
+    events = [E(key="aten::mm", device_type=cpu, is_user_annotation=False, self_device_time_total=60.0,
+                self_cpu_time_total=5.0),
+              E(key="aten::copy_", device_type=cpu, is_user_annotation=False, self_device_time_total=20.0,
+                self_cpu_time_total=3.0),
+              E(key="aten::linear", device_type=cpu, is_user_annotation=False, self_device_time_total=0.0,
+                self_cpu_time_total=1.0),
+              E(key="## Call CompiledFxGraph", device_type=cpu, is_user_annotation=True,
+                self_device_time_total=15.0, self_cpu_time_total=2.0),
+              E(key="Optimizer.step#AdamW.step", device_type=cuda, is_user_annotation=True,
+                self_device_time_total=40.0, self_cpu_time_total=0.0),
+              E(key="nvjet_gemm", device_type=cuda, is_user_annotation=False, self_device_time_total=60.0,
+                self_cpu_time_total=0.0),
+              E(key="direct_copy_kernel", device_type=cuda, is_user_annotation=False, self_device_time_total=20.0,
+                self_cpu_time_total=0.0),
+              E(key="triton_poi_fused_mul", device_type=cuda, is_user_annotation=False,
+                self_device_time_total=15.0, self_cpu_time_total=0.0)]
+    assert bench.op_times(events, "cuda") == {"aten::mm": 60.0, "aten::copy_": 20.0, bench.UNLAUNCHED: 15.0}
+    assert sum(bench.op_times(events, "cpu").values()) == 11.0  # CPU: the ops' own CPU time

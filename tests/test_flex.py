@@ -169,10 +169,11 @@ def test_policy_pass_flex_equals_dense_and_refuses_cpu_gradients(tokenizer):
     assert chosen.requires_grad
 
 
-def test_resolve_picks_dense_on_cpu_and_refuses_what_cannot_run(model):
+def test_resolve_picks_dense_on_cpu_and_refuses_what_cannot_run(tokenizer):
     from stages.core.config.engine import ConfigError
     from stages.core.scoring.attention import resolve
 
+    model = make_tiny_model(tokenizer, seed=1, hidden=64)  # heads of 16: compiled flex's least on CUDA
     assert resolve("auto", "cpu", model) == "dense"
     assert resolve("auto", "cuda", model) == "flex"
     assert resolve("flex", "cpu", model) == "flex"

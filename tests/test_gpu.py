@@ -22,9 +22,10 @@ from stages.core.scoring.logprobs import scored_logps
 from stages.core.scoring.packing import pack_rows, pair_rows
 from stages.core.scoring.scorer import ReferenceScorer
 from stages.core.scoring.truncation import Truncation
-from stages.core.training.policy_pass import forward, pass_context
+from stages.core.training.policy_pass import forward, held_attention, pass_context
 
 pytestmark = pytest.mark.gpu
+HIDDEN = 64  # heads of 16 dimensions: compiled FlexAttention's least on CUDA (the CPU tests' 8 is too few)
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 
 
@@ -37,8 +38,8 @@ def _pairs(tokenizer, n=6, seed=3):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 0.5)])
 def test_packed_scoring_on_cuda_matches_cpu_oracle(tokenizer, dtype, tol):
-    cpu = make_tiny_model(tokenizer, seed=2)
-    gpu = make_tiny_model(tokenizer, seed=2).to("cuda", dtype)
+    cpu = make_tiny_model(tokenizer, seed=2, hidden=HIDDEN)
+    gpu = make_tiny_model(tokenizer, seed=2, hidden=HIDDEN).to("cuda", dtype)
     pairs = _pairs(tokenizer)
     rows = [row for j, (p, c, rj) in enumerate(pairs) for row in pair_rows(j, p, c, rj, Truncation(None))]
     inputs, r, c, labels, seq_ids = pack_rows(rows, tokenizer.pad_token_id, dtype, "cuda")
@@ -51,13 +52,14 @@ def test_packed_scoring_on_cuda_matches_cpu_oracle(tokenizer, dtype, tol):
 
 
 def test_training_forward_backward_bf16_autocast_on_cuda(tokenizer):
-    model = make_tiny_model(tokenizer, seed=4).to("cuda").train()
+    model = make_tiny_model(tokenizer, seed=4, hidden=HIDDEN).to("cuda").train()
     enable_activation_checkpointing(model)
     pairs = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in _pairs(tokenizer, 4, 9)]
     ctx = pass_context(TrainConfig(dtype="bfloat16"), SimpleNamespace(kind="paired", truncation=Truncation(None)),
                        tokenizer.pad_token_id, "cuda")
-    chosen, rejected, _ = forward(model, pairs, ctx)
-    (chosen - rejected).sigmoid().log().sum().backward()
+    with held_attention(model, ctx, True):  # auto: flex on CUDA; backward's recompute must reach it too
+        chosen, rejected, _ = forward(model, pairs, ctx)
+        (chosen - rejected).sigmoid().log().sum().backward()
     assert torch.isfinite(chosen).all() and torch.isfinite(rejected).all()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
@@ -67,7 +69,7 @@ def deep_model_dir(tmp_path_factory, tokenizer) -> str:
     """A tiny Llama with 128 layers: enough that accelerate's "balanced" map puts part of it (and the
     LM head) on the second GPU, where the 2-layer model would sit on the first one whole."""
     path = tmp_path_factory.mktemp("deep-model")
-    make_tiny_model(tokenizer, seed=5, layers=128).save_pretrained(path)
+    make_tiny_model(tokenizer, seed=5, layers=128, hidden=HIDDEN).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 
@@ -127,18 +129,21 @@ def test_two_gpu_workers_follow_one(refs, tmp_path, strategy):
 
 @pytest.mark.parametrize("path,dtype,tol", [("flex", "float32", 1e-3), ("varlen", "float32", 1e-3),
                                             ("flex", "bfloat16", 0.5), ("varlen", "bfloat16", 0.5)])
-def test_flat_paths_on_cuda_equal_dense_with_gradients(tokenizer, path, dtype, tol):
+def test_flat_paths_on_cuda_equal_dense_with_gradients(tokenizer, path, dtype, tol, monkeypatch):
     """The flat paths on CUDA (flex compiled; varlen through a flash kernel under bf16 autocast, its reference
     kernel in float32): the policy's log-probs and gradients, with activation checkpointing and backward
     outside `forward` as in training (`held_attention`), equal the dense path's."""
-    from stages.core.scoring import attention
+    from stages.core.scoring import attention, varlen
     from stages.core.training.losses import LossParams
-    from stages.core.training.policy_pass import PassContext, held_attention
+    from stages.core.training.policy_pass import PassContext
 
     pairs = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in _pairs(tokenizer, 5, 11)]
     logps, grads = {}, {}
+    kernels = []
+    real_flash = varlen._flash
+    monkeypatch.setattr(varlen, "_flash", lambda *a: kernels.append(a[-1]) or real_flash(*a))
     for name in ("dense", path):
-        model = make_tiny_model(tokenizer, seed=6).to("cuda").train()
+        model = make_tiny_model(tokenizer, seed=6, hidden=HIDDEN).to("cuda").train()
         enable_activation_checkpointing(model)
         ctx = PassContext(5, Truncation(None), tokenizer.pad_token_id, "cuda", dtype, (("sigmoid", 1.0),),
                           LossParams(0.1, 0.0, 0.05, 0.5), attention=name)
@@ -153,6 +158,32 @@ def test_flat_paths_on_cuda_equal_dense_with_gradients(tokenizer, path, dtype, t
     if dtype == "float32":
         assert torch.allclose(grads["dense"], grads[path], atol=1e-3, rtol=1e-3)
     assert attention.resolve("auto", "cuda", model) == "flex"
+    # varlen under bf16 autocast runs a flash kernel (its inputs cast as autocast would), float32 the reference
+    assert bool(kernels) == (path == "varlen" and dtype == "bfloat16" and varlen.fast_kernel_available())
+
+
+def test_sums_of_cpu_tensors_over_nccl():
+    """Ray Train's GPU process group is NCCL alone, which reduces CUDA tensors only: the loop's CPU sums
+    (metrics, stop flags) go through the GPU and come back."""
+    import socket
+
+    import torch.distributed as dist
+
+    from stages.core.training.distributed import Dist
+
+    if not dist.is_nccl_available():
+        pytest.skip("no NCCL in this torch")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        sums = torch.tensor([1.5, -2.0], dtype=torch.float64)
+        assert Dist().sum_(sums) is sums and sums.tolist() == [1.5, -2.0] and sums.device.type == "cpu"
+        assert Dist().any_(True) and not Dist().any_(False)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_varlen_flash_kernel_aligns_short_queries_at_the_bottom_right():

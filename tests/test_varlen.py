@@ -136,7 +136,7 @@ def test_training_with_checkpointing_equals_dense(tokenizer):
 def test_resolve_and_the_models_own_attention(tokenizer):
     from stages.core.config.engine import ConfigError
 
-    model = make_tiny_model(tokenizer, seed=1)
+    model = make_tiny_model(tokenizer, seed=1, hidden=64)  # heads of 16
     assert attention.resolve("auto", "cpu", model) == "dense"
     assert attention.resolve("auto", "cuda", model) == "flex"
     assert attention.resolve("varlen", "cpu", model, backward=True) == "varlen"
@@ -156,6 +156,39 @@ def test_resolve_and_the_models_own_attention(tokenizer):
             pass
         assert model.config._attn_implementation == varlen.NAME
     assert model.config._attn_implementation == "sdpa" and attention.own_implementation(model) == "sdpa"
+
+
+def test_resolve_keeps_models_the_flat_paths_cannot_compute_dense(tokenizer):
+    """Heads under 16 dimensions: no compiled flex on CUDA (auto takes varlen). Logit soft-capping, attention
+    sinks, a model spread over devices: auto stays dense, and a flat path asked for is refused by name; the
+    attention functions refuse such keywords too, for a model resolve did not see."""
+    from stages.core.config.engine import ConfigError
+    from stages.core.scoring.flat import unsupported
+
+    fast = "varlen" if varlen.fast_kernel_available() else "dense"
+    small = make_tiny_model(tokenizer, seed=1)  # heads of 8
+    assert attention.resolve("auto", "cuda", small) == fast
+    with pytest.raises(ConfigError, match="16 dimensions or more .*have 8"):
+        attention.resolve("flex", "cuda", small)
+    assert attention.resolve("flex", "cpu", small) == "flex"  # unfused on CPU: any head size
+
+    capped = make_tiny_model(tokenizer, seed=1, hidden=64)
+    capped.config.attn_logit_softcapping = 50.0
+    sinks = make_tiny_model(tokenizer, seed=1, hidden=64)
+    sinks.model.layers[0].self_attn.sinks = torch.nn.Parameter(torch.zeros(4))
+    spread = make_tiny_model(tokenizer, seed=1, hidden=64)
+    spread.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "lm_head": 1}
+    for model, why in ((capped, "soft-caps logits"), (sinks, "sinks"), (spread, "spread over 2 devices")):
+        assert attention.resolve("auto", "cuda", model) == "dense"
+        for path in ("flex", "varlen"):
+            with pytest.raises(ConfigError, match=f"{path} cannot score this model: .*{why}"):
+                attention.resolve(path, "cuda", model)
+    spread.hf_device_map = {"": 0}  # one device: flat paths fine
+    assert attention.resolve("auto", "cuda", spread) == "flex"
+    for kwargs in ({"softcap": 50.0}, {"s_aux": torch.zeros(4)}):
+        with pytest.raises(RuntimeError, match="use attention dense"):
+            unsupported(kwargs)
+    unsupported({"softcap": None, "sliding_window": None})
 
 
 def test_kernel_choice():
@@ -184,3 +217,23 @@ def test_train_attention_varlen_runs_as_dense(refs, tmp_path):
     for a, b in zip(runs["dense"], runs["varlen"]):
         assert a.keys() == b.keys()
         assert all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5) for k in a if isinstance(a[k], float)), (a, b)
+
+
+def test_autocast_inputs_reach_the_kernel_in_its_dtype(monkeypatch):
+    """Under bf16 autocast, rotary embeddings leave q and k in float32 beside a bf16 v (autocast casts sdpa's
+    inputs, not a custom kernel's): the documents' kernel gets all three in bf16, so on CUDA a flash kernel
+    (bf16 only) is the one chosen."""
+    rows = pair_rows(0, [5, 6, 7], [8, 9], [10, 11], Truncation(None))
+    inputs, *_ = varlen.pack_varlen(rows, 0)
+    t = inputs["input_ids"].size(1)
+    q, k = torch.randn(1, 4, t, 16), torch.randn(1, 2, t, 16)
+    v = torch.randn(1, 2, t, 16, dtype=torch.bfloat16)
+    chosen = []
+    real = varlen.kernel
+    monkeypatch.setattr(varlen, "kernel", lambda device, dtype: chosen.append(dtype) or real(device, dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = varlen.attention_forward(None, q, k, v, None, scaling=0.25, **{varlen.KWARG: inputs[varlen.KWARG]})
+    assert chosen == [torch.bfloat16] and out.dtype == torch.bfloat16
+    ref, _ = varlen.attention_forward(None, q, k, v.float(), None, scaling=0.25,
+                                      **{varlen.KWARG: inputs[varlen.KWARG]})
+    assert (out.float() - ref).abs().max() < 5e-2

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+
 from stages.core.config.engine import ConfigError
 from stages.core.scoring import flex, varlen
 from stages.core.scoring.packing import supports_4d_mask
@@ -27,14 +29,45 @@ def _dispatched(model) -> bool:
     return own_implementation(model) in ("sdpa", "eager", "flex_attention")
 
 
+def _head_dim(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    return getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else None)
+
+
+def _no_flat_reason(model) -> str | None:
+    """Why the flat paths cannot compute what the model's own attention does, or None. Their kernels take a
+    plain causal softmax: no logit soft-capping (Gemma 2), no attention sinks (gpt-oss); and they lay rows
+    end to end, which a model spread over GPUs cannot take (its layers' inputs move between devices, the
+    BlockMask's and the documents' index tensors do not)."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "attn_logit_softcapping", None):
+        return "its attention soft-caps logits (attn_logit_softcapping)"
+    if model is not None and hasattr(model, "modules") and any(
+            isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules()):
+        return "its attention has sinks"
+    devices = set((getattr(model, "hf_device_map", None) or {}).values())
+    if len(devices) > 1:
+        return f"it is spread over {len(devices)} devices"
+    return None
+
+
 def resolve(choice: str, device: str, model=None, backward: bool = False) -> str:
     """`attention` -> the path used: "dense", "flex" or "varlen" (see the module's docstring). A path asked
     for where it cannot run is an error, not a silent fallback: flex without FlexAttention, with a
-    flash-attention model, or with gradients off CUDA (FlexAttention has no backward there)."""
+    flash-attention model, with gradients off CUDA (FlexAttention has no backward there) or with heads of
+    fewer than 16 dimensions on CUDA (its compiled kernel's minimum); a flat path for a model it cannot
+    compute (`_no_flat_reason`)."""
     if choice not in CHOICES:
         raise ConfigError(f"config key 'attention': one of {', '.join(CHOICES)}, not {choice!r}")
-    if choice in ("dense", "varlen"):
+    if choice == "dense":
         return choice
+    reason = _no_flat_reason(model) if model is not None else None
+    if reason and choice != "auto":
+        raise ConfigError(f"config key 'attention': {choice} cannot score this model: {reason}; use dense")
+    if choice == "varlen":
+        return choice
+    small_heads = device == "cuda" and (_head_dim(model) or 64) < 16
     if choice == "flex":
         if not flex.available():
             raise ConfigError("config key 'attention': flex needs torch >= 2.5 (torch.nn.attention.flex_attention)")
@@ -44,10 +77,13 @@ def resolve(choice: str, device: str, model=None, backward: bool = False) -> str
         if backward and device != "cuda":
             raise ConfigError("config key 'attention': flex trains only on CUDA (FlexAttention has no backward on "
                               f"{device}); use auto, dense or varlen there")
+        if small_heads:
+            raise ConfigError(f"config key 'attention': flex on CUDA needs heads of 16 dimensions or more (this "
+                              f"model's have {_head_dim(model)}); use auto, dense or varlen")
         return "flex"
-    if device != "cuda":
+    if device != "cuda" or reason:
         return "dense"
-    if flex.available() and _dispatched(model):
+    if flex.available() and _dispatched(model) and not small_heads:
         return "flex"
     return "varlen" if varlen.fast_kernel_available() else "dense"
 

@@ -54,3 +54,12 @@ def lay_flat(rows: list[tuple], pad_id: int, multiple: int = 1) -> Flat:
     used = len(ids)
     pad = max(multiple, -(-used // multiple) * multiple) - used
     return Flat(ids + [pad_id] * pad, pos + list(range(pad)), spans, cols, labels, seq_ids, used)
+
+
+def unsupported(kwargs: dict) -> None:
+    """Refuse what a plain causal softmax kernel would silently leave out (`attention.resolve` keeps such models
+    on the dense path; this catches a model it did not see)."""
+    for key, what in (("softcap", "logit soft-capping"), ("s_aux", "attention sinks")):
+        if kwargs.get(key) is not None:
+            raise RuntimeError(f"the model's attention uses {what}, which the packed flex and varlen paths do not "
+                               "compute: use attention dense")

@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from stages.core.scoring.flat import lay_flat
+from stages.core.scoring.flat import lay_flat, unsupported
 
 BLOCK = 128  # FlexAttention's block: the unit of the block lists, and what a sequence is padded to
 NAME = "dpo_flex"  # the attention function registered with transformers for the model's forward
@@ -118,12 +118,23 @@ def _kernel(device_type: str):
     """flex_attention: compiled on CUDA (the fused kernel); as it is elsewhere (unfused, for tests)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=True) if device_type == "cuda" else flex_attention
+    if device_type != "cuda":
+        return flex_attention
+    # Every variant (dtype, grad mode, heads, head size) recompiles the one function; past dynamo's limit (8)
+    # it would run flex unfused, scores T x T, out of memory on a long forward. A scorer and a trainer in one
+    # process (the bench) use a handful each.
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 64))
+    return torch.compile(flex_attention, dynamic=True)
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention signature: (B, H, T, D) query/key/value, the BlockMask as attention_mask
     -> ((B, T, H, D) output, no weights)."""
+    unsupported(kwargs)
     with warnings.catch_warnings():  # CPU: "called without torch.compile()" is what we chose there
         warnings.simplefilter("ignore", UserWarning)
         out = _kernel(query.device.type)(query, key, value, block_mask=attention_mask, scale=scaling,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.core.scoring.flat import lay_flat
+from stages.core.scoring.flat import lay_flat, unsupported
 
 NAME = "dpo_varlen"  # the attention function registered with transformers for the model's forward
 KWARG = "dpo_varlen"  # the model-forward keyword that carries the documents down to each attention call
@@ -157,6 +157,7 @@ def _flash(q, k, v, docs: Docs, scale, which: str) -> torch.Tensor:
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention signature: (1, H, T, D) query/key/value and the `Docs` as kwargs[KWARG]
     -> ((1, T, H, D) output, no weights)."""
+    unsupported(kwargs)
     docs: Docs | None = kwargs.get(KWARG)
     if docs is None:
         raise RuntimeError("the varlen attention ran without its documents (pack_varlen's inputs)")
@@ -166,9 +167,15 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
                            "score it with attention dense")
     q = query[0].transpose(0, 1)  # (T, H, D)
     k, v = (x[0].transpose(0, 1) for x in (key, value))
+    device = q.device.type
+    if torch.is_autocast_enabled(device):
+        # Autocast casts sdpa's and flex's inputs, not a custom kernel's: rotary embeddings in float32 leave q
+        # and k in float32 beside a bf16 v. Cast all three, as autocast would, so the flash kernel runs.
+        dtype = torch.get_autocast_dtype(device)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if docs.key_index is not None:
         k, v = k[docs.key_index], v[docs.key_index]
-    which = kernel(q.device.type, q.dtype)
+    which = kernel(device, q.dtype)
     out = _reference(q, k, v, docs, scaling) if which == "reference" else _flash(q.contiguous(), k.contiguous(),
                                                                                   v.contiguous(), docs, scaling, which)
     return out.unsqueeze(0), None

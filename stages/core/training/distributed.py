@@ -28,7 +28,14 @@ class Dist:
         if self.on:
             import torch.distributed as dist
 
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            if tensor.device.type == "cpu" and "nccl" in str(dist.get_backend()).lower():
+                # Ray Train's GPU process group is NCCL alone, which reduces CUDA tensors only; the loop's sums
+                # (metrics, stop flags) live on the CPU.
+                on_device = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+                dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+                tensor.copy_(on_device.cpu())
+            else:
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
     def barrier(self) -> None:
