@@ -151,3 +151,17 @@ def small_disk(tmp_path):
     finally:
         for folder in mounts:  # lazy: a failed run's TensorBoard writer may still hold a file open
             subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def record_inputs(mp, owner, name: str) -> list:
+    """Wrap `owner.name` (a layout function: (inputs, rows, cols, labels, seq_ids)) so that each call's inputs are
+    recorded; `mp` a MonkeyPatch. Returns the list they go to."""
+    real, seen = getattr(owner, name), []
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        seen.append(out[0])
+        return out
+
+    mp.setattr(owner, name, spy)
+    return seen

@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, record_inputs
 
 from stages.core.scoring import flex, packing
 from stages.core.scoring.packing import forward_budget, pair_rows, plan_flat
@@ -86,17 +86,9 @@ def test_scorer_flex_equals_dense(tiny_model_dir):
     dense = scorer(tiny_model_dir, "dense").score_packed(rows, n)
     flat = scorer(tiny_model_dir, "flex", tokens_per_forward=200)
     assert flat.attention == "flex" and flat.pack
-    seen = []
-    real = flex.pack_flat
-
-    def spy(*a, **kw):
-        out = real(*a, **kw)
-        seen.append(out[0])
-        return out
-
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(packing, "pack_rows", lambda *a, **kw: pytest.fail("the flex path built a dense mask"))
-        mp.setattr(flex, "pack_flat", spy)
+        seen = record_inputs(mp, flex, "pack_flat")
         got = flat.score_packed(rows, n)
     assert len(seen) > 1  # the budget cut the rows into several forwards
     from torch.nn.attention.flex_attention import BlockMask

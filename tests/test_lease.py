@@ -290,6 +290,15 @@ def test_a_shard_file_replaced_after_its_first_epoch_stops_training(refs, tmp_pa
 
 
 @pytest.mark.slow  # a training or evaluation run
+def usurp(out, letter: str, holder: str) -> None:
+    """Another run takes OUT's lease over (as one that found it expired would), then the holder's next heartbeat
+    (every ttl/3 s: 0.4 s at the tests' TTL of 1.2 s) passes."""
+    held = storage.read_json(f"{out}/_lease.json")
+    storage.write_json(f"{out}/_lease.json", {**held, "run_id": letter * 32, "holder": holder,
+                                              "expires_at": time.time() + 60})
+    time.sleep(0.8)
+
+
 def test_a_lost_lease_stops_eval_before_it_writes(refs, tmp_path, monkeypatch):
     """`pipeline.py eval` holds its output folder's lease: another run takes it over after the first micro-batch,
     and the evaluation stops at the next one with the LeaseHeld line naming that run, writing no eval.json; a
@@ -305,10 +314,7 @@ def test_a_lost_lease_stops_eval_before_it_writes(refs, tmp_path, monkeypatch):
     def run_pairs(*a, **kw):
         calls.append(1)
         if len(calls) == 1:
-            held = storage.read_json(f"{out}/_lease.json")
-            storage.write_json(f"{out}/_lease.json", {**held, "run_id": "d" * 32, "holder": "usurper pid 4",
-                                                      "expires_at": time.time() + 60})
-            time.sleep(0.8)  # past a heartbeat
+            usurp(out, "d", "usurper pid 4")
         return real(*a, **kw)
 
     monkeypatch.setattr(policy_pass, "run_pairs", run_pairs)
@@ -338,10 +344,7 @@ def test_a_lost_lease_stops_precompute_before_its_manifest(refs, tiny_model_dir,
     def on_batch(self, *a, **kw):
         calls.append(1)
         if len(calls) == 1:
-            held = storage.read_json(f"{out}/_lease.json")
-            storage.write_json(f"{out}/_lease.json", {**held, "run_id": "e" * 32, "holder": "usurper pid 5",
-                                                      "expires_at": time.time() + 60})
-            time.sleep(0.8)  # past a heartbeat
+            usurp(out, "e", "usurper pid 5")
         return real(self, *a, **kw)
 
     monkeypatch.setattr(scoring_run.ScoringRun, "on_batch", on_batch)

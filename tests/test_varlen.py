@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, record_inputs
 
 from stages.core.runtime.models import enable_activation_checkpointing
 from stages.core.scoring import attention, packing, varlen
@@ -90,17 +90,9 @@ def test_scorer_varlen_equals_dense_without_a_mask(tiny_model_dir):
     dense = make("dense").score_packed(rows, 12)
     flat = make("varlen", tokens_per_forward=200)
     assert flat.attention == "varlen" and flat.pack
-    seen = []
-    real = varlen.pack_varlen
-
-    def spy(*a, **kw):
-        out = real(*a, **kw)
-        seen.append(out[0])
-        return out
-
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(packing, "pack_rows", lambda *a, **kw: pytest.fail("the varlen path built a dense mask"))
-        mp.setattr(varlen, "pack_varlen", spy)
+        seen = record_inputs(mp, varlen, "pack_varlen")
         got = flat.score_packed(rows, 12)
     assert len(seen) > 1 and all("attention_mask" not in inputs for inputs in seen)
     assert max(abs(a - b) for a, b in zip(dense, got)) < 1e-4
