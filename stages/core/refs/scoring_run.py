@@ -20,7 +20,7 @@ import json
 import sys
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 
 from stages.core import console, storage
 from stages.core.config.options import PrecomputeConfig
@@ -156,9 +156,12 @@ def score(cfg: PrecomputeConfig, model_path: str, plan: Plan, use_gpu: bool, on_
                for _ in range(max(1, min(cfg.num_workers, len(plan.rows_read))))]
     entries: list[ShardEntry] = []
     try:
-        with _polling(counter, on_progress) if counter else nullcontext():
-            for batch in _dataset(cfg, model_path, plan, counter, writers, use_gpu).iter_batches(batch_size=None,
-                                                                                       batch_format="pyarrow"):
+        # Closed however the loop ends: a stage stopped mid-stream (a lost lease) must stop the dataset's
+        # executor now, not leave its thread to touch Ray after the driver shuts it down (a hard exit, code 1).
+        batches = _dataset(cfg, model_path, plan, counter, writers, use_gpu).iter_batches(batch_size=None,
+                                                                                     batch_format="pyarrow")
+        with _polling(counter, on_progress) if counter else nullcontext(), closing(iter(batches)) as stream:
+            for batch in stream:
                 for row in batch.to_pylist():
                     new = [ShardEntry.from_json(e) for e in json.loads(row["entries"])]
                     entries += new
