@@ -348,8 +348,10 @@ def test_a_lost_lease_stops_precompute_before_its_manifest(refs, tiny_model_dir,
         return real(self, *a, **kw)
 
     monkeypatch.setattr(scoring_run.ScoringRun, "on_batch", on_batch)
-    cfg = PrecomputeConfig(data=str(refs.parent / "in.jsonl"), model=tiny_model_dir, output=str(out), format="hh",
-                           rows_per_shard=5, batch_size=5, max_length=256, progress=False)  # 4 scored batches
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join((refs.parent / "in.jsonl").read_text().splitlines(keepends=True)[:10]))
+    cfg = PrecomputeConfig(data=str(data), model=tiny_model_dir, output=str(out), format="hh",
+                           rows_per_shard=5, batch_size=5, max_length=256, progress=False)  # 2 scored batches
     with pytest.raises(LeaseHeld, match="usurper pid 5"):
         precompute.run(cfg)
     assert len(calls) == 1 and not (out / "manifest.json").exists()
