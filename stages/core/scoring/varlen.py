@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -63,8 +64,7 @@ def docs_of(spans: list[tuple[int, int, int, int]], device=None) -> Docs:
             lens_q.append(lr)
             lens_k.append(lp + lr)
             keys += [*range(at, at + lp), *range(at + lp + lc, at + lp + lc + lr)]
-    cum = lambda lens: tuple(sum(lens[:i]) for i in range(len(lens) + 1))  # noqa: E731
-    bounds_q, bounds_k = cum(lens_q), cum(lens_k)
+    bounds_q, bounds_k = (tuple(itertools.accumulate(lens, initial=0)) for lens in (lens_q, lens_k))
     shared = any(lr for *_, lr in spans)  # some second sees a prefix it is not next to: gather the keys
     return Docs(torch.tensor(bounds_q, dtype=torch.int32, device=device),
                 torch.tensor(bounds_k, dtype=torch.int32, device=device),
